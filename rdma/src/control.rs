@@ -1,0 +1,449 @@
+//! Control-protocol messages (hello, slab alloc/free, heartbeat, stats, errors) spoken between a
+//! pager and a `memory-server` over TCP for every provider. Layouts are tabled in the crate docs.
+
+use crate::frame::{encode_frame, Decoder, FrameError};
+use crate::ProviderKind;
+
+/// Frame kind: client hello.
+pub const KIND_HELLO: u8 = 0x01;
+/// Frame kind: server accepts the hello.
+pub const KIND_HELLO_OK: u8 = 0x02;
+/// Frame kind: allocate one slab.
+pub const KIND_ALLOC_SLAB: u8 = 0x03;
+/// Frame kind: a slab was granted.
+pub const KIND_SLAB_GRANTED: u8 = 0x04;
+/// Frame kind: free one slab.
+pub const KIND_FREE_SLAB: u8 = 0x05;
+/// Frame kind: the slab was freed.
+pub const KIND_SLAB_FREED: u8 = 0x06;
+/// Frame kind: heartbeat (renews the lease).
+pub const KIND_HEARTBEAT: u8 = 0x07;
+/// Frame kind: heartbeat acknowledged.
+pub const KIND_HEARTBEAT_ACK: u8 = 0x08;
+/// Frame kind: ask for server statistics.
+pub const KIND_STATS: u8 = 0x09;
+/// Frame kind: server statistics.
+pub const KIND_STATS_REPLY: u8 = 0x0A;
+/// Frame kind: a typed error reply.
+pub const KIND_ERROR: u8 = 0x0F;
+
+/// Longest token accepted in a hello.
+pub const MAX_TOKEN_LEN: usize = 1024;
+
+/// A request from a client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlRequest {
+    /// Opens or resumes the session of `client_id`; must be the first frame of a control connection.
+    Hello {
+        /// Stable id the client picks (random per process); used to resume after a reconnect.
+        client_id: u64,
+        /// Data-path provider the client will use.
+        provider: ProviderKind,
+        /// Authentication token (opaque; not checked by this version of the server).
+        token: Vec<u8>,
+    },
+    /// Allocate one slab.
+    AllocSlab,
+    /// Free one slab.
+    FreeSlab {
+        /// The slab to free.
+        slab_id: u64,
+    },
+    /// Renew the lease.
+    Heartbeat,
+    /// Ask for statistics.
+    Stats,
+}
+
+/// What happened to the client's earlier session at hello time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionOutcome {
+    /// No earlier session: a fresh one was made.
+    New,
+    /// The earlier session was still leased: its slabs are intact.
+    Resumed,
+    /// The earlier session's lease ran out and its slabs were reclaimed: every page the client
+    /// kept there is lost. A fresh, empty session was made.
+    Expired,
+}
+
+/// A slab handed to a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlabGrant {
+    /// Server-unique slab id.
+    pub slab_id: u64,
+    /// Remote address of the first byte.
+    pub addr: u64,
+    /// Key that opens the slab for one-sided access by this session only.
+    pub rkey: u32,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+/// Server statistics. Encoded as a count-prefixed list of `u64` so that fields can be added.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ServerStats {
+    /// Bytes the server may donate.
+    pub capacity: u64,
+    /// Slab size.
+    pub slab_size: u64,
+    /// Bytes currently handed out.
+    pub allocated: u64,
+    /// Slabs currently handed out.
+    pub slabs: u64,
+    /// Live sessions.
+    pub sessions: u64,
+    /// One-sided READ requests served.
+    pub reads: u64,
+    /// One-sided WRITE requests served.
+    pub writes: u64,
+    /// Bytes served by READs.
+    pub bytes_read: u64,
+    /// Bytes stored by WRITEs.
+    pub bytes_written: u64,
+    /// Requests refused for a bad rkey or bounds.
+    pub access_errors: u64,
+    /// Sessions reclaimed because their lease ran out.
+    pub leases_expired: u64,
+    /// Connections closed because of a malformed frame.
+    pub malformed_connections: u64,
+}
+
+impl ServerStats {
+    fn fields(&self) -> [u64; 12] {
+        [
+            self.capacity,
+            self.slab_size,
+            self.allocated,
+            self.slabs,
+            self.sessions,
+            self.reads,
+            self.writes,
+            self.bytes_read,
+            self.bytes_written,
+            self.access_errors,
+            self.leases_expired,
+            self.malformed_connections,
+        ]
+    }
+
+    fn from_fields(f: &[u64]) -> Self {
+        let g = |i: usize| f.get(i).copied().unwrap_or(0);
+        Self {
+            capacity: g(0),
+            slab_size: g(1),
+            allocated: g(2),
+            slabs: g(3),
+            sessions: g(4),
+            reads: g(5),
+            writes: g(6),
+            bytes_read: g(7),
+            bytes_written: g(8),
+            access_errors: g(9),
+            leases_expired: g(10),
+            malformed_connections: g(11),
+        }
+    }
+}
+
+/// Typed error codes of the control protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// The server has no capacity left for another slab.
+    CapacityExhausted,
+    /// The slab id is not one of this session's slabs.
+    UnknownSlab,
+    /// The session's lease ran out; its slabs are gone. Send a new hello.
+    SessionExpired,
+    /// The request was malformed or out of order.
+    BadRequest,
+    /// The protocol version is not supported.
+    UnsupportedVersion,
+    /// The server does not offer the requested provider.
+    UnsupportedProvider,
+    /// The server is shutting down.
+    ShuttingDown,
+    /// A code this build does not know (sent by a newer peer).
+    Other(u16),
+}
+
+impl ErrorCode {
+    /// The code's wire value.
+    pub fn to_wire(self) -> u16 {
+        match self {
+            ErrorCode::CapacityExhausted => 1,
+            ErrorCode::UnknownSlab => 2,
+            ErrorCode::SessionExpired => 3,
+            ErrorCode::BadRequest => 4,
+            ErrorCode::UnsupportedVersion => 5,
+            ErrorCode::UnsupportedProvider => 6,
+            ErrorCode::ShuttingDown => 7,
+            ErrorCode::Other(c) => c,
+        }
+    }
+    /// Decodes a wire value; unknown values are kept as [`ErrorCode::Other`].
+    pub fn from_wire(v: u16) -> Self {
+        match v {
+            1 => ErrorCode::CapacityExhausted,
+            2 => ErrorCode::UnknownSlab,
+            3 => ErrorCode::SessionExpired,
+            4 => ErrorCode::BadRequest,
+            5 => ErrorCode::UnsupportedVersion,
+            6 => ErrorCode::UnsupportedProvider,
+            7 => ErrorCode::ShuttingDown,
+            c => ErrorCode::Other(c),
+        }
+    }
+}
+
+/// A reply from the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlResponse {
+    /// The hello was accepted.
+    HelloOk {
+        /// Session id, used to bind data connections.
+        session_id: u64,
+        /// Secret that proves ownership of the session on a data connection.
+        secret: u64,
+        /// Size of every slab this server hands out.
+        slab_size: u64,
+        /// Lease length in milliseconds: heartbeat well within it.
+        lease_ms: u64,
+        /// What happened to an earlier session of the same client id.
+        outcome: SessionOutcome,
+    },
+    /// A slab was granted.
+    SlabGranted(SlabGrant),
+    /// A slab was freed.
+    SlabFreed {
+        /// The freed slab.
+        slab_id: u64,
+    },
+    /// The lease was renewed.
+    HeartbeatAck {
+        /// Lease length in milliseconds from now.
+        lease_ms: u64,
+    },
+    /// Statistics.
+    Stats(ServerStats),
+    /// The request failed.
+    Error {
+        /// Typed reason.
+        code: ErrorCode,
+        /// Human-readable detail.
+        message: String,
+    },
+}
+
+/// Appends a request frame to `out`.
+pub fn encode_request(out: &mut Vec<u8>, req: &ControlRequest) {
+    match req {
+        ControlRequest::Hello { client_id, provider, token } => encode_frame(out, KIND_HELLO, |e| {
+            e.u64(*client_id).u8(provider.to_wire()).bytes16(token);
+        }),
+        ControlRequest::AllocSlab => encode_frame(out, KIND_ALLOC_SLAB, |_| {}),
+        ControlRequest::FreeSlab { slab_id } => encode_frame(out, KIND_FREE_SLAB, |e| {
+            e.u64(*slab_id);
+        }),
+        ControlRequest::Heartbeat => encode_frame(out, KIND_HEARTBEAT, |_| {}),
+        ControlRequest::Stats => encode_frame(out, KIND_STATS, |_| {}),
+    }
+}
+
+/// Decodes a request body of the given kind.
+pub fn decode_request(kind: u8, body: &[u8]) -> Result<ControlRequest, FrameError> {
+    let mut d = Decoder::new(body);
+    let req = match kind {
+        KIND_HELLO => {
+            let client_id = d.u64("client id")?;
+            let provider = ProviderKind::from_wire(d.u8("provider")?)?;
+            let token = d.bytes16("token")?;
+            if token.len() > MAX_TOKEN_LEN {
+                return Err(FrameError::Invalid {
+                    field: "token",
+                    reason: format!("{} bytes exceeds {MAX_TOKEN_LEN}", token.len()),
+                });
+            }
+            ControlRequest::Hello { client_id, provider, token: token.to_vec() }
+        }
+        KIND_ALLOC_SLAB => ControlRequest::AllocSlab,
+        KIND_FREE_SLAB => ControlRequest::FreeSlab { slab_id: d.u64("slab id")? },
+        KIND_HEARTBEAT => ControlRequest::Heartbeat,
+        KIND_STATS => ControlRequest::Stats,
+        other => return Err(FrameError::UnexpectedKind(other)),
+    };
+    d.finish()?;
+    Ok(req)
+}
+
+/// Appends a response frame to `out`.
+pub fn encode_response(out: &mut Vec<u8>, resp: &ControlResponse) {
+    match resp {
+        ControlResponse::HelloOk { session_id, secret, slab_size, lease_ms, outcome } => {
+            encode_frame(out, KIND_HELLO_OK, |e| {
+                let o = match outcome {
+                    SessionOutcome::New => 0,
+                    SessionOutcome::Resumed => 1,
+                    SessionOutcome::Expired => 2,
+                };
+                e.u64(*session_id).u64(*secret).u64(*slab_size).u64(*lease_ms).u8(o);
+            })
+        }
+        ControlResponse::SlabGranted(g) => encode_frame(out, KIND_SLAB_GRANTED, |e| {
+            e.u64(g.slab_id).u64(g.addr).u32(g.rkey).u64(g.len);
+        }),
+        ControlResponse::SlabFreed { slab_id } => encode_frame(out, KIND_SLAB_FREED, |e| {
+            e.u64(*slab_id);
+        }),
+        ControlResponse::HeartbeatAck { lease_ms } => encode_frame(out, KIND_HEARTBEAT_ACK, |e| {
+            e.u64(*lease_ms);
+        }),
+        ControlResponse::Stats(s) => encode_frame(out, KIND_STATS_REPLY, |e| {
+            let fields = s.fields();
+            e.u16(u16::try_from(fields.len()).unwrap_or(u16::MAX));
+            for f in fields {
+                e.u64(f);
+            }
+        }),
+        ControlResponse::Error { code, message } => encode_frame(out, KIND_ERROR, |e| {
+            e.u16(code.to_wire()).bytes16(message.as_bytes());
+        }),
+    }
+}
+
+/// Decodes a response body of the given kind.
+pub fn decode_response(kind: u8, body: &[u8]) -> Result<ControlResponse, FrameError> {
+    let mut d = Decoder::new(body);
+    let resp = match kind {
+        KIND_HELLO_OK => {
+            let session_id = d.u64("session id")?;
+            let secret = d.u64("secret")?;
+            let slab_size = d.u64("slab size")?;
+            let lease_ms = d.u64("lease")?;
+            let outcome = match d.u8("session outcome")? {
+                0 => SessionOutcome::New,
+                1 => SessionOutcome::Resumed,
+                2 => SessionOutcome::Expired,
+                v => {
+                    return Err(FrameError::Invalid { field: "session outcome", reason: format!("unknown value {v}") })
+                }
+            };
+            ControlResponse::HelloOk { session_id, secret, slab_size, lease_ms, outcome }
+        }
+        KIND_SLAB_GRANTED => ControlResponse::SlabGranted(SlabGrant {
+            slab_id: d.u64("slab id")?,
+            addr: d.u64("slab address")?,
+            rkey: d.u32("rkey")?,
+            len: d.u64("slab length")?,
+        }),
+        KIND_SLAB_FREED => ControlResponse::SlabFreed { slab_id: d.u64("slab id")? },
+        KIND_HEARTBEAT_ACK => ControlResponse::HeartbeatAck { lease_ms: d.u64("lease")? },
+        KIND_STATS_REPLY => {
+            let n = usize::from(d.u16("stats count")?);
+            let mut fields = Vec::with_capacity(n.min(64));
+            for _ in 0..n {
+                fields.push(d.u64("stats field")?);
+            }
+            ControlResponse::Stats(ServerStats::from_fields(&fields))
+        }
+        KIND_ERROR => ControlResponse::Error {
+            code: ErrorCode::from_wire(d.u16("error code")?),
+            message: d.string16("error message")?,
+        },
+        other => return Err(FrameError::UnexpectedKind(other)),
+    };
+    d.finish()?;
+    Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{usize_from, Header, HEADER_LEN};
+    use proptest::prelude::*;
+
+    fn split(frame: &[u8]) -> (u8, &[u8]) {
+        let head: [u8; HEADER_LEN] = frame[..HEADER_LEN].try_into().expect("header");
+        let h = Header::decode(&head).expect("valid header");
+        assert_eq!(usize_from(h.body_len), frame.len() - HEADER_LEN);
+        (h.kind, &frame[HEADER_LEN..])
+    }
+
+    fn request_strategy() -> impl Strategy<Value = ControlRequest> {
+        prop_oneof![
+            (any::<u64>(), any::<bool>(), proptest::collection::vec(any::<u8>(), 0..64)).prop_map(|(c, v, t)| {
+                ControlRequest::Hello {
+                    client_id: c,
+                    provider: if v { ProviderKind::Verbs } else { ProviderKind::Shim },
+                    token: t,
+                }
+            }),
+            Just(ControlRequest::AllocSlab),
+            any::<u64>().prop_map(|slab_id| ControlRequest::FreeSlab { slab_id }),
+            Just(ControlRequest::Heartbeat),
+            Just(ControlRequest::Stats),
+        ]
+    }
+
+    fn response_strategy() -> impl Strategy<Value = ControlResponse> {
+        prop_oneof![
+            (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>(), 0u8..3).prop_map(|(a, b, c, d, o)| {
+                ControlResponse::HelloOk {
+                    session_id: a,
+                    secret: b,
+                    slab_size: c,
+                    lease_ms: d,
+                    outcome: [SessionOutcome::New, SessionOutcome::Resumed, SessionOutcome::Expired][usize::from(o)],
+                }
+            }),
+            (any::<u64>(), any::<u64>(), any::<u32>(), any::<u64>()).prop_map(|(slab_id, addr, rkey, len)| {
+                ControlResponse::SlabGranted(SlabGrant { slab_id, addr, rkey, len })
+            }),
+            any::<u64>().prop_map(|slab_id| ControlResponse::SlabFreed { slab_id }),
+            any::<u64>().prop_map(|lease_ms| ControlResponse::HeartbeatAck { lease_ms }),
+            proptest::array::uniform12(any::<u64>()).prop_map(|f| ControlResponse::Stats(ServerStats::from_fields(&f))),
+            (1u16..20, "[a-z ]{0,40}")
+                .prop_map(|(c, m)| ControlResponse::Error { code: ErrorCode::from_wire(c), message: m }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn requests_round_trip(req in request_strategy()) {
+            let mut out = Vec::new();
+            encode_request(&mut out, &req);
+            let (kind, body) = split(&out);
+            prop_assert_eq!(decode_request(kind, body).expect("decodes"), req);
+        }
+
+        #[test]
+        fn responses_round_trip(resp in response_strategy()) {
+            let mut out = Vec::new();
+            encode_response(&mut out, &resp);
+            let (kind, body) = split(&out);
+            prop_assert_eq!(decode_response(kind, body).expect("decodes"), resp);
+        }
+
+        #[test]
+        fn arbitrary_bodies_never_panic(kind in any::<u8>(), body in proptest::collection::vec(any::<u8>(), 0..128)) {
+            let _ = decode_request(kind, &body);
+            let _ = decode_response(kind, &body);
+        }
+    }
+
+    #[test]
+    fn stats_from_a_newer_peer_with_more_fields_still_decode() {
+        let mut out = Vec::new();
+        encode_frame(&mut out, KIND_STATS_REPLY, |e| {
+            e.u16(14);
+            for i in 0..14 {
+                e.u64(i);
+            }
+        });
+        let (kind, body) = split(&out);
+        match decode_response(kind, body).expect("decodes") {
+            ControlResponse::Stats(s) => assert_eq!((s.capacity, s.malformed_connections), (0, 11)),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,402 @@
+//! # Coalesce transport: a verbs-shaped, one-sided API
+//!
+//! One API for every provider, shaped like RDMA verbs: register local memory ([`LocalRegion`]),
+//! connect an [`Endpoint`] (a reliable-connected queue pair with its completion queue), post
+//! [`WorkRequest`]s (READ or WRITE of a scatter list of segments, many outstanding at once) and poll
+//! tagged [`Completion`]s, blocking or busy-polling ([`PollMode`]).
+//!
+//! Providers:
+//! - `shim` (always built): a software NIC over TCP. On the target a dedicated thread per connection
+//!   plays the NIC ([`shim::target`]): it checks rkey, owner and bounds and copies, without calling
+//!   server application code. It also emulates links ([`LinkProfile`]: delay, jitter, bandwidth) and
+//!   measures each link's round trip ([`RttStats`]).
+//! - `verbs` (libibverbs): not in this build yet; asking for it gives
+//!   [`TransportError::ProviderUnavailable`].
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use rdma::{Endpoint, EndpointOptions, LocalRegion, LocalSlice, PollMode, Segment, WorkRequest};
+//! # fn main() -> Result<(), rdma::TransportError> {
+//! # let (addr, session_id, secret, remote_addr, rkey) = ("127.0.0.1:7470".parse().unwrap(), 1, 2, 0, 0);
+//! // session id and secret come from the control hello, remote_addr and rkey from a slab grant.
+//! let ep = Endpoint::connect_shim(addr, session_id, secret, &EndpointOptions::default())?;
+//! let buf = LocalRegion::new(4096)?;
+//! let seg = Segment { local: LocalSlice::new(&buf, 0, 4096)?, remote_addr, rkey };
+//! ep.post(&WorkRequest::read(7, vec![seg]))?;
+//! let mut done = Vec::new();
+//! ep.wait(&mut done, 1, Duration::from_secs(1), PollMode::Block)?;
+//! assert_eq!(done[0].wr_id, 7);
+//! # Ok(()) }
+//! ```
+//!
+//! # Wire format
+//!
+//! Every frame, on control and data connections alike, is a 12-byte header and a body. All integers
+//! are little-endian. A frame with a bad magic, an unknown version, reserved flags set, a body longer
+//! than 16 MiB + 64 KiB, an unknown kind, a truncated field or trailing bytes closes the connection
+//! with a logged reason. A control peer first gets an `ERROR` frame (code 5 for a version mismatch).
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 4 | magic `b"CLSC"` |
+//! | 4 | 1 | version, `1` |
+//! | 5 | 1 | kind (tables below) |
+//! | 6 | 2 | flags, must be `0` |
+//! | 8 | 4 | body length in bytes |
+//!
+//! A connection's first frame says what it is: `HELLO` opens a control connection, `DATA_CONNECT` a
+//! data connection (one queue pair). Both go to the same port.
+//!
+//! ## Data path (shim)
+//!
+//! | kind | name | direction | body |
+//! |---|---|---|---|
+//! | `0x40` | DATA_CONNECT | client -> target | session id u64, secret u64 |
+//! | `0x41` | DATA_CONNECT_OK | target -> client | empty |
+//! | `0x42` | DATA_CONNECT_REFUSED | target -> client | reason (u16 length + UTF-8) |
+//! | `0x50` | READ | client -> target | wr_id u64, segment count u16 (1..=1024), reserved u16 = 0, then per segment: address u64, rkey u32, length u32 (>= 1) |
+//! | `0x51` | WRITE | client -> target | as READ, then the payload: the segments' bytes concatenated |
+//! | `0x52` | PING | client -> target | wr_id u64 |
+//! | `0x58` | COMPLETION | target -> client | wr_id u64, status u8 (0 success, 1 remote access error, 2 invalid request), opcode u8 (1 read, 2 write, 3 ping), reserved u16 = 0, byte length u32, then for a successful READ the data |
+//!
+//! A request moves at most 16 MiB. The target answers every request with one completion, in order.
+//! A segment whose rkey is unknown, belongs to another session, or whose range leaves its region
+//! fails the whole request with status 1 before any byte is touched; the connection stays open.
+//!
+//! ## Control protocol
+//!
+//! | kind | name | direction | body |
+//! |---|---|---|---|
+//! | `0x01` | HELLO | client -> server | client id u64, provider u8 (1 shim, 2 verbs), token (u16 length + bytes, at most 1024) |
+//! | `0x02` | HELLO_OK | server -> client | session id u64, secret u64, slab size u64, lease ms u64, outcome u8 (0 new, 1 resumed, 2 expired: earlier slabs were reclaimed) |
+//! | `0x03` | ALLOC_SLAB | client -> server | empty |
+//! | `0x04` | SLAB_GRANTED | server -> client | slab id u64, address u64, rkey u32, length u64 |
+//! | `0x05` | FREE_SLAB | client -> server | slab id u64 |
+//! | `0x06` | SLAB_FREED | server -> client | slab id u64 |
+//! | `0x07` | HEARTBEAT | client -> server | empty |
+//! | `0x08` | HEARTBEAT_ACK | server -> client | lease ms u64 |
+//! | `0x09` | STATS | client -> server | empty |
+//! | `0x0A` | STATS_REPLY | server -> client | count u16, then that many u64 (see [`control::ServerStats`]; unknown extra fields are ignored) |
+//! | `0x0F` | ERROR | server -> client | code u16 (1 capacity exhausted, 2 unknown slab, 3 session expired, 4 bad request, 5 unsupported version, 6 unsupported provider, 7 shutting down), message (u16 length + UTF-8) |
+//!
+//! Every control request renews the session's lease.
+
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+pub mod control;
+pub mod frame;
+pub mod link;
+pub mod region;
+pub mod shim;
+pub mod wire;
+
+pub use link::{LinkProfile, RttStats};
+pub use region::{LocalRegion, LocalSlice};
+pub use wire::Opcode;
+
+/// Which data-path provider carries one-sided operations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ProviderKind {
+    /// The software NIC over TCP.
+    #[default]
+    Shim,
+    /// libibverbs (real RNIC or Soft-RoCE).
+    Verbs,
+}
+
+impl ProviderKind {
+    /// Wire value in the control hello.
+    pub fn to_wire(self) -> u8 {
+        match self {
+            ProviderKind::Shim => 1,
+            ProviderKind::Verbs => 2,
+        }
+    }
+    /// Decodes the wire value.
+    pub fn from_wire(v: u8) -> Result<Self, frame::FrameError> {
+        match v {
+            1 => Ok(ProviderKind::Shim),
+            2 => Ok(ProviderKind::Verbs),
+            _ => Err(frame::FrameError::Invalid { field: "provider", reason: format!("unknown provider {v}") }),
+        }
+    }
+}
+
+impl FromStr for ProviderKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "shim" => Ok(ProviderKind::Shim),
+            "verbs" => Ok(ProviderKind::Verbs),
+            other => Err(format!("unknown provider {other:?}: use shim or verbs")),
+        }
+    }
+}
+
+impl std::fmt::Display for ProviderKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ProviderKind::Shim => "shim",
+            ProviderKind::Verbs => "verbs",
+        })
+    }
+}
+
+/// Transport errors. Each message says what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// Could not reach the peer.
+    #[error("cannot connect to {addr}: {source}; is a memory-server running and listening there?")]
+    Connect {
+        /// Address tried.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// A system call failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: &'static str,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The target refused the data connection.
+    #[error("the memory-server refused the data connection: {0}")]
+    Refused(String),
+    /// The peer sent something that is not the protocol.
+    #[error("protocol error: {0}")]
+    Protocol(#[from] frame::FrameError),
+    /// The connection is gone; outstanding requests completed as [`CompletionStatus::Flushed`].
+    #[error("connection to {peer} lost; reconnect (outstanding requests were flushed)")]
+    Disconnected {
+        /// The peer.
+        peer: SocketAddr,
+    },
+    /// Too many requests outstanding.
+    #[error("{max} work requests already outstanding: poll completions before posting more")]
+    QueueFull {
+        /// The queue depth.
+        max: usize,
+    },
+    /// A local slice does not fit its region.
+    #[error("local range {offset}+{len} is outside the {region_len}-byte region")]
+    LocalBounds {
+        /// Offset asked for.
+        offset: usize,
+        /// Length asked for.
+        len: usize,
+        /// Region length.
+        region_len: usize,
+    },
+    /// A request or argument is not valid.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// The provider cannot run here.
+    #[error("provider {provider} is not available: {reason}")]
+    ProviderUnavailable {
+        /// The provider asked for.
+        provider: ProviderKind,
+        /// What is missing.
+        reason: String,
+    },
+}
+
+/// One segment of a work request: a local slice and the remote place of the same length.
+#[derive(Debug, Clone)]
+pub struct Segment {
+    /// Local bytes (destination of a READ, source of a WRITE).
+    pub local: LocalSlice,
+    /// Remote address.
+    pub remote_addr: u64,
+    /// Key of the remote region.
+    pub rkey: u32,
+}
+
+/// A work request: one READ or WRITE over a scatter list, completed once.
+#[derive(Debug, Clone)]
+pub struct WorkRequest {
+    /// Caller's tag, returned in the completion.
+    pub wr_id: u64,
+    /// [`Opcode::Read`] or [`Opcode::Write`].
+    pub opcode: Opcode,
+    /// Segments, 1 to 1024, at most 16 MiB in all.
+    pub segments: Vec<Segment>,
+}
+
+impl WorkRequest {
+    /// A READ of `segments`.
+    pub fn read(wr_id: u64, segments: Vec<Segment>) -> Self {
+        Self { wr_id, opcode: Opcode::Read, segments }
+    }
+    /// A WRITE of `segments`.
+    pub fn write(wr_id: u64, segments: Vec<Segment>) -> Self {
+        Self { wr_id, opcode: Opcode::Write, segments }
+    }
+
+    /// Checks the request's shape; returns its byte count.
+    pub fn validate(&self) -> Result<usize, TransportError> {
+        if self.opcode == Opcode::Ping {
+            return Err(TransportError::InvalidArgument("use Endpoint::ping for a ping".into()));
+        }
+        if self.segments.is_empty() || self.segments.len() > wire::MAX_SEGMENTS {
+            return Err(TransportError::InvalidArgument(format!(
+                "{} segments: a work request takes 1 to {}",
+                self.segments.len(),
+                wire::MAX_SEGMENTS
+            )));
+        }
+        let mut total = 0usize;
+        for s in &self.segments {
+            if s.local.len == 0 || u32::try_from(s.local.len).is_err() {
+                return Err(TransportError::InvalidArgument(format!("segment length {} is not valid", s.local.len)));
+            }
+            s.local.region.check(s.local.offset, s.local.len)?;
+            total = total.saturating_add(s.local.len);
+        }
+        if total > wire::MAX_TRANSFER {
+            return Err(TransportError::InvalidArgument(format!(
+                "{total} bytes in one request; the limit is {}",
+                wire::MAX_TRANSFER
+            )));
+        }
+        Ok(total)
+    }
+}
+
+/// Outcome of a work request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompletionStatus {
+    /// Done.
+    Success,
+    /// Bad rkey, bounds, or another session's region; nothing was touched.
+    RemoteAccessError,
+    /// The target could not execute the request; nothing was touched.
+    RemoteInvalidRequest,
+    /// The connection was lost before the request completed; its effect is unknown.
+    Flushed,
+}
+
+/// A completion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completion {
+    /// Tag of the work request.
+    pub wr_id: u64,
+    /// Operation.
+    pub opcode: Opcode,
+    /// Outcome.
+    pub status: CompletionStatus,
+    /// Bytes moved.
+    pub byte_len: usize,
+    /// Time from post to delivery.
+    pub rtt: Duration,
+}
+
+/// How `wait` waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PollMode {
+    /// Sleep in the kernel until data arrives (cheapest CPU, one wake-up per wait).
+    Block,
+    /// Busy-poll until the deadline (lowest latency, burns a core).
+    Spin,
+    /// Busy-poll for the given time, then block.
+    SpinThenBlock(Duration),
+}
+
+/// Options of an endpoint.
+#[derive(Debug, Clone)]
+pub struct EndpointOptions {
+    /// Link emulation applied to this endpoint.
+    pub link: LinkProfile,
+    /// Most work requests outstanding at once.
+    pub max_outstanding: usize,
+    /// Time allowed to connect and bind.
+    pub connect_timeout: Duration,
+}
+
+impl Default for EndpointOptions {
+    fn default() -> Self {
+        Self { link: LinkProfile::loopback(), max_outstanding: 256, connect_timeout: Duration::from_secs(5) }
+    }
+}
+
+/// A connected queue pair with its completion queue, of whichever provider.
+#[derive(Debug)]
+pub struct Endpoint {
+    inner: shim::endpoint::ShimEndpoint,
+}
+
+impl Endpoint {
+    /// Connects a shim endpoint to the memory-server at `addr`, bound to a session from the control
+    /// hello.
+    pub fn connect_shim(
+        addr: SocketAddr,
+        session_id: u64,
+        secret: u64,
+        options: &EndpointOptions,
+    ) -> Result<Self, TransportError> {
+        Ok(Self { inner: shim::endpoint::ShimEndpoint::connect(addr, session_id, secret, options)? })
+    }
+
+    /// Connects an endpoint of `provider`.
+    pub fn connect(
+        provider: ProviderKind,
+        addr: SocketAddr,
+        session_id: u64,
+        secret: u64,
+        options: &EndpointOptions,
+    ) -> Result<Self, TransportError> {
+        match provider {
+            ProviderKind::Shim => Self::connect_shim(addr, session_id, secret, options),
+            ProviderKind::Verbs => Err(TransportError::ProviderUnavailable {
+                provider,
+                reason: "this build has no verbs provider yet; use --provider shim".into(),
+            }),
+        }
+    }
+
+    /// Posts a work request. Its completion comes back through [`Endpoint::poll`] or
+    /// [`Endpoint::wait`]; the local regions stay alive until then.
+    pub fn post(&self, wr: &WorkRequest) -> Result<(), TransportError> {
+        self.inner.post(wr.wr_id, Some(wr))
+    }
+
+    /// Posts a no-op that completes after one round trip (an RTT probe).
+    pub fn ping(&self, wr_id: u64) -> Result<(), TransportError> {
+        self.inner.post(wr_id, None)
+    }
+
+    /// Appends up to `max` ready completions to `out` without blocking; returns how many.
+    pub fn poll(&self, out: &mut Vec<Completion>, max: usize) -> usize {
+        self.inner.poll(out, max)
+    }
+
+    /// Waits up to `timeout` for completions (see [`PollMode`]); returns how many were appended,
+    /// 0 on timeout.
+    pub fn wait(
+        &self,
+        out: &mut Vec<Completion>,
+        max: usize,
+        timeout: Duration,
+        mode: PollMode,
+    ) -> Result<usize, TransportError> {
+        self.inner.wait(out, max, timeout, mode)
+    }
+
+    /// Work requests posted and not yet completed.
+    pub fn outstanding(&self) -> usize {
+        self.inner.outstanding()
+    }
+
+    /// Measured round trips of this link.
+    pub fn rtt_stats(&self) -> RttStats {
+        self.inner.rtt_stats()
+    }
+
+    /// The peer's address.
+    pub fn peer(&self) -> SocketAddr {
+        self.inner.peer()
+    }
+}

@@ -1,0 +1,7 @@
+//! The `shim` provider: a software NIC over TCP. [`endpoint`] is the initiator (queue pair and
+//! completion queue), [`target`] the server side that executes one-sided operations against
+//! registered memory.
+
+pub mod endpoint;
+mod sys;
+pub mod target;

@@ -1,0 +1,264 @@
+//! The target side of the software NIC: a registry of remotely accessible memory (rkey -> region,
+//! owner) and the per-connection thread that executes one-sided READ/WRITE against it after the rkey,
+//! owner and bounds checks, without calling into server application code.
+
+use std::collections::HashMap;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use memmap2::MmapMut;
+
+use crate::frame::{read_frame, ReadFrameError};
+use crate::wire::{
+    decode_request, encode_completion, DataRequest, Opcode, RemoteSegment, RemoteStatus, KIND_DATA_CONNECT_OK,
+    KIND_DATA_CONNECT_REFUSED,
+};
+
+#[derive(Debug, Clone, Copy)]
+struct RegionEntry {
+    base: usize,
+    len: usize,
+    owner: u64,
+}
+
+/// Counters of the target, shared by every data connection.
+#[derive(Debug, Default)]
+pub struct TargetStats {
+    /// READ requests executed.
+    pub reads: AtomicU64,
+    /// WRITE requests executed.
+    pub writes: AtomicU64,
+    /// Bytes read.
+    pub bytes_read: AtomicU64,
+    /// Bytes written.
+    pub bytes_written: AtomicU64,
+    /// Requests refused for a bad rkey, owner or bounds.
+    pub access_errors: AtomicU64,
+    /// Connections closed for a malformed frame.
+    pub malformed_connections: AtomicU64,
+}
+
+/// Memory that one-sided operations may reach, by rkey.
+#[derive(Debug, Default)]
+pub struct MemoryRegistry {
+    regions: RwLock<HashMap<u32, RegionEntry>>,
+    next: AtomicU32,
+    /// Counters of every connection served against this registry.
+    pub stats: TargetStats,
+}
+
+/// A mapping registered for remote access. Dropping it deregisters the rkey first, then unmaps, so
+/// no target thread can touch the memory after it is gone.
+#[derive(Debug)]
+pub struct RegisteredMemory {
+    registry: Arc<MemoryRegistry>,
+    rkey: u32,
+    map: MmapMut,
+}
+
+impl RegisteredMemory {
+    /// Remote key.
+    pub fn rkey(&self) -> u32 {
+        self.rkey
+    }
+    /// Remote address of the first byte.
+    pub fn addr(&self) -> u64 {
+        self.map.as_ptr() as u64
+    }
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+    /// True for an empty mapping.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+impl Drop for RegisteredMemory {
+    fn drop(&mut self) {
+        // Taking the write lock waits for every in-flight access to finish.
+        let mut regions = self.registry.regions.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        regions.remove(&self.rkey);
+    }
+}
+
+impl MemoryRegistry {
+    /// An empty registry.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Registers `map` for one-sided access by sessions whose id is `owner`. Each registration gets
+    /// a fresh rkey (an odd-multiplier bijection of a counter: unique for 2^32 registrations).
+    pub fn register(self: &Arc<Self>, map: MmapMut, owner: u64) -> RegisteredMemory {
+        let mut regions = self.regions.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let rkey = loop {
+            let n = self.next.fetch_add(1, Ordering::Relaxed);
+            let candidate = n.wrapping_mul(0x9E37_79B1) ^ 0x5bd1_e995;
+            if candidate != 0 && !regions.contains_key(&candidate) {
+                break candidate;
+            }
+        };
+        regions.insert(rkey, RegionEntry { base: map.as_ptr() as usize, len: map.len(), owner });
+        drop(regions);
+        RegisteredMemory { registry: Arc::clone(self), rkey, map }
+    }
+
+    /// Number of live registrations.
+    pub fn len(&self) -> usize {
+        self.regions.read().unwrap_or_else(std::sync::PoisonError::into_inner).len()
+    }
+
+    /// True when nothing is registered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Resolves every segment to a local address, or fails without touching anything.
+fn resolve(regions: &HashMap<u32, RegionEntry>, owner: u64, segments: &[RemoteSegment]) -> Option<Vec<(usize, usize)>> {
+    segments
+        .iter()
+        .map(|s| {
+            let e = regions.get(&s.rkey).filter(|e| e.owner == owner)?;
+            let addr = usize::try_from(s.addr).ok()?;
+            let len = usize::try_from(s.len).ok()?;
+            let offset = addr.checked_sub(e.base)?;
+            (offset.checked_add(len)? <= e.len).then_some((addr, len))
+        })
+        .collect()
+}
+
+/// What a data connection must prove before it may issue work requests.
+pub trait SessionCheck: Send + Sync {
+    /// True when `secret` is the secret of live session `session_id`.
+    fn check(&self, session_id: u64, secret: u64) -> bool;
+}
+
+/// Serves one data connection whose DATA_CONNECT asked for `session_id` with `secret`: replies to
+/// the connect, then executes requests until the peer closes or sends a malformed frame. Never
+/// panics on input; logs why it closed.
+pub fn serve_connection(
+    stream: TcpStream,
+    session_id: u64,
+    secret: u64,
+    registry: &MemoryRegistry,
+    sessions: &dyn SessionCheck,
+) {
+    let peer = stream.peer_addr().map_or_else(|_| "unknown peer".to_string(), |a| a.to_string());
+    let _ = stream.set_nodelay(true);
+    let Ok(read_half) = stream.try_clone() else { return };
+    let mut reader = BufReader::with_capacity(256 * 1024, read_half);
+    let mut writer = BufWriter::with_capacity(256 * 1024, stream);
+    let mut out = Vec::new();
+    if !sessions.check(session_id, secret) {
+        tracing::warn!(%peer, session_id, "refusing data connection: unknown session or wrong secret");
+        crate::frame::encode_frame(&mut out, KIND_DATA_CONNECT_REFUSED, |e| {
+            e.bytes16(b"unknown session or wrong secret; send a new hello on the control connection");
+        });
+        let _ = writer.write_all(&out).and_then(|()| writer.flush());
+        return;
+    }
+    crate::frame::encode_frame(&mut out, KIND_DATA_CONNECT_OK, |_| {});
+    if writer.write_all(&out).and_then(|()| writer.flush()).is_err() {
+        return;
+    }
+    tracing::debug!(%peer, session_id, "data connection open");
+    let mut body = Vec::new();
+    loop {
+        let header = match read_frame(&mut reader, &mut body) {
+            Ok(h) => h,
+            Err(ReadFrameError::Io(e)) => {
+                tracing::debug!(%peer, session_id, error = %e, "data connection closed");
+                break;
+            }
+            Err(ReadFrameError::Frame(e)) => {
+                registry.stats.malformed_connections.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%peer, session_id, reason = %e, "closing data connection: malformed frame");
+                break;
+            }
+        };
+        out.clear();
+        match decode_request(header.kind, &body) {
+            Ok(req) => execute(registry, session_id, &req, &mut out),
+            Err(e) => {
+                registry.stats.malformed_connections.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%peer, session_id, kind = header.kind, reason = %e, "closing data connection: malformed request");
+                break;
+            }
+        }
+        if writer.write_all(&out).is_err() {
+            break;
+        }
+        // Flush only when no further request is already buffered: responses to a burst go out in
+        // one write.
+        if reader.buffer().is_empty() && writer.flush().is_err() {
+            break;
+        }
+    }
+    let _ = writer.flush();
+    let _ = writer.get_ref().shutdown(Shutdown::Both);
+}
+
+fn execute(registry: &MemoryRegistry, owner: u64, req: &DataRequest<'_>, out: &mut Vec<u8>) {
+    let stats = &registry.stats;
+    match req {
+        DataRequest::Ping { wr_id } => encode_completion(out, *wr_id, RemoteStatus::Success, Opcode::Ping, 0, |_| {}),
+        DataRequest::Connect { .. } => {
+            // A second connect on a bound connection is a protocol error reported as a bad request.
+            encode_completion(out, 0, RemoteStatus::InvalidRequest, Opcode::Ping, 0, |_| {});
+        }
+        DataRequest::Read { wr_id, segments } => {
+            let regions = registry.regions.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let Some(resolved) = resolve(&regions, owner, segments) else {
+                stats.access_errors.fetch_add(1, Ordering::Relaxed);
+                encode_completion(out, *wr_id, RemoteStatus::AccessError, Opcode::Read, 0, |_| {});
+                return;
+            };
+            let total: usize = resolved.iter().map(|&(_, l)| l).sum();
+            encode_completion(out, *wr_id, RemoteStatus::Success, Opcode::Read, total, |payload| {
+                let mut at = 0;
+                for &(addr, len) in &resolved {
+                    // SAFETY: `resolve` proved `[addr, addr + len)` lies inside a registered
+                    // mapping, and the registry read lock held here keeps that mapping alive (a
+                    // `RegisteredMemory` deregisters under the write lock before it unmaps).
+                    // `payload` is a distinct Vec. Concurrent WRITEs to the same bytes by the same
+                    // session give unspecified bytes, exactly as with a NIC.
+                    unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, payload[at..].as_mut_ptr(), len) };
+                    at += len;
+                }
+            });
+            stats.reads.fetch_add(1, Ordering::Relaxed);
+            stats.bytes_read.fetch_add(total as u64, Ordering::Relaxed);
+        }
+        DataRequest::Write { wr_id, segments, payload } => {
+            let regions = registry.regions.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let Some(resolved) = resolve(&regions, owner, segments) else {
+                stats.access_errors.fetch_add(1, Ordering::Relaxed);
+                encode_completion(out, *wr_id, RemoteStatus::AccessError, Opcode::Write, 0, |_| {});
+                return;
+            };
+            let mut at = 0;
+            for &(addr, len) in &resolved {
+                // SAFETY: as for READ: bounds proved by `resolve`, mapping kept alive by the read
+                // lock; the payload length equals the sum of the segment lengths (checked by the
+                // decoder), so `payload[at..at + len]` is in bounds.
+                unsafe { std::ptr::copy_nonoverlapping(payload[at..at + len].as_ptr(), addr as *mut u8, len) };
+                at += len;
+            }
+            drop(regions);
+            stats.writes.fetch_add(1, Ordering::Relaxed);
+            stats.bytes_written.fetch_add(at as u64, Ordering::Relaxed);
+            encode_completion(out, *wr_id, RemoteStatus::Success, Opcode::Write, at, |_| {});
+        }
+    }
+}
+
+/// Reads the first frame of a fresh connection, for a dispatcher that accepts both control and data
+/// connections on one port.
+pub fn read_first_frame<R: Read>(stream: &mut R, body: &mut Vec<u8>) -> Result<u8, ReadFrameError> {
+    read_frame(stream, body).map(|h| h.kind)
+}

@@ -1,0 +1,220 @@
+//! The client side of the control protocol: hello, slab alloc/free, heartbeat and stats over one
+//! TCP connection, and opening data endpoints bound to the session.
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use rdma::control::{self, ControlRequest, ControlResponse, ErrorCode, ServerStats, SessionOutcome, SlabGrant};
+use rdma::frame::{read_frame, FrameError, ReadFrameError};
+use rdma::{Endpoint, EndpointOptions, ProviderKind, TransportError};
+
+/// Errors of the control client. Every variant names the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server could not be reached.
+    #[error("cannot connect to memory-server {addr}: {source}; is it running and listening there?")]
+    Connect {
+        /// The server.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The connection failed or timed out.
+    #[error("control connection to memory-server {addr} failed: {source}")]
+    Io {
+        /// The server.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The server answered with something that is not the protocol.
+    #[error("memory-server {addr} broke the protocol: {reason}")]
+    Protocol {
+        /// The server.
+        addr: SocketAddr,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The server has no capacity left.
+    #[error("memory-server {addr} is out of capacity: {message}")]
+    CapacityExhausted {
+        /// The server.
+        addr: SocketAddr,
+        /// The server's detail.
+        message: String,
+    },
+    /// The session's lease ran out and its slabs were reclaimed.
+    #[error("memory-server {addr} reclaimed this client's slabs after its lease ran out: {message}")]
+    SessionExpired {
+        /// The server.
+        addr: SocketAddr,
+        /// The server's detail.
+        message: String,
+    },
+    /// Any other refusal.
+    #[error("memory-server {addr} refused the request ({code:?}): {message}")]
+    Refused {
+        /// The server.
+        addr: SocketAddr,
+        /// Typed reason.
+        code: ErrorCode,
+        /// The server's detail.
+        message: String,
+    },
+}
+
+/// How to open a control session.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Stable id of this client (pick a random one per process); reusing it resumes the session.
+    pub client_id: u64,
+    /// Data-path provider.
+    pub provider: ProviderKind,
+    /// Authentication token (carried, not yet checked by servers).
+    pub token: Vec<u8>,
+    /// Connect, read and write timeout of the control connection.
+    pub timeout: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            client_id: fastrand::u64(..),
+            provider: ProviderKind::Shim,
+            token: Vec::new(),
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What the server said at hello.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionInfo {
+    /// Session id.
+    pub session_id: u64,
+    /// Secret that binds data connections.
+    pub secret: u64,
+    /// Size of each slab.
+    pub slab_size: u64,
+    /// Lease: heartbeat well within it.
+    pub lease: Duration,
+    /// What happened to an earlier session of this client id.
+    pub outcome: SessionOutcome,
+}
+
+/// A control session with one memory-server.
+#[derive(Debug)]
+pub struct ControlClient {
+    addr: SocketAddr,
+    stream: TcpStream,
+    out: Vec<u8>,
+    body: Vec<u8>,
+    session: SessionInfo,
+}
+
+impl ControlClient {
+    /// Connects and says hello.
+    pub fn connect(addr: SocketAddr, options: &ClientOptions) -> Result<Self, ClientError> {
+        let stream = TcpStream::connect_timeout(&addr, options.timeout)
+            .map_err(|source| ClientError::Connect { addr, source })?;
+        let io = |source| ClientError::Io { addr, source };
+        stream.set_nodelay(true).map_err(io)?;
+        stream.set_read_timeout(Some(options.timeout)).map_err(io)?;
+        stream.set_write_timeout(Some(options.timeout)).map_err(io)?;
+        let placeholder =
+            SessionInfo { session_id: 0, secret: 0, slab_size: 0, lease: Duration::ZERO, outcome: SessionOutcome::New };
+        let mut client = Self { addr, stream, out: Vec::new(), body: Vec::new(), session: placeholder };
+        let hello = ControlRequest::Hello {
+            client_id: options.client_id,
+            provider: options.provider,
+            token: options.token.clone(),
+        };
+        match client.call(&hello)? {
+            ControlResponse::HelloOk { session_id, secret, slab_size, lease_ms, outcome } => {
+                client.session =
+                    SessionInfo { session_id, secret, slab_size, lease: Duration::from_millis(lease_ms), outcome };
+                Ok(client)
+            }
+            other => Err(client.unexpected(&other)),
+        }
+    }
+
+    /// The server's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The session granted at hello.
+    pub fn session(&self) -> &SessionInfo {
+        &self.session
+    }
+
+    fn unexpected(&self, resp: &ControlResponse) -> ClientError {
+        ClientError::Protocol { addr: self.addr, reason: format!("unexpected reply {resp:?}") }
+    }
+
+    fn call(&mut self, req: &ControlRequest) -> Result<ControlResponse, ClientError> {
+        let addr = self.addr;
+        self.out.clear();
+        control::encode_request(&mut self.out, req);
+        self.stream.write_all(&self.out).map_err(|source| ClientError::Io { addr, source })?;
+        let header = read_frame(&mut self.stream, &mut self.body).map_err(|e| match e {
+            ReadFrameError::Io(source) => ClientError::Io { addr, source },
+            ReadFrameError::Frame(f) => ClientError::Protocol { addr, reason: f.to_string() },
+        })?;
+        let resp = control::decode_response(header.kind, &self.body)
+            .map_err(|e: FrameError| ClientError::Protocol { addr, reason: e.to_string() })?;
+        match resp {
+            ControlResponse::Error { code: ErrorCode::CapacityExhausted, message } => {
+                Err(ClientError::CapacityExhausted { addr, message })
+            }
+            ControlResponse::Error { code: ErrorCode::SessionExpired, message } => {
+                Err(ClientError::SessionExpired { addr, message })
+            }
+            ControlResponse::Error { code, message } => Err(ClientError::Refused { addr, code, message }),
+            ok => Ok(ok),
+        }
+    }
+
+    /// Allocates one slab.
+    pub fn alloc_slab(&mut self) -> Result<SlabGrant, ClientError> {
+        match self.call(&ControlRequest::AllocSlab)? {
+            ControlResponse::SlabGranted(g) => Ok(g),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    /// Frees one slab.
+    pub fn free_slab(&mut self, slab_id: u64) -> Result<(), ClientError> {
+        match self.call(&ControlRequest::FreeSlab { slab_id })? {
+            ControlResponse::SlabFreed { slab_id: s } if s == slab_id => Ok(()),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    /// Renews the lease; returns its length.
+    pub fn heartbeat(&mut self) -> Result<Duration, ClientError> {
+        match self.call(&ControlRequest::Heartbeat)? {
+            ControlResponse::HeartbeatAck { lease_ms } => Ok(Duration::from_millis(lease_ms)),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    /// Fetches the server's statistics.
+    pub fn stats(&mut self) -> Result<ServerStats, ClientError> {
+        match self.call(&ControlRequest::Stats)? {
+            ControlResponse::Stats(s) => Ok(s),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    /// Opens a data endpoint (one queue pair) bound to this session.
+    pub fn connect_endpoint(
+        &self,
+        provider: ProviderKind,
+        options: &EndpointOptions,
+    ) -> Result<Endpoint, TransportError> {
+        Endpoint::connect(provider, self.addr, self.session.session_id, self.session.secret, options)
+    }
+}

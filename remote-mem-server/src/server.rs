@@ -1,0 +1,373 @@
+//! The memory-server's network side: one listening port, a thread per connection that reads the
+//! first frame and becomes either a control session handler or a shim target, and a lease reaper.
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rdma::control::{self, ControlRequest, ControlResponse, ErrorCode, ServerStats};
+use rdma::frame::{read_frame, FrameError, ReadFrameError};
+use rdma::shim::target::{self, MemoryRegistry, SessionCheck};
+use rdma::ProviderKind;
+
+use crate::sessions::{Refusal, Sessions};
+use crate::{ServerConfig, ServerError};
+
+/// How long a new connection may take to send its first frame.
+const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug)]
+struct Shared {
+    config: ServerConfig,
+    registry: Arc<MemoryRegistry>,
+    sessions: Mutex<Sessions>,
+    shutting_down: AtomicBool,
+    connections: AtomicUsize,
+}
+
+impl Shared {
+    fn sessions(&self) -> MutexGuard<'_, Sessions> {
+        self.sessions.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn stats(&self) -> ServerStats {
+        let s = self.sessions();
+        let t = &self.registry.stats;
+        let r = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        ServerStats {
+            capacity: self.config.capacity,
+            slab_size: self.config.slab_size,
+            allocated: s.allocated(),
+            slabs: s.slab_count() as u64,
+            sessions: s.session_count() as u64,
+            reads: r(&t.reads),
+            writes: r(&t.writes),
+            bytes_read: r(&t.bytes_read),
+            bytes_written: r(&t.bytes_written),
+            access_errors: r(&t.access_errors),
+            leases_expired: s.leases_expired,
+            malformed_connections: r(&t.malformed_connections),
+        }
+    }
+}
+
+impl SessionCheck for Shared {
+    fn check(&self, session_id: u64, secret: u64) -> bool {
+        self.sessions().check_secret(session_id, secret)
+    }
+}
+
+/// A running server. Dropping the handle does not stop it; call [`ServerHandle::shutdown`].
+#[derive(Debug)]
+pub struct ServerHandle {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    accept: Option<JoinHandle<()>>,
+    reaper: Option<JoinHandle<()>>,
+}
+
+impl ServerHandle {
+    /// The address the server listens on (with the real port when asked for port 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Current statistics.
+    pub fn stats(&self) -> ServerStats {
+        self.shared.stats()
+    }
+
+    /// Stops accepting connections and stops the reaper. Open connections are closed when the
+    /// process exits.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        if self.shared.shutting_down.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        // Wake the blocking accept.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        if let Some(r) = &self.reaper {
+            r.thread().unpark();
+        }
+        for t in [self.accept.take(), self.reaper.take()].into_iter().flatten() {
+            let _ = t.join();
+        }
+        let s = self.shared.stats();
+        tracing::info!(
+            sessions = s.sessions,
+            slabs = s.slabs,
+            reads = s.reads,
+            writes = s.writes,
+            "memory-server stopped"
+        );
+    }
+}
+
+/// Binds the listening socket and starts serving in background threads.
+pub fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
+    config.validate()?;
+    let listener =
+        TcpListener::bind(config.listen).map_err(|source| ServerError::Bind { addr: config.listen, source })?;
+    let addr = listener.local_addr().map_err(|source| ServerError::Bind { addr: config.listen, source })?;
+    let registry = MemoryRegistry::new();
+    let sessions = Sessions::new(Arc::clone(&registry), config.capacity, config.slab_size, config.lease);
+    let shared = Arc::new(Shared {
+        config,
+        registry,
+        sessions: Mutex::new(sessions),
+        shutting_down: AtomicBool::new(false),
+        connections: AtomicUsize::new(0),
+    });
+    tracing::info!(
+        %addr,
+        capacity = shared.config.capacity,
+        slab_size = shared.config.slab_size,
+        lease_ms = u64::try_from(shared.config.lease.as_millis()).unwrap_or(u64::MAX),
+        provider = %shared.config.provider,
+        "memory-server listening"
+    );
+    let s = Arc::clone(&shared);
+    let accept = std::thread::Builder::new()
+        .name("accept".into())
+        .spawn(move || accept_loop(&listener, &s))
+        .map_err(|source| ServerError::Thread { source })?;
+    let s = Arc::clone(&shared);
+    let reaper = std::thread::Builder::new()
+        .name("lease-reaper".into())
+        .spawn(move || reap_loop(&s))
+        .map_err(|source| ServerError::Thread { source })?;
+    Ok(ServerHandle { addr, shared, accept: Some(accept), reaper: Some(reaper) })
+}
+
+fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
+    loop {
+        let accepted = listener.accept();
+        if shared.shutting_down.load(Ordering::Acquire) {
+            return;
+        }
+        let (stream, peer) = match accepted {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        if shared.connections.load(Ordering::Acquire) >= shared.config.max_connections {
+            tracing::warn!(%peer, limit = shared.config.max_connections, "refusing connection: too many open connections");
+            continue;
+        }
+        shared.connections.fetch_add(1, Ordering::AcqRel);
+        let s = Arc::clone(shared);
+        let spawned = std::thread::Builder::new().name(format!("conn-{peer}")).spawn(move || {
+            serve(stream, peer, &s);
+            s.connections.fetch_sub(1, Ordering::AcqRel);
+        });
+        if let Err(e) = spawned {
+            shared.connections.fetch_sub(1, Ordering::AcqRel);
+            tracing::error!(%peer, error = %e, "cannot spawn a connection thread");
+        }
+    }
+}
+
+fn reap_loop(shared: &Shared) {
+    let period = (shared.config.lease / 4).clamp(Duration::from_millis(20), Duration::from_secs(1));
+    while !shared.shutting_down.load(Ordering::Acquire) {
+        std::thread::park_timeout(period);
+        for r in shared.sessions().reap(Instant::now()) {
+            tracing::info!(
+                client_id = format_args!("{:#018x}", r.client_id),
+                slabs = r.slabs,
+                bytes = r.bytes,
+                "lease expired: reclaimed the client's slabs"
+            );
+        }
+    }
+}
+
+fn send_error(stream: &mut TcpStream, code: ErrorCode, message: &str) {
+    let mut out = Vec::new();
+    control::encode_response(&mut out, &ControlResponse::Error { code, message: message.into() });
+    let _ = stream.write_all(&out);
+}
+
+fn serve(mut stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) {
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_read_timeout(Some(FIRST_FRAME_TIMEOUT));
+    let mut body = Vec::new();
+    let header = match read_frame(&mut stream, &mut body) {
+        Ok(h) => h,
+        Err(ReadFrameError::Io(e)) => {
+            tracing::debug!(%peer, error = %e, "connection closed before its first frame");
+            return;
+        }
+        Err(ReadFrameError::Frame(e)) => {
+            shared.registry.stats.malformed_connections.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%peer, reason = %e, "closing connection: malformed first frame");
+            let code = match e {
+                FrameError::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
+                _ => ErrorCode::BadRequest,
+            };
+            send_error(&mut stream, code, &e.to_string());
+            return;
+        }
+    };
+    if header.kind == rdma::wire::KIND_DATA_CONNECT {
+        match rdma::wire::decode_request(header.kind, &body) {
+            Ok(rdma::wire::DataRequest::Connect { session_id, secret }) => {
+                let _ = stream.set_read_timeout(None);
+                target::serve_connection(stream, session_id, secret, &shared.registry, shared.as_ref());
+            }
+            Ok(_) | Err(_) => {
+                shared.registry.stats.malformed_connections.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%peer, "closing connection: malformed data connect");
+            }
+        }
+        return;
+    }
+    match control::decode_request(header.kind, &body) {
+        Ok(ControlRequest::Hello { client_id, provider, token }) => {
+            serve_control(stream, peer, shared, client_id, provider, &token);
+        }
+        Ok(other) => {
+            tracing::warn!(%peer, request = ?other, "closing connection: the first request must be HELLO");
+            send_error(&mut stream, ErrorCode::BadRequest, "send HELLO first");
+        }
+        Err(e) => {
+            shared.registry.stats.malformed_connections.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%peer, kind = header.kind, reason = %e, "closing connection: malformed first frame");
+            send_error(&mut stream, ErrorCode::BadRequest, &e.to_string());
+        }
+    }
+}
+
+fn serve_control(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    shared: &Shared,
+    client_id: u64,
+    provider: ProviderKind,
+    token: &[u8],
+) {
+    let mut out = Vec::new();
+    if provider != shared.config.provider {
+        tracing::warn!(%peer, %provider, "refusing hello: provider not offered");
+        let msg = format!(
+            "this memory-server offers provider {}, not {provider}; connect with --provider {}",
+            shared.config.provider, shared.config.provider
+        );
+        send_error(&mut stream, ErrorCode::UnsupportedProvider, &msg);
+        return;
+    }
+    let grant = shared.sessions().hello(client_id, Instant::now());
+    tracing::info!(
+        %peer,
+        client_id = format_args!("{client_id:#018x}"),
+        session_id = grant.session_id,
+        outcome = ?grant.outcome,
+        token_bytes = token.len(),
+        "client hello"
+    );
+    let lease_ms = u64::try_from(shared.config.lease.as_millis()).unwrap_or(u64::MAX);
+    control::encode_response(
+        &mut out,
+        &ControlResponse::HelloOk {
+            session_id: grant.session_id,
+            secret: grant.secret,
+            slab_size: shared.config.slab_size,
+            lease_ms,
+            outcome: grant.outcome,
+        },
+    );
+    if stream.write_all(&out).is_err() {
+        return;
+    }
+    // A client that neither heartbeats nor talks for three leases is gone: free the thread.
+    let _ = stream.set_read_timeout(Some((shared.config.lease * 3).max(Duration::from_secs(5))));
+    let session_id = grant.session_id;
+    let mut body = Vec::new();
+    loop {
+        let header = match read_frame(&mut stream, &mut body) {
+            Ok(h) => h,
+            Err(ReadFrameError::Io(e)) => {
+                tracing::debug!(%peer, error = %e, "control connection closed");
+                return;
+            }
+            Err(ReadFrameError::Frame(e)) => {
+                shared.registry.stats.malformed_connections.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%peer, reason = %e, "closing control connection: malformed frame");
+                let code = match e {
+                    FrameError::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
+                    _ => ErrorCode::BadRequest,
+                };
+                send_error(&mut stream, code, &e.to_string());
+                return;
+            }
+        };
+        let request = match control::decode_request(header.kind, &body) {
+            Ok(r) => r,
+            Err(e) => {
+                shared.registry.stats.malformed_connections.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%peer, kind = header.kind, reason = %e, "closing control connection: malformed request");
+                send_error(&mut stream, ErrorCode::BadRequest, &e.to_string());
+                return;
+            }
+        };
+        let response = handle(shared, client_id, session_id, request, peer);
+        out.clear();
+        control::encode_response(&mut out, &response);
+        if stream.write_all(&out).is_err() {
+            return;
+        }
+    }
+}
+
+fn refusal(r: Refusal) -> ControlResponse {
+    ControlResponse::Error { code: r.code, message: r.message }
+}
+
+fn handle(shared: &Shared, client_id: u64, session_id: u64, req: ControlRequest, peer: SocketAddr) -> ControlResponse {
+    let now = Instant::now();
+    if shared.shutting_down.load(Ordering::Acquire) {
+        return refusal(Refusal {
+            code: ErrorCode::ShuttingDown,
+            message: "the memory-server is shutting down".into(),
+        });
+    }
+    match req {
+        ControlRequest::Hello { .. } => ControlResponse::Error {
+            code: ErrorCode::BadRequest,
+            message: "HELLO was already sent on this connection".into(),
+        },
+        ControlRequest::AllocSlab => match shared.sessions().alloc(client_id, session_id, now) {
+            Ok(g) => {
+                tracing::debug!(%peer, slab_id = g.slab_id, rkey = g.rkey, "slab allocated");
+                ControlResponse::SlabGranted(g)
+            }
+            Err(r) => {
+                tracing::info!(%peer, code = ?r.code, "slab allocation refused: {}", r.message);
+                refusal(r)
+            }
+        },
+        ControlRequest::FreeSlab { slab_id } => match shared.sessions().free(client_id, session_id, slab_id, now) {
+            Ok(()) => ControlResponse::SlabFreed { slab_id },
+            Err(r) => refusal(r),
+        },
+        ControlRequest::Heartbeat => match shared.sessions().touch(client_id, session_id, now) {
+            Ok(()) => ControlResponse::HeartbeatAck {
+                lease_ms: u64::try_from(shared.config.lease.as_millis()).unwrap_or(u64::MAX),
+            },
+            Err(r) => refusal(r),
+        },
+        ControlRequest::Stats => {
+            let _ = shared.sessions().touch(client_id, session_id, now);
+            ControlResponse::Stats(shared.stats())
+        }
+    }
+}

@@ -1,0 +1,166 @@
+//! `coalesce latency`: measures the 4 KiB one-sided READ/WRITE round trip through the transport,
+//! blocking and busy-polling, against a given or an embedded loopback memory-server.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use rdma::{
+    CompletionStatus, EndpointOptions, LinkProfile, LocalRegion, LocalSlice, Opcode, PollMode, Segment, WorkRequest,
+};
+use remote_mem_server::client::{ClientOptions, ControlClient};
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct LatencyOptions {
+    /// Server to use; `None` starts one in this process on 127.0.0.1.
+    pub server: Option<SocketAddr>,
+    /// Round trips per measurement.
+    pub ops: usize,
+    /// Bytes per request.
+    pub size: usize,
+    /// Link emulation.
+    pub link: LinkProfile,
+}
+
+/// Figures of one measurement.
+#[derive(Debug, Clone)]
+pub struct LatencyReport {
+    /// What was measured.
+    pub label: String,
+    /// Median round trip.
+    pub p50: Duration,
+    /// 99th percentile.
+    pub p99: Duration,
+    /// Mean.
+    pub mean: Duration,
+    /// Largest.
+    pub max: Duration,
+    /// Operations.
+    pub ops: u64,
+}
+
+impl std::fmt::Display for LatencyReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:<28} n={:<7} median {:>8.1} us   p99 {:>8.1} us   mean {:>8.1} us   max {:>9.1} us",
+            self.label,
+            self.ops,
+            self.p50.as_secs_f64() * 1e6,
+            self.p99.as_secs_f64() * 1e6,
+            self.mean.as_secs_f64() * 1e6,
+            self.max.as_secs_f64() * 1e6
+        )
+    }
+}
+
+/// Error of a latency run.
+#[derive(Debug, thiserror::Error)]
+pub enum LatencyError {
+    /// The embedded server failed to start.
+    #[error(transparent)]
+    Server(#[from] remote_mem_server::ServerError),
+    /// The control session failed.
+    #[error(transparent)]
+    Client(#[from] remote_mem_server::client::ClientError),
+    /// The data path failed.
+    #[error(transparent)]
+    Transport(#[from] rdma::TransportError),
+    /// A request did not complete successfully.
+    #[error("a work request completed with {0:?}")]
+    Failed(CompletionStatus),
+    /// A request did not complete in time.
+    #[error("a work request did not complete within 10 s")]
+    Timeout,
+}
+
+/// Runs READ and WRITE round trips in blocking and spinning modes; returns one report per
+/// combination.
+pub fn run(opts: &LatencyOptions) -> Result<Vec<LatencyReport>, LatencyError> {
+    let embedded = match opts.server {
+        Some(_) => None,
+        None => Some(remote_mem_server::start(remote_mem_server::ServerConfig::loopback())?),
+    };
+    let addr = opts.server.or(embedded.as_ref().map(remote_mem_server::ServerHandle::addr)).unwrap_or_else(|| {
+        // Unreachable: one of the two is set above.
+        SocketAddr::from(([127, 0, 0, 1], 7470))
+    });
+    let mut client = ControlClient::connect(addr, &ClientOptions::default())?;
+    let slab = client.alloc_slab()?;
+    let ep = client.connect_endpoint(
+        rdma::ProviderKind::Shim,
+        &EndpointOptions { link: opts.link.clone(), ..EndpointOptions::default() },
+    )?;
+    let buf = LocalRegion::new(opts.size)?;
+    let pages = (slab.len / opts.size as u64).max(1);
+    let mut reports = Vec::new();
+    for (opcode, op_name) in [(Opcode::Write, "WRITE"), (Opcode::Read, "READ")] {
+        for (mode, mode_name) in [(PollMode::Block, "blocking"), (PollMode::Spin, "busy-poll")] {
+            let label = format!("{} {} {}", human(opts.size), op_name, mode_name);
+            reports.push(measure(&ep, &buf, slab.addr, slab.rkey, pages, opcode, mode, opts, label)?);
+        }
+    }
+    drop(ep);
+    let _ = client.free_slab(slab.slab_id);
+    if let Some(server) = embedded {
+        server.shutdown();
+    }
+    Ok(reports)
+}
+
+fn human(size: usize) -> String {
+    if size % 1024 == 0 {
+        format!("{} KiB", size / 1024)
+    } else {
+        format!("{size} B")
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn measure(
+    ep: &rdma::Endpoint,
+    buf: &Arc<LocalRegion>,
+    base: u64,
+    rkey: u32,
+    pages: u64,
+    opcode: Opcode,
+    mode: PollMode,
+    opts: &LatencyOptions,
+    label: String,
+) -> Result<LatencyReport, LatencyError> {
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).map_err(|_| LatencyError::Timeout)?;
+    let mut done = Vec::with_capacity(4);
+    let warmup = (opts.ops / 10).max(10);
+    let mut rng = fastrand::Rng::with_seed(42);
+    for i in 0..warmup + opts.ops {
+        let remote_addr = base + rng.u64(0..pages) * opts.size as u64;
+        let seg = Segment { local: LocalSlice::new(buf, 0, opts.size)?, remote_addr, rkey };
+        let wr = WorkRequest { wr_id: i as u64, opcode, segments: vec![seg] };
+        let start = Instant::now();
+        ep.post(&wr)?;
+        done.clear();
+        if ep.wait(&mut done, 1, Duration::from_secs(10), mode)? == 0 {
+            return Err(LatencyError::Timeout);
+        }
+        let rtt = start.elapsed();
+        if done[0].status != CompletionStatus::Success {
+            return Err(LatencyError::Failed(done[0].status));
+        }
+        if i >= warmup {
+            hist.saturating_record(u64::try_from(rtt.as_nanos()).unwrap_or(u64::MAX));
+        }
+    }
+    let d = Duration::from_nanos;
+    Ok(LatencyReport {
+        label,
+        p50: d(hist.value_at_quantile(0.5)),
+        p99: d(hist.value_at_quantile(0.99)),
+        // Rounding the mean to whole nanoseconds is intended.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        mean: d(hist.mean() as u64),
+        max: d(hist.max()),
+        ops: hist.len(),
+    })
+}

@@ -1,0 +1,150 @@
+//! End-to-end tests of the `memory-server` daemon: capacity, leases, the command line and signals.
+
+#![allow(missing_docs, clippy::unwrap_used)]
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{pattern, wait_ok, ServerProcess};
+use rdma::control::{ErrorCode, SessionOutcome};
+use rdma::{CompletionStatus, EndpointOptions, LocalRegion, LocalSlice, ProviderKind, Segment, WorkRequest};
+use remote_mem_server::client::{ClientError, ClientOptions, ControlClient};
+
+#[test]
+fn capacity_exhaustion_returns_the_typed_error_and_freeing_makes_room() {
+    let server = ServerProcess::start(&["--capacity", "4MiB", "--slab-size", "1MiB"]);
+    let mut a = ControlClient::connect(server.addr, &ClientOptions::default()).unwrap();
+    let mut b = ControlClient::connect(server.addr, &ClientOptions::default()).unwrap();
+    let mut slabs = vec![a.alloc_slab().unwrap(), a.alloc_slab().unwrap(), b.alloc_slab().unwrap()];
+    slabs.push(b.alloc_slab().unwrap());
+    for client in [&mut a, &mut b] {
+        match client.alloc_slab() {
+            Err(ClientError::CapacityExhausted { addr, message }) => {
+                assert_eq!(addr, server.addr);
+                assert!(message.contains("capacity exhausted"), "{message}");
+            }
+            other => panic!("expected CapacityExhausted, got {other:?}"),
+        }
+    }
+    // Another client's slab cannot be freed by a.
+    match a.free_slab(slabs[2].slab_id) {
+        Err(ClientError::Refused { code: ErrorCode::UnknownSlab, .. }) => {}
+        other => panic!("expected UnknownSlab, got {other:?}"),
+    }
+    b.free_slab(slabs[3].slab_id).unwrap();
+    let again = a.alloc_slab().unwrap();
+    assert_eq!(again.len, 1 << 20);
+    let stats = a.stats().unwrap();
+    assert_eq!((stats.allocated, stats.slabs, stats.sessions), (4 << 20, 4, 2));
+}
+
+#[test]
+fn a_silent_clients_slabs_are_reclaimed_after_the_lease_and_it_is_told() {
+    let server = ServerProcess::start(&["--capacity", "8MiB", "--slab-size", "1MiB", "--lease", "600ms"]);
+    let options = ClientOptions { client_id: 0x5eed, ..ClientOptions::default() };
+    let mut silent = ControlClient::connect(server.addr, &options).unwrap();
+    assert_eq!(silent.session().outcome, SessionOutcome::New);
+    assert_eq!(silent.session().lease, Duration::from_millis(600));
+    let slab = silent.alloc_slab().unwrap();
+    silent.alloc_slab().unwrap();
+    let ep = silent.connect_endpoint(ProviderKind::Shim, &EndpointOptions::default()).unwrap();
+    let buf = LocalRegion::new(4096).unwrap();
+    buf.write_at(0, &pattern(6, 0)).unwrap();
+    let seg = Segment { local: LocalSlice::new(&buf, 0, 4096).unwrap(), remote_addr: slab.addr, rkey: slab.rkey };
+    ep.post(&WorkRequest::write(1, vec![seg.clone()])).unwrap();
+    wait_ok(&ep);
+
+    // A second client heartbeats throughout and keeps its slab.
+    let mut loyal = ControlClient::connect(server.addr, &ClientOptions::default()).unwrap();
+    loyal.alloc_slab().unwrap();
+    let start = Instant::now();
+    let mut expired_seen = false;
+    while start.elapsed() < Duration::from_secs(5) {
+        loyal.heartbeat().unwrap();
+        let s = loyal.stats().unwrap();
+        if s.leases_expired == 1 {
+            assert_eq!(s.slabs, 1, "only the loyal client's slab is left: {s:?}");
+            assert_eq!(s.allocated, 1 << 20);
+            expired_seen = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(expired_seen, "the lease never expired");
+
+    // The silent client's old rkey no longer opens anything.
+    ep.post(&WorkRequest::read(2, vec![seg])).unwrap();
+    let c = common::wait_one(&ep);
+    assert_eq!(c.status, CompletionStatus::RemoteAccessError);
+    // Its control connection is told the session is gone...
+    assert!(matches!(silent.alloc_slab(), Err(ClientError::SessionExpired { .. })));
+    // ...and so is a reconnect with the same client id.
+    let back = ControlClient::connect(server.addr, &options).unwrap();
+    assert_eq!(back.session().outcome, SessionOutcome::Expired);
+    // The loyal client's slab is still there.
+    assert_eq!(loyal.stats().unwrap().slabs, 1);
+}
+
+#[test]
+fn reconnecting_within_the_lease_resumes_the_session() {
+    let server = ServerProcess::start(&["--capacity", "8MiB", "--slab-size", "1MiB", "--lease", "10s"]);
+    let options = ClientOptions { client_id: 42, ..ClientOptions::default() };
+    let mut first = ControlClient::connect(server.addr, &options).unwrap();
+    let slab = first.alloc_slab().unwrap();
+    drop(first);
+    let mut again = ControlClient::connect(server.addr, &options).unwrap();
+    assert_eq!(again.session().outcome, SessionOutcome::Resumed);
+    again.free_slab(slab.slab_id).unwrap();
+}
+
+#[test]
+fn a_provider_the_server_does_not_offer_is_refused_with_a_clear_message() {
+    let server = ServerProcess::start(&[]);
+    let options = ClientOptions { provider: ProviderKind::Verbs, ..ClientOptions::default() };
+    match ControlClient::connect(server.addr, &options) {
+        Err(ClientError::Refused { code: ErrorCode::UnsupportedProvider, message, .. }) => {
+            assert!(message.contains("--provider shim"), "{message}");
+        }
+        other => panic!("expected UnsupportedProvider, got {other:?}"),
+    }
+}
+
+#[test]
+fn sigterm_stops_the_server_cleanly() {
+    let server = ServerProcess::start(&[]);
+    let mut client = ControlClient::connect(server.addr, &ClientOptions::default()).unwrap();
+    client.alloc_slab().unwrap();
+    let status = server.terminate();
+    assert!(status.success(), "exit status {status:?}");
+}
+
+#[test]
+fn the_command_line_explains_itself_and_refuses_bad_flags() {
+    let bin = env!("CARGO_BIN_EXE_memory-server");
+    let help = Command::new(bin).arg("--help").output().unwrap();
+    assert!(help.status.success());
+    let text = String::from_utf8_lossy(&help.stdout);
+    for flag in ["--listen", "--capacity", "--slab-size", "--lease", "--provider", "--max-connections"] {
+        assert!(text.contains(flag), "--help does not explain {flag}");
+    }
+    let cases: [(&[&str], &str); 4] = [
+        (&["--capacity", "lots"], "capacity"),
+        (&["--capacity", "1MiB", "--slab-size", "64MiB"], "smaller than one slab"),
+        (&["--slab-size", "1000"], "multiple of 4 KiB"),
+        (&["--lease", "soon"], "lease"),
+    ];
+    for (args, expected) in cases {
+        let out = Command::new(bin).args(["--listen", "127.0.0.1:0"]).args(args).output().unwrap();
+        assert!(!out.status.success(), "{args:?} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(expected), "{args:?}: {err}");
+    }
+    // A port that is taken gives a clear error, not a panic.
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = holder.local_addr().unwrap().to_string();
+    let out = Command::new(bin).args(["--listen", &taken]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot listen on"));
+}
