@@ -111,7 +111,7 @@ pub fn run(opts: &LatencyOptions) -> Result<Vec<LatencyReport>, LatencyError> {
 }
 
 fn human(size: usize) -> String {
-    if size % 1024 == 0 {
+    if size.is_multiple_of(1024) {
         format!("{} KiB", size / 1024)
     } else {
         format!("{size} B")

@@ -87,7 +87,7 @@ impl ServerConfig {
 
     /// Checks the settings for consistency.
     pub fn validate(&self) -> Result<(), ServerError> {
-        if self.slab_size < 4096 || self.slab_size % 4096 != 0 {
+        if self.slab_size < 4096 || !self.slab_size.is_multiple_of(4096) {
             return Err(ServerError::Config(format!(
                 "--slab-size {} must be a positive multiple of 4 KiB",
                 ByteSize(self.slab_size)
