@@ -111,7 +111,7 @@ fn batches_move_many_pages_in_one_request() {
     let buf = LocalRegion::new(64 * PAGE).unwrap();
     // 64 scattered pages over two slabs, written in one post.
     let place = |i: usize| {
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             (a.addr + (i * 3 * PAGE) as u64, a.rkey)
         } else {
             (b.addr + (i * 5 * PAGE) as u64, b.rkey)
