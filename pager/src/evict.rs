@@ -1,0 +1,387 @@
+//! The evictor thread: keeps resident pages below the budget with CLOCK over the ring of resident
+//! pages, and evicts race-free:
+//!
+//! 1. lock the victim (`BUSY`): faults on it wait, and nobody else changes it;
+//! 2. `UFFDIO_MOVE` it out of the region into a staging slot: atomic, so a racing access simply
+//!    faults (and waits on the lock) and no write can slip in between copy-out and drop; unlike
+//!    `madvise` it raises no remove event;
+//! 3. dirty pages are written back, one batched WRITE per server; clean pages need no network;
+//! 4. only after the write completes is the page marked remote; a failed write puts the page back
+//!    with `UFFDIO_COPY`, still dirty, so nothing is lost;
+//! 5. the staging buffer (registered with a second, event-less userfaultfd, as `UFFDIO_MOVE`
+//!    requires of its destination) is emptied with `madvise(MADV_DONTNEED)`.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdma::{CompletionStatus, Endpoint, LocalRegion, LocalSlice, PollMode, Segment, WorkRequest};
+
+use crate::placement::Location;
+use crate::region::ActiveRegion;
+use crate::stats::Counters;
+use crate::table::{self, BUSY, DIRTY, HAS_SLOT, PREFETCHED, REFERENCED, REMOTE_VALID, RESIDENT};
+use crate::uffd::Uffd;
+use crate::{lock, PagerError, Shared, PAGE_SIZE};
+
+/// Pages evicted per batch.
+const BATCH: usize = 64;
+
+struct Victim {
+    region: Arc<ActiveRegion>,
+    page: usize,
+    entry: u64,
+    /// The page must be written back: it is dirty, or its only remote copy is on a failed server.
+    needs_write: bool,
+    /// Remote slot to write to.
+    slot: Option<(u32, Location)>,
+    written: bool,
+}
+
+/// The eviction thread's state.
+#[derive(Debug)]
+pub(crate) struct Evictor {
+    shared: Arc<Shared>,
+    staging_uffd: Uffd,
+    staging: Arc<LocalRegion>,
+    endpoints: Vec<Option<Endpoint>>,
+    next_wr: u64,
+}
+
+impl Evictor {
+    pub(crate) fn new(shared: Arc<Shared>) -> Result<Self, PagerError> {
+        let staging_uffd = Uffd::open(0)?;
+        let staging = LocalRegion::new(BATCH * PAGE_SIZE)
+            .map_err(|source| PagerError::Transport { addr: shared.config.servers[0], source })?;
+        staging_uffd
+            .register(staging.as_ptr() as usize, staging.len(), false)
+            .map_err(|source| PagerError::Map { len: staging.len(), source })?;
+        let endpoints = shared.placement.endpoints()?;
+        Ok(Self { shared, staging_uffd, staging, endpoints, next_wr: 0 })
+    }
+
+    pub(crate) fn run(mut self) {
+        let shared = Arc::clone(&self.shared);
+        while !shared.shutdown.load(Ordering::Acquire) {
+            {
+                let mut kicked = lock(&shared.evict_kick.0);
+                if !*kicked {
+                    kicked = shared
+                        .evict_kick
+                        .1
+                        .wait_timeout(kicked, Duration::from_millis(20))
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .0;
+                }
+                *kicked = false;
+            }
+            let headroom = shared.headroom();
+            let high = shared.budget - headroom;
+            let low = shared.budget.saturating_sub(2 * headroom);
+            if shared.resident.load(Ordering::Acquire) <= high {
+                continue;
+            }
+            let mut idle_rounds = 0;
+            while !shared.shutdown.load(Ordering::Acquire) {
+                let resident = shared.resident.load(Ordering::Acquire);
+                if resident <= low {
+                    break;
+                }
+                let (evicted, no_room) = self.evict_batch((resident - low).min(BATCH));
+                shared.space.1.notify_all();
+                if evicted > 0 {
+                    shared.evictor_stuck.store(false, Ordering::Release);
+                    idle_rounds = 0;
+                    continue;
+                }
+                if no_room {
+                    if !shared.evictor_stuck.swap(true, Ordering::AcqRel) {
+                        tracing::warn!(
+                            "no memory-server can take more pages (all full or down); keeping dirty pages local \
+                             beyond the budget"
+                        );
+                    }
+                    break;
+                }
+                // Every candidate was busy or recently referenced: give faults a moment.
+                idle_rounds += 1;
+                if idle_rounds > 100 {
+                    break;
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+    }
+
+    /// Picks up to `want` victims with CLOCK and locks them.
+    fn select(&self, want: usize) -> Vec<Victim> {
+        let shared = &self.shared;
+        let mut ring = lock(&shared.clock);
+        let limit = ring.len() * 2 + 1;
+        let mut active: HashMap<u32, Arc<ActiveRegion>> = HashMap::new();
+        let mut victims = Vec::new();
+        let mut scanned = 0;
+        while victims.len() < want && scanned < limit {
+            let Some((rid, page32)) = ring.pop_front() else { break };
+            scanned += 1;
+            let region = match active.get(&rid) {
+                Some(r) => Arc::clone(r),
+                None => match shared.region(rid).and_then(|r| r.enter()) {
+                    Some(r) => {
+                        let r = Arc::new(r);
+                        active.insert(rid, Arc::clone(&r));
+                        r
+                    }
+                    None => continue,
+                },
+            };
+            let page = usize::try_from(page32).unwrap_or(usize::MAX);
+            if page >= region.table.len() {
+                continue;
+            }
+            let e = region.table.load(page);
+            if e & RESIDENT == 0 {
+                continue; // stale entry
+            }
+            if e & BUSY != 0 || region.keep_local() {
+                ring.push_back((rid, page32));
+                continue;
+            }
+            if e & REFERENCED != 0 {
+                region.table.update(page, 0, REFERENCED);
+                ring.push_back((rid, page32));
+                continue;
+            }
+            match region.table.try_lock(page, |e| e & RESIDENT != 0 && e & REFERENCED == 0) {
+                Some(entry) => {
+                    victims.push(Victim { region, page, entry, needs_write: false, slot: None, written: false })
+                }
+                None => ring.push_back((rid, page32)),
+            }
+        }
+        victims
+    }
+
+    /// Evicts up to `want` pages; returns how many, and whether a dirty page found no remote room.
+    fn evict_batch(&mut self, want: usize) -> (usize, bool) {
+        let mut victims = self.select(want);
+        if victims.is_empty() {
+            return (0, false);
+        }
+        // Step 2: move every victim out of its region.
+        let mut moved = Vec::with_capacity(victims.len());
+        for v in victims.drain(..) {
+            let dst = self.staging_addr(moved.len());
+            let src = v.region.page_addr(v.page);
+            match self.move_out(dst, src) {
+                Ok(()) => moved.push(v),
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                    // The page was zapped by madvise: its content is zero; the remove event will
+                    // free its remote copy.
+                    v.region
+                        .table
+                        .unlock(v.page, v.entry & !(RESIDENT | DIRTY | REMOTE_VALID | REFERENCED | PREFETCHED));
+                    self.shared.unreserve(1);
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, addr = format_args!("{src:#x}"), "cannot move a page out; keeping it");
+                    v.region.table.unlock(v.page, v.entry | REFERENCED);
+                    self.shared.push_clock(v.region.id, v.page);
+                }
+            }
+        }
+        // Step 3: reserve slots for dirty pages and write them back.
+        let mut no_room = false;
+        for v in &mut moved {
+            v.needs_write = v.entry & DIRTY != 0 || (v.entry & REMOTE_VALID != 0 && !self.slot_alive(v.entry));
+            if !v.needs_write {
+                continue;
+            }
+            v.slot = self.slot_for(v);
+            no_room |= v.slot.is_none();
+        }
+        self.write_back(&mut moved);
+        // Step 4: publish the new states.
+        let mut evicted = 0;
+        for (i, v) in moved.iter().enumerate() {
+            let t = &v.region.table;
+            let dirty = v.needs_write;
+            if dirty && !v.written {
+                self.put_back(v, i);
+                continue;
+            }
+            let mut e = v.entry & !(RESIDENT | DIRTY | REFERENCED | PREFETCHED);
+            if let Some((slot, _)) = v.slot {
+                e = table::with_slot(e, slot) | HAS_SLOT | REMOTE_VALID;
+            }
+            if v.entry & PREFETCHED != 0 {
+                Counters::add(&self.shared.stats.prefetch_wasted, 1);
+            }
+            t.unlock(v.page, e);
+            if dirty {
+                Counters::add(&self.shared.stats.evictions_dirty, 1);
+                Counters::add(&self.shared.stats.bytes_out, PAGE_SIZE as u64);
+            } else {
+                Counters::add(&self.shared.stats.evictions_clean, 1);
+            }
+            evicted += 1;
+        }
+        self.shared.unreserve(evicted);
+        // Step 5: empty the staging buffer.
+        // SAFETY: the staging region is this thread's own mapping; nothing references its bytes
+        // (every write-back completed or was abandoned together with its connection).
+        let rc = unsafe { libc::madvise(self.staging.as_ptr().cast(), self.staging.len(), libc::MADV_DONTNEED) };
+        if rc != 0 {
+            tracing::error!(error = %io::Error::last_os_error(), "emptying the staging buffer failed");
+        }
+        (evicted, no_room && evicted == 0)
+    }
+
+    fn staging_addr(&self, i: usize) -> usize {
+        self.staging.as_ptr() as usize + i * PAGE_SIZE
+    }
+
+    fn move_out(&self, dst: usize, src: usize) -> io::Result<()> {
+        let mut tries = 0;
+        loop {
+            match self.staging_uffd.move_page(dst, src, PAGE_SIZE) {
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && tries < 1000 => {
+                    tries += 1;
+                    std::thread::yield_now();
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// True if the entry's slot is on a server this thread can still reach.
+    fn slot_alive(&self, entry: u64) -> bool {
+        let placement = &self.shared.placement;
+        entry & HAS_SLOT != 0
+            && placement
+                .locate(table::slot_of(entry))
+                .is_some_and(|loc| placement.servers()[loc.server].is_alive() && self.endpoints[loc.server].is_some())
+    }
+
+    /// The slot a page is written to: its own if its server is alive, else a new one (the old
+    /// one is freed).
+    fn slot_for(&self, v: &Victim) -> Option<(u32, Location)> {
+        let placement = &self.shared.placement;
+        if v.entry & HAS_SLOT != 0 {
+            let slot = table::slot_of(v.entry);
+            if self.slot_alive(v.entry) {
+                return placement.locate(slot).map(|loc| (slot, loc));
+            }
+            placement.free_slot(slot);
+        }
+        loop {
+            let slot = placement.alloc_slot()?;
+            match placement.locate(slot) {
+                Some(loc) if self.endpoints.get(loc.server).is_some_and(Option::is_some) => return Some((slot, loc)),
+                _ => placement.free_slot(slot),
+            }
+        }
+    }
+
+    fn write_back(&mut self, moved: &mut [Victim]) {
+        let mut per_server: HashMap<usize, Vec<usize>> = HashMap::new();
+        for (i, v) in moved.iter().enumerate() {
+            if let Some((_, loc)) = v.slot.filter(|_| v.needs_write) {
+                per_server.entry(loc.server).or_default().push(i);
+            }
+        }
+        let deadline = Instant::now() + self.shared.config.fetch_timeout;
+        let mut posted = Vec::new();
+        for (server, idxs) in &per_server {
+            let Some(ep) = self.endpoints[*server].as_ref() else { continue };
+            let segments: Vec<Segment> = idxs
+                .iter()
+                .filter_map(|&i| {
+                    let (_, loc) = moved[i].slot?;
+                    let local = LocalSlice::new(&self.staging, i * PAGE_SIZE, PAGE_SIZE).ok()?;
+                    Some(Segment { local, remote_addr: loc.addr, rkey: loc.rkey })
+                })
+                .collect();
+            self.next_wr += 1;
+            match ep.post(&WorkRequest::write(self.next_wr, segments)) {
+                Ok(()) => posted.push((*server, self.next_wr)),
+                Err(e) => self.endpoint_failed(*server, &e.to_string()),
+            }
+        }
+        let mut done = Vec::new();
+        for (server, wr_id) in posted {
+            if self.wait_for(server, wr_id, deadline, &mut done) {
+                for &i in &per_server[&server] {
+                    moved[i].written = true;
+                }
+            }
+        }
+    }
+
+    fn wait_for(&mut self, server: usize, wr_id: u64, deadline: Instant, done: &mut Vec<rdma::Completion>) -> bool {
+        loop {
+            let Some(ep) = self.endpoints[server].as_ref() else { return false };
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                self.endpoint_failed(server, "write-back timed out");
+                return false;
+            }
+            done.clear();
+            match ep.wait(done, 16, left, PollMode::SpinThenBlock(self.shared.config.spin)) {
+                Ok(_) => {
+                    if let Some(c) = done.iter().find(|c| c.wr_id == wr_id) {
+                        if c.status == CompletionStatus::Success {
+                            return true;
+                        }
+                        let why = format!("write-back failed: {:?}", c.status);
+                        self.endpoint_failed(server, &why);
+                        return false;
+                    }
+                }
+                Err(e) => {
+                    self.endpoint_failed(server, &e.to_string());
+                    return false;
+                }
+            }
+        }
+    }
+
+    fn endpoint_failed(&mut self, server: usize, why: &str) {
+        self.endpoints[server] = None;
+        self.shared.placement.mark_failed(server, why);
+    }
+
+    /// Puts a dirty page that could not be written back into its region again.
+    fn put_back(&self, v: &Victim, i: usize) {
+        let addr = v.region.page_addr(v.page);
+        let src = self.staging_addr(i) as *const u8;
+        let mut tries = 0;
+        let result = loop {
+            match self.shared.uffd.copy(addr, src, PAGE_SIZE, false) {
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && tries < 100_000 => {
+                    tries += 1;
+                    std::thread::yield_now();
+                }
+                other => break other,
+            }
+        };
+        if let Err(e) = result {
+            tracing::error!(addr = format_args!("{addr:#x}"), error = %e, "could not put a page back after a failed write-back");
+        }
+        // Keep the page's own slot if it kept it; otherwise `slot_for` freed the old one, and a
+        // new one, unused now, goes back.
+        let mut e = v.entry | REFERENCED | DIRTY;
+        let kept_own = v.entry & HAS_SLOT != 0 && v.slot.is_some_and(|(s, _)| s == table::slot_of(v.entry));
+        if !kept_own {
+            if let Some((slot, _)) = v.slot {
+                self.shared.placement.free_slot(slot);
+            }
+            e &= !(HAS_SLOT | REMOTE_VALID);
+        }
+        v.region.table.unlock(v.page, e);
+        self.shared.push_clock(v.region.id, v.page);
+        Counters::add(&self.shared.stats.writeback_failures, 1);
+    }
+}

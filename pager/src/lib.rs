@@ -1,0 +1,389 @@
+//! # Coalesce pager: borrow memory end to end
+//!
+//! A [`Pager`] maps regions larger than the local memory budget. Pages it cannot keep locally live
+//! on memory servers; touching one raises a userfaultfd fault that a handler thread serves by
+//! fetching the page with a one-sided READ (plus a prefetch window along any detected trend, in the
+//! same request) and installing it atomically with `UFFDIO_COPY`.
+//!
+//! - **First touch** of a never-written page installs a zero page, no network.
+//! - **Dirty tracking**: pages are installed write-protected; the first write faults, marks the
+//!   page dirty and unprotects it. Clean pages are dropped without network; dirty ones are written
+//!   back (batched, one request per server) before they are dropped.
+//! - **Eviction** keeps resident pages within the budget (see [`PagerConfig::local_budget`]):
+//!   an evictor thread runs CLOCK (second chance) over the ring of resident pages in install order.
+//!   The reference bit is set when a page is faulted in and on its first write: the only accesses
+//!   user space sees without scanning page tables. A victim is taken out of the region with
+//!   `UFFDIO_MOVE` into a staging buffer (atomic: a racing access faults and waits; no
+//!   `madvise` event is generated), written back if dirty, and only then marked remote. A failed
+//!   write-back puts the page back: nothing is lost.
+//! - **Failure**: a page that cannot be fetched (server gone, timeout) is poisoned with
+//!   `UFFDIO_POISON`: the access raises SIGBUS and the log names the server and address. It never
+//!   reads back as zeros.
+//! - `madvise(MADV_DONTNEED)` inside a region makes pages zero-on-next-touch and frees their remote
+//!   copies (userfaultfd remove events).
+//!
+//! Budget and slack: an install first reserves room (`resident + n <= budget`), so the pages the
+//! pager has mapped never exceed the budget. The only exception is when no server can take a dirty
+//! page (all full or down): the pager then keeps it local (best effort, as the coalescent model
+//! asks) and counts an over-budget event. Fixed overhead beside the budget: the staging buffers
+//! (`(1 + prefetch_window)` pages per handler thread, 64 pages for the evictor) and the metadata
+//! (8 bytes per page of every region, see [`table`]).
+//!
+//! ```no_run
+//! use coalesce_pager::{Pager, PagerConfig, RegionOptions};
+//! # fn main() -> Result<(), coalesce_pager::PagerError> {
+//! let config = PagerConfig::new(vec!["127.0.0.1:7470".parse().unwrap()], 64 << 20);
+//! let pager = Pager::new(config)?;
+//! let mut region = pager.map(1 << 30, RegionOptions::default())?;
+//! region.as_mut_slice()[12345] = 7; // a fault, served by the pager
+//! assert_eq!(region.as_slice()[12345], 7);
+//! println!("{}", pager.stats());
+//! # Ok(()) }
+//! ```
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use rdma::{EndpointOptions, LinkProfile, ProviderKind};
+
+mod evict;
+mod fault;
+pub mod placement;
+pub mod prefetch;
+mod region;
+pub mod stats;
+pub mod table;
+pub mod uffd;
+
+pub use region::{FailureHandler, FetchFailure, Region, RegionOptions, RemoteVec};
+pub use stats::PagerStats;
+
+/// The page size the pager works in.
+pub const PAGE_SIZE: usize = 4096;
+
+/// Pager errors; each message says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum PagerError {
+    /// userfaultfd is not usable.
+    #[error(transparent)]
+    Userfaultfd(#[from] uffd::OpenError),
+    /// A memory server could not be reached or refused the session.
+    #[error("memory-server {addr}: {source}")]
+    Server {
+        /// The server.
+        addr: SocketAddr,
+        /// Cause.
+        source: remote_mem_server::client::ClientError,
+    },
+    /// A data endpoint could not be opened.
+    #[error("data connection to memory-server {addr}: {source}")]
+    Transport {
+        /// The server.
+        addr: SocketAddr,
+        /// Cause.
+        source: rdma::TransportError,
+    },
+    /// A region could not be mapped or registered.
+    #[error("cannot map a {len}-byte region: {source}")]
+    Map {
+        /// Requested length.
+        len: usize,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The configuration is not usable.
+    #[error("invalid pager configuration: {0}")]
+    Config(String),
+    /// A thread could not be started.
+    #[error("cannot start a pager thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Pager settings.
+#[derive(Debug, Clone)]
+pub struct PagerConfig {
+    /// Memory servers; pages are spread over all of them.
+    pub servers: Vec<SocketAddr>,
+    /// Data-path provider.
+    pub provider: ProviderKind,
+    /// Local memory budget in bytes (resident pages of all regions together).
+    pub local_budget: usize,
+    /// Fault-handling threads.
+    pub fault_threads: usize,
+    /// Prefetch along detected trends.
+    pub prefetch: bool,
+    /// Pages fetched ahead along a trend, in the same request as the faulting page (1..=256).
+    pub prefetch_window: usize,
+    /// A fetch not completed within this time fails (the access gets SIGBUS).
+    pub fetch_timeout: Duration,
+    /// How long an idle handler thread busy-polls before it sleeps in the kernel.
+    pub spin: Duration,
+    /// Link emulation on every data connection.
+    pub link: LinkProfile,
+    /// Client id presented to servers (random by default).
+    pub client_id: u64,
+}
+
+impl PagerConfig {
+    /// Defaults for `servers` and a budget: one fault thread, prefetch on with a 64-page window,
+    /// 5 s fetch timeout, 50 us spin, shim provider, no link emulation.
+    pub fn new(servers: Vec<SocketAddr>, local_budget: usize) -> Self {
+        Self {
+            servers,
+            provider: ProviderKind::Shim,
+            local_budget,
+            fault_threads: 1,
+            prefetch: true,
+            prefetch_window: 64,
+            fetch_timeout: Duration::from_secs(5),
+            spin: Duration::from_micros(50),
+            link: LinkProfile::loopback(),
+            client_id: fastrand::u64(..),
+        }
+    }
+
+    fn validate(&self) -> Result<(), PagerError> {
+        if self.local_budget < 16 * PAGE_SIZE {
+            return Err(PagerError::Config(format!(
+                "local budget {} bytes is below the minimum of 16 pages (64 KiB)",
+                self.local_budget
+            )));
+        }
+        if self.fault_threads == 0 || self.fault_threads > 64 {
+            return Err(PagerError::Config("fault_threads must be between 1 and 64".into()));
+        }
+        if self.prefetch_window == 0 || self.prefetch_window > 256 {
+            return Err(PagerError::Config("prefetch_window must be between 1 and 256 pages".into()));
+        }
+        if self.fetch_timeout.is_zero() {
+            return Err(PagerError::Config("fetch_timeout must be positive".into()));
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// State shared by the pager's threads.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) config: PagerConfig,
+    pub(crate) uffd: uffd::Uffd,
+    pub(crate) regions: RwLock<Vec<Option<Arc<region::RegionState>>>>,
+    pub(crate) placement: placement::Placement,
+    pub(crate) resident: AtomicUsize,
+    pub(crate) budget: usize,
+    pub(crate) clock: Mutex<VecDeque<(u32, u32)>>,
+    pub(crate) stats: stats::Counters,
+    pub(crate) shutdown: AtomicBool,
+    pub(crate) evictor_stuck: AtomicBool,
+    pub(crate) evict_kick: (Mutex<bool>, Condvar),
+    pub(crate) space: (Mutex<()>, Condvar),
+    pub(crate) next_region: AtomicU32,
+    pub(crate) table_bytes: AtomicU64,
+}
+
+impl Shared {
+    /// Headroom the evictor keeps free below the budget, in pages: room for every handler
+    /// thread's largest install (faulting page plus prefetch window) without waiting.
+    pub(crate) fn headroom(&self) -> usize {
+        let installs = (1 + self.prefetch_window()) * self.config.fault_threads;
+        (self.budget / 32).max(installs).clamp(4, 4096).min(self.budget / 4)
+    }
+
+    /// The prefetch window in use: the configured one, at most an eighth of the budget.
+    pub(crate) fn prefetch_window(&self) -> usize {
+        self.config.prefetch_window.min(self.budget / 8).max(1)
+    }
+
+    /// Finds the region and page index of an address.
+    pub(crate) fn lookup(&self, addr: usize) -> Option<(Arc<region::RegionState>, usize)> {
+        let regions = self.regions.read().unwrap_or_else(PoisonError::into_inner);
+        regions.iter().flatten().find(|r| r.contains(addr)).map(|r| (Arc::clone(r), (addr - r.base) / PAGE_SIZE))
+    }
+
+    pub(crate) fn region(&self, id: u32) -> Option<Arc<region::RegionState>> {
+        let regions = self.regions.read().unwrap_or_else(PoisonError::into_inner);
+        regions.get(usize::try_from(id).ok()?).and_then(Clone::clone)
+    }
+
+    /// Tries to reserve room for `n` more resident pages; on failure kicks the evictor and waits
+    /// up to a millisecond for room. After `waited` failed tries worth 2 s, or when the evictor is
+    /// stuck (no server can take a dirty page), reserves anyway and counts an over-budget event.
+    pub(crate) fn try_reserve(&self, n: usize, waited: u32) -> bool {
+        loop {
+            let cur = self.resident.load(Ordering::Acquire);
+            if cur + n > self.budget {
+                break;
+            }
+            if self.resident.compare_exchange(cur, cur + n, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                self.after_reserve(cur + n);
+                return true;
+            }
+        }
+        if self.evictor_stuck.load(Ordering::Acquire) || self.shutdown.load(Ordering::Acquire) || waited > 2000 {
+            let now = self.resident.fetch_add(n, Ordering::AcqRel) + n;
+            stats::Counters::add(&self.stats.overshoot, 1);
+            if waited > 2000 {
+                tracing::warn!("the evictor made no room for 2 s; exceeding the local budget");
+            }
+            self.after_reserve(now);
+            return true;
+        }
+        self.kick_evictor();
+        let guard = lock(&self.space.0);
+        let _ = self.space.1.wait_timeout(guard, Duration::from_millis(1));
+        false
+    }
+
+    fn after_reserve(&self, now: usize) {
+        self.stats.peak_resident.fetch_max(now as u64, Ordering::Relaxed);
+        if now + self.headroom() > self.budget {
+            self.kick_evictor();
+        }
+    }
+
+    /// Gives back reserved room that was not used.
+    pub(crate) fn unreserve(&self, n: usize) {
+        self.resident.fetch_sub(n, Ordering::AcqRel);
+        self.space.1.notify_all();
+    }
+
+    pub(crate) fn kick_evictor(&self) {
+        let mut k = lock(&self.evict_kick.0);
+        if !*k {
+            *k = true;
+            self.evict_kick.1.notify_one();
+        }
+    }
+
+    /// Adds a page to the CLOCK ring.
+    pub(crate) fn push_clock(&self, region: u32, page: usize) {
+        lock(&self.clock).push_back((region, u32::try_from(page).unwrap_or(u32::MAX)));
+    }
+
+    pub(crate) fn snapshot(&self) -> PagerStats {
+        let mut s = self.stats.snapshot();
+        s.resident_pages = self.resident.load(Ordering::Relaxed) as u64;
+        s.budget_pages = self.budget as u64;
+        s.remote_pages = self.placement.remote_pages();
+        s.metadata_bytes = self.table_bytes.load(Ordering::Relaxed) + self.placement.bookkeeping_bytes() as u64;
+        s
+    }
+}
+
+/// The pager: owns the userfaultfd, the handler and evictor threads, and the server sessions.
+#[derive(Debug)]
+pub struct Pager {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Pager {
+    /// Connects to the servers and starts the threads.
+    pub fn new(config: PagerConfig) -> Result<Self, PagerError> {
+        config.validate()?;
+        let uffd = uffd::Uffd::open(
+            uffd::features::PAGEFAULT_FLAG_WP
+                | uffd::features::EVENT_REMOVE
+                | uffd::features::POISON
+                | uffd::features::MOVE,
+        )?;
+        let endpoint_options =
+            EndpointOptions { link: config.link.clone(), max_outstanding: 64, ..EndpointOptions::default() };
+        let placement =
+            placement::Placement::connect(&config.servers, config.provider, config.client_id, endpoint_options)?;
+        let budget = config.local_budget / PAGE_SIZE;
+        let shared = Arc::new(Shared {
+            uffd,
+            regions: RwLock::new(Vec::new()),
+            placement,
+            resident: AtomicUsize::new(0),
+            budget,
+            clock: Mutex::new(VecDeque::new()),
+            stats: stats::Counters::default(),
+            shutdown: AtomicBool::new(false),
+            evictor_stuck: AtomicBool::new(false),
+            evict_kick: (Mutex::new(false), Condvar::new()),
+            space: (Mutex::new(()), Condvar::new()),
+            next_region: AtomicU32::new(0),
+            table_bytes: AtomicU64::new(0),
+            config,
+        });
+        let mut pager = Self { shared: Arc::clone(&shared), threads: Vec::new() };
+        for i in 0..shared.config.fault_threads {
+            let handler = fault::Handler::new(Arc::clone(&shared))?;
+            pager.spawn(format!("uffd-{i}"), move || handler.run())?;
+        }
+        let evictor = evict::Evictor::new(Arc::clone(&shared))?;
+        pager.spawn("evictor".into(), move || evictor.run())?;
+        let s = Arc::clone(&shared);
+        pager.spawn("heartbeat".into(), move || heartbeat_loop(&s))?;
+        Ok(pager)
+    }
+
+    fn spawn(&mut self, name: String, f: impl FnOnce() + Send + 'static) -> Result<(), PagerError> {
+        let t = std::thread::Builder::new().name(name).spawn(f).map_err(PagerError::Thread)?;
+        self.threads.push(t);
+        Ok(())
+    }
+
+    /// Maps a region of `len` bytes (rounded up to whole pages), registered with the pager.
+    pub fn map(&self, len: usize, options: RegionOptions) -> Result<Region<'_>, PagerError> {
+        Region::new(self, len, options)
+    }
+
+    /// A snapshot of the statistics.
+    pub fn stats(&self) -> PagerStats {
+        self.shared.snapshot()
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &PagerConfig {
+        &self.shared.config
+    }
+
+    /// Addresses of the servers and the pages each holds.
+    pub fn server_pages(&self) -> Vec<(SocketAddr, u64, bool)> {
+        self.shared
+            .placement
+            .servers()
+            .iter()
+            .map(|s| (s.addr, s.pages.load(Ordering::Relaxed), s.is_alive()))
+            .collect()
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+}
+
+fn heartbeat_loop(shared: &Shared) {
+    let period = (shared.placement.min_lease() / 3).max(Duration::from_millis(50));
+    let mut last = std::time::Instant::now();
+    while !shared.shutdown.load(Ordering::Acquire) {
+        std::thread::park_timeout(Duration::from_millis(50));
+        if last.elapsed() >= period {
+            shared.placement.heartbeat();
+            last = std::time::Instant::now();
+        }
+    }
+}
+
+impl Drop for Pager {
+    fn drop(&mut self) {
+        self.shared.shutdown.store(true, Ordering::Release);
+        self.shared.kick_evictor();
+        for t in self.threads.drain(..) {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+        self.shared.placement.release_all();
+    }
+}

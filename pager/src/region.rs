@@ -1,0 +1,321 @@
+//! Regions: the memory a pager serves, and the typed explicit API on top (`Region`, `RemoteVec`,
+//! per-region latency bound and failure handler).
+
+use std::net::SocketAddr;
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use memmap2::{MmapMut, MmapOptions};
+
+use crate::prefetch::TrendDetector;
+use crate::table::{self, PageTable};
+use crate::{Pager, PagerError, PAGE_SIZE};
+
+/// What a failure handler is told when a page of its region cannot be fetched.
+#[derive(Debug, Clone)]
+pub struct FetchFailure {
+    /// Address of the page.
+    pub addr: usize,
+    /// Offset of the page in the region.
+    pub offset: usize,
+    /// The server that held it.
+    pub server: SocketAddr,
+    /// Why it could not be fetched.
+    pub reason: String,
+}
+
+/// Called on the fault-handling thread when a page cannot be fetched, before the access raises
+/// SIGBUS. It must not touch pager-managed memory.
+pub type FailureHandler = Arc<dyn Fn(&FetchFailure) + Send + Sync>;
+
+/// Per-region options of the explicit API.
+#[derive(Clone, Default)]
+pub struct RegionOptions {
+    /// Remote faults slower than this count as violations; while the region's smoothed fetch time
+    /// is above it, its pages are not evicted (they stay local, best effort).
+    pub latency_bound: Option<Duration>,
+    /// Called when a page cannot be fetched.
+    pub on_failure: Option<FailureHandler>,
+    /// Overrides the pager's prefetch setting for this region.
+    pub prefetch: Option<bool>,
+}
+
+impl std::fmt::Debug for RegionOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegionOptions")
+            .field("latency_bound", &self.latency_bound)
+            .field("on_failure", &self.on_failure.as_ref().map(|_| "Fn(&FetchFailure)"))
+            .field("prefetch", &self.prefetch)
+            .finish()
+    }
+}
+
+/// Statistics of one region.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RegionStats {
+    /// Remote faults slower than the latency bound.
+    pub latency_bound_violations: u64,
+    /// Smoothed remote fetch time.
+    pub smoothed_fetch: Duration,
+    /// Pages that could not be fetched.
+    pub fetch_failures: u64,
+}
+
+/// Pager-side state of a region.
+#[derive(Debug)]
+pub(crate) struct RegionState {
+    pub(crate) id: u32,
+    pub(crate) base: usize,
+    pub(crate) len: usize,
+    pub(crate) table: PageTable,
+    pub(crate) trend: Mutex<TrendDetector>,
+    pub(crate) options: RegionOptions,
+    alive: AtomicBool,
+    in_flight: AtomicUsize,
+    pub(crate) violations: AtomicU64,
+    pub(crate) smoothed_fetch_ns: AtomicU64,
+    pub(crate) failures: AtomicU64,
+}
+
+/// A region entered for an operation: it stays mapped until this is dropped.
+#[derive(Debug)]
+pub(crate) struct ActiveRegion(Arc<RegionState>);
+
+impl Drop for ActiveRegion {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Deref for ActiveRegion {
+    type Target = RegionState;
+    fn deref(&self) -> &RegionState {
+        &self.0
+    }
+}
+
+impl RegionState {
+    pub(crate) fn contains(&self, addr: usize) -> bool {
+        addr >= self.base && addr < self.base + self.len
+    }
+
+    pub(crate) fn page_addr(&self, page: usize) -> usize {
+        self.base + page * PAGE_SIZE
+    }
+
+    /// Enters an operation; `None` once the region is being unmapped.
+    pub(crate) fn enter(self: &Arc<Self>) -> Option<ActiveRegion> {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        if self.alive.load(Ordering::SeqCst) {
+            Some(ActiveRegion(Arc::clone(self)))
+        } else {
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            None
+        }
+    }
+
+    pub(crate) fn prefetch_enabled(&self, default: bool) -> bool {
+        self.options.prefetch.unwrap_or(default)
+    }
+
+    /// Records a remote fetch time against the latency bound.
+    pub(crate) fn record_fetch(&self, t: Duration) {
+        let ns = u64::try_from(t.as_nanos()).unwrap_or(u64::MAX);
+        let old = self.smoothed_fetch_ns.load(Ordering::Relaxed);
+        let new = if old == 0 { ns } else { old - old / 8 + ns / 8 };
+        self.smoothed_fetch_ns.store(new, Ordering::Relaxed);
+        if self.options.latency_bound.is_some_and(|b| t > b) {
+            self.violations.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// True while remote fetches of this region are slower than its bound: keep its pages local.
+    pub(crate) fn keep_local(&self) -> bool {
+        self.options
+            .latency_bound
+            .is_some_and(|b| Duration::from_nanos(self.smoothed_fetch_ns.load(Ordering::Relaxed)) > b)
+    }
+}
+
+/// A region of borrowed memory. Its bytes behave as ordinary memory; pages beyond the local budget
+/// live on memory servers. Borrows the pager, which must outlive it.
+#[derive(Debug)]
+pub struct Region<'p> {
+    pager: &'p Pager,
+    state: Arc<RegionState>,
+    map: MmapMut,
+}
+
+impl<'p> Region<'p> {
+    pub(crate) fn new(pager: &'p Pager, len: usize, options: RegionOptions) -> Result<Self, PagerError> {
+        if len == 0 {
+            return Err(PagerError::Config("a region needs at least one byte".into()));
+        }
+        let len = len.div_ceil(PAGE_SIZE) * PAGE_SIZE;
+        let map_err = |source| PagerError::Map { len, source };
+        let map = MmapOptions::new().len(len).no_reserve_swap().map_anon().map_err(map_err)?;
+        let base = map.as_ptr() as usize;
+        // SAFETY: madvise on the mapping just created; NOHUGEPAGE only changes how the kernel backs
+        // it (the pager installs 4 KiB pages and moves them one by one).
+        let rc = unsafe { libc::madvise(map.as_ptr().cast_mut().cast(), len, libc::MADV_NOHUGEPAGE) };
+        if rc != 0 {
+            return Err(map_err(std::io::Error::last_os_error()));
+        }
+        let shared = pager.shared();
+        shared.uffd.register(base, len, true).map_err(map_err)?;
+        let pages = len / PAGE_SIZE;
+        let id = shared.next_region.fetch_add(1, Ordering::Relaxed);
+        let state = Arc::new(RegionState {
+            id,
+            base,
+            len,
+            table: PageTable::new(pages),
+            trend: Mutex::new(TrendDetector::default()),
+            options,
+            alive: AtomicBool::new(true),
+            in_flight: AtomicUsize::new(0),
+            violations: AtomicU64::new(0),
+            smoothed_fetch_ns: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+        });
+        shared.table_bytes.fetch_add(state.table.bytes() as u64, Ordering::Relaxed);
+        {
+            let mut regions = shared.regions.write().unwrap_or_else(PoisonError::into_inner);
+            let idx = usize::try_from(id).unwrap_or(usize::MAX);
+            if regions.len() <= idx {
+                regions.resize(idx + 1, None);
+            }
+            regions[idx] = Some(Arc::clone(&state));
+        }
+        Ok(Self { pager, state, map })
+    }
+
+    /// Address of the first byte.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.map.as_ptr().cast_mut()
+    }
+
+    /// Length in bytes (whole pages).
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Always false: regions hold at least one page.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The region's bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.map
+    }
+
+    /// The region's bytes, mutably.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.map
+    }
+
+    /// Discards whole pages in `[offset, offset + len)` (rounded inwards to pages): they read as
+    /// zeros from now on and their remote copies are freed. Same as `madvise(MADV_DONTNEED)`.
+    pub fn discard(&mut self, offset: usize, len: usize) -> Result<(), PagerError> {
+        let start = offset.div_ceil(PAGE_SIZE) * PAGE_SIZE;
+        let end = (offset.saturating_add(len) / PAGE_SIZE * PAGE_SIZE).min(self.len());
+        if end <= start {
+            return Ok(());
+        }
+        // SAFETY: the range lies inside this region's mapping (checked above) and `&mut self`
+        // guarantees no Rust reference into it is alive.
+        let rc = unsafe { libc::madvise(self.as_ptr().add(start).cast(), end - start, libc::MADV_DONTNEED) };
+        if rc != 0 {
+            return Err(PagerError::Map { len: end - start, source: std::io::Error::last_os_error() });
+        }
+        Ok(())
+    }
+
+    /// This region's statistics.
+    pub fn stats(&self) -> RegionStats {
+        RegionStats {
+            latency_bound_violations: self.state.violations.load(Ordering::Relaxed),
+            smoothed_fetch: Duration::from_nanos(self.state.smoothed_fetch_ns.load(Ordering::Relaxed)),
+            fetch_failures: self.state.failures.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Drop for Region<'_> {
+    fn drop(&mut self) {
+        let shared = self.pager.shared();
+        let s = &self.state;
+        s.alive.store(false, Ordering::SeqCst);
+        let mut spins = 0;
+        while s.in_flight.load(Ordering::SeqCst) != 0 {
+            table::backoff(&mut spins);
+        }
+        if let Err(e) = shared.uffd.unregister(s.base, s.len) {
+            tracing::warn!(error = %e, "unregistering a region failed");
+        }
+        let mut resident = 0;
+        for page in 0..s.table.len() {
+            let e = s.table.load(page);
+            if e & table::RESIDENT != 0 {
+                resident += 1;
+            }
+            if e & table::HAS_SLOT != 0 {
+                shared.placement.free_slot(table::slot_of(e));
+            }
+        }
+        shared.unreserve(resident);
+        shared.regions.write().unwrap_or_else(PoisonError::into_inner)[usize::try_from(s.id).unwrap_or(0)] = None;
+        shared.table_bytes.fetch_sub(s.table.bytes() as u64, Ordering::Relaxed);
+    }
+}
+
+/// A fixed-length vector of plain-old-data values in borrowed memory, zero-initialised.
+///
+/// ```no_run
+/// # use coalesce_pager::{Pager, PagerConfig, RemoteVec, RegionOptions};
+/// # let pager = Pager::new(PagerConfig::new(vec!["127.0.0.1:7470".parse().unwrap()], 64 << 20)).unwrap();
+/// let mut v: RemoteVec<u64> = RemoteVec::new(&pager, 100_000_000, RegionOptions::default())?;
+/// v[99_999_999] = 42;
+/// assert_eq!(v.iter().sum::<u64>(), 42);
+/// # Ok::<(), coalesce_pager::PagerError>(())
+/// ```
+#[derive(Debug)]
+pub struct RemoteVec<'p, T: bytemuck::Pod> {
+    region: Region<'p>,
+    len: usize,
+    _marker: std::marker::PhantomData<T>,
+}
+
+impl<'p, T: bytemuck::Pod> RemoteVec<'p, T> {
+    /// `len` zeroed values in a new region of `pager`.
+    pub fn new(pager: &'p Pager, len: usize, options: RegionOptions) -> Result<Self, PagerError> {
+        let bytes = len
+            .checked_mul(std::mem::size_of::<T>())
+            .ok_or_else(|| PagerError::Config(format!("{len} elements overflow the address space")))?;
+        let region = Region::new(pager, bytes.max(1), options)?;
+        Ok(Self { region, len, _marker: std::marker::PhantomData })
+    }
+
+    /// The underlying region.
+    pub fn region(&self) -> &Region<'p> {
+        &self.region
+    }
+}
+
+impl<T: bytemuck::Pod> Deref for RemoteVec<'_, T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        let bytes = &self.region.as_slice()[..self.len * std::mem::size_of::<T>()];
+        bytemuck::cast_slice(bytes)
+    }
+}
+
+impl<T: bytemuck::Pod> DerefMut for RemoteVec<'_, T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        let n = self.len * std::mem::size_of::<T>();
+        bytemuck::cast_slice_mut(&mut self.region.as_mut_slice()[..n])
+    }
+}

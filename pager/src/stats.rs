@@ -1,0 +1,212 @@
+//! Pager statistics: counters updated on the fault and eviction paths, a fault service-time
+//! histogram, and the snapshot type the API returns and the CLI prints.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+
+/// Live counters.
+#[derive(Debug)]
+pub struct Counters {
+    pub(crate) zero_faults: AtomicU64,
+    pub(crate) remote_faults: AtomicU64,
+    pub(crate) write_faults: AtomicU64,
+    pub(crate) prefetched: AtomicU64,
+    pub(crate) prefetch_hits: AtomicU64,
+    pub(crate) prefetch_wasted: AtomicU64,
+    pub(crate) evictions_clean: AtomicU64,
+    pub(crate) evictions_dirty: AtomicU64,
+    pub(crate) bytes_in: AtomicU64,
+    pub(crate) bytes_out: AtomicU64,
+    pub(crate) fetch_failures: AtomicU64,
+    pub(crate) removed_pages: AtomicU64,
+    pub(crate) remote_freed: AtomicU64,
+    pub(crate) peak_resident: AtomicU64,
+    pub(crate) overshoot: AtomicU64,
+    pub(crate) writeback_failures: AtomicU64,
+    remote_latency: Mutex<Histogram<u64>>,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        let hist = Histogram::new_with_bounds(1, 60_000_000_000, 3)
+            .or_else(|_| Histogram::new(3))
+            .unwrap_or_else(|_| std::process::abort());
+        Self {
+            zero_faults: AtomicU64::new(0),
+            remote_faults: AtomicU64::new(0),
+            write_faults: AtomicU64::new(0),
+            prefetched: AtomicU64::new(0),
+            prefetch_hits: AtomicU64::new(0),
+            prefetch_wasted: AtomicU64::new(0),
+            evictions_clean: AtomicU64::new(0),
+            evictions_dirty: AtomicU64::new(0),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            fetch_failures: AtomicU64::new(0),
+            removed_pages: AtomicU64::new(0),
+            remote_freed: AtomicU64::new(0),
+            peak_resident: AtomicU64::new(0),
+            overshoot: AtomicU64::new(0),
+            writeback_failures: AtomicU64::new(0),
+            remote_latency: Mutex::new(hist),
+        }
+    }
+}
+
+impl Counters {
+    pub(crate) fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn record_remote_fault(&self, service: Duration) {
+        let ns = u64::try_from(service.as_nanos()).unwrap_or(u64::MAX).max(1);
+        self.remote_latency.lock().unwrap_or_else(std::sync::PoisonError::into_inner).saturating_record(ns);
+    }
+
+    pub(crate) fn snapshot(&self) -> PagerStats {
+        let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let h = self.remote_latency.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let q = |x: f64| if h.is_empty() { Duration::ZERO } else { Duration::from_nanos(h.value_at_quantile(x)) };
+        PagerStats {
+            zero_faults: r(&self.zero_faults),
+            remote_faults: r(&self.remote_faults),
+            write_faults: r(&self.write_faults),
+            prefetched_pages: r(&self.prefetched),
+            prefetch_hits: r(&self.prefetch_hits),
+            prefetch_wasted: r(&self.prefetch_wasted),
+            evictions_clean: r(&self.evictions_clean),
+            evictions_dirty: r(&self.evictions_dirty),
+            bytes_in: r(&self.bytes_in),
+            bytes_out: r(&self.bytes_out),
+            fetch_failures: r(&self.fetch_failures),
+            removed_pages: r(&self.removed_pages),
+            remote_freed: r(&self.remote_freed),
+            peak_resident_pages: r(&self.peak_resident),
+            overshoot_events: r(&self.overshoot),
+            writeback_failures: r(&self.writeback_failures),
+            remote_fault_p50: q(0.5),
+            remote_fault_p99: q(0.99),
+            remote_fault_max: if h.is_empty() { Duration::ZERO } else { Duration::from_nanos(h.max()) },
+            ..PagerStats::default()
+        }
+    }
+}
+
+/// A snapshot of the pager's statistics.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PagerStats {
+    /// First touches served with a zero page (no network).
+    pub zero_faults: u64,
+    /// Faults served by fetching the page from a memory server.
+    pub remote_faults: u64,
+    /// Write-protect faults: first write to a clean page (marks it dirty).
+    pub write_faults: u64,
+    /// Pages brought in ahead of use by prefetch.
+    pub prefetched_pages: u64,
+    /// Prefetched pages later used.
+    pub prefetch_hits: u64,
+    /// Prefetched pages evicted or discarded unused.
+    pub prefetch_wasted: u64,
+    /// Evictions of clean pages (dropped, no network).
+    pub evictions_clean: u64,
+    /// Evictions of dirty pages (written back first).
+    pub evictions_dirty: u64,
+    /// Bytes fetched from servers.
+    pub bytes_in: u64,
+    /// Bytes written back to servers.
+    pub bytes_out: u64,
+    /// Pages that could not be fetched (the access got SIGBUS).
+    pub fetch_failures: u64,
+    /// Pages discarded by `madvise` in a region.
+    pub removed_pages: u64,
+    /// Remote copies freed because their page was discarded.
+    pub remote_freed: u64,
+    /// Write-backs that failed (the page stayed resident; nothing was lost).
+    pub writeback_failures: u64,
+    /// Pages resident now.
+    pub resident_pages: u64,
+    /// Most pages resident at once.
+    pub peak_resident_pages: u64,
+    /// The local budget in pages.
+    pub budget_pages: u64,
+    /// Times the budget was exceeded because no server could take a dirty page.
+    pub overshoot_events: u64,
+    /// Pages held by memory servers.
+    pub remote_pages: u64,
+    /// Median service time of a remote fault (event read to page installed).
+    pub remote_fault_p50: Duration,
+    /// 99th percentile of the same.
+    pub remote_fault_p99: Duration,
+    /// Largest.
+    pub remote_fault_max: Duration,
+    /// Bytes of pager metadata (page tables, slab table, free lists).
+    pub metadata_bytes: u64,
+}
+
+impl PagerStats {
+    /// Metadata bytes per page held remotely (0 when none is).
+    pub fn metadata_per_remote_page(&self) -> f64 {
+        if self.remote_pages == 0 {
+            0.0
+        } else {
+            #[allow(clippy::cast_precision_loss)]
+            let r = self.metadata_bytes as f64 / self.remote_pages as f64;
+            r
+        }
+    }
+}
+
+impl fmt::Display for PagerStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        let mib = |b: u64| {
+            #[allow(clippy::cast_precision_loss)]
+            let m = b as f64 / 1048576.0;
+            m
+        };
+        writeln!(
+            f,
+            "faults: {} zero, {} remote, {} first-write",
+            self.zero_faults, self.remote_faults, self.write_faults
+        )?;
+        writeln!(
+            f,
+            "prefetch: {} pages, {} hits, {} wasted",
+            self.prefetched_pages, self.prefetch_hits, self.prefetch_wasted
+        )?;
+        writeln!(
+            f,
+            "evictions: {} clean (no network), {} dirty (written back); {} write-back failures",
+            self.evictions_clean, self.evictions_dirty, self.writeback_failures
+        )?;
+        writeln!(f, "traffic: {:.1} MiB in, {:.1} MiB out", mib(self.bytes_in), mib(self.bytes_out))?;
+        writeln!(
+            f,
+            "resident: {} pages now, peak {} of a {}-page budget; {} over-budget events",
+            self.resident_pages, self.peak_resident_pages, self.budget_pages, self.overshoot_events
+        )?;
+        writeln!(
+            f,
+            "remote fault service time: p50 {:.1} us, p99 {:.1} us, max {:.1} us",
+            us(self.remote_fault_p50),
+            us(self.remote_fault_p99),
+            us(self.remote_fault_max)
+        )?;
+        writeln!(
+            f,
+            "remote: {} pages; metadata {} bytes ({:.2} bytes per remote page)",
+            self.remote_pages,
+            self.metadata_bytes,
+            self.metadata_per_remote_page()
+        )?;
+        write!(
+            f,
+            "failures: {} pages could not be fetched; {} discarded by madvise ({} remote copies freed)",
+            self.fetch_failures, self.removed_pages, self.remote_freed
+        )
+    }
+}
