@@ -6,8 +6,9 @@ use std::process::ExitCode;
 
 use bytesize::ByteSize;
 use clap::{Parser, Subcommand};
+use coalesce::demo::{self, DemoOptions};
 use coalesce::latency::{self, LatencyOptions};
-use rdma::LinkProfile;
+use rdma::{LinkProfile, ProviderKind};
 
 #[derive(Debug, Parser)]
 #[command(name = "coalesce", version, about = "Borrow memory from nearby machines: tools for Coalesce")]
@@ -18,6 +19,39 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Borrow memory end to end: map a region bigger than the local budget, write a pattern, read it
+    /// back sequentially and randomly with verification, and print what the pager did.
+    ///
+    /// Without --servers, starts a memory-server inside this process on 127.0.0.1.
+    Demo {
+        /// Region size.
+        #[arg(long, default_value = "1GiB")]
+        size: ByteSize,
+        /// Local memory budget.
+        #[arg(long, default_value = "128MiB")]
+        local: ByteSize,
+        /// memory-servers to use, comma-separated (default: an embedded one on loopback).
+        #[arg(long, value_delimiter = ',')]
+        servers: Vec<SocketAddr>,
+        /// Data-path provider: shim or verbs.
+        #[arg(long, default_value = "shim")]
+        provider: ProviderKind,
+        /// Link emulation: loopback, lan, 5g-urllc, wifi, or e.g. delay=1ms,jitter=100us,bandwidth=1Gbit.
+        #[arg(long, default_value = "loopback")]
+        link: LinkProfile,
+        /// Sequential read passes.
+        #[arg(long, default_value_t = 1)]
+        passes: usize,
+        /// Random 8-byte reads.
+        #[arg(long, default_value_t = 200_000)]
+        random_reads: usize,
+        /// Turn prefetch off.
+        #[arg(long)]
+        no_prefetch: bool,
+        /// Fault-handling threads.
+        #[arg(long, default_value_t = 1)]
+        fault_threads: usize,
+    },
     /// Measure one-sided READ and WRITE round trips (median, p99), blocking and busy-polling.
     ///
     /// Without --server, starts a memory-server inside this process on 127.0.0.1.
@@ -41,6 +75,33 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     remote_mem_server::init_logging("warn");
     match cli.command {
+        Command::Demo { size, local, servers, provider, link, passes, random_reads, no_prefetch, fault_threads } => {
+            let (Ok(size), Ok(local)) = (usize::try_from(size.as_u64()), usize::try_from(local.as_u64())) else {
+                eprintln!("coalesce: --size and --local must fit this machine's address space");
+                return ExitCode::FAILURE;
+            };
+            let opts = DemoOptions {
+                size,
+                local,
+                servers,
+                provider,
+                link,
+                passes,
+                random_reads,
+                prefetch: !no_prefetch,
+                fault_threads,
+            };
+            match demo::run(&opts) {
+                Ok(report) => {
+                    report.print(&opts);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("coalesce: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Latency { server, ops, size, link } => {
             let Ok(size) = usize::try_from(size.as_u64()) else {
                 eprintln!("coalesce: --size is too large for this machine");

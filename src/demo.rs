@@ -1,0 +1,304 @@
+//! `coalesce demo`: maps a region bigger than the local budget over (by default) an embedded
+//! loopback memory-server, writes a checkable pattern, reads it back sequentially and randomly with
+//! verification, and reports faults, evictions, latencies, throughput and residency.
+
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use coalesce_pager::{Pager, PagerConfig, PagerStats, RegionOptions, PAGE_SIZE};
+use hdrhistogram::Histogram;
+use rdma::{LinkProfile, ProviderKind};
+
+/// What the demo does.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Region size in bytes.
+    pub size: usize,
+    /// Local budget in bytes.
+    pub local: usize,
+    /// Servers; empty starts an embedded one on 127.0.0.1.
+    pub servers: Vec<SocketAddr>,
+    /// Data-path provider.
+    pub provider: ProviderKind,
+    /// Link emulation.
+    pub link: LinkProfile,
+    /// Sequential read passes.
+    pub passes: usize,
+    /// Random 8-byte reads.
+    pub random_reads: usize,
+    /// Prefetch on.
+    pub prefetch: bool,
+    /// Fault-handling threads.
+    pub fault_threads: usize,
+}
+
+/// Errors of the demo.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// The embedded server failed.
+    #[error(transparent)]
+    Server(#[from] remote_mem_server::ServerError),
+    /// The pager failed.
+    #[error(transparent)]
+    Pager(#[from] coalesce_pager::PagerError),
+    /// Data read back differs from what was written: a bug, reported loudly.
+    #[error("verification failed at byte offset {offset}: expected {expected:#x}, read {found:#x}")]
+    Corrupt {
+        /// Offset in the region.
+        offset: usize,
+        /// Expected word.
+        expected: u64,
+        /// Word read.
+        found: u64,
+    },
+    /// Bad options.
+    #[error("{0}")]
+    Options(String),
+}
+
+/// Figures of one demo run.
+#[derive(Debug, Clone)]
+pub struct DemoReport {
+    /// Time to write the pattern.
+    pub fill: Duration,
+    /// Time of each sequential pass.
+    pub passes: Vec<Duration>,
+    /// Time of the random phase.
+    pub random: Duration,
+    /// Random reads done.
+    pub random_reads: usize,
+    /// App-observed latency of random reads that missed locally (> 2 us): p50, p99, count.
+    pub random_fault_latency: (Duration, Duration, u64),
+    /// Most region pages resident at once (sampled with mincore every 5 ms).
+    pub max_resident_pages: usize,
+    /// Pager statistics at the end.
+    pub stats: PagerStats,
+    /// Pages per server at the end.
+    pub server_pages: Vec<(SocketAddr, u64, bool)>,
+}
+
+fn expected(word_index: usize) -> u64 {
+    (word_index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xC0A1_E5CE
+}
+
+struct Progress {
+    label: &'static str,
+    tty: bool,
+    last: Instant,
+}
+
+impl Progress {
+    fn new(label: &'static str) -> Self {
+        Self { label, tty: std::io::stderr().is_terminal(), last: Instant::now() }
+    }
+    fn tick(&mut self, done: usize, total: usize) {
+        let every = if self.tty { Duration::from_millis(250) } else { Duration::from_secs(3) };
+        if self.last.elapsed() < every {
+            return;
+        }
+        self.last = Instant::now();
+        let pct = done * 100 / total.max(1);
+        if self.tty {
+            eprint!("\r  {:<12} {pct:>3}%", self.label);
+        } else {
+            eprintln!("  {:<12} {pct:>3}%", self.label);
+        }
+        let _ = std::io::stderr().flush();
+    }
+    fn done(self) {
+        if self.tty {
+            eprint!("\r{:40}\r", "");
+        }
+    }
+}
+
+/// Samples how many pages of `[base, base + len)` are resident, without touching them.
+fn resident_pages(base: usize, len: usize, vec: &mut [u8]) -> usize {
+    // SAFETY: mincore only reads page-table state of our own mapping (which stays mapped while the
+    // sampler runs: it is stopped before the region is dropped) and writes one byte per page into
+    // `vec`, which has exactly that many bytes.
+    let rc = unsafe { libc::mincore(base as *mut libc::c_void, len, vec.as_mut_ptr()) };
+    if rc != 0 {
+        return 0;
+    }
+    vec.iter().filter(|&&b| b & 1 != 0).count()
+}
+
+/// Runs the demo.
+pub fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
+    if opts.size < PAGE_SIZE * 16 || opts.local < PAGE_SIZE * 16 {
+        return Err(DemoError::Options("--size and --local must be at least 64 KiB".into()));
+    }
+    let embedded = if opts.servers.is_empty() {
+        let capacity = (opts.size as u64 * 2).max(256 << 20);
+        let config = remote_mem_server::ServerConfig { capacity, ..remote_mem_server::ServerConfig::loopback() };
+        Some(remote_mem_server::start(config)?)
+    } else {
+        None
+    };
+    let servers = match &embedded {
+        Some(s) => vec![s.addr()],
+        None => opts.servers.clone(),
+    };
+    let mut config = PagerConfig::new(servers, opts.local);
+    config.provider = opts.provider;
+    config.link = opts.link.clone();
+    config.prefetch = opts.prefetch;
+    config.fault_threads = opts.fault_threads;
+    let pager = Pager::new(config)?;
+    let mut region = pager.map(opts.size, RegionOptions::default())?;
+    let pages = region.len() / PAGE_SIZE;
+
+    // Residency sampler.
+    let stop = Arc::new(AtomicBool::new(false));
+    let max_resident = Arc::new(AtomicUsize::new(0));
+    let sampler = {
+        let (stop, max_resident) = (Arc::clone(&stop), Arc::clone(&max_resident));
+        let (base, len) = (region.as_ptr() as usize, region.len());
+        std::thread::spawn(move || {
+            let mut vec = vec![0u8; pages];
+            while !stop.load(Ordering::Acquire) {
+                max_resident.fetch_max(resident_pages(base, len, &mut vec), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+
+    let words: &mut [u64] = bytemuck::cast_slice_mut(region.as_mut_slice());
+    let n = words.len();
+    let t = Instant::now();
+    let mut progress = Progress::new("fill");
+    for (i, chunk) in words.chunks_mut(PAGE_SIZE / 8 * 256).enumerate() {
+        let base = i * PAGE_SIZE / 8 * 256;
+        for (j, w) in chunk.iter_mut().enumerate() {
+            *w = expected(base + j);
+        }
+        progress.tick(base, n);
+    }
+    progress.done();
+    let fill = t.elapsed();
+
+    let mut passes = Vec::new();
+    for p in 0..opts.passes {
+        let t = Instant::now();
+        let mut progress = Progress::new(if p == 0 { "sequential" } else { "sequential+" });
+        for (i, chunk) in words.chunks(PAGE_SIZE / 8 * 256).enumerate() {
+            let base = i * PAGE_SIZE / 8 * 256;
+            for (j, &w) in chunk.iter().enumerate() {
+                if w != expected(base + j) {
+                    stop.store(true, Ordering::Release);
+                    return Err(DemoError::Corrupt { offset: (base + j) * 8, expected: expected(base + j), found: w });
+                }
+            }
+            progress.tick(base, n);
+        }
+        progress.done();
+        passes.push(t.elapsed());
+    }
+
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)
+        .map_err(|e| DemoError::Options(format!("histogram: {e}")))?;
+    let mut rng = fastrand::Rng::with_seed(1);
+    let t = Instant::now();
+    let mut progress = Progress::new("random");
+    for k in 0..opts.random_reads {
+        let i = rng.usize(..n);
+        let start = Instant::now();
+        // SAFETY: `i < n` indexes the word slice; a volatile read keeps the access (and its fault)
+        // inside the timed window.
+        let w = unsafe { std::ptr::read_volatile(&raw const words[i]) };
+        let took = start.elapsed();
+        if w != expected(i) {
+            stop.store(true, Ordering::Release);
+            return Err(DemoError::Corrupt { offset: i * 8, expected: expected(i), found: w });
+        }
+        if took > Duration::from_micros(2) {
+            hist.saturating_record(u64::try_from(took.as_nanos()).unwrap_or(u64::MAX));
+        }
+        if k.is_multiple_of(4096) {
+            progress.tick(k, opts.random_reads);
+        }
+    }
+    progress.done();
+    let random = t.elapsed();
+    stop.store(true, Ordering::Release);
+    let _ = sampler.join();
+    let q = |x: f64| if hist.is_empty() { Duration::ZERO } else { Duration::from_nanos(hist.value_at_quantile(x)) };
+    let report = DemoReport {
+        fill,
+        passes,
+        random,
+        random_reads: opts.random_reads,
+        random_fault_latency: (q(0.5), q(0.99), hist.len()),
+        max_resident_pages: max_resident.load(Ordering::Relaxed),
+        stats: pager.stats(),
+        server_pages: pager.server_pages(),
+    };
+    drop(region);
+    drop(pager);
+    if let Some(s) = embedded {
+        s.shutdown();
+    }
+    Ok(report)
+}
+
+impl DemoReport {
+    /// Prints the summary.
+    pub fn print(&self, opts: &DemoOptions) {
+        let mib = |b: usize| {
+            #[allow(clippy::cast_precision_loss)]
+            let m = b as f64 / 1048576.0;
+            m
+        };
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        println!(
+            "region {:.0} MiB, local budget {:.0} MiB (1/{:.0}), link {}",
+            mib(opts.size),
+            mib(opts.local),
+            mib(opts.size) / mib(opts.local),
+            opts.link.name
+        );
+        println!(
+            "fill (write pattern)      {:>8.3} s  {:>8.0} MiB/s",
+            self.fill.as_secs_f64(),
+            mib(opts.size) / self.fill.as_secs_f64()
+        );
+        for (i, p) in self.passes.iter().enumerate() {
+            println!(
+                "sequential read pass {}   {:>8.3} s  {:>8.0} MiB/s  (verified)",
+                i + 1,
+                p.as_secs_f64(),
+                mib(opts.size) / p.as_secs_f64()
+            );
+        }
+        #[allow(clippy::cast_precision_loss)]
+        let rate = self.random_reads as f64 / self.random.as_secs_f64();
+        println!(
+            "random 8-byte reads       {:>8.3} s  {:>8.0} reads/s ({} reads, verified)",
+            self.random.as_secs_f64(),
+            rate,
+            self.random_reads
+        );
+        let (p50, p99, count) = self.random_fault_latency;
+        println!(
+            "random reads that faulted: {count}, app-observed latency p50 {:.1} us, p99 {:.1} us",
+            us(p50),
+            us(p99)
+        );
+        let slack = self.max_resident_pages.saturating_sub(usize::try_from(self.stats.budget_pages).unwrap_or(0));
+        println!(
+            "region resident (mincore, sampled every 5 ms): max {} pages = {:.1} MiB; budget {} pages; above budget: {} pages",
+            self.max_resident_pages,
+            mib(self.max_resident_pages * PAGE_SIZE),
+            self.stats.budget_pages,
+            slack
+        );
+        for (addr, pages, alive) in &self.server_pages {
+            println!("server {addr}: {pages} pages{}", if *alive { "" } else { " (failed)" });
+        }
+        println!("{}", self.stats);
+    }
+}

@@ -1,0 +1,357 @@
+//! End-to-end tests of the userfaultfd pager against real `memory-server` processes on 127.0.0.1:
+//! data integrity under heavy eviction and concurrency, clean pages not written back, placement over
+//! two servers, discard, a server killed mid-run (the access must die by SIGBUS, never read zeros),
+//! missing privileges, and a uffd-stress style race of faults, writes and eviction.
+
+#![allow(missing_docs, clippy::unwrap_used, clippy::cast_possible_truncation)]
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use coalesce_pager::{Pager, PagerConfig, PagerError, RegionOptions, PAGE_SIZE};
+use common::ServerProcess;
+
+const MIB: usize = 1 << 20;
+
+fn pager(servers: Vec<std::net::SocketAddr>, budget: usize, threads: usize) -> Pager {
+    let mut config = PagerConfig::new(servers, budget);
+    config.fault_threads = threads;
+    Pager::new(config).unwrap()
+}
+
+/// The 8-byte word `w` of page `p` as written by writer `t`.
+fn word(t: u64, p: usize, w: usize) -> u64 {
+    (t << 56) ^ ((p as u64) << 12) ^ (w as u64) ^ 0x5A5A_0000_0000
+}
+
+fn fill_page(base: usize, p: usize, t: u64) {
+    // SAFETY: the page lies in a live region owned by the caller; plain stores into it.
+    let words = unsafe { std::slice::from_raw_parts_mut((base + p * PAGE_SIZE) as *mut u64, PAGE_SIZE / 8) };
+    for (w, v) in words.iter_mut().enumerate() {
+        *v = word(t, p, w);
+    }
+}
+
+fn check_page(base: usize, p: usize, t: u64) -> bool {
+    // SAFETY: as above, reads only.
+    let words = unsafe { std::slice::from_raw_parts((base + p * PAGE_SIZE) as *const u64, PAGE_SIZE / 8) };
+    words.iter().enumerate().all(|(w, &v)| v == word(t, p, w))
+}
+
+#[test]
+fn four_threads_write_and_verify_disjoint_and_shared_pages_under_heavy_eviction() {
+    let server = ServerProcess::start(&["--capacity", "1GiB", "--slab-size", "64MiB"]);
+    let budget = 32 * MIB;
+    let pager = pager(vec![server.addr], budget, 2);
+    let region = pager.map(512 * MIB, RegionOptions::default()).unwrap();
+    let base = region.as_ptr() as usize;
+    let pages = region.len() / PAGE_SIZE;
+    const SHARED: usize = 64;
+    const INCREMENTS: u64 = 20_000;
+    let per_thread = (pages - SHARED) / 4;
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            s.spawn(move || {
+                let first = SHARED + t as usize * per_thread;
+                let mut rng = fastrand::Rng::with_seed(t);
+                // Even threads write their pages in order, odd ones in random order.
+                let mut order: Vec<usize> = (first..first + per_thread).collect();
+                if !t.is_multiple_of(2) {
+                    rng.shuffle(&mut order);
+                }
+                for (k, &p) in order.iter().enumerate() {
+                    fill_page(base, p, t);
+                    if k.is_multiple_of(64) {
+                        // Shared pages: racing atomic increments on words of the first 64 pages.
+                        let sp = rng.usize(..SHARED);
+                        let w = rng.usize(..PAGE_SIZE / 8);
+                        // SAFETY: an aligned word inside the live region, used only atomically.
+                        let a = unsafe { &*((base + sp * PAGE_SIZE + w * 8) as *const AtomicU64) };
+                        a.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                for _ in 0..INCREMENTS {
+                    let sp = rng.usize(..SHARED);
+                    // SAFETY: as above.
+                    let a = unsafe { &*((base + sp * PAGE_SIZE) as *const AtomicU64) };
+                    a.fetch_add(1, Ordering::Relaxed);
+                }
+                // Verify this thread's pages (most of them are remote by now).
+                for &p in order.iter().rev() {
+                    assert!(check_page(base, p, t), "thread {t}: page {p} read back wrong");
+                }
+            });
+        }
+    });
+    // Every page again, from one thread, after everything was evicted several times.
+    for t in 0..4u64 {
+        let first = SHARED + t as usize * per_thread;
+        for p in first..first + per_thread {
+            assert!(check_page(base, p, t), "page {p} of thread {t} read back wrong at the end");
+        }
+    }
+    // SAFETY: the shared pages are inside the region; read as plain words now that writers are done.
+    let shared_words = unsafe { std::slice::from_raw_parts(base as *const u64, SHARED * PAGE_SIZE / 8) };
+    let total: u64 = shared_words.iter().sum();
+    let expected = 4 * INCREMENTS + (0..4).map(|_| per_thread.div_ceil(64) as u64).sum::<u64>();
+    assert_eq!(total, expected, "lost or duplicated increments on shared pages");
+    let stats = pager.stats();
+    eprintln!("{stats}");
+    assert!(stats.evictions_dirty as usize >= pages - budget / PAGE_SIZE, "{stats}");
+    assert!(stats.remote_faults > 0 && stats.write_faults > 0, "{stats}");
+    assert_eq!(stats.overshoot_events, 0, "{stats}");
+    assert!(stats.peak_resident_pages <= stats.budget_pages, "{stats}");
+    assert_eq!(stats.fetch_failures, 0);
+}
+
+#[test]
+fn clean_pages_are_dropped_without_writing_them_back() {
+    let server = ServerProcess::start(&["--capacity", "256MiB", "--slab-size", "16MiB"]);
+    let budget = 8 * MIB;
+    let pager = pager(vec![server.addr], budget, 1);
+    let region = pager.map(64 * MIB, RegionOptions::default()).unwrap();
+    let base = region.as_ptr() as usize;
+    let pages = region.len() / PAGE_SIZE;
+    for p in 0..pages {
+        fill_page(base, p, 9);
+    }
+    let after_write = pager.stats();
+    for _ in 0..2 {
+        for p in 0..pages {
+            assert!(check_page(base, p, 9), "page {p}");
+        }
+    }
+    let after_read = pager.stats();
+    eprintln!("{after_read}");
+    let budget_pages = (budget / PAGE_SIZE) as u64;
+    // Only pages still dirty from the write phase (at most a budget's worth) may be written back.
+    assert!(
+        after_read.evictions_dirty - after_write.evictions_dirty <= budget_pages,
+        "reads caused write-backs: {after_write} / {after_read}"
+    );
+    assert!(after_read.bytes_out - after_write.bytes_out <= budget_pages * PAGE_SIZE as u64);
+    assert!(after_read.evictions_clean >= 2 * (pages as u64 - budget_pages), "{after_read}");
+}
+
+#[test]
+fn pages_spread_over_two_servers() {
+    let a = ServerProcess::start(&["--capacity", "256MiB", "--slab-size", "16MiB"]);
+    let b = ServerProcess::start(&["--capacity", "256MiB", "--slab-size", "16MiB"]);
+    let pager = pager(vec![a.addr, b.addr], 4 * MIB, 1);
+    let region = pager.map(64 * MIB, RegionOptions::default()).unwrap();
+    let base = region.as_ptr() as usize;
+    let pages = region.len() / PAGE_SIZE;
+    for p in 0..pages {
+        fill_page(base, p, 3);
+    }
+    for p in 0..pages {
+        assert!(check_page(base, p, 3), "page {p}");
+    }
+    let per_server = pager.server_pages();
+    eprintln!("{per_server:?}");
+    for (addr, n, alive) in &per_server {
+        assert!(*alive);
+        assert!(*n as usize > pages / 3, "server {addr} holds only {n} of {pages} pages");
+    }
+    for server in [&a, &b] {
+        let mut c = remote_mem_server::client::ControlClient::connect(server.addr, &Default::default()).unwrap();
+        let s = c.stats().unwrap();
+        assert!(s.writes > 0 && s.reads > 0, "server {} saw no traffic: {s:?}", server.addr);
+    }
+}
+
+#[test]
+fn discarded_pages_read_back_as_zeros_and_free_their_remote_copies() {
+    let server = ServerProcess::start(&["--capacity", "256MiB", "--slab-size", "16MiB"]);
+    let pager = pager(vec![server.addr], 2 * MIB, 1);
+    let mut region = pager.map(32 * MIB, RegionOptions::default()).unwrap();
+    let base = region.as_ptr() as usize;
+    let pages = region.len() / PAGE_SIZE;
+    for p in 0..pages {
+        fill_page(base, p, 5);
+    }
+    // Page 0 was written first and is remote by now; the last page is still resident.
+    let before = pager.stats();
+    assert!(before.remote_pages > 0);
+    region.discard(0, PAGE_SIZE).unwrap();
+    region.discard((pages - 1) * PAGE_SIZE, PAGE_SIZE).unwrap();
+    assert!(region.as_slice()[..PAGE_SIZE].iter().all(|&b| b == 0), "discarded remote page is not zero");
+    assert!(
+        region.as_slice()[(pages - 1) * PAGE_SIZE..].iter().all(|&b| b == 0),
+        "discarded resident page is not zero"
+    );
+    for p in 1..pages - 1 {
+        assert!(check_page(base, p, 5), "page {p} was disturbed");
+    }
+    let after = pager.stats();
+    eprintln!("{after}");
+    assert!(after.removed_pages >= 2, "{after}");
+    assert!(after.remote_freed >= 1, "the remote copy of page 0 was not freed: {after}");
+    // The discarded pages can be written and read again.
+    fill_page(base, 0, 6);
+    assert!(check_page(base, 0, 6));
+}
+
+/// Child side of the SIGBUS test: map, fill over two servers, say READY, wait, read everything.
+fn sigbus_child(servers: &str) -> ! {
+    remote_mem_server::init_logging("error");
+    let servers: Vec<_> = servers.split(',').map(|s| s.parse().unwrap()).collect();
+    let mut config = PagerConfig::new(servers, 2 * MIB);
+    config.fetch_timeout = Duration::from_secs(2);
+    let pager = Pager::new(config).unwrap();
+    let region = pager.map(32 * MIB, RegionOptions { prefetch: Some(false), ..RegionOptions::default() }).unwrap();
+    let base = region.as_ptr() as usize;
+    let pages = region.len() / PAGE_SIZE;
+    for p in 0..pages {
+        fill_page(base, p, 1);
+    }
+    println!("READY");
+    std::io::stdout().flush().unwrap();
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).unwrap();
+    for p in 0..pages {
+        if !check_page(base, p, 1) {
+            println!("CORRUPT page {p}");
+            std::process::exit(3);
+        }
+    }
+    println!("ALL-OK");
+    std::process::exit(0);
+}
+
+#[test]
+fn a_killed_server_makes_the_access_die_by_sigbus_never_read_zeros() {
+    if let Ok(servers) = std::env::var("COALESCE_SIGBUS_CHILD") {
+        sigbus_child(&servers);
+    }
+    let a = ServerProcess::start(&["--capacity", "256MiB", "--slab-size", "16MiB"]);
+    let b = ServerProcess::start(&["--capacity", "256MiB", "--slab-size", "16MiB"]);
+    let b_addr = b.addr;
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "a_killed_server_makes_the_access_die_by_sigbus_never_read_zeros", "--nocapture"])
+        .env("COALESCE_SIGBUS_CHILD", format!("{},{}", a.addr, b.addr))
+        .env("RUST_LOG", "error")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    let mut seen = Vec::new();
+    loop {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0, "child ended before READY: {seen:?}");
+        seen.push(line.clone());
+        if line.trim() == "READY" {
+            break;
+        }
+    }
+    drop(b); // SIGKILL: the server and every page it held are gone
+    std::thread::sleep(Duration::from_millis(200));
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let output = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stdout.contains("CORRUPT") && !stdout.contains("ALL-OK"), "child read wrong data: {stdout}");
+    assert_eq!(output.status.signal(), Some(libc::SIGBUS), "child status {:?}; stderr:\n{stderr}", output.status);
+    assert!(
+        stderr.contains(&b_addr.to_string()) && stderr.contains("cannot fetch page"),
+        "the log must name the server and the page:\n{stderr}"
+    );
+}
+
+#[test]
+fn without_userfaultfd_privileges_the_pager_refuses_with_a_clear_error() {
+    if std::env::var("COALESCE_UNPRIVILEGED_CHILD").is_ok() {
+        let err = Pager::new(PagerConfig::new(vec!["127.0.0.1:9".parse().unwrap()], 4 * MIB)).unwrap_err();
+        println!("ERROR: {err}");
+        std::process::exit(if matches!(err, PagerError::Userfaultfd(_)) { 0 } else { 4 });
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root to drop to an unprivileged user");
+        return;
+    }
+    let unprivileged = std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd").unwrap_or_default();
+    if unprivileged.trim() == "1" {
+        eprintln!("skipped: vm.unprivileged_userfaultfd=1 lets every user handle kernel faults");
+        return;
+    }
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args(["--exact", "without_userfaultfd_privileges_the_pager_refuses_with_a_clear_error", "--nocapture"])
+        .env("COALESCE_UNPRIVILEGED_CHILD", "1");
+    // SAFETY: setgid/setuid in the forked child before exec; both are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("CAP_SYS_PTRACE") && stdout.contains("/dev/userfaultfd"), "{stdout}");
+}
+
+#[test]
+fn stress_faults_writes_and_eviction_race_on_shared_pages() {
+    // In the spirit of the kernel's uffd-stress: threads hammer counters on shared pages while the
+    // budget forces constant eviction; no increment may be lost and private data must survive.
+    let server = ServerProcess::start(&["--capacity", "256MiB", "--slab-size", "16MiB"]);
+    let pager = pager(vec![server.addr], MIB, 2);
+    let region = pager.map(16 * MIB, RegionOptions::default()).unwrap();
+    let base = region.as_ptr() as usize;
+    let pages = region.len() / PAGE_SIZE;
+    const THREADS: u64 = 4;
+    let shared_pages = pages / 2;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let counts: Vec<u64> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..THREADS)
+            .map(|t| {
+                s.spawn(move || {
+                    let mut rng = fastrand::Rng::with_seed(100 + t);
+                    let private_first = shared_pages + t as usize * (pages - shared_pages) / THREADS as usize;
+                    let private_n = (pages - shared_pages) / THREADS as usize;
+                    let mut written = vec![false; private_n];
+                    let mut n = 0u64;
+                    while Instant::now() < deadline && n < 2_000_000 {
+                        let sp = rng.usize(..shared_pages);
+                        // SAFETY: counter word 0 of a shared page, only ever used atomically.
+                        let c = unsafe { &*((base + sp * PAGE_SIZE) as *const AtomicU64) };
+                        c.fetch_add(1, Ordering::Relaxed);
+                        n += 1;
+                        if n.is_multiple_of(16) {
+                            let k = rng.usize(..private_n);
+                            if written[k] {
+                                assert!(check_page(base, private_first + k, t), "private page corrupted");
+                            } else {
+                                fill_page(base, private_first + k, t);
+                                written[k] = true;
+                            }
+                        }
+                    }
+                    n
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut total = 0u64;
+    for sp in 0..shared_pages {
+        // SAFETY: reading the counters after every writer joined.
+        total += unsafe { *((base + sp * PAGE_SIZE) as *const u64) };
+    }
+    let stats = pager.stats();
+    eprintln!("{stats}");
+    assert_eq!(total, counts.iter().sum::<u64>(), "increments were lost or duplicated");
+    assert!(stats.evictions_dirty > 100 && stats.remote_faults > 100, "the test did not stress eviction: {stats}");
+    assert!(stats.peak_resident_pages <= stats.budget_pages);
+}
