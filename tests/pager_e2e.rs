@@ -204,7 +204,11 @@ fn sigbus_child(servers: &str) -> ! {
     let mut config = PagerConfig::new(servers, 2 * MIB);
     config.fetch_timeout = Duration::from_secs(2);
     let pager = Pager::new(config).unwrap();
-    let region = pager.map(32 * MIB, RegionOptions { prefetch: Some(false), ..RegionOptions::default() }).unwrap();
+    let on_failure: coalesce_pager::FailureHandler = std::sync::Arc::new(|f: &coalesce_pager::FetchFailure| {
+        eprintln!("failure handler: {} lost {:#x}", f.server, f.addr)
+    });
+    let options = RegionOptions { prefetch: Some(false), on_failure: Some(on_failure), ..RegionOptions::default() };
+    let region = pager.map(32 * MIB, options).unwrap();
     let base = region.as_ptr() as usize;
     let pages = region.len() / PAGE_SIZE;
     for p in 0..pages {
@@ -264,6 +268,49 @@ fn a_killed_server_makes_the_access_die_by_sigbus_never_read_zeros() {
         stderr.contains(&b_addr.to_string()) && stderr.contains("cannot fetch page"),
         "the log must name the server and the page:\n{stderr}"
     );
+    assert!(
+        stderr.contains(&format!("failure handler: {b_addr} lost")),
+        "the failure handler was not called:\n{stderr}"
+    );
+}
+
+fn resident_pages(base: usize, len: usize) -> usize {
+    let mut vec = vec![0u8; len / PAGE_SIZE];
+    // SAFETY: mincore on a live mapping of ours, one output byte per page.
+    let rc = unsafe { libc::mincore(base as *mut libc::c_void, len, vec.as_mut_ptr()) };
+    assert_eq!(rc, 0);
+    vec.iter().filter(|&&b| b & 1 != 0).count()
+}
+
+#[test]
+fn a_region_over_its_latency_bound_keeps_its_pages_local() {
+    let server = ServerProcess::start(&["--capacity", "256MiB", "--slab-size", "16MiB"]);
+    let pager = pager(vec![server.addr], 2 * MIB, 1);
+    let bounded_options = RegionOptions { latency_bound: Some(Duration::from_nanos(1)), ..RegionOptions::default() };
+    let bounded = pager.map(256 * 1024, bounded_options).unwrap();
+    let other = pager.map(16 * MIB, RegionOptions::default()).unwrap();
+    let (a, b) = (bounded.as_ptr() as usize, other.as_ptr() as usize);
+    let a_pages = bounded.len() / PAGE_SIZE;
+    for p in 0..a_pages {
+        fill_page(a, p, 7);
+    }
+    // Push the bounded region out once, so that its next faults are remote (and too slow).
+    for p in 0..other.len() / PAGE_SIZE {
+        fill_page(b, p, 8);
+    }
+    for p in 0..a_pages {
+        assert!(check_page(a, p, 7));
+    }
+    assert!(bounded.stats().latency_bound_violations > 0, "{:?}", bounded.stats());
+    // Now heavy pressure from the other region must not evict the bounded one.
+    for _ in 0..2 {
+        for p in 0..other.len() / PAGE_SIZE {
+            assert!(check_page(b, p, 8));
+        }
+    }
+    assert_eq!(resident_pages(a, bounded.len()), a_pages, "pages of the bounded region were evicted");
+    let stats = pager.stats();
+    assert!(stats.peak_resident_pages <= stats.budget_pages, "{stats}");
 }
 
 #[test]

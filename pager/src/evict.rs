@@ -170,25 +170,36 @@ impl Evictor {
         if victims.is_empty() {
             return (0, false);
         }
-        // Step 2: move every victim out of its region.
-        let mut moved = Vec::with_capacity(victims.len());
-        for v in victims.drain(..) {
-            let dst = self.staging_addr(moved.len());
-            let src = v.region.page_addr(v.page);
-            match self.move_out(dst, src) {
-                Ok(()) => moved.push(v),
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                    // The page was zapped by madvise: its content is zero; the remove event will
-                    // free its remote copy.
-                    v.region
-                        .table
-                        .unlock(v.page, v.entry & !(RESIDENT | DIRTY | REMOTE_VALID | REFERENCED | PREFETCHED));
-                    self.shared.unreserve(1);
+        // Step 2: move every victim out of its region, contiguous runs in one ioctl. Staging slot
+        // `k` holds the `k`-th moved victim.
+        victims.sort_by_key(|v| (v.region.id, v.page));
+        let mut moved: Vec<Victim> = Vec::with_capacity(victims.len());
+        let mut pending: std::collections::VecDeque<Victim> = victims.into();
+        while let Some(first) = pending.pop_front() {
+            let mut run = vec![first];
+            while let Some(next) = pending.front() {
+                let last = &run[run.len() - 1];
+                if next.region.id == last.region.id && next.page == last.page + 1 {
+                    run.extend(pending.pop_front());
+                } else {
+                    break;
                 }
-                Err(e) => {
-                    tracing::debug!(error = %e, addr = format_args!("{src:#x}"), "cannot move a page out; keeping it");
-                    v.region.table.unlock(v.page, v.entry | REFERENCED);
-                    self.shared.push_clock(v.region.id, v.page);
+            }
+            let dst = self.staging_addr(moved.len());
+            let src = run[0].region.page_addr(run[0].page);
+            match self.move_out(dst, src, run.len() * PAGE_SIZE) {
+                Ok(()) => moved.extend(run),
+                Err((e, done)) => {
+                    let ok = done / PAGE_SIZE;
+                    let mut rest = run.into_iter();
+                    moved.extend(rest.by_ref().take(ok));
+                    if let Some(v) = rest.next() {
+                        self.keep(v, &e);
+                    }
+                    // The rest of the run is tried again as its own run.
+                    for v in rest.rev() {
+                        pending.push_front(v);
+                    }
                 }
             }
         }
@@ -243,16 +254,34 @@ impl Evictor {
         self.staging.as_ptr() as usize + i * PAGE_SIZE
     }
 
-    fn move_out(&self, dst: usize, src: usize) -> io::Result<()> {
+    /// Moves `[src, src + len)` to `dst`, retrying while events are pending. On failure returns
+    /// the error and the bytes moved before it.
+    fn move_out(&self, dst: usize, src: usize, len: usize) -> Result<(), (io::Error, usize)> {
         let mut tries = 0;
+        let mut done = 0;
         loop {
-            match self.staging_uffd.move_page(dst, src, PAGE_SIZE) {
-                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && tries < 1000 => {
+            match self.staging_uffd.move_pages(dst + done, src + done, len - done) {
+                Ok(()) => return Ok(()),
+                Err((e, n)) if e.raw_os_error() == Some(libc::EAGAIN) && tries < 1000 => {
+                    done += n;
                     tries += 1;
                     std::thread::yield_now();
                 }
-                other => return other,
+                Err((e, n)) => return Err((e, done + n)),
             }
+        }
+    }
+
+    /// A victim that could not be moved out: a zapped page (ENOENT) now reads as zero and the
+    /// remove event frees its remote copy; any other refusal keeps the page resident.
+    fn keep(&self, v: Victim, e: &io::Error) {
+        if e.raw_os_error() == Some(libc::ENOENT) {
+            v.region.table.unlock(v.page, v.entry & !(RESIDENT | DIRTY | REMOTE_VALID | REFERENCED | PREFETCHED));
+            self.shared.unreserve(1);
+        } else {
+            tracing::debug!(error = %e, page = v.page, "cannot move a page out; keeping it");
+            v.region.table.unlock(v.page, v.entry | REFERENCED);
+            self.shared.push_clock(v.region.id, v.page);
         }
     }
 

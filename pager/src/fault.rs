@@ -45,7 +45,8 @@ impl Handler {
         let endpoints = shared.placement.endpoints()?;
         let staging = LocalRegion::new((1 + shared.config.prefetch_window) * PAGE_SIZE)
             .map_err(|source| PagerError::Transport { addr: shared.config.servers[0], source })?;
-        Ok(Self { shared, endpoints, staging, zero: vec![0; PAGE_SIZE], deferred: VecDeque::new(), next_wr: 0 })
+        let zero = vec![0; (1 + shared.config.prefetch_window) * PAGE_SIZE];
+        Ok(Self { shared, endpoints, staging, zero, deferred: VecDeque::new(), next_wr: 0 })
     }
 
     pub(crate) fn run(mut self) {
@@ -178,19 +179,91 @@ impl Handler {
                 return;
             }
             let Some(e) = t.try_lock(page, |e| e & (RESIDENT | REMOTE_VALID) == 0) else { continue };
-            self.reserve(1);
-            let zero = self.zero.as_ptr();
-            if self.install(addr, zero, !write) {
-                let dirty = if write { DIRTY } else { 0 };
-                t.unlock(page, e | RESIDENT | REFERENCED | dirty);
-                self.shared.push_clock(region.id, page);
-                Counters::add(&self.shared.stats.zero_faults, 1);
-            } else {
-                self.shared.unreserve(1);
-                t.unlock(page, e);
-            }
+            self.zero_fault(region, page, e, write);
             return;
         }
+    }
+
+    /// First touch of a never-written page: a zero page, no network. Along a trend, the next
+    /// never-written pages of the window are installed too (a sequential first-touch stream then
+    /// costs one fault per window, not one per page); along a write trend they are installed
+    /// writable and dirty, as the stream is about to write them.
+    fn zero_fault(&mut self, region: &RegionState, page: usize, entry: u64, write: bool) {
+        let stride = self.record_trend(region, page);
+        let mut pages = vec![(page, entry)];
+        if let Some(stride) = stride.filter(|_| region.prefetch_enabled(self.shared.config.prefetch)) {
+            pages.extend(self.lock_window(region, page, stride, |e| e & (RESIDENT | REMOTE_VALID | POISONED) == 0));
+        }
+        self.reserve(pages.len());
+        let zero = self.zero.as_ptr();
+        let wp = !write;
+        // The zero buffer holds 1 + window pages, one per page here.
+        let installed = self.install_runs(region, &pages, |k| zero.wrapping_add(k * PAGE_SIZE), |_| wp);
+        let t = &region.table;
+        let mut n = 0;
+        for (&(p, e), ok) in pages.iter().zip(&installed) {
+            if *ok {
+                t.unlock(p, e | RESIDENT | REFERENCED | if write { DIRTY } else { 0 });
+                self.shared.push_clock(region.id, p);
+                n += 1;
+            } else {
+                t.unlock(p, e);
+            }
+        }
+        self.shared.unreserve(pages.len() - n);
+        Counters::add(&self.shared.stats.zero_faults, n as u64);
+    }
+
+    /// Installs pages (sorted by the caller: the faulting page first, then the window), merging
+    /// runs of consecutive pages with consecutive sources and the same protection into one
+    /// `UFFDIO_COPY`. Returns which pages this call installed.
+    fn install_runs(
+        &mut self,
+        region: &RegionState,
+        pages: &[(usize, u64)],
+        src_of: impl Fn(usize) -> *const u8,
+        wp_of: impl Fn(usize) -> bool,
+    ) -> Vec<bool> {
+        let mut installed = vec![false; pages.len()];
+        let mut i = 0;
+        while i < pages.len() {
+            let mut j = i + 1;
+            while j < pages.len()
+                && pages[j].0 == pages[j - 1].0 + 1
+                && wp_of(j) == wp_of(i)
+                && src_of(j) as usize == src_of(j - 1) as usize + PAGE_SIZE
+            {
+                j += 1;
+            }
+            let addr = region.page_addr(pages[i].0);
+            let len = (j - i) * PAGE_SIZE;
+            let mut done = 0;
+            let result = loop {
+                // `done < len` stays inside the run's source, which the caller sized.
+                let src = src_of(i).wrapping_add(done);
+                match self.shared.uffd.copy_run(addr + done, src, len - done, wp_of(i)) {
+                    Ok(()) => break Ok(()),
+                    Err((e, n)) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                        done += n;
+                        self.drain_events();
+                    }
+                    Err((e, n)) => break Err((e, done + n)),
+                }
+            };
+            match result {
+                Ok(()) => installed[i..j].fill(true),
+                Err((_, n)) => {
+                    let ok = n / PAGE_SIZE;
+                    installed[i..i + ok].fill(true);
+                    // Page by page for the rest: EEXIST wakes, anything else is logged.
+                    for k in i + ok..j {
+                        installed[k] = self.install(region.page_addr(pages[k].0), src_of(k), wp_of(k));
+                    }
+                }
+            }
+            i = j;
+        }
+        installed
     }
 
     fn write_fault(&mut self, region: &RegionState, page: usize) {
@@ -221,31 +294,37 @@ impl Handler {
         Counters::add(&self.shared.stats.write_faults, 1);
     }
 
-    /// Pages to fetch along with `page`: up to the window along the region's trend, each locked.
-    fn prefetch_window(&mut self, region: &RegionState, page: usize) -> Vec<(usize, u64)> {
-        let stride = {
-            let mut trend = region.trend.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            let stride = trend.record(page);
-            // Pages of the previous window that the stream has now passed were used.
-            if let Some((start, s, count)) = trend.last_window.take() {
-                let mut hits = 0;
-                for k in 0..count {
-                    let q = start.wrapping_add_signed(s * k.cast_signed());
-                    let passed = if s > 0 { q < page } else { q > page };
-                    if q < region.table.len() && passed {
-                        let old = region.table.update(q, 0, PREFETCHED);
-                        if old & PREFETCHED != 0 && old & RESIDENT != 0 {
-                            hits += 1;
-                        }
+    /// Records a fault in the region's history, credits prefetch hits the stream went past, and
+    /// returns the current trend.
+    fn record_trend(&mut self, region: &RegionState, page: usize) -> Option<isize> {
+        let mut trend = region.trend.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let stride = trend.record(page);
+        // Pages of the previous prefetch window that the stream has now passed were used.
+        if let Some((start, s, count)) = trend.last_window.take() {
+            let mut hits = 0;
+            for k in 0..count {
+                let q = start.wrapping_add_signed(s * k.cast_signed());
+                let passed = if s > 0 { q < page } else { q > page };
+                if q < region.table.len() && passed {
+                    let old = region.table.update(q, 0, PREFETCHED);
+                    if old & PREFETCHED != 0 && old & RESIDENT != 0 {
+                        hits += 1;
                     }
                 }
-                Counters::add(&self.shared.stats.prefetch_hits, hits);
             }
-            stride
-        };
-        let Some(stride) = stride.filter(|_| region.prefetch_enabled(self.shared.config.prefetch)) else {
-            return Vec::new();
-        };
+            Counters::add(&self.shared.stats.prefetch_hits, hits);
+        }
+        stride
+    }
+
+    /// Locks up to a window of pages along `stride` after `page` that satisfy `want`.
+    fn lock_window(
+        &self,
+        region: &RegionState,
+        page: usize,
+        stride: isize,
+        want: impl Fn(u64) -> bool,
+    ) -> Vec<(usize, u64)> {
         let mut out = Vec::new();
         let mut q = page;
         for _ in 0..self.shared.prefetch_window() {
@@ -253,11 +332,20 @@ impl Handler {
                 Some(n) if n < region.table.len() => q = n,
                 _ => break,
             }
-            let want = |e: u64| e & (RESIDENT | REMOTE_VALID | POISONED) == REMOTE_VALID;
-            if let Some(e) = region.table.try_lock(q, want) {
+            if let Some(e) = region.table.try_lock(q, &want) {
                 out.push((q, e));
             }
         }
+        out
+    }
+
+    /// Pages to fetch along with `page`: up to the window along the region's trend, each locked.
+    fn prefetch_window(&mut self, region: &RegionState, page: usize) -> Vec<(usize, u64)> {
+        let stride = self.record_trend(region, page);
+        let Some(stride) = stride.filter(|_| region.prefetch_enabled(self.shared.config.prefetch)) else {
+            return Vec::new();
+        };
+        let out = self.lock_window(region, page, stride, |e| e & (RESIDENT | REMOTE_VALID | POISONED) == REMOTE_VALID);
         if let Some(&(first, _)) = out.first() {
             let mut trend = region.trend.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             trend.last_window = Some((first, stride, out.len()));
@@ -276,23 +364,26 @@ impl Handler {
         self.reserve(fetches.len());
         self.fetch(&mut fetches);
         let t = &region.table;
-        let mut installed = 0usize;
-        for (i, f) in fetches.iter().enumerate() {
-            let addr = region.page_addr(f.page);
-            if !f.ok {
-                if i == 0 {
-                    self.fail_page(region, f);
-                } else {
-                    t.unlock(f.page, f.entry);
-                }
-                continue;
+        // Failed pages first: the faulting one is poisoned, prefetched ones are simply left remote.
+        for (i, f) in fetches.iter().enumerate().filter(|(_, f)| !f.ok) {
+            if i == 0 {
+                self.fail_page(region, f);
+            } else {
+                t.unlock(f.page, f.entry);
             }
-            let faulting_write = i == 0 && write;
-            // SAFETY: the staging slot lies inside the staging region (sized for the window).
-            let src = unsafe { self.staging.as_ptr().add(f.staging * PAGE_SIZE) };
-            if self.install(addr, src, !faulting_write) {
+        }
+        let good: Vec<(usize, &Fetch)> = fetches.iter().enumerate().filter(|(_, f)| f.ok).collect();
+        let pages: Vec<(usize, u64)> = good.iter().map(|(_, f)| (f.page, f.entry)).collect();
+        let staging = self.staging.as_ptr().cast_const();
+        // Staging slots are inside the staging region, sized for the window.
+        let src_of = |k: usize| staging.wrapping_add(good[k].1.staging * PAGE_SIZE);
+        let wp_of = |k: usize| !(good[k].0 == 0 && write);
+        let done = self.install_runs(region, &pages, src_of, wp_of);
+        let mut installed = 0usize;
+        for (&(i, f), ok) in good.iter().zip(&done) {
+            if *ok {
                 let mut e = f.entry | RESIDENT | REFERENCED;
-                if faulting_write {
+                if i == 0 && write {
                     e |= DIRTY;
                 }
                 if i > 0 {

@@ -29,15 +29,23 @@
 //! (`(1 + prefetch_window)` pages per handler thread, 64 pages for the evictor) and the metadata
 //! (8 bytes per page of every region, see [`table`]).
 //!
-//! ```no_run
+//! ```
 //! use coalesce_pager::{Pager, PagerConfig, RegionOptions};
-//! # fn main() -> Result<(), coalesce_pager::PagerError> {
-//! let config = PagerConfig::new(vec!["127.0.0.1:7470".parse().unwrap()], 64 << 20);
-//! let pager = Pager::new(config)?;
-//! let mut region = pager.map(1 << 30, RegionOptions::default())?;
-//! region.as_mut_slice()[12345] = 7; // a fault, served by the pager
-//! assert_eq!(region.as_slice()[12345], 7);
-//! println!("{}", pager.stats());
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // A lender on 127.0.0.1 (normally a `memory-server` on a neighbouring host).
+//! let server = remote_mem_server::start(remote_mem_server::ServerConfig::loopback())?;
+//! // 64 MiB of region on 4 MiB of local memory.
+//! let pager = Pager::new(PagerConfig::new(vec![server.addr()], 4 << 20))?;
+//! let mut region = pager.map(64 << 20, RegionOptions::default())?;
+//! for (page, chunk) in region.as_mut_slice().chunks_mut(4096).enumerate() {
+//!     chunk[0] = page as u8; // first touch: a zero page; older pages get evicted
+//! }
+//! for (page, chunk) in region.as_slice().chunks(4096).enumerate() {
+//!     assert_eq!(chunk[0], page as u8); // evicted pages come back from the server
+//! }
+//! let stats = pager.stats();
+//! assert!(stats.evictions_dirty > 0 && stats.remote_faults > 0);
+//! assert!(stats.peak_resident_pages <= stats.budget_pages);
 //! # Ok(()) }
 //! ```
 

@@ -274,13 +274,25 @@ impl Drop for Region<'_> {
 
 /// A fixed-length vector of plain-old-data values in borrowed memory, zero-initialised.
 ///
-/// ```no_run
-/// # use coalesce_pager::{Pager, PagerConfig, RemoteVec, RegionOptions};
-/// # let pager = Pager::new(PagerConfig::new(vec!["127.0.0.1:7470".parse().unwrap()], 64 << 20)).unwrap();
-/// let mut v: RemoteVec<u64> = RemoteVec::new(&pager, 100_000_000, RegionOptions::default())?;
-/// v[99_999_999] = 42;
-/// assert_eq!(v.iter().sum::<u64>(), 42);
-/// # Ok::<(), coalesce_pager::PagerError>(())
+/// ```
+/// use std::time::Duration;
+/// use coalesce_pager::{Pager, PagerConfig, RemoteVec, RegionOptions};
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let server = remote_mem_server::start(remote_mem_server::ServerConfig::loopback())?;
+/// let pager = Pager::new(PagerConfig::new(vec![server.addr()], 4 << 20))?;
+/// let options = RegionOptions {
+///     latency_bound: Some(Duration::from_millis(1)), // slower fetches: keep this region local
+///     on_failure: Some(std::sync::Arc::new(|f: &coalesce_pager::FetchFailure| {
+///         eprintln!("page at {:#x} lost with {}: {}", f.addr, f.server, f.reason)
+///     })),
+///     ..RegionOptions::default()
+/// };
+/// let mut v: RemoteVec<u64> = RemoteVec::new(&pager, 4 << 20, options)?; // 32 MiB of u64
+/// for (i, x) in v.iter_mut().enumerate() {
+///     *x = i as u64;
+/// }
+/// assert_eq!(v.iter().sum::<u64>(), (4u64 << 20) * ((4 << 20) - 1) / 2);
+/// # Ok(()) }
 /// ```
 #[derive(Debug)]
 pub struct RemoteVec<'p, T: bytemuck::Pod> {

@@ -304,13 +304,39 @@ impl Uffd {
         cvt(unsafe { libc::ioctl(self.raw(), UFFDIO_COPY, &mut c) })
     }
 
-    /// Moves the page at `src` (anywhere in this process) to `dst` (registered with this
-    /// userfaultfd), leaving `src` unmapped, without any event. Errors as the kernel reports them.
-    pub fn move_page(&self, dst: usize, src: usize, len: usize) -> io::Result<()> {
+    /// Like [`Uffd::copy`] for a run of pages; on failure also returns how many bytes were copied
+    /// before the error (those pages are installed).
+    pub fn copy_run(&self, dst: usize, src: *const u8, len: usize, wp: bool) -> Result<(), (io::Error, usize)> {
+        let mut c = UffdioCopy {
+            dst: dst as u64,
+            src: src as u64,
+            len: len as u64,
+            mode: if wp { COPY_MODE_WP } else { 0 },
+            copy: 0,
+        };
+        // SAFETY: as for `copy`: a valid `uffdio_copy`; the kernel reads `len` bytes at `src` with
+        // copy_from_user and fails with EFAULT on a bad pointer.
+        let rc = unsafe { libc::ioctl(self.raw(), UFFDIO_COPY, &mut c) };
+        if rc < 0 {
+            let err = io::Error::last_os_error();
+            return Err((err, usize::try_from(c.copy).unwrap_or(0).min(len)));
+        }
+        Ok(())
+    }
+
+    /// Moves the pages at `[src, src + len)` (anywhere in this process) to `dst` (registered with
+    /// this userfaultfd), leaving `src` unmapped, without any event. On failure also returns how
+    /// many bytes were moved before the error.
+    pub fn move_pages(&self, dst: usize, src: usize, len: usize) -> Result<(), (io::Error, usize)> {
         let mut m = UffdioMove { dst: dst as u64, src: src as u64, len: len as u64, mode: 0, moved: 0 };
         // SAFETY: valid `uffdio_move`; the kernel validates both ranges against this process's
         // mappings and fails cleanly on anything it cannot move.
-        cvt(unsafe { libc::ioctl(self.raw(), UFFDIO_MOVE, &mut m) })
+        let rc = unsafe { libc::ioctl(self.raw(), UFFDIO_MOVE, &mut m) };
+        if rc < 0 {
+            let err = io::Error::last_os_error();
+            return Err((err, usize::try_from(m.moved).unwrap_or(0).min(len)));
+        }
+        Ok(())
     }
 
     /// Sets or clears write protection on a range (clearing also wakes waiters).
