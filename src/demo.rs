@@ -2,15 +2,15 @@
 //! loopback memory-server, writes a checkable pattern, reads it back sequentially and randomly with
 //! verification, and reports faults, evictions, latencies, throughput and residency.
 
-use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use coalesce_pager::{Pager, PagerConfig, PagerStats, RegionOptions, PAGE_SIZE};
-use hdrhistogram::Histogram;
 use rdma::{LinkProfile, ProviderKind};
+
+use crate::workload::{self, Corrupt, WorkloadOptions};
 
 /// What the demo does.
 #[derive(Debug, Clone)]
@@ -45,15 +45,8 @@ pub enum DemoError {
     #[error(transparent)]
     Pager(#[from] coalesce_pager::PagerError),
     /// Data read back differs from what was written: a bug, reported loudly.
-    #[error("verification failed at byte offset {offset}: expected {expected:#x}, read {found:#x}")]
-    Corrupt {
-        /// Offset in the region.
-        offset: usize,
-        /// Expected word.
-        expected: u64,
-        /// Word read.
-        found: u64,
-    },
+    #[error(transparent)]
+    Corrupt(#[from] Corrupt),
     /// Bad options.
     #[error("{0}")]
     Options(String),
@@ -78,41 +71,6 @@ pub struct DemoReport {
     pub stats: PagerStats,
     /// Pages per server at the end.
     pub server_pages: Vec<(SocketAddr, u64, bool)>,
-}
-
-fn expected(word_index: usize) -> u64 {
-    (word_index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xC0A1_E5CE
-}
-
-struct Progress {
-    label: &'static str,
-    tty: bool,
-    last: Instant,
-}
-
-impl Progress {
-    fn new(label: &'static str) -> Self {
-        Self { label, tty: std::io::stderr().is_terminal(), last: Instant::now() }
-    }
-    fn tick(&mut self, done: usize, total: usize) {
-        let every = if self.tty { Duration::from_millis(250) } else { Duration::from_secs(3) };
-        if self.last.elapsed() < every {
-            return;
-        }
-        self.last = Instant::now();
-        let pct = done * 100 / total.max(1);
-        if self.tty {
-            eprint!("\r  {:<12} {pct:>3}%", self.label);
-        } else {
-            eprintln!("  {:<12} {pct:>3}%", self.label);
-        }
-        let _ = std::io::stderr().flush();
-    }
-    fn done(self) {
-        if self.tty {
-            eprint!("\r{:40}\r", "");
-        }
-    }
 }
 
 /// Samples how many pages of `[base, base + len)` are resident, without touching them.
@@ -168,69 +126,17 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
     };
 
     let words: &mut [u64] = bytemuck::cast_slice_mut(region.as_mut_slice());
-    let n = words.len();
-    let t = Instant::now();
-    let mut progress = Progress::new("fill");
-    for (i, chunk) in words.chunks_mut(PAGE_SIZE / 8 * 256).enumerate() {
-        let base = i * PAGE_SIZE / 8 * 256;
-        for (j, w) in chunk.iter_mut().enumerate() {
-            *w = expected(base + j);
-        }
-        progress.tick(base, n);
-    }
-    progress.done();
-    let fill = t.elapsed();
-
-    let mut passes = Vec::new();
-    for p in 0..opts.passes {
-        let t = Instant::now();
-        let mut progress = Progress::new(if p == 0 { "sequential" } else { "sequential+" });
-        for (i, chunk) in words.chunks(PAGE_SIZE / 8 * 256).enumerate() {
-            let base = i * PAGE_SIZE / 8 * 256;
-            for (j, &w) in chunk.iter().enumerate() {
-                if w != expected(base + j) {
-                    stop.store(true, Ordering::Release);
-                    return Err(DemoError::Corrupt { offset: (base + j) * 8, expected: expected(base + j), found: w });
-                }
-            }
-            progress.tick(base, n);
-        }
-        progress.done();
-        passes.push(t.elapsed());
-    }
-
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)
-        .map_err(|e| DemoError::Options(format!("histogram: {e}")))?;
-    let mut rng = fastrand::Rng::with_seed(1);
-    let t = Instant::now();
-    let mut progress = Progress::new("random");
-    for k in 0..opts.random_reads {
-        let i = rng.usize(..n);
-        let start = Instant::now();
-        // SAFETY: `i < n` indexes the word slice; a volatile read keeps the access (and its fault)
-        // inside the timed window.
-        let w = unsafe { std::ptr::read_volatile(&raw const words[i]) };
-        let took = start.elapsed();
-        if w != expected(i) {
-            stop.store(true, Ordering::Release);
-            return Err(DemoError::Corrupt { offset: i * 8, expected: expected(i), found: w });
-        }
-        if took > Duration::from_micros(2) {
-            hist.saturating_record(u64::try_from(took.as_nanos()).unwrap_or(u64::MAX));
-        }
-        if k.is_multiple_of(4096) {
-            progress.tick(k, opts.random_reads);
-        }
-    }
-    progress.done();
-    let random = t.elapsed();
+    let result =
+        workload::run(words, &WorkloadOptions { passes: opts.passes, random_reads: opts.random_reads, progress: true });
     stop.store(true, Ordering::Release);
     let _ = sampler.join();
+    let result = result?;
+    let hist = &result.faulted;
     let q = |x: f64| if hist.is_empty() { Duration::ZERO } else { Duration::from_nanos(hist.value_at_quantile(x)) };
     let report = DemoReport {
-        fill,
-        passes,
-        random,
+        fill: result.fill,
+        passes: result.passes.clone(),
+        random: result.random,
         random_reads: opts.random_reads,
         random_fault_latency: (q(0.5), q(0.99), hist.len()),
         max_resident_pages: max_resident.load(Ordering::Relaxed),

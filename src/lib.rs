@@ -10,5 +10,7 @@ pub use coalesce_pager as pager;
 pub use rdma;
 pub use remote_mem_server as server;
 
+pub mod bench;
 pub mod demo;
 pub mod latency;
+pub mod workload;

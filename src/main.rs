@@ -2,10 +2,12 @@
 //! borrowed memory.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use bytesize::ByteSize;
 use clap::{Parser, Subcommand};
+use coalesce::bench;
 use coalesce::demo::{self, DemoOptions};
 use coalesce::latency::{self, LatencyOptions};
 use rdma::{LinkProfile, ProviderKind};
@@ -19,6 +21,46 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Compare with Linux swap: one workload run in local memory, under swap (cgroup limit plus a
+    /// temporary swapfile; root only) and on Coalesce, with the same local budget. Prints a table,
+    /// writes CSV and an SVG chart.
+    Bench {
+        /// Working set.
+        #[arg(long, default_value = "1GiB")]
+        size: ByteSize,
+        /// Local memory (cgroup limit for swap, pager budget for Coalesce).
+        #[arg(long, default_value = "256MiB")]
+        local: ByteSize,
+        /// Sequential passes.
+        #[arg(long, default_value_t = 3)]
+        passes: usize,
+        /// Random 8-byte reads.
+        #[arg(long, default_value_t = 786_432)]
+        random_reads: usize,
+        /// Swapfile to create (and remove) for the swap run.
+        #[arg(long, default_value = "/var/tmp/coalesce-bench.swap")]
+        swapfile: PathBuf,
+        /// CSV output.
+        #[arg(long, default_value = "coalesce-bench.csv")]
+        csv: PathBuf,
+        /// SVG chart output.
+        #[arg(long, default_value = "coalesce-bench.svg")]
+        chart: PathBuf,
+    },
+    /// Internal: one run of the bench workload (started by `coalesce bench`).
+    #[command(hide = true)]
+    BenchWorker {
+        #[arg(long, value_enum)]
+        mode: bench::Mode,
+        #[arg(long)]
+        size: usize,
+        #[arg(long)]
+        local: usize,
+        #[arg(long)]
+        passes: usize,
+        #[arg(long)]
+        random_reads: usize,
+    },
     /// Borrow memory end to end: map a region bigger than the local budget, write a pattern, read it
     /// back sequentially and randomly with verification, and print what the pager did.
     ///
@@ -75,6 +117,46 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     remote_mem_server::init_logging("warn");
     match cli.command {
+        Command::Bench { size, local, passes, random_reads, swapfile, csv, chart } => {
+            let (Ok(size), Ok(local)) = (usize::try_from(size.as_u64()), usize::try_from(local.as_u64())) else {
+                eprintln!("coalesce: --size and --local must fit this machine's address space");
+                return ExitCode::FAILURE;
+            };
+            if size < 1 << 20 || local < 1 << 20 || local >= size {
+                eprintln!("coalesce: need 1 MiB <= --local < --size");
+                return ExitCode::FAILURE;
+            }
+            let opts = bench::BenchOptions { size, local, passes, random_reads, swapfile, csv, chart };
+            match bench::run(&opts) {
+                Ok(results) => {
+                    print!("{}", bench::table(&opts, &results));
+                    let written = bench::write_csv(&opts, &results).and_then(|()| bench::write_chart(&opts, &results));
+                    match written {
+                        Ok(()) => {
+                            println!("wrote {} and {}", opts.csv.display(), opts.chart.display());
+                            ExitCode::SUCCESS
+                        }
+                        Err(e) => {
+                            eprintln!("coalesce: {e}");
+                            ExitCode::FAILURE
+                        }
+                    }
+                }
+                Err(e) => {
+                    eprintln!("coalesce: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::BenchWorker { mode, size, local, passes, random_reads } => {
+            match bench::worker(mode, size, local, passes, random_reads) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("coalesce bench-worker: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Demo { size, local, servers, provider, link, passes, random_reads, no_prefetch, fault_threads } => {
             let (Ok(size), Ok(local)) = (usize::try_from(size.as_u64()), usize::try_from(local.as_u64())) else {
                 eprintln!("coalesce: --size and --local must fit this machine's address space");

@@ -77,6 +77,10 @@ impl Evictor {
                 }
                 *kicked = false;
             }
+            if !lock(&shared.forced).is_empty() {
+                self.evict_batch(BATCH);
+                shared.space.1.notify_all();
+            }
             let headroom = shared.headroom();
             let high = shared.budget - headroom;
             let low = shared.budget.saturating_sub(2 * headroom);
@@ -122,6 +126,28 @@ impl Evictor {
         let limit = ring.len() * 2 + 1;
         let mut active: HashMap<u32, Arc<ActiveRegion>> = HashMap::new();
         let mut victims = Vec::new();
+        // Pages the application asked to evict come first, whatever their reference bit.
+        let forced: Vec<(u32, u32)> = {
+            let mut f = lock(&shared.forced);
+            let n = f.len().min(want);
+            f.drain(..n).collect()
+        };
+        for (rid, page32) in forced {
+            let Some(region) = shared.region(rid).and_then(|r| r.enter()) else { continue };
+            let page = usize::try_from(page32).unwrap_or(usize::MAX);
+            if page < region.table.len() {
+                if let Some(entry) = region.table.try_lock(page, |e| e & RESIDENT != 0) {
+                    victims.push(Victim {
+                        region: Arc::new(region),
+                        page,
+                        entry,
+                        needs_write: false,
+                        slot: None,
+                        written: false,
+                    });
+                }
+            }
+        }
         let mut scanned = 0;
         while victims.len() < want && scanned < limit {
             let Some((rid, page32)) = ring.pop_front() else { break };

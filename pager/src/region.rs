@@ -234,6 +234,34 @@ impl<'p> Region<'p> {
         Ok(())
     }
 
+    /// Pages out the pages in `[offset, offset + len)` now (written back first if dirty) and waits
+    /// until they are gone from local memory (at most 5 s). Returns how many pages of the range are
+    /// not resident when it returns.
+    pub fn evict(&self, offset: usize, len: usize) -> usize {
+        let shared = self.pager.shared();
+        let first = offset / PAGE_SIZE;
+        let last = offset.saturating_add(len).div_ceil(PAGE_SIZE).min(self.state.table.len());
+        let pages: Vec<usize> = (first..last).filter(|&p| self.state.table.load(p) & table::RESIDENT != 0).collect();
+        {
+            let mut forced = crate::lock(&shared.forced);
+            forced.extend(pages.iter().map(|&p| (self.state.id, u32::try_from(p).unwrap_or(u32::MAX))));
+        }
+        shared.kick_evictor();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let mut spins = 0;
+        while std::time::Instant::now() < deadline {
+            let left = pages.iter().filter(|&&p| self.state.table.load(p) & table::RESIDENT != 0).count();
+            if left == 0 {
+                break;
+            }
+            if spins % 64 == 63 {
+                shared.kick_evictor();
+            }
+            table::backoff(&mut spins);
+        }
+        (first..last).filter(|&p| self.state.table.load(p) & table::RESIDENT == 0).count()
+    }
+
     /// This region's statistics.
     pub fn stats(&self) -> RegionStats {
         RegionStats {
