@@ -97,7 +97,10 @@ pub struct ModeResult {
     pub note: String,
 }
 
-const QUANTILES: [f64; 12] = [0.1, 0.25, 0.5, 0.75, 0.8, 0.85, 0.9, 0.95, 0.99, 0.995, 0.999, 1.0];
+const QUANTILES: [f64; 24] = [
+    0.001, 0.01, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.99,
+    0.995, 0.999, 0.9999, 1.0,
+];
 
 fn encode(r: &WorkloadResult, note: &str) -> String {
     let passes: Vec<String> = r.passes.iter().map(|d| d.as_nanos().to_string()).collect();
@@ -467,12 +470,16 @@ pub fn write_chart(opts: &BenchOptions, results: &[(Mode, Result<ModeResult, Str
     chart
         .configure_mesh()
         .disable_x_mesh()
-        .x_labels(3)
+        .x_labels(7)
         .x_label_formatter(&|x| {
-            // Axis positions are small non-negative numbers: truncation is the intent.
+            // Labels sit at the middle of each group (0.5, 1.5, 2.5); truncation is the intent.
             #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
             let i = x.floor().max(0.0) as usize;
-            phases.get(i).map_or(String::new(), |s| (*s).to_string())
+            if (x - x.floor() - 0.5).abs() < 0.01 {
+                phases.get(i).map_or(String::new(), |s| (*s).to_string())
+            } else {
+                String::new()
+            }
         })
         .draw()
         .map_err(|e| err(&e))?;
@@ -491,7 +498,13 @@ pub fn write_chart(opts: &BenchOptions, results: &[(Mode, Result<ModeResult, Str
             .label(m.name())
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
     }
-    chart.configure_series_labels().border_style(BLACK).background_style(WHITE).draw().map_err(|e| err(&e))?;
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .border_style(BLACK)
+        .background_style(WHITE)
+        .draw()
+        .map_err(|e| err(&e))?;
 
     let max_us = ok.iter().flat_map(|(_, r)| r.latency_cdf.iter().map(|(_, d)| secs(*d) * 1e6)).fold(10.0, f64::max);
     let mut cdf = ChartBuilder::on(&right)
@@ -510,7 +523,12 @@ pub fn write_chart(opts: &BenchOptions, results: &[(Mode, Result<ModeResult, Str
             .label(m.name())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], color.stroke_width(2)));
     }
-    cdf.configure_series_labels().border_style(BLACK).background_style(WHITE).draw().map_err(|e| err(&e))?;
+    cdf.configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .border_style(BLACK)
+        .background_style(WHITE)
+        .draw()
+        .map_err(|e| err(&e))?;
     root.present().map_err(|e| err(&e))?;
     Ok(())
 }
