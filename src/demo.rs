@@ -33,6 +33,8 @@ pub struct DemoOptions {
     pub prefetch: bool,
     /// Fault-handling threads.
     pub fault_threads: usize,
+    /// Prefetch window in pages.
+    pub prefetch_window: usize,
 }
 
 /// Errors of the demo.
@@ -106,6 +108,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
     config.link = opts.link.clone();
     config.prefetch = opts.prefetch;
     config.fault_threads = opts.fault_threads;
+    config.prefetch_window = opts.prefetch_window;
     let pager = Pager::new(config)?;
     let mut region = pager.map(opts.size, RegionOptions::default())?;
     let pages = region.len() / PAGE_SIZE;

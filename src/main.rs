@@ -93,6 +93,9 @@ enum Command {
         /// Fault-handling threads.
         #[arg(long, default_value_t = 1)]
         fault_threads: usize,
+        /// Pages fetched ahead along a detected trend (1..=256).
+        #[arg(long, default_value_t = 64)]
+        prefetch_window: usize,
     },
     /// Measure one-sided READ and WRITE round trips (median, p99), blocking and busy-polling.
     ///
@@ -157,7 +160,18 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Demo { size, local, servers, provider, link, passes, random_reads, no_prefetch, fault_threads } => {
+        Command::Demo {
+            size,
+            local,
+            servers,
+            provider,
+            link,
+            passes,
+            random_reads,
+            no_prefetch,
+            fault_threads,
+            prefetch_window,
+        } => {
             let (Ok(size), Ok(local)) = (usize::try_from(size.as_u64()), usize::try_from(local.as_u64())) else {
                 eprintln!("coalesce: --size and --local must fit this machine's address space");
                 return ExitCode::FAILURE;
@@ -172,6 +186,7 @@ fn main() -> ExitCode {
                 random_reads,
                 prefetch: !no_prefetch,
                 fault_threads,
+                prefetch_window,
             };
             match demo::run(&opts) {
                 Ok(report) => {
