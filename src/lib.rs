@@ -13,4 +13,5 @@ pub use remote_mem_server as server;
 pub mod bench;
 pub mod demo;
 pub mod latency;
+pub mod run;
 pub mod workload;

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use coalesce::bench;
 use coalesce::demo::{self, DemoOptions};
 use coalesce::latency::{self, LatencyOptions};
+use coalesce::run;
 use rdma::{LinkProfile, ProviderKind};
 
 #[derive(Debug, Parser)]
@@ -21,6 +22,34 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run an unmodified program with its heap on borrowed memory (LD_PRELOAD of libcoalesce.so).
+    ///
+    /// Forwards the program's exit status (128 + signal if it was killed) and prints the pager's
+    /// statistics, the run time and the peak resident memory on exit. Starts no server unless
+    /// --embedded-server is given; with no server at all the program runs on plain local memory.
+    Run {
+        /// memory-servers, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        servers: Vec<SocketAddr>,
+        /// Start a memory-server on 127.0.0.1 inside this command for the run.
+        #[arg(long)]
+        embedded_server: bool,
+        /// Local memory budget of the program's heap.
+        #[arg(long, default_value = "256MiB")]
+        local: ByteSize,
+        /// Heap size limit (allocations beyond it fail with ENOMEM).
+        #[arg(long, default_value = "16GiB")]
+        heap_size: ByteSize,
+        /// Data-path provider: shim or verbs.
+        #[arg(long, default_value = "shim")]
+        provider: ProviderKind,
+        /// Do not print statistics on exit.
+        #[arg(long)]
+        quiet: bool,
+        /// The program and its arguments (after --).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        command: Vec<std::ffi::OsString>,
+    },
     /// Compare with Linux swap: one workload run in local memory, under swap (cgroup limit plus a
     /// temporary swapfile; root only) and on Coalesce, with the same local budget. Prints a table,
     /// writes CSV and an SVG chart.
@@ -120,6 +149,38 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     remote_mem_server::init_logging("warn");
     match cli.command {
+        Command::Run { servers, embedded_server, local, heap_size, provider, quiet, command } => {
+            let opts = run::RunOptions {
+                servers,
+                embedded_server,
+                local: local.as_u64(),
+                heap_size: heap_size.as_u64(),
+                provider,
+                stats: !quiet,
+                command,
+            };
+            match run::run(&opts) {
+                Ok(outcome) => {
+                    if !quiet {
+                        eprintln!(
+                            "coalesce run: exit status {}, {:.3} s, peak resident memory {:.1} MiB (local budget {:.0} MiB)",
+                            outcome.code,
+                            outcome.elapsed.as_secs_f64(),
+                            outcome.max_rss as f64 / 1048576.0,
+                            opts.local as f64 / 1048576.0
+                        );
+                        if let Some(s) = outcome.stats {
+                            eprint!("{s}");
+                        }
+                    }
+                    ExitCode::from(u8::try_from(outcome.code).unwrap_or(1))
+                }
+                Err(e) => {
+                    eprintln!("coalesce: {e}");
+                    ExitCode::from(125)
+                }
+            }
+        }
         Command::Bench { size, local, passes, random_reads, swapfile, csv, chart } => {
             let (Ok(size), Ok(local)) = (usize::try_from(size.as_u64()), usize::try_from(local.as_u64())) else {
                 eprintln!("coalesce: --size and --local must fit this machine's address space");

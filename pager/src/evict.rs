@@ -77,6 +77,9 @@ impl Evictor {
                 }
                 *kicked = false;
             }
+            if shared.hold.load(Ordering::Acquire) {
+                continue;
+            }
             if !lock(&shared.forced).is_empty() {
                 self.evict_batch(BATCH);
                 shared.space.1.notify_all();
@@ -88,7 +91,7 @@ impl Evictor {
                 continue;
             }
             let mut idle_rounds = 0;
-            while !shared.shutdown.load(Ordering::Acquire) {
+            while !shared.shutdown.load(Ordering::Acquire) && !shared.hold.load(Ordering::Acquire) {
                 let resident = shared.resident.load(Ordering::Acquire);
                 if resident <= low {
                     break;
@@ -103,8 +106,8 @@ impl Evictor {
                 if no_room {
                     if !shared.evictor_stuck.swap(true, Ordering::AcqRel) {
                         tracing::warn!(
-                            "no memory-server can take more pages (all full or down); keeping dirty pages local \
-                             beyond the budget"
+                            "cannot evict: no memory-server can take more pages (all full or down), or the pages \
+                             are shared with a forked child; keeping them local beyond the budget"
                         );
                     }
                     break;
@@ -200,6 +203,7 @@ impl Evictor {
         // `k` holds the `k`-th moved victim.
         victims.sort_by_key(|v| (v.region.id, v.page));
         let mut moved: Vec<Victim> = Vec::with_capacity(victims.len());
+        let mut shared_pages = 0usize;
         let mut pending: std::collections::VecDeque<Victim> = victims.into();
         while let Some(first) = pending.pop_front() {
             let mut run = vec![first];
@@ -220,6 +224,9 @@ impl Evictor {
                     let mut rest = run.into_iter();
                     moved.extend(rest.by_ref().take(ok));
                     if let Some(v) = rest.next() {
+                        if e.raw_os_error() == Some(libc::EBUSY) {
+                            shared_pages += 1;
+                        }
                         self.keep(v, &e);
                     }
                     // The rest of the run is tried again as its own run.
@@ -273,7 +280,10 @@ impl Evictor {
         if rc != 0 {
             tracing::error!(error = %io::Error::last_os_error(), "emptying the staging buffer failed");
         }
-        (evicted, no_room && evicted == 0)
+        // Pages shared with a forked child cannot be moved out (EBUSY) until one side writes them
+        // or the child exits; when nothing else could be evicted, report that as no room so that
+        // faults go over budget at once instead of waiting.
+        (evicted, evicted == 0 && (no_room || shared_pages > 0))
     }
 
     fn staging_addr(&self, i: usize) -> usize {

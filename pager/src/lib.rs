@@ -134,6 +134,9 @@ pub struct PagerConfig {
     pub link: LinkProfile,
     /// Client id presented to servers (random by default).
     pub client_id: u64,
+    /// Called first thing on every thread the pager starts (the LD_PRELOAD allocator uses it to
+    /// route those threads' allocations away from the heap the pager serves).
+    pub thread_start: Option<fn()>,
 }
 
 impl PagerConfig {
@@ -151,6 +154,7 @@ impl PagerConfig {
             spin: Duration::from_micros(50),
             link: LinkProfile::loopback(),
             client_id: fastrand::u64(..),
+            thread_start: None,
         }
     }
 
@@ -192,6 +196,7 @@ pub(crate) struct Shared {
     pub(crate) stats: stats::Counters,
     pub(crate) shutdown: AtomicBool,
     pub(crate) evictor_stuck: AtomicBool,
+    pub(crate) hold: AtomicBool,
     pub(crate) evict_kick: (Mutex<bool>, Condvar),
     pub(crate) space: (Mutex<()>, Condvar),
     pub(crate) next_region: AtomicU32,
@@ -235,6 +240,11 @@ impl Shared {
                 self.after_reserve(cur + n);
                 return true;
             }
+        }
+        if self.hold.load(Ordering::Acquire) {
+            let now = self.resident.fetch_add(n, Ordering::AcqRel) + n;
+            self.stats.peak_resident.fetch_max(now as u64, Ordering::Relaxed);
+            return true;
         }
         if self.evictor_stuck.load(Ordering::Acquire) || self.shutdown.load(Ordering::Acquire) || waited > 2000 {
             let now = self.resident.fetch_add(n, Ordering::AcqRel) + n;
@@ -320,6 +330,7 @@ impl Pager {
             stats: stats::Counters::default(),
             shutdown: AtomicBool::new(false),
             evictor_stuck: AtomicBool::new(false),
+            hold: AtomicBool::new(false),
             evict_kick: (Mutex::new(false), Condvar::new()),
             space: (Mutex::new(()), Condvar::new()),
             next_region: AtomicU32::new(0),
@@ -339,7 +350,16 @@ impl Pager {
     }
 
     fn spawn(&mut self, name: String, f: impl FnOnce() + Send + 'static) -> Result<(), PagerError> {
-        let t = std::thread::Builder::new().name(name).spawn(f).map_err(PagerError::Thread)?;
+        let hook = self.shared.config.thread_start;
+        let t = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || {
+                if let Some(hook) = hook {
+                    hook();
+                }
+                f();
+            })
+            .map_err(PagerError::Thread)?;
         self.threads.push(t);
         Ok(())
     }
@@ -347,6 +367,13 @@ impl Pager {
     /// Maps a region of `len` bytes (rounded up to whole pages), registered with the pager.
     pub fn map(&self, len: usize, options: RegionOptions) -> Result<Region<'_>, PagerError> {
         Region::new(self, len, options)
+    }
+
+    /// While `true`, nothing is evicted and faults may take the resident set past the budget
+    /// (used around `fork`, which must see every page locally). `false` resumes normal eviction.
+    pub fn hold_resident(&self, hold: bool) {
+        self.shared.hold.store(hold, Ordering::Release);
+        self.shared.kick_evictor();
     }
 
     /// A snapshot of the statistics.

@@ -171,7 +171,7 @@ impl<'p> Region<'p> {
             id,
             base,
             len,
-            table: PageTable::new(pages),
+            table: PageTable::new(pages).map_err(map_err)?,
             trend: Mutex::new(TrendDetector::default()),
             options,
             alive: AtomicBool::new(true),
@@ -260,6 +260,22 @@ impl<'p> Region<'p> {
             table::backoff(&mut spins);
         }
         (first..last).filter(|&p| self.state.table.load(p) & table::RESIDENT == 0).count()
+    }
+
+    /// Brings every remote page of the region back into local memory by touching it from the
+    /// calling thread (which must not be a pager thread). Use with [`Pager::hold_resident`], or
+    /// eviction pushes pages out again. Returns how many pages were fetched.
+    pub fn fetch_all(&self) -> usize {
+        let mut n = 0;
+        for page in 0..self.state.table.len() {
+            let e = self.state.table.load(page);
+            if e & table::REMOTE_VALID != 0 && e & table::RESIDENT == 0 {
+                // SAFETY: a byte inside this live region; the read faults the page in.
+                unsafe { std::ptr::read_volatile(self.as_ptr().add(page * PAGE_SIZE)) };
+                n += 1;
+            }
+        }
+        n
     }
 
     /// This region's statistics.

@@ -53,42 +53,51 @@ pub fn with_slot(entry: u64, slot: u32) -> u64 {
 /// Bytes of page-table metadata per page.
 pub const BYTES_PER_PAGE: usize = std::mem::size_of::<AtomicU64>();
 
-/// The entries of one region.
+/// The entries of one region, in their own anonymous mapping: zero pages cost nothing until an
+/// entry in them changes, so a huge, mostly untouched region has a small resident table.
 #[derive(Debug)]
 pub struct PageTable {
-    entries: Box<[AtomicU64]>,
+    map: memmap2::MmapMut,
+    len: usize,
 }
 
 impl PageTable {
     /// A table of `pages` entries, all "zero, not resident".
-    pub fn new(pages: usize) -> Self {
-        Self { entries: (0..pages).map(|_| AtomicU64::new(0)).collect() }
+    pub fn new(pages: usize) -> std::io::Result<Self> {
+        let map = memmap2::MmapOptions::new().len((pages * BYTES_PER_PAGE).max(1)).map_anon()?;
+        Ok(Self { map, len: pages })
+    }
+
+    fn entries(&self) -> &[AtomicU64] {
+        // SAFETY: the mapping is page aligned, holds `len` 8-byte slots, lives as long as `self`,
+        // starts zeroed (a valid `AtomicU64` is any bit pattern) and is only accessed atomically.
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr().cast::<AtomicU64>(), self.len) }
     }
 
     /// Number of pages.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.len
     }
 
     /// True for an empty table.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.len == 0
     }
 
     /// Bytes used by the entries.
     pub fn bytes(&self) -> usize {
-        self.entries.len() * BYTES_PER_PAGE
+        self.len * BYTES_PER_PAGE
     }
 
     /// Current entry of `page`.
     pub fn load(&self, page: usize) -> u64 {
-        self.entries[page].load(Ordering::Acquire)
+        self.entries()[page].load(Ordering::Acquire)
     }
 
     /// Takes the page's `BUSY` lock if `accept(entry)` holds and it is not busy; returns the entry
     /// as it was before locking.
     pub fn try_lock(&self, page: usize, accept: impl Fn(u64) -> bool) -> Option<u64> {
-        let e = &self.entries[page];
+        let e = &self.entries()[page];
         let mut cur = e.load(Ordering::Acquire);
         loop {
             if cur & BUSY != 0 || !accept(cur) {
@@ -114,7 +123,7 @@ impl PageTable {
 
     /// Releases the `BUSY` lock, storing `entry` (without `BUSY`).
     pub fn unlock(&self, page: usize, entry: u64) {
-        self.entries[page].store(entry & !BUSY, Ordering::Release);
+        self.entries()[page].store(entry & !BUSY, Ordering::Release);
     }
 
     /// Waits until the page is not busy; returns the entry then.
@@ -131,7 +140,7 @@ impl PageTable {
 
     /// Atomically sets `set` and clears `clear` on an entry (whatever its lock state).
     pub fn update(&self, page: usize, set: u64, clear: u64) -> u64 {
-        let e = &self.entries[page];
+        let e = &self.entries()[page];
         let mut cur = e.load(Ordering::Acquire);
         loop {
             let new = (cur | set) & !clear;
@@ -161,7 +170,7 @@ mod tests {
 
     #[test]
     fn lock_update_and_slots() {
-        let t = PageTable::new(4);
+        let t = PageTable::new(4).expect("map");
         assert_eq!(t.bytes(), 32);
         let before = t.try_lock(1, |e| e & RESIDENT == 0).expect("free");
         assert_eq!(before, 0);

@@ -1,0 +1,54 @@
+//! # libcoalesce.so: unmodified programs borrow memory
+//!
+//! An `LD_PRELOAD` allocator. Its heap lives in a Coalesce pager region, so the program's heap
+//! pages are subject to the local budget and page out to memory servers. The allocator is mimalloc
+//! (through `libmimalloc-sys`), run over the region as an arena; this library only routes calls
+//! and sets things up.
+//!
+//! ```sh
+//! COALESCE_SERVERS=127.0.0.1:7470 COALESCE_LOCAL=256MiB LD_PRELOAD=target/release/libcoalesce.so python3 big.py
+//! ```
+//! (`coalesce run` sets all of this up for you.)
+//!
+//! ## Configuration (environment)
+//!
+//! | variable | default | meaning |
+//! |---|---|---|
+//! | `COALESCE_SERVERS` | unset | memory servers, `HOST:PORT[,HOST:PORT...]`. Unset or empty: no pager at all; the program runs on plain local memory with mimalloc as its allocator |
+//! | `COALESCE_LOCAL` | `256MiB` | local memory budget of the heap |
+//! | `COALESCE_HEAP_SIZE` | `16GiB` | heap size limit (address space reserved; allocations beyond it fail with `ENOMEM`). Costs 8 bytes of pager metadata per 4 KiB page of it |
+//! | `COALESCE_PROVIDER` | `shim` | data path: `shim` or `verbs` |
+//! | `COALESCE_FETCH_TIMEOUT` | `5s` | a page not fetched in this time raises SIGBUS in the access |
+//! | `COALESCE_PREFETCH` | on | `0` turns prefetch off |
+//! | `COALESCE_LOG` | `warn` | log filter (`tracing` syntax), written to stderr |
+//! | `COALESCE_STATS` | unset | `1` or `stderr`: print pager statistics on exit; any other value: a file to write them to |
+//!
+//! Misconfiguration (an unparsable value, an unreachable server, no userfaultfd privilege, a kernel
+//! without the needed userfaultfd features) prints one line on stderr and exits with status 125
+//! before `main` runs: the program never runs half-configured.
+//!
+//! ## Hazards handled
+//!
+//! - No recursion at start-up: nothing on the allocation path allocates; set-up runs from
+//!   `.init_array` with the calling thread marked internal.
+//! - The pager's own threads (and this library's Rust code, through its global allocator) allocate
+//!   from a separate internal arena, never from the heap the pager serves.
+//! - System calls writing into a non-resident heap page (e.g. `read(2)`) work: the pager handles
+//!   kernel-mode faults (it refuses to run in user-mode-only userfaultfd).
+//! - mimalloc's purges (`madvise(MADV_DONTNEED)`) become remove events: the pages read as zero and
+//!   their remote copies are freed.
+//! - `fork` without `exec`: see [`setup::fork`]: the child gets a complete private heap.
+//!   `posix_spawn`, `vfork` and `fork`+`exec` need nothing special.
+//!
+//! A panic can never unwind out of an exported function: Rust aborts at an `extern "C"` boundary.
+
+mod exports;
+mod heap;
+pub mod setup;
+
+#[global_allocator]
+static ALLOCATOR: heap::InternalAllocator = heap::InternalAllocator;
+
+#[used]
+#[link_section = ".init_array"]
+static INIT: extern "C" fn() = setup::init;

@@ -1,0 +1,229 @@
+//! Start-up and shut-down of a preloaded process: read the configuration from the environment,
+//! start the pager, hand its region to mimalloc as the application heap, print statistics on exit,
+//! and make `fork` safe.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicPtr, Ordering};
+use std::time::Duration;
+
+use coalesce_pager::{Pager, PagerConfig, Region, RegionOptions};
+
+use crate::heap;
+
+/// Exit status when the configuration is unusable: the program is not started.
+pub const EXIT_MISCONFIGURED: i32 = 125;
+
+/// The running pager and its heap region (null when no servers are configured).
+static PAGER: AtomicPtr<Pager> = AtomicPtr::new(std::ptr::null_mut());
+static REGION: AtomicPtr<Region<'static>> = AtomicPtr::new(std::ptr::null_mut());
+/// The process that set the pager up (a forked child does not report statistics).
+static OWNER_PID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+#[derive(Debug)]
+struct Settings {
+    servers: Vec<SocketAddr>,
+    local: usize,
+    heap_size: usize,
+    provider: rdma::ProviderKind,
+    fetch_timeout: Duration,
+    prefetch: bool,
+    log: String,
+}
+
+fn var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+fn size(name: &str, default: &str) -> Result<usize, String> {
+    let text = var(name).unwrap_or_else(|| default.into());
+    let bytes: bytesize::ByteSize =
+        text.trim().parse().map_err(|e| format!("{name}={text:?} is not a size like 256MiB: {e}"))?;
+    usize::try_from(bytes.as_u64()).map_err(|_| format!("{name}={text:?} does not fit this machine"))
+}
+
+fn settings() -> Result<Option<Settings>, String> {
+    let Some(list) = var("COALESCE_SERVERS") else { return Ok(None) };
+    let servers = list
+        .split(',')
+        .map(|s| {
+            s.trim().parse::<SocketAddr>().map_err(|e| format!("COALESCE_SERVERS entry {s:?} is not HOST:PORT: {e}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let provider = match var("COALESCE_PROVIDER") {
+        Some(p) => p.parse().map_err(|e| format!("COALESCE_PROVIDER: {e}"))?,
+        None => rdma::ProviderKind::Shim,
+    };
+    let fetch_timeout = match var("COALESCE_FETCH_TIMEOUT") {
+        Some(t) => parse_duration(&t)
+            .ok_or_else(|| format!("COALESCE_FETCH_TIMEOUT={t:?} is not a duration like 5s or 500ms"))?,
+        None => Duration::from_secs(5),
+    };
+    let prefetch = !matches!(var("COALESCE_PREFETCH").as_deref(), Some("0" | "off" | "false"));
+    Ok(Some(Settings {
+        servers,
+        local: size("COALESCE_LOCAL", "256MiB")?,
+        heap_size: size("COALESCE_HEAP_SIZE", "16GiB")?,
+        provider,
+        fetch_timeout,
+        prefetch,
+        log: var("COALESCE_LOG").unwrap_or_else(|| "warn".into()),
+    }))
+}
+
+fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1e-3)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else {
+        (s, 1.0)
+    };
+    let v: f64 = num.trim().parse().ok()?;
+    (v.is_finite() && v > 0.0).then(|| Duration::from_secs_f64(v * mult))
+}
+
+fn refuse(why: &str) -> ! {
+    eprintln!("coalesce: {why}; the program was not started (exit status {EXIT_MISCONFIGURED})");
+    // SAFETY: _exit ends the process at once; nothing else runs.
+    unsafe { libc::_exit(EXIT_MISCONFIGURED) }
+}
+
+/// Runs from `.init_array`, before `main`.
+pub extern "C" fn init() {
+    let settings = match settings() {
+        Ok(Some(s)) => s,
+        Ok(None) => return, // no servers: the program runs on plain local memory
+        Err(e) => refuse(&e),
+    };
+    heap::mark_internal_thread();
+    if let Err(e) = heap::create_internal_arena() {
+        refuse(&e);
+    }
+    heap::mark_internal_thread();
+    remote_mem_server::init_logging(&settings.log);
+    let mut config = PagerConfig::new(settings.servers.clone(), settings.local);
+    config.provider = settings.provider;
+    config.fetch_timeout = settings.fetch_timeout;
+    config.prefetch = settings.prefetch;
+    config.thread_start = Some(pager_thread_start);
+    let threads = config.fault_threads + 2; // handlers, evictor, heartbeat
+    let pager: &'static Pager = match Pager::new(config) {
+        Ok(p) => Box::leak(Box::new(p)),
+        Err(e) => refuse(&e.to_string()),
+    };
+    // Every pager thread must have made its internal heap before the region becomes the
+    // application heap: mimalloc allocates a new heap's own struct from the thread's default heap,
+    // which after that point would be region memory that only a pager thread can fault in.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while STARTED_THREADS.load(Ordering::Acquire) < threads {
+        if std::time::Instant::now() > deadline {
+            refuse("the pager's threads did not start within 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let region: &'static Region<'static> = match pager.map(settings.heap_size, RegionOptions::default()) {
+        Ok(r) => Box::leak(Box::new(r)),
+        Err(e) => refuse(&e.to_string()),
+    };
+    // SAFETY: the region stays mapped for the life of the process (leaked above) and nothing else
+    // uses it.
+    if let Err(e) = unsafe { heap::adopt_region(region.as_ptr(), region.len()) } {
+        refuse(&e);
+    }
+    // SAFETY: getpid has no preconditions.
+    OWNER_PID.store(unsafe { libc::getpid() }, Ordering::Release);
+    PAGER.store(std::ptr::from_ref(pager).cast_mut(), Ordering::Release);
+    REGION.store(std::ptr::from_ref(region).cast_mut(), Ordering::Release);
+    heap::unmark_internal_thread();
+    // SAFETY: registering a plain extern "C" function with atexit.
+    unsafe { libc::atexit(at_exit) };
+}
+
+static STARTED_THREADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn pager_thread_start() {
+    heap::mark_internal_thread();
+    STARTED_THREADS.fetch_add(1, Ordering::AcqRel);
+}
+
+extern "C" fn at_exit() {
+    if var("COALESCE_DEBUG_HEAP").is_some() {
+        let h = heap::app_heap();
+        // SAFETY: debugging aid: one allocation from the application heap.
+        let p = unsafe { libmimalloc_sys::mi_heap_malloc(h, 5000) };
+        let r = region().map(|r| (r.as_ptr() as usize, r.len()));
+        eprintln!("debug: app heap {h:?} internal {} block {p:?} region {r:x?}", heap::is_internal_thread());
+    }
+    let Some(pager) = pager() else { return };
+    // SAFETY: getpid has no preconditions.
+    if unsafe { libc::getpid() } != OWNER_PID.load(Ordering::Acquire) {
+        return;
+    }
+    let Some(dest) = var("COALESCE_STATS") else { return };
+    heap::mark_internal_thread();
+    let text = format!("coalesce pager statistics:\n{}\n", pager.stats());
+    if dest == "1" || dest == "stderr" {
+        eprint!("{text}");
+    } else if let Err(e) = std::fs::write(&dest, text) {
+        eprintln!("coalesce: cannot write statistics to {dest}: {e}");
+    }
+    heap::unmark_internal_thread();
+}
+
+fn pager() -> Option<&'static Pager> {
+    let p = PAGER.load(Ordering::Acquire);
+    // SAFETY: the pager was leaked and is never freed.
+    (!p.is_null()).then(|| unsafe { &*p })
+}
+
+fn region() -> Option<&'static Region<'static>> {
+    let r = REGION.load(Ordering::Acquire);
+    // SAFETY: the region was leaked and is never freed.
+    (!r.is_null()).then(|| unsafe { &*r })
+}
+
+type ForkFn = unsafe extern "C" fn() -> libc::pid_t;
+
+/// `fork(2)` made safe: the child gets no pager (no `UFFD_EVENT_FORK`, which needs
+/// CAP_SYS_PTRACE, and no pager threads), so before forking every remote heap page is brought back
+/// and eviction is held; the child then owns a complete private copy of the heap, and the parent's
+/// later write-backs cannot change what it sees. The parent resumes eviction after the fork.
+/// `posix_spawn` and `vfork` share the address space until `exec` and need none of this.
+///
+/// # Safety
+/// The same as glibc's `fork`: in a multi-threaded program the child may only call
+/// async-signal-safe functions until it calls `exec`.
+#[no_mangle]
+pub unsafe extern "C" fn fork() -> libc::pid_t {
+    // SAFETY: looking up the next definition of `fork` (glibc's); the name is a valid C string.
+    let real = unsafe { libc::dlsym(libc::RTLD_NEXT, c"fork".as_ptr()) };
+    if real.is_null() {
+        // SAFETY: setting errno.
+        unsafe { *libc::__errno_location() = libc::ENOSYS };
+        return -1;
+    }
+    // SAFETY: `real` is glibc's `fork`, whose signature this is.
+    let real: ForkFn = unsafe { std::mem::transmute::<*mut libc::c_void, ForkFn>(real) };
+    let (Some(pager), Some(region)) = (pager(), region()) else {
+        // SAFETY: calling glibc's fork.
+        return unsafe { real() };
+    };
+    pager.hold_resident(true);
+    // Pages the evictor was moving out when the hold began become remote a moment later: repeat
+    // until a pass finds nothing to fetch twice in a row.
+    loop {
+        if region.fetch_all() == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+            if region.fetch_all() == 0 {
+                break;
+            }
+        }
+    }
+    // SAFETY: calling glibc's fork.
+    let pid = unsafe { real() };
+    if pid != 0 {
+        pager.hold_resident(false);
+    }
+    pid
+}

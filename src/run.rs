@@ -1,0 +1,164 @@
+//! `coalesce run`: runs an unmodified program with `libcoalesce.so` preloaded, so its heap lives in
+//! a pager region over the given memory servers (or an embedded loopback one), forwards its exit
+//! status, and prints the pager's statistics, the run time and the peak resident memory on exit.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use rdma::ProviderKind;
+
+/// What to run and how.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Memory servers.
+    pub servers: Vec<SocketAddr>,
+    /// Start a memory-server in this process on 127.0.0.1 for the run.
+    pub embedded_server: bool,
+    /// Local budget in bytes.
+    pub local: u64,
+    /// Heap size limit in bytes.
+    pub heap_size: u64,
+    /// Data-path provider.
+    pub provider: ProviderKind,
+    /// Print statistics on exit.
+    pub stats: bool,
+    /// The program and its arguments.
+    pub command: Vec<OsString>,
+}
+
+/// How the program ended.
+#[derive(Debug, Clone)]
+pub struct RunOutcome {
+    /// Exit status to forward (128 + signal when killed).
+    pub code: i32,
+    /// Wall time.
+    pub elapsed: Duration,
+    /// Peak resident memory of the program, in bytes.
+    pub max_rss: u64,
+    /// The pager's statistics, as printed by the library.
+    pub stats: Option<String>,
+}
+
+/// Errors of `coalesce run`.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The preload library is not where it should be.
+    #[error("cannot find libcoalesce.so ({0}); build it with `cargo build --release -p coalesce-preload` or set COALESCE_PRELOAD_LIB")]
+    NoLibrary(String),
+    /// No program given.
+    #[error("no program to run: use `coalesce run [OPTIONS] -- PROGRAM [ARGS...]`")]
+    NoProgram,
+    /// The embedded server did not start.
+    #[error(transparent)]
+    Server(#[from] remote_mem_server::ServerError),
+    /// The program could not be started.
+    #[error("cannot start {program}: {source}")]
+    Spawn {
+        /// The program.
+        program: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// Finds `libcoalesce.so`: `COALESCE_PRELOAD_LIB`, next to this executable, or `../lib/`.
+pub fn library_path() -> Result<PathBuf, RunError> {
+    if let Some(p) = std::env::var_os("COALESCE_PRELOAD_LIB") {
+        let p = PathBuf::from(p);
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(RunError::NoLibrary(format!("COALESCE_PRELOAD_LIB={} does not exist", p.display())))
+        };
+    }
+    let exe = std::env::current_exe().map_err(|e| RunError::NoLibrary(e.to_string()))?;
+    let dir = exe.parent().map(PathBuf::from).unwrap_or_default();
+    let candidates = [dir.join("libcoalesce.so"), dir.join("../lib/libcoalesce.so")];
+    candidates.iter().find(|p| p.is_file()).cloned().ok_or_else(|| {
+        RunError::NoLibrary(format!(
+            "looked in {}",
+            candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+        ))
+    })
+}
+
+/// Runs the program and waits for it.
+pub fn run(opts: &RunOptions) -> Result<RunOutcome, RunError> {
+    let (program, args) = opts.command.split_first().ok_or(RunError::NoProgram)?;
+    let lib = library_path()?;
+    let embedded = if opts.embedded_server {
+        let capacity = opts.heap_size.max(1 << 30);
+        let config = remote_mem_server::ServerConfig { capacity, ..remote_mem_server::ServerConfig::loopback() };
+        Some(remote_mem_server::start(config)?)
+    } else {
+        None
+    };
+    let mut servers = opts.servers.clone();
+    if let Some(s) = &embedded {
+        servers.push(s.addr());
+    }
+    let stats_file = std::env::temp_dir().join(format!("coalesce-run-stats-{}", std::process::id()));
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    let mut preload = lib.into_os_string();
+    if let Some(old) = std::env::var_os("LD_PRELOAD").filter(|v| !v.is_empty()) {
+        preload.push(":");
+        preload.push(old);
+    }
+    cmd.env("LD_PRELOAD", preload);
+    if servers.is_empty() {
+        eprintln!("coalesce: no --servers and no --embedded-server: the program runs on plain local memory");
+        cmd.env_remove("COALESCE_SERVERS");
+    } else {
+        let list: Vec<String> = servers.iter().map(ToString::to_string).collect();
+        cmd.env("COALESCE_SERVERS", list.join(","));
+    }
+    cmd.env("COALESCE_LOCAL", opts.local.to_string())
+        .env("COALESCE_HEAP_SIZE", opts.heap_size.to_string())
+        .env("COALESCE_PROVIDER", opts.provider.to_string());
+    if opts.stats {
+        cmd.env("COALESCE_STATS", &stats_file);
+    }
+    let start = Instant::now();
+    let child =
+        cmd.spawn().map_err(|source| RunError::Spawn { program: program.to_string_lossy().into_owned(), source })?;
+    let pid = libc::pid_t::try_from(child.id()).unwrap_or(-1);
+    let (code, max_rss) = wait(pid);
+    // The child has been reaped by wait4; `Child` must not wait again.
+    std::mem::forget(child);
+    let elapsed = start.elapsed();
+    let stats = std::fs::read_to_string(&stats_file).ok();
+    let _ = std::fs::remove_file(&stats_file);
+    if let Some(s) = embedded {
+        s.shutdown();
+    }
+    Ok(RunOutcome { code, elapsed, max_rss, stats })
+}
+
+/// Waits for `pid`; returns the status to forward and its peak RSS in bytes.
+fn wait(pid: libc::pid_t) -> (i32, u64) {
+    let mut status = 0;
+    // SAFETY: zeroed rusage is a valid value to be overwritten.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: waiting for our own child with valid out-pointers.
+        let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+        if rc == pid {
+            break;
+        }
+        if rc < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return (1, 0);
+        }
+    }
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else if libc::WIFSIGNALED(status) {
+        128 + libc::WTERMSIG(status)
+    } else {
+        1
+    };
+    (code, u64::try_from(usage.ru_maxrss).unwrap_or(0) * 1024)
+}
