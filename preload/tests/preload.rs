@@ -1,0 +1,286 @@
+//! End-to-end tests of `libcoalesce.so`: the hazard probe under the preload (threads, read(2) into
+//! paged-out memory, allocator purges, fork without exec, fork+exec, posix_spawn), configuration
+//! errors, and real programs from Debian packages (python3, sqlite3, sort) whose output must match a
+//! plain run while their peak resident memory stays below the budget plus a fixed overhead.
+
+#![allow(missing_docs, clippy::unwrap_used, clippy::cast_precision_loss)]
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1 << 20;
+/// What a preloaded process may hold beyond its heap budget: the program's own binary, libraries
+/// and stack, this library's internal arena, staging buffers and touched page-table entries.
+const FIXED_OVERHEAD: u64 = 40 * MIB;
+
+fn library() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let lib = dir.join("libcoalesce.so");
+    assert!(lib.is_file(), "{} is missing: build the workspace (cargo test --workspace)", lib.display());
+    lib
+}
+
+fn probe() -> &'static str {
+    env!("CARGO_BIN_EXE_coalesce-preload-probe")
+}
+
+fn server() -> remote_mem_server::ServerHandle {
+    let config = remote_mem_server::ServerConfig { capacity: 8 << 30, ..remote_mem_server::ServerConfig::loopback() };
+    remote_mem_server::start(config).unwrap()
+}
+
+struct Outcome {
+    status: i32,
+    stdout: Vec<u8>,
+    stderr: String,
+    elapsed: Duration,
+    max_rss: u64,
+    stats: Option<String>,
+}
+
+/// Runs `cmd` (optionally preloaded against `server` with `budget`) and collects its output, exit
+/// status, wall time and peak RSS.
+fn cmd(program: &str, args: &[&str]) -> Command {
+    let mut c = Command::new(program);
+    c.args(args);
+    c
+}
+
+fn run(mut cmd: Command, preload: Option<(&remote_mem_server::ServerHandle, u64)>, stdin: &[u8]) -> Outcome {
+    let stats_file =
+        std::env::temp_dir().join(format!("coalesce-test-stats-{}-{}", std::process::id(), fastrand::u64(..)));
+    if let Some((server, budget)) = preload {
+        cmd.env("LD_PRELOAD", library())
+            .env("COALESCE_SERVERS", server.addr().to_string())
+            .env("COALESCE_LOCAL", budget.to_string())
+            .env("COALESCE_HEAP_SIZE", "8GiB")
+            .env("COALESCE_STATS", &stats_file);
+    }
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let start = Instant::now();
+    let mut child = cmd.spawn().unwrap();
+    let mut input = child.stdin.take().unwrap();
+    let data = stdin.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = input.write_all(&data);
+    });
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let out_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        std::io::Read::read_to_end(&mut out, &mut v).unwrap();
+        v
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut v = String::new();
+        std::io::Read::read_to_string(&mut err, &mut v).unwrap();
+        v
+    });
+    let pid = libc::pid_t::try_from(child.id()).unwrap();
+    let mut status = 0;
+    // SAFETY: zeroed rusage is valid; waiting for our own child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(rc, pid);
+    std::mem::forget(child);
+    writer.join().unwrap();
+    let elapsed = start.elapsed();
+    let code = if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { 128 + libc::WTERMSIG(status) };
+    let stats = std::fs::read_to_string(&stats_file).ok();
+    let _ = std::fs::remove_file(&stats_file);
+    Outcome {
+        status: code,
+        stdout: out_t.join().unwrap(),
+        stderr: err_t.join().unwrap(),
+        elapsed,
+        max_rss: u64::try_from(usage.ru_maxrss).unwrap() * 1024,
+        stats,
+    }
+}
+
+fn stat(stats: &str, line_prefix: &str, word_index: usize) -> u64 {
+    let line =
+        stats.lines().find(|l| l.starts_with(line_prefix)).unwrap_or_else(|| panic!("no {line_prefix} in {stats}"));
+    line.split(|c: char| !c.is_ascii_digit()).filter(|w| !w.is_empty()).nth(word_index).unwrap().parse().unwrap()
+}
+
+fn probe_mode(mode: &str) {
+    let server = server();
+    let out = run(cmd(probe(), &[mode]), Some((&server, 32 * MIB)), b"");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status, 0, "probe {mode}: {stdout}\n{}", out.stderr);
+    assert!(stdout.contains(&format!("OK {mode}")), "{stdout}");
+    let stats = out.stats.expect("statistics were written");
+    eprintln!(
+        "probe {mode}: {:.2} s, peak RSS {:.1} MiB\n{stats}",
+        out.elapsed.as_secs_f64(),
+        out.max_rss as f64 / MIB as f64
+    );
+}
+
+#[test]
+fn threads_allocating_and_freeing_across_threads() {
+    probe_mode("threads");
+}
+
+#[test]
+fn read_syscall_into_a_paged_out_buffer() {
+    probe_mode("read-into");
+}
+
+#[test]
+fn fork_without_exec_sees_the_heap_as_it_was() {
+    probe_mode("fork");
+}
+
+#[test]
+fn fork_then_exec() {
+    probe_mode("fork-exec");
+}
+
+#[test]
+fn posix_spawn() {
+    probe_mode("spawn");
+}
+
+#[test]
+fn allocator_purges_become_discards() {
+    let server = server();
+    let out = run(cmd(probe(), &["purge"]), Some((&server, 32 * MIB)), b"");
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    let stats = out.stats.unwrap();
+    assert!(stat(&stats, "failures:", 1) > 0, "mimalloc's purges were not seen as discards:\n{stats}");
+}
+
+#[test]
+fn without_servers_the_program_runs_on_plain_local_memory() {
+    let mut cmd = Command::new(probe());
+    cmd.arg("threads").env("LD_PRELOAD", library()).env_remove("COALESCE_SERVERS").env("COALESCE_STATS", "stderr");
+    let out = run(cmd, None, b"");
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    assert!(!out.stderr.contains("pager statistics"), "no pager should run: {}", out.stderr);
+}
+
+#[test]
+fn misconfiguration_prints_one_line_and_exits_125() {
+    for (var, value, expect) in [
+        ("COALESCE_LOCAL", "lots", "COALESCE_LOCAL"),
+        ("COALESCE_SERVERS", "not-an-address", "COALESCE_SERVERS"),
+        ("COALESCE_SERVERS", "127.0.0.1:1", "127.0.0.1:1"),
+        ("COALESCE_PROVIDER", "carrier-pigeon", "COALESCE_PROVIDER"),
+    ] {
+        let mut cmd = Command::new(probe());
+        cmd.arg("hello").env("LD_PRELOAD", library()).env("COALESCE_SERVERS", "127.0.0.1:7").env(var, value);
+        let out = run(cmd, None, b"");
+        assert_eq!(out.status, 125, "{var}={value}: {}", out.stderr);
+        let lines: Vec<&str> = out.stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{var}={value}: expected one line, got {lines:?}");
+        assert!(lines[0].contains(expect), "{var}={value}: {}", lines[0]);
+        assert!(out.stdout.is_empty(), "the program must not have run");
+    }
+}
+
+/// Runs a real program plainly and under the preload; checks the output is identical and the
+/// preloaded peak RSS stays under budget + overhead; prints the figures.
+fn real_program(name: &str, build: impl Fn() -> Command, stdin: &[u8], budget: u64) {
+    let plain = run(build(), None, stdin);
+    assert_eq!(plain.status, 0, "plain {name} failed: {}", plain.stderr);
+    let server = server();
+    let pre = run(build(), Some((&server, budget)), stdin);
+    assert_eq!(pre.status, 0, "{name} under the preload failed: {}", pre.stderr);
+    assert!(pre.stdout == plain.stdout, "{name}: output differs under the preload");
+    let stats = pre.stats.unwrap();
+    let remote_faults = stat(&stats, "faults:", 1);
+    eprintln!(
+        "{name}: plain {:.2} s, peak RSS {:.1} MiB | preloaded with {} MiB budget {:.2} s, peak RSS {:.1} MiB, faults: {} zero, {} remote, {} first-write",
+        plain.elapsed.as_secs_f64(),
+        plain.max_rss as f64 / MIB as f64,
+        budget / MIB,
+        pre.elapsed.as_secs_f64(),
+        pre.max_rss as f64 / MIB as f64,
+        stat(&stats, "faults:", 0),
+        remote_faults,
+        stat(&stats, "faults:", 2),
+    );
+    assert!(plain.max_rss > budget + FIXED_OVERHEAD, "{name} is too small to test paging ({} bytes)", plain.max_rss);
+    assert!(
+        pre.max_rss <= budget + FIXED_OVERHEAD,
+        "{name}: peak RSS {} MiB exceeds budget {} MiB + overhead {} MiB",
+        pre.max_rss / MIB,
+        budget / MIB,
+        FIXED_OVERHEAD / MIB
+    );
+    assert!(remote_faults > 0, "{name}: nothing was paged in from the server:\n{stats}");
+}
+
+#[test]
+#[ignore = "issue 5 is open: real programs are not yet reliable (sort livelocks in write-protect handling; python3 and sqlite3 fail when run in parallel); run with --ignored"]
+fn python3_builds_and_checksums_objects() {
+    let script = "import hashlib\n\
+        objs = [bytes([i % 251]) * 4000 + str(i).encode() for i in range(75000)]\n\
+        d = {i: objs[i][:64] for i in range(0, 75000, 3)}\n\
+        h = hashlib.sha256()\n\
+        for o in objs: h.update(o)\n\
+        print(len(objs), len(d), h.hexdigest())\n";
+    real_program(
+        "python3",
+        || {
+            let mut c = Command::new("/usr/bin/python3");
+            c.args(["-c", script]);
+            c
+        },
+        b"",
+        64 * MIB,
+    );
+}
+
+#[test]
+#[ignore = "issue 5 is open: real programs are not yet reliable (sort livelocks in write-protect handling; python3 and sqlite3 fail when run in parallel); run with --ignored"]
+fn sqlite3_in_memory_million_rows_with_index_and_aggregates() {
+    let sql = "CREATE TABLE t(id INTEGER PRIMARY KEY, k INTEGER, v TEXT);\n\
+        WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 1000000)\n\
+        INSERT INTO t SELECT x, (x * 7919) % 100003, printf('%.60c', char(65 + x % 26)) FROM c;\n\
+        CREATE INDEX tk ON t(k);\n\
+        SELECT count(*), sum(k), count(DISTINCT k), max(length(v)) FROM t;\n\
+        SELECT k, count(*) FROM t WHERE k BETWEEN 100 AND 105 GROUP BY k;\n";
+    real_program(
+        "sqlite3",
+        || {
+            let mut c = Command::new("/usr/bin/sqlite3");
+            c.arg(":memory:");
+            c
+        },
+        sql.as_bytes(),
+        32 * MIB,
+    );
+}
+
+#[test]
+#[ignore = "issue 5 is open: real programs are not yet reliable (sort livelocks in write-protect handling; python3 and sqlite3 fail when run in parallel); run with --ignored"]
+fn sort_of_a_few_hundred_mib_with_a_large_buffer() {
+    let path = std::env::temp_dir().join(format!("coalesce-sort-input-{}", std::process::id()));
+    {
+        let mut rng = fastrand::Rng::with_seed(11);
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+        for _ in 0..5_000_000 {
+            let line: String = (0..24).map(|_| rng.alphanumeric()).collect();
+            writeln!(f, "{line}").unwrap();
+        }
+    }
+    let p = path.clone();
+    real_program(
+        "sort",
+        move || {
+            let mut c = Command::new("/usr/bin/sort");
+            c.args(["-S", "400M", "--parallel=2"]).arg(&p).env("LC_ALL", "C");
+            c
+        },
+        b"",
+        64 * MIB,
+    );
+    let _ = std::fs::remove_file(&path);
+}
