@@ -292,16 +292,7 @@ impl Uffd {
     /// `wp` maps it write-protected. Errors: `EEXIST` (already mapped: wake instead), `EAGAIN`
     /// (events pending: read them, then retry).
     pub fn copy(&self, dst: usize, src: *const u8, len: usize, wp: bool) -> io::Result<()> {
-        let mut c = UffdioCopy {
-            dst: dst as u64,
-            src: src as u64,
-            len: len as u64,
-            mode: if wp { COPY_MODE_WP } else { 0 },
-            copy: 0,
-        };
-        // SAFETY: valid `uffdio_copy`; the kernel reads `len` bytes at `src` with copy_from_user,
-        // which fails with EFAULT instead of faulting if the caller passed a bad pointer.
-        cvt(unsafe { libc::ioctl(self.raw(), UFFDIO_COPY, &mut c) })
+        self.copy_run(dst, src, len, wp).map_err(|(e, _)| e)
     }
 
     /// Like [`Uffd::copy`] for a run of pages; on failure also returns how many bytes were copied
