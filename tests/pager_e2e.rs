@@ -301,6 +301,11 @@ fn a_region_over_its_latency_bound_keeps_its_pages_local() {
     for p in 0..a_pages {
         assert!(check_page(a, p, 7));
     }
+    // A fault's statistics are recorded just after the faulting thread resumes: allow a moment.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while bounded.stats().latency_bound_violations == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     assert!(bounded.stats().latency_bound_violations > 0, "{:?}", bounded.stats());
     // Now heavy pressure from the other region must not evict the bounded one.
     for _ in 0..2 {
@@ -401,4 +406,76 @@ fn stress_faults_writes_and_eviction_race_on_shared_pages() {
     assert_eq!(total, counts.iter().sum::<u64>(), "increments were lost or duplicated");
     assert!(stats.evictions_dirty > 100 && stats.remote_faults > 100, "the test did not stress eviction: {stats}");
     assert!(stats.peak_resident_pages <= stats.budget_pages);
+}
+
+#[test]
+fn pages_shared_with_a_forked_child_are_still_evicted_and_the_child_keeps_its_view() {
+    let server = ServerProcess::start(&["--capacity", "256MiB", "--slab-size", "16MiB"]);
+    let budget = 4 * MIB;
+    let pager = pager(vec![server.addr], budget, 1);
+    let region = pager.map(32 * MIB, RegionOptions::default()).unwrap();
+    let base = region.as_ptr() as usize;
+    let pages = region.len() / PAGE_SIZE;
+    for p in 0..pages {
+        fill_page(base, p, 1);
+    }
+    let mut in_core = vec![0u8; pages];
+    let mut fds = [0; 2];
+    // SAFETY: pipe writes two descriptors into the array.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: the child only calls async-signal-safe functions (read, mincore, _exit) and reads
+    // memory; it allocates nothing.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        let mut byte = 0u8;
+        // SAFETY: reads one byte into a local; mincore fills the vector allocated before fork.
+        unsafe {
+            libc::read(fds[0], (&raw mut byte).cast(), 1);
+            if libc::mincore(base as *mut libc::c_void, pages * PAGE_SIZE, in_core.as_mut_ptr()) != 0 {
+                libc::_exit(3);
+            }
+        }
+        // Every page the child has must still hold what it held at fork, whatever the parent did.
+        let resident = in_core.iter().filter(|&&b| b & 1 != 0).count();
+        let intact = (0..pages).filter(|&p| in_core[p] & 1 != 0).all(|p| check_page(base, p, 1));
+        // SAFETY: _exit ends the child without running the parent's destructors.
+        unsafe {
+            libc::_exit(if resident == 0 {
+                4
+            } else if intact {
+                0
+            } else {
+                5
+            })
+        }
+    }
+    // The parent only reads at first: its resident pages stay shared with the child, so the evictor
+    // has to unshare them to keep the budget. Then it overwrites everything and checks it.
+    for _ in 0..2 {
+        for p in 0..pages {
+            assert!(check_page(base, p, 1), "page {p} read back wrong after fork");
+        }
+    }
+    for p in 0..pages {
+        fill_page(base, p, 2);
+    }
+    for p in 0..pages {
+        assert!(check_page(base, p, 2), "page {p} read back wrong after rewrite");
+    }
+    // SAFETY: writes one byte to the pipe, then reaps the child.
+    let status = unsafe {
+        libc::write(fds[1], [1u8].as_ptr().cast(), 1);
+        let mut status = 0;
+        libc::waitpid(pid, &raw mut status, 0);
+        libc::close(fds[0]);
+        libc::close(fds[1]);
+        status
+    };
+    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "child saw changed pages: {status:#x}");
+    let stats = pager.stats();
+    eprintln!("{stats}");
+    assert!(stats.unshared_pages > 0, "no shared page was evicted: {stats}");
+    assert_eq!(stats.overshoot_events, 0, "{stats}");
+    assert!(stats.peak_resident_pages <= stats.budget_pages, "{stats}");
 }

@@ -10,6 +10,10 @@
 //!    with `UFFDIO_COPY`, still dirty, so nothing is lost;
 //! 5. the staging buffer (registered with a second, event-less userfaultfd, as `UFFDIO_MOVE`
 //!    requires of its destination) is emptied with `madvise(MADV_DONTNEED)`.
+//!
+//! A `fork` leaves every resident page shared copy-on-write (until this process writes it, even
+//! after the child has exec'd or exited), and `UFFDIO_MOVE` refuses shared pages (`EBUSY`). Such a
+//! page is unshared first (`Evictor::unshare`) and then evicted as dirty.
 
 use std::collections::HashMap;
 use std::io;
@@ -26,6 +30,24 @@ use crate::table::{self, BUSY, DIRTY, HAS_SLOT, PREFETCHED, REFERENCED, REMOTE_V
 use crate::uffd::Uffd;
 use crate::{lock, PagerError, Shared, PAGE_SIZE};
 
+mod cow {
+    //! The one store the evictor makes into application pages.
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// Rewrites the first word of the page at `addr` with its own value by compare-and-swap: a
+    /// write access (so the kernel breaks copy-on-write sharing) that cannot lose a concurrent
+    /// store by the application. If the swap fails, another thread wrote the word, which broke
+    /// the sharing just as well.
+    pub(super) fn rewrite_first_word(addr: usize) {
+        // SAFETY: `addr` is the page-aligned address of a resident page of a live region, locked
+        // by the evictor; the word is only accessed atomically here, and a compare-and-swap of a
+        // value with itself never changes what any other access observes.
+        let word = unsafe { AtomicU64::from_ptr(addr as *mut u64) };
+        let current = word.load(Ordering::Relaxed);
+        let _ = word.compare_exchange(current, current, Ordering::Relaxed, Ordering::Relaxed);
+    }
+}
+
 /// Pages evicted per batch.
 const BATCH: usize = 64;
 
@@ -38,6 +60,8 @@ struct Victim {
     /// Remote slot to write to.
     slot: Option<(u32, Location)>,
     written: bool,
+    /// Copy-on-write sharing with a forked child was broken once for this page.
+    unshared: bool,
 }
 
 /// The eviction thread's state.
@@ -106,8 +130,8 @@ impl Evictor {
                 if no_room {
                     if !shared.evictor_stuck.swap(true, Ordering::AcqRel) {
                         tracing::warn!(
-                            "cannot evict: no memory-server can take more pages (all full or down), or the pages \
-                             are shared with a forked child; keeping them local beyond the budget"
+                            "cannot evict: no memory-server can take more pages (all full or down), or pages \
+                             stay busy (pinned, or shared and not unsharable); keeping them local beyond the budget"
                         );
                     }
                     break;
@@ -147,6 +171,7 @@ impl Evictor {
                         needs_write: false,
                         slot: None,
                         written: false,
+                        unshared: false,
                     });
                 }
             }
@@ -184,9 +209,15 @@ impl Evictor {
                 continue;
             }
             match region.table.try_lock(page, |e| e & RESIDENT != 0 && e & REFERENCED == 0) {
-                Some(entry) => {
-                    victims.push(Victim { region, page, entry, needs_write: false, slot: None, written: false })
-                }
+                Some(entry) => victims.push(Victim {
+                    region,
+                    page,
+                    entry,
+                    needs_write: false,
+                    slot: None,
+                    written: false,
+                    unshared: false,
+                }),
                 None => ring.push_back((rid, page32)),
             }
         }
@@ -223,11 +254,15 @@ impl Evictor {
                     let ok = done / PAGE_SIZE;
                     let mut rest = run.into_iter();
                     moved.extend(rest.by_ref().take(ok));
-                    if let Some(v) = rest.next() {
-                        if e.raw_os_error() == Some(libc::EBUSY) {
-                            shared_pages += 1;
+                    if let Some(mut v) = rest.next() {
+                        if e.raw_os_error() == Some(libc::EBUSY) && !v.unshared && self.unshare(&mut v) {
+                            pending.push_front(v);
+                        } else {
+                            if e.raw_os_error() == Some(libc::EBUSY) {
+                                shared_pages += 1;
+                            }
+                            self.keep(v, &e);
                         }
-                        self.keep(v, &e);
                     }
                     // The rest of the run is tried again as its own run.
                     for v in rest.rev() {
@@ -280,9 +315,9 @@ impl Evictor {
         if rc != 0 {
             tracing::error!(error = %io::Error::last_os_error(), "emptying the staging buffer failed");
         }
-        // Pages shared with a forked child cannot be moved out (EBUSY) until one side writes them
-        // or the child exits; when nothing else could be evicted, report that as no room so that
-        // faults go over budget at once instead of waiting.
+        // Pages that stay busy (EBUSY) even after unsharing (pinned by I/O, say) cannot be moved
+        // out; when nothing else could be evicted, report that as no room so that faults go over
+        // budget at once instead of waiting.
         (evicted, evicted == 0 && (no_room || shared_pages > 0))
     }
 
@@ -306,6 +341,25 @@ impl Evictor {
                 Err((e, n)) => return Err((e, done + n)),
             }
         }
+    }
+
+    /// A page that a `fork` left shared copy-on-write (with a child still running, or one that has
+    /// since exec'd or exited, until this process writes the page) cannot be moved: `EBUSY`.
+    /// Breaks the sharing: lifts the page's write protection, then rewrites one word with its own
+    /// value, so the kernel gives this process a private copy (the child keeps the old one). A
+    /// write by the application between the two steps would not be seen by dirty tracking, so the
+    /// page counts as dirty from here on.
+    fn unshare(&self, v: &mut Victim) -> bool {
+        let addr = v.region.page_addr(v.page);
+        if let Err(e) = self.shared.uffd.write_protect(addr, PAGE_SIZE, false) {
+            tracing::debug!(error = %e, page = v.page, "cannot lift write protection to unshare a page");
+            return false;
+        }
+        v.entry |= DIRTY;
+        v.unshared = true;
+        Counters::add(&self.shared.stats.unshared, 1);
+        cow::rewrite_first_word(addr);
+        true
     }
 
     /// A victim that could not be moved out: a zapped page (ENOENT) now reads as zero and the

@@ -115,10 +115,9 @@ impl Handler {
     /// Reserves room for `n` resident pages; while waiting for the evictor, keeps reading events so
     /// that an `madvise` blocking on its remove event (and an eviction blocked on that) can finish.
     fn reserve(&mut self, n: usize) {
-        let mut waited = 0u32;
-        while !self.shared.try_reserve(n, waited) {
+        let start = Instant::now();
+        while !self.shared.try_reserve(n, start.elapsed()) {
             self.drain_events();
-            waited += 1;
         }
     }
 

@@ -228,9 +228,10 @@ impl Shared {
     }
 
     /// Tries to reserve room for `n` more resident pages; on failure kicks the evictor and waits
-    /// up to a millisecond for room. After `waited` failed tries worth 2 s, or when the evictor is
-    /// stuck (no server can take a dirty page), reserves anyway and counts an over-budget event.
-    pub(crate) fn try_reserve(&self, n: usize, waited: u32) -> bool {
+    /// up to a millisecond for room. Once the caller has been waiting (`waited`) for 2 s, or when
+    /// the evictor is stuck (no server can take a dirty page), reserves anyway and counts an
+    /// over-budget event.
+    pub(crate) fn try_reserve(&self, n: usize, waited: Duration) -> bool {
         loop {
             let cur = self.resident.load(Ordering::Acquire);
             if cur + n > self.budget {
@@ -246,10 +247,11 @@ impl Shared {
             self.stats.peak_resident.fetch_max(now as u64, Ordering::Relaxed);
             return true;
         }
-        if self.evictor_stuck.load(Ordering::Acquire) || self.shutdown.load(Ordering::Acquire) || waited > 2000 {
+        let too_long = waited > Duration::from_secs(2);
+        if self.evictor_stuck.load(Ordering::Acquire) || self.shutdown.load(Ordering::Acquire) || too_long {
             let now = self.resident.fetch_add(n, Ordering::AcqRel) + n;
             stats::Counters::add(&self.stats.overshoot, 1);
-            if waited > 2000 {
+            if too_long {
                 tracing::warn!("the evictor made no room for 2 s; exceeding the local budget");
             }
             self.after_reserve(now);

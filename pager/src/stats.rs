@@ -27,6 +27,7 @@ pub struct Counters {
     pub(crate) peak_resident: AtomicU64,
     pub(crate) overshoot: AtomicU64,
     pub(crate) writeback_failures: AtomicU64,
+    pub(crate) unshared: AtomicU64,
     remote_latency: Mutex<Histogram<u64>>,
 }
 
@@ -52,6 +53,7 @@ impl Default for Counters {
             peak_resident: AtomicU64::new(0),
             overshoot: AtomicU64::new(0),
             writeback_failures: AtomicU64::new(0),
+            unshared: AtomicU64::new(0),
             remote_latency: Mutex::new(hist),
         }
     }
@@ -88,6 +90,7 @@ impl Counters {
             peak_resident_pages: r(&self.peak_resident),
             overshoot_events: r(&self.overshoot),
             writeback_failures: r(&self.writeback_failures),
+            unshared_pages: r(&self.unshared),
             remote_fault_p50: q(0.5),
             remote_fault_p99: q(0.99),
             remote_fault_max: if h.is_empty() { Duration::ZERO } else { Duration::from_nanos(h.max()) },
@@ -96,7 +99,8 @@ impl Counters {
     }
 }
 
-/// A snapshot of the pager's statistics.
+/// A snapshot of the pager's statistics. A fault is counted just after the faulting thread
+/// resumes (the install wakes it), so a snapshot taken right after an access may not count it yet.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PagerStats {
     /// First touches served with a zero page (no network).
@@ -133,8 +137,12 @@ pub struct PagerStats {
     pub peak_resident_pages: u64,
     /// The local budget in pages.
     pub budget_pages: u64,
-    /// Times the budget was exceeded because no server could take a dirty page.
+    /// Times the budget was exceeded: no server could take a dirty page, or the evictor made no
+    /// room for 2 s.
     pub overshoot_events: u64,
+    /// Pages the evictor had to unshare (copy-on-write shared with a forked child) before it
+    /// could evict them; each was then written back as dirty.
+    pub unshared_pages: u64,
     /// Pages held by memory servers.
     pub remote_pages: u64,
     /// Median service time of a remote fault (event read to page installed).
@@ -180,8 +188,8 @@ impl fmt::Display for PagerStats {
         )?;
         writeln!(
             f,
-            "evictions: {} clean (no network), {} dirty (written back); {} write-back failures",
-            self.evictions_clean, self.evictions_dirty, self.writeback_failures
+            "evictions: {} clean (no network), {} dirty (written back); {} write-back failures; {} unshared after fork",
+            self.evictions_clean, self.evictions_dirty, self.writeback_failures, self.unshared_pages
         )?;
         writeln!(f, "traffic: {:.1} MiB in, {:.1} MiB out", mib(self.bytes_in), mib(self.bytes_out))?;
         writeln!(
