@@ -132,10 +132,19 @@ pub fn run(opts: &RunOptions) -> Result<RunOutcome, RunError> {
     let elapsed = start.elapsed();
     let stats = std::fs::read_to_string(&stats_file).ok();
     let _ = std::fs::remove_file(&stats_file);
+    // The program's own high-water mark, as the preload read it at exit, is exact; `ru_maxrss`
+    // also counts this process's address space, which a spawned child shares until exec.
+    let max_rss = stats.as_deref().and_then(peak_rss_from_stats).unwrap_or(max_rss);
     if let Some(s) = embedded {
         s.shutdown();
     }
     Ok(RunOutcome { code, elapsed, max_rss, stats })
+}
+
+/// The `process peak RSS: N kB` line of the preload's statistics, in bytes.
+fn peak_rss_from_stats(stats: &str) -> Option<u64> {
+    let line = stats.lines().find(|l| l.starts_with("process peak RSS:"))?;
+    line.split_whitespace().nth(3)?.parse::<u64>().ok().map(|kib| kib * 1024)
 }
 
 /// Waits for `pid`; returns the status to forward and its peak RSS in bytes.

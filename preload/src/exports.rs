@@ -2,7 +2,9 @@
 //! `realloc(p, 0)` frees and returns null, `posix_memalign` returns `EINVAL` without touching
 //! `errno`, `pvalloc` rounds up to a page, and harmless answers for `malloc_trim`, `mallopt`,
 //! `mallinfo` and `mallinfo2`. Internal threads (pager threads, set-up) allocate from the internal
-//! heap; every other thread from the application heap in the pager region.
+//! heap (glibc's allocator); every other thread from the application heap in the pager region.
+//! `free`, `realloc` and `malloc_usable_size` tell the two apart by asking mimalloc whether it
+//! owns the block.
 //!
 //! Nothing here allocates through `malloc` itself, uses `std::env`, or formats strings.
 
@@ -12,7 +14,7 @@ use std::ffi::{c_int, c_void};
 
 use libmimalloc_sys as mi;
 
-use crate::heap::{app_heap, internal_heap, is_internal_thread};
+use crate::heap::{app_heap, glibc, is_app_block, is_internal_thread};
 
 const PAGE: usize = 4096;
 
@@ -21,23 +23,22 @@ fn set_errno(e: c_int) {
     unsafe { *libc::__errno_location() = e };
 }
 
-/// The heap to allocate from: the internal heap on internal threads, else the thread's heap in
-/// the pager region; null (mimalloc's default heap) before set-up or without a pager.
+/// The mimalloc heap of an application thread: its heap in the pager region; null (mimalloc's
+/// default heap) before set-up or without a pager.
 #[inline]
 fn heap() -> *mut mi::mi_heap_t {
-    if is_internal_thread() {
-        internal_heap()
-    } else {
-        app_heap()
-    }
+    app_heap()
 }
 
 #[inline]
 unsafe fn alloc(size: usize) -> *mut c_void {
-    let h = heap();
-    // SAFETY: forwarding to mimalloc.
+    let internal = is_internal_thread();
+    let h = if internal { std::ptr::null_mut() } else { heap() };
+    // SAFETY: forwarding to glibc or mimalloc.
     let p = unsafe {
-        if h.is_null() {
+        if internal {
+            glibc::__libc_malloc(size)
+        } else if h.is_null() {
             mi::mi_malloc(size)
         } else {
             mi::mi_heap_malloc(h, size)
@@ -51,10 +52,13 @@ unsafe fn alloc(size: usize) -> *mut c_void {
 
 #[inline]
 unsafe fn alloc_aligned(align: usize, size: usize) -> *mut c_void {
-    let h = heap();
-    // SAFETY: forwarding to mimalloc; `align` is a power of two (checked by callers).
+    let internal = is_internal_thread();
+    let h = if internal { std::ptr::null_mut() } else { heap() };
+    // SAFETY: forwarding to glibc or mimalloc; `align` is a power of two (checked by callers).
     let p = unsafe {
-        if h.is_null() {
+        if internal {
+            glibc::__libc_memalign(align, size)
+        } else if h.is_null() {
             mi::mi_malloc_aligned(size, align)
         } else {
             mi::mi_heap_malloc_aligned(h, size, align)
@@ -76,8 +80,25 @@ pub unsafe extern "C" fn malloc(size: usize) -> *mut c_void {
 /// `free(3)`.
 #[no_mangle]
 pub unsafe extern "C" fn free(p: *mut c_void) {
-    // SAFETY: `p` is null or a block from this allocator (the C contract).
-    unsafe { mi::mi_free(p) }
+    // SAFETY: `p` is a block from this allocator (the C contract), owned by whichever heap
+    // `release` picks.
+    unsafe { release(p) }
+}
+
+/// Frees `p` into the heap that owns it.
+#[inline]
+unsafe fn release(p: *mut c_void) {
+    if p.is_null() {
+        return;
+    }
+    // SAFETY: `p` is a live block of the heap chosen here.
+    unsafe {
+        if is_app_block(p) {
+            mi::mi_free(p);
+        } else {
+            glibc::__libc_free(p);
+        }
+    }
 }
 
 /// `calloc(3)`: fails with `ENOMEM` when `n * size` overflows.
@@ -87,10 +108,13 @@ pub unsafe extern "C" fn calloc(n: usize, size: usize) -> *mut c_void {
         set_errno(libc::ENOMEM);
         return std::ptr::null_mut();
     };
-    let h = heap();
-    // SAFETY: forwarding to mimalloc, which returns zeroed memory.
+    let internal = is_internal_thread();
+    let h = if internal { std::ptr::null_mut() } else { heap() };
+    // SAFETY: forwarding to glibc or mimalloc, both of which return zeroed memory.
     let p = unsafe {
-        if h.is_null() {
+        if internal {
+            glibc::__libc_calloc(n, size)
+        } else if h.is_null() {
             mi::mi_zalloc(total)
         } else {
             mi::mi_heap_zalloc(h, total)
@@ -111,16 +135,31 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
     }
     if size == 0 {
         // SAFETY: `p` is a live block (the C contract).
-        unsafe { mi::mi_free(p) };
+        unsafe { release(p) };
         return std::ptr::null_mut();
     }
-    let h = heap();
-    // SAFETY: `p` is a live block; on failure mimalloc leaves it untouched.
+    let app_block = is_app_block(p);
+    let internal = is_internal_thread();
+    // SAFETY: `p` is a live block of the heap `app_block` names; on failure it stays untouched.
     let q = unsafe {
-        if h.is_null() {
-            mi::mi_realloc(p, size)
+        if !app_block {
+            // Internal blocks stay internal, whichever thread grows them.
+            glibc::__libc_realloc(p, size)
+        } else if internal {
+            // An internal thread never enters mimalloc's allocation paths: move the block out.
+            let q = glibc::__libc_malloc(size);
+            if !q.is_null() {
+                q.cast::<u8>().copy_from_nonoverlapping(p.cast::<u8>(), mi::mi_usable_size(p).min(size));
+                mi::mi_free(p);
+            }
+            q
         } else {
-            mi::mi_heap_realloc(h, p, size)
+            let h = heap();
+            if h.is_null() {
+                mi::mi_realloc(p, size)
+            } else {
+                mi::mi_heap_realloc(h, p, size)
+            }
         }
     };
     if q.is_null() {
@@ -208,8 +247,13 @@ pub unsafe extern "C" fn malloc_usable_size(p: *mut c_void) -> usize {
     if p.is_null() {
         return 0;
     }
-    // SAFETY: `p` is a live block (the C contract).
-    unsafe { mi::mi_usable_size(p) }
+    if is_app_block(p) {
+        // SAFETY: `p` is a live mimalloc block (the C contract).
+        unsafe { mi::mi_usable_size(p) }
+    } else {
+        // SAFETY: a live block that mimalloc does not own is the internal heap's (glibc's).
+        unsafe { crate::setup::glibc_usable_size(p) }
+    }
 }
 
 /// `malloc_trim(3)`: nothing to trim through this interface; reports that nothing was released.

@@ -1,11 +1,14 @@
-//! The two heaps of a preloaded process, both run by mimalloc:
+//! The two heaps of a preloaded process:
 //!
-//! - the **application heap**: mimalloc's default heaps, which after set-up may only take memory
-//!   from the pager region's arena (`disallow_os_alloc`), so the program's heap pages are subject to
-//!   the local budget and page out to memory servers;
-//! - the **internal heap**: an exclusive arena of ordinary memory, used by this library's own Rust
-//!   code (through the global allocator below) and by every pager thread. The thread that serves
-//!   faults must never touch the heap it serves; this keeps its allocations out of the region.
+//! - the **application heap**: mimalloc heaps that after set-up may only take memory from the
+//!   pager region's arena (`limit_os_alloc`), so the program's heap pages are subject to the local
+//!   budget and page out to memory servers;
+//! - the **internal heap**: glibc's own allocator (`__libc_malloc` and friends), used by this
+//!   library's Rust code (through the global allocator below) and by every pager thread. Pager
+//!   threads never enter mimalloc at all: mimalloc purges any arena from whichever thread happens
+//!   to call into it, and a purge of the region by a pager thread (an `madvise` that waits for the
+//!   fault handler to read its remove event) while that thread holds a pager lock would deadlock.
+//!   It also keeps the fault handler's allocations out of the heap it serves.
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::cell::Cell;
@@ -14,46 +17,44 @@ use std::sync::atomic::{AtomicI32, Ordering};
 
 use libmimalloc_sys as mi;
 
-/// Arena id of the internal arena (0: not created yet).
-static INTERNAL_ARENA: AtomicI32 = AtomicI32::new(0);
 /// Arena id of the pager region (0: no pager; the program allocates plain memory).
 static REGION_ARENA: AtomicI32 = AtomicI32::new(0);
-/// Size of the internal arena's address range (reserved lazily by the kernel).
-const INTERNAL_ARENA_SIZE: usize = 2 << 30;
 
 thread_local! {
-    /// This thread's heap in the internal arena, made on first use.
-    static INTERNAL_HEAP: Cell<*mut mi::mi_heap_t> = const { Cell::new(std::ptr::null_mut()) };
-    /// True on pager threads and during set-up: C allocations go to the internal heap too.
+    /// True on pager threads and during set-up: C allocations go to the internal heap.
     static INTERNAL_THREAD: Cell<bool> = const { Cell::new(false) };
     /// This thread's application heap in the region arena, made on first use.
     static APP_HEAP: Cell<*mut mi::mi_heap_t> = const { Cell::new(std::ptr::null_mut()) };
 }
 
-/// Creates the internal arena. Called once, during set-up, before the pager starts.
-pub fn create_internal_arena() -> Result<(), String> {
-    // SAFETY: a fresh private anonymous mapping; nothing else refers to it.
-    let base = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            INTERNAL_ARENA_SIZE,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    };
-    if base == libc::MAP_FAILED {
-        return Err(format!("cannot reserve the internal heap: {}", std::io::Error::last_os_error()));
+/// glibc's allocator under its internal names (exported by libc.so.6 since glibc 2.2.5), which
+/// the exported `malloc` family does not interpose.
+pub mod glibc {
+    use std::ffi::c_void;
+
+    /// Largest alignment glibc's `malloc` guarantees on 64-bit targets.
+    pub const MALLOC_ALIGN: usize = 16;
+
+    extern "C" {
+        /// glibc's `malloc`.
+        pub fn __libc_malloc(size: usize) -> *mut c_void;
+        /// glibc's `calloc`.
+        pub fn __libc_calloc(n: usize, size: usize) -> *mut c_void;
+        /// glibc's `realloc`.
+        pub fn __libc_realloc(p: *mut c_void, size: usize) -> *mut c_void;
+        /// glibc's `memalign`.
+        pub fn __libc_memalign(align: usize, size: usize) -> *mut c_void;
+        /// glibc's `free`.
+        pub fn __libc_free(p: *mut c_void);
     }
-    let mut id: mi::mi_arena_id_t = 0;
-    // SAFETY: the range was just mapped read-write and is handed to mimalloc for good.
-    let ok = unsafe { mi::mi_manage_os_memory_ex(base, INTERNAL_ARENA_SIZE, true, false, true, -1, true, &mut id) };
-    if !ok {
-        return Err("mimalloc refused the internal arena".into());
-    }
-    INTERNAL_ARENA.store(id, Ordering::Release);
-    Ok(())
+}
+
+/// True if `p` is a block of mimalloc's (the application heap, or memory mimalloc handed out
+/// before set-up); false for the internal heap's blocks.
+pub fn is_app_block(p: *const c_void) -> bool {
+    // SAFETY: a lookup in mimalloc's arena list and segment map; `p` is not dereferenced unless
+    // it lies in a segment mimalloc allocated.
+    unsafe { mi::mi_is_in_heap_region(p) }
 }
 
 /// Hands the pager region to mimalloc as the application heap's only source of memory.
@@ -97,7 +98,6 @@ pub fn app_heap() -> *mut mi::mi_heap_t {
 /// Marks the calling thread internal: its C allocations go to the internal heap from now on.
 pub fn mark_internal_thread() {
     INTERNAL_THREAD.with(|c| c.set(true));
-    let _ = internal_heap();
 }
 
 /// Ends the internal mark of the calling thread (after set-up on the main thread).
@@ -110,70 +110,57 @@ pub fn is_internal_thread() -> bool {
     INTERNAL_THREAD.with(Cell::get)
 }
 
-/// The calling thread's internal heap, or null before the internal arena exists.
-pub fn internal_heap() -> *mut mi::mi_heap_t {
-    INTERNAL_HEAP.with(|h| {
-        let cur = h.get();
-        if !cur.is_null() {
-            return cur;
-        }
-        let arena = INTERNAL_ARENA.load(Ordering::Acquire);
-        if arena == 0 {
-            return std::ptr::null_mut();
-        }
-        // SAFETY: `arena` is a valid arena id made by `create_internal_arena`.
-        let heap = unsafe { mi::mi_heap_new_in_arena(arena) };
-        h.set(heap);
-        heap
-    })
-}
-
-/// The global allocator of this library's Rust code: always the internal heap (or mimalloc's
-/// default heap before the internal arena exists, i.e. before any pager runs).
+/// The global allocator of this library's Rust code: always the internal heap (glibc).
 #[derive(Debug)]
 pub struct InternalAllocator;
 
-// SAFETY: every method forwards to mimalloc with the layout's size and alignment; mimalloc returns
-// suitably aligned blocks or null, and `mi_free` accepts any block of any heap.
+// SAFETY: every method forwards to glibc with the layout's size and alignment (memalign for
+// alignments beyond malloc's); glibc returns suitably aligned blocks or null.
 unsafe impl GlobalAlloc for InternalAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let heap = internal_heap();
-        // SAFETY: forwarding a valid size/alignment to mimalloc.
+        // SAFETY: forwarding a valid size/alignment to glibc.
         unsafe {
-            if heap.is_null() {
-                mi::mi_malloc_aligned(layout.size(), layout.align()).cast()
+            if layout.align() <= glibc::MALLOC_ALIGN {
+                glibc::__libc_malloc(layout.size()).cast()
             } else {
-                mi::mi_heap_malloc_aligned(heap, layout.size(), layout.align()).cast()
+                glibc::__libc_memalign(layout.align(), layout.size()).cast()
             }
         }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let heap = internal_heap();
-        // SAFETY: as for `alloc`.
+        if layout.align() <= glibc::MALLOC_ALIGN {
+            // SAFETY: as for `alloc`.
+            return unsafe { glibc::__libc_calloc(1, layout.size()).cast() };
+        }
+        // SAFETY: as for `alloc`; the block has `layout.size()` writable bytes.
         unsafe {
-            if heap.is_null() {
-                mi::mi_zalloc_aligned(layout.size(), layout.align()).cast()
-            } else {
-                mi::mi_heap_zalloc_aligned(heap, layout.size(), layout.align()).cast()
+            let p = self.alloc(layout);
+            if !p.is_null() {
+                p.write_bytes(0, layout.size());
             }
+            p
         }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, _layout: Layout) {
-        // SAFETY: `ptr` came from one of the methods above.
-        unsafe { mi::mi_free(ptr.cast::<c_void>()) }
+        // SAFETY: `ptr` came from one of the methods here, all of which allocate from glibc.
+        unsafe { glibc::__libc_free(ptr.cast::<c_void>()) }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let heap = internal_heap();
-        // SAFETY: `ptr` came from this allocator; size and alignment are the caller's valid ones.
+        if layout.align() <= glibc::MALLOC_ALIGN {
+            // SAFETY: `ptr` is a glibc block of this allocator.
+            return unsafe { glibc::__libc_realloc(ptr.cast(), new_size).cast() };
+        }
+        // SAFETY: a fresh block of the same alignment; the old one holds `layout.size()` bytes.
         unsafe {
-            if heap.is_null() {
-                mi::mi_realloc_aligned(ptr.cast(), new_size, layout.align()).cast()
-            } else {
-                mi::mi_heap_realloc_aligned(heap, ptr.cast(), new_size, layout.align()).cast()
+            let new = self.alloc(Layout::from_size_align_unchecked(new_size, layout.align()));
+            if !new.is_null() {
+                new.copy_from_nonoverlapping(ptr, layout.size().min(new_size));
+                self.dealloc(ptr, layout);
             }
+            new
         }
     }
 }

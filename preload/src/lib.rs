@@ -32,7 +32,9 @@
 //! - No recursion at start-up: nothing on the allocation path allocates; set-up runs from
 //!   `.init_array` with the calling thread marked internal.
 //! - The pager's own threads (and this library's Rust code, through its global allocator) allocate
-//!   from a separate internal arena, never from the heap the pager serves.
+//!   from glibc's allocator, never from the heap the pager serves, and never enter mimalloc: a
+//!   mimalloc purge of the region run by a pager thread would wait for the fault handler to read
+//!   its remove event, possibly while holding a lock that handler needs.
 //! - System calls writing into a non-resident heap page (e.g. `read(2)`) work: the pager handles
 //!   kernel-mode faults (it refuses to run in user-mode-only userfaultfd).
 //! - mimalloc's purges (`madvise(MADV_DONTNEED)`) become remove events: the pages read as zero and

@@ -97,10 +97,7 @@ pub extern "C" fn init() {
         Err(e) => refuse(&e),
     };
     heap::mark_internal_thread();
-    if let Err(e) = heap::create_internal_arena() {
-        refuse(&e);
-    }
-    heap::mark_internal_thread();
+    resolve_glibc_usable_size();
     remote_mem_server::init_logging(&settings.log);
     let mut config = PagerConfig::new(settings.servers.clone(), settings.local);
     config.provider = settings.provider;
@@ -140,6 +137,32 @@ pub extern "C" fn init() {
     unsafe { libc::atexit(at_exit) };
 }
 
+/// glibc's `malloc_usable_size`, for blocks of the internal heap (0: not resolved).
+static GLIBC_USABLE_SIZE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn resolve_glibc_usable_size() {
+    // SAFETY: looking up the next definition of the symbol (glibc's); the name is a C string.
+    let f = unsafe { libc::dlsym(libc::RTLD_NEXT, c"malloc_usable_size".as_ptr()) };
+    GLIBC_USABLE_SIZE.store(f as usize, Ordering::Release);
+}
+
+/// `malloc_usable_size` of a block of the internal heap: glibc's answer, or 0 (which promises no
+/// extra bytes) if glibc's function could not be found.
+///
+/// # Safety
+/// `p` must be a live block of glibc's allocator.
+pub unsafe fn glibc_usable_size(p: *mut libc::c_void) -> usize {
+    let f = GLIBC_USABLE_SIZE.load(Ordering::Acquire);
+    if f == 0 {
+        return 0;
+    }
+    // SAFETY: `f` is glibc's `malloc_usable_size`, which has this signature; `p` is a live glibc
+    // block (the caller's contract).
+    let f: unsafe extern "C" fn(*mut libc::c_void) -> usize = unsafe { std::mem::transmute(f) };
+    // SAFETY: as above.
+    unsafe { f(p) }
+}
+
 static STARTED_THREADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 fn pager_thread_start() {
@@ -162,7 +185,11 @@ extern "C" fn at_exit() {
     }
     let Some(dest) = var("COALESCE_STATS") else { return };
     heap::mark_internal_thread();
-    let text = format!("coalesce pager statistics:\n{}\n", pager.stats());
+    let peak = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(|l| l["VmHWM:".len()..].trim().to_owned()))
+        .unwrap_or_else(|| "unknown".into());
+    let text = format!("coalesce pager statistics:\n{}\nprocess peak RSS: {peak} (VmHWM)\n", pager.stats());
     if dest == "1" || dest == "stderr" {
         eprint!("{text}");
     } else if let Err(e) = std::fs::write(&dest, text) {
