@@ -23,6 +23,8 @@ pub struct DemoOptions {
     pub servers: Vec<SocketAddr>,
     /// Data-path provider.
     pub provider: ProviderKind,
+    /// RDMA device for the verbs provider (`None`: the first one).
+    pub device: Option<String>,
     /// Link emulation.
     pub link: LinkProfile,
     /// Sequential read passes.
@@ -52,6 +54,19 @@ pub enum DemoError {
     /// Bad options.
     #[error("{0}")]
     Options(String),
+}
+
+impl DemoError {
+    /// True when the error is that the verbs provider is missing (no build support, library or
+    /// device): the case `--fallback-to-shim` covers.
+    pub fn is_provider_unavailable(&self) -> bool {
+        let unavailable = |e: &rdma::TransportError| matches!(e, rdma::TransportError::ProviderUnavailable { .. });
+        match self {
+            DemoError::Server(remote_mem_server::ServerError::Verbs(e)) => unavailable(e),
+            DemoError::Pager(coalesce_pager::PagerError::Transport { source, .. }) => unavailable(source),
+            _ => false,
+        }
+    }
 }
 
 /// Figures of one demo run.
@@ -94,7 +109,12 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
     }
     let embedded = if opts.servers.is_empty() {
         let capacity = (opts.size as u64 * 2).max(256 << 20);
-        let config = remote_mem_server::ServerConfig { capacity, ..remote_mem_server::ServerConfig::loopback() };
+        let config = remote_mem_server::ServerConfig {
+            capacity,
+            provider: opts.provider,
+            device: opts.device.clone(),
+            ..remote_mem_server::ServerConfig::loopback()
+        };
         Some(remote_mem_server::start(config)?)
     } else {
         None
@@ -105,6 +125,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
     };
     let mut config = PagerConfig::new(servers, opts.local);
     config.provider = opts.provider;
+    config.device = opts.device.clone();
     config.link = opts.link.clone();
     config.prefetch = opts.prefetch;
     config.fault_threads = opts.fault_threads;

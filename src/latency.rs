@@ -22,6 +22,10 @@ pub struct LatencyOptions {
     pub size: usize,
     /// Link emulation.
     pub link: LinkProfile,
+    /// Data-path provider.
+    pub provider: rdma::ProviderKind,
+    /// RDMA device for the verbs provider (`None`: the first one).
+    pub device: Option<String>,
 }
 
 /// Figures of one measurement.
@@ -81,17 +85,22 @@ pub enum LatencyError {
 pub fn run(opts: &LatencyOptions) -> Result<Vec<LatencyReport>, LatencyError> {
     let embedded = match opts.server {
         Some(_) => None,
-        None => Some(remote_mem_server::start(remote_mem_server::ServerConfig::loopback())?),
+        None => Some(remote_mem_server::start(remote_mem_server::ServerConfig {
+            provider: opts.provider,
+            device: opts.device.clone(),
+            ..remote_mem_server::ServerConfig::loopback()
+        })?),
     };
     let addr = opts.server.or(embedded.as_ref().map(remote_mem_server::ServerHandle::addr)).unwrap_or_else(|| {
         // Unreachable: one of the two is set above.
         SocketAddr::from(([127, 0, 0, 1], 7470))
     });
-    let mut client = ControlClient::connect(addr, &ClientOptions::default())?;
+    let mut client =
+        ControlClient::connect(addr, &ClientOptions { provider: opts.provider, ..ClientOptions::default() })?;
     let slab = client.alloc_slab()?;
     let ep = client.connect_endpoint(
-        rdma::ProviderKind::Shim,
-        &EndpointOptions { link: opts.link.clone(), ..EndpointOptions::default() },
+        opts.provider,
+        &EndpointOptions { link: opts.link.clone(), device: opts.device.clone(), ..EndpointOptions::default() },
     )?;
     let buf = LocalRegion::new(opts.size)?;
     let pages = (slab.len / opts.size as u64).max(1);

@@ -107,6 +107,13 @@ enum Command {
         /// Data-path provider: shim or verbs.
         #[arg(long, default_value = "shim")]
         provider: ProviderKind,
+        /// RDMA device for --provider verbs, e.g. rxe0 (default: the first device).
+        #[arg(long)]
+        device: Option<String>,
+        /// With --provider verbs: if this build, host or device has no verbs, say so and run on the
+        /// shim instead of failing.
+        #[arg(long)]
+        fallback_to_shim: bool,
         /// Link emulation: loopback, lan, 5g-urllc, wifi, or e.g. delay=1ms,jitter=100us,bandwidth=1Gbit.
         #[arg(long, default_value = "loopback")]
         link: LinkProfile,
@@ -142,6 +149,12 @@ enum Command {
         /// Link emulation: loopback, lan, 5g-urllc, wifi, or e.g. delay=1ms,jitter=100us,bandwidth=1Gbit.
         #[arg(long, default_value = "loopback")]
         link: LinkProfile,
+        /// Data-path provider: shim or verbs.
+        #[arg(long, default_value = "shim")]
+        provider: ProviderKind,
+        /// RDMA device for --provider verbs, e.g. rxe0 (default: the first device).
+        #[arg(long)]
+        device: Option<String>,
     },
 }
 
@@ -226,6 +239,8 @@ fn main() -> ExitCode {
             local,
             servers,
             provider,
+            device,
+            fallback_to_shim,
             link,
             passes,
             random_reads,
@@ -237,11 +252,12 @@ fn main() -> ExitCode {
                 eprintln!("coalesce: --size and --local must fit this machine's address space");
                 return ExitCode::FAILURE;
             };
-            let opts = DemoOptions {
+            let mut opts = DemoOptions {
                 size,
                 local,
                 servers,
                 provider,
+                device,
                 link,
                 passes,
                 random_reads,
@@ -249,7 +265,17 @@ fn main() -> ExitCode {
                 fault_threads,
                 prefetch_window,
             };
-            match demo::run(&opts) {
+            let mut result = demo::run(&opts);
+            let unavailable = result.as_ref().err().is_some_and(demo::DemoError::is_provider_unavailable);
+            if fallback_to_shim && opts.provider == ProviderKind::Verbs && unavailable {
+                if let Err(cause) = &result {
+                    eprintln!("coalesce: {cause}\ncoalesce: --fallback-to-shim: running on the shim provider instead");
+                }
+                opts.provider = ProviderKind::Shim;
+                opts.device = None;
+                result = demo::run(&opts);
+            }
+            match result {
                 Ok(report) => {
                     report.print(&opts);
                     ExitCode::SUCCESS
@@ -260,7 +286,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Latency { server, ops, size, link } => {
+        Command::Latency { server, ops, size, link, provider, device } => {
             let Ok(size) = usize::try_from(size.as_u64()) else {
                 eprintln!("coalesce: --size is too large for this machine");
                 return ExitCode::FAILURE;
@@ -270,7 +296,7 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
             println!("link: {link}");
-            match latency::run(&LatencyOptions { server, ops: ops.max(1), size, link }) {
+            match latency::run(&LatencyOptions { server, ops: ops.max(1), size, link, provider, device }) {
                 Ok(reports) => {
                     for r in reports {
                         println!("{r}");

@@ -22,7 +22,7 @@ use remote_mem_server::client::{ClientOptions, ControlClient};
 
 const PAGE: usize = 4096;
 
-fn endpoint(client: &ControlClient) -> rdma::Endpoint {
+fn endpoint(client: &mut ControlClient) -> rdma::Endpoint {
     client.connect_endpoint(ProviderKind::Shim, &EndpointOptions::default()).unwrap()
 }
 
@@ -37,7 +37,7 @@ fn ten_thousand_random_pages_round_trip_with_32_outstanding() {
     let server = ServerProcess::start(&["--capacity", "256MiB", "--slab-size", "64MiB"]);
     let mut client = ControlClient::connect(server.addr, &ClientOptions::default()).unwrap();
     let slab = client.alloc_slab().unwrap();
-    let ep = endpoint(&client);
+    let ep = endpoint(&mut client);
     let slab_pages = usize::try_from(slab.len).unwrap() / PAGE;
     // 10,000 distinct random pages of the 16,384 in the slab.
     let mut rng = fastrand::Rng::with_seed(7);
@@ -107,7 +107,7 @@ fn batches_move_many_pages_in_one_request() {
     let mut client = ControlClient::connect(server.addr, &ClientOptions::default()).unwrap();
     let a = client.alloc_slab().unwrap();
     let b = client.alloc_slab().unwrap();
-    let ep = endpoint(&client);
+    let ep = endpoint(&mut client);
     let buf = LocalRegion::new(64 * PAGE).unwrap();
     // 64 scattered pages over two slabs, written in one post.
     let place = |i: usize| {
@@ -141,7 +141,7 @@ fn wrong_rkey_and_out_of_bounds_fail_cleanly_and_the_server_keeps_serving() {
     let server = ServerProcess::start(&["--capacity", "16MiB", "--slab-size", "1MiB"]);
     let mut client = ControlClient::connect(server.addr, &ClientOptions::default()).unwrap();
     let slab = client.alloc_slab().unwrap();
-    let ep = endpoint(&client);
+    let ep = endpoint(&mut client);
     let buf = LocalRegion::new(4 * PAGE).unwrap();
     buf.write_at(0, &pattern(3, 0)).unwrap();
     ep.post(&WorkRequest::write(1, vec![seg(&buf, 0, slab.addr, slab.rkey)])).unwrap();
@@ -182,10 +182,10 @@ fn wrong_rkey_and_out_of_bounds_fail_cleanly_and_the_server_keeps_serving() {
 fn one_client_cannot_reach_another_clients_slab() {
     let server = ServerProcess::start(&["--capacity", "16MiB", "--slab-size", "1MiB"]);
     let mut alice = ControlClient::connect(server.addr, &ClientOptions::default()).unwrap();
-    let bob = ControlClient::connect(server.addr, &ClientOptions::default()).unwrap();
+    let mut bob = ControlClient::connect(server.addr, &ClientOptions::default()).unwrap();
     let slab = alice.alloc_slab().unwrap();
-    let alice_ep = endpoint(&alice);
-    let bob_ep = endpoint(&bob);
+    let alice_ep = endpoint(&mut alice);
+    let bob_ep = endpoint(&mut bob);
     let buf = LocalRegion::new(PAGE).unwrap();
     buf.write_at(0, &pattern(4, 0)).unwrap();
     alice_ep.post(&WorkRequest::write(1, vec![seg(&buf, 0, slab.addr, slab.rkey)])).unwrap();
@@ -207,7 +207,7 @@ fn garbage_on_one_socket_does_not_disturb_another_client() {
     let server = ServerProcess::start(&["--capacity", "16MiB", "--slab-size", "1MiB"]);
     let mut client = ControlClient::connect(server.addr, &ClientOptions::default()).unwrap();
     let slab = client.alloc_slab().unwrap();
-    let ep = endpoint(&client);
+    let ep = endpoint(&mut client);
     let buf = LocalRegion::new(2 * PAGE).unwrap();
     buf.write_at(0, &pattern(5, 0)).unwrap();
     ep.post(&WorkRequest::write(1, vec![seg(&buf, 0, slab.addr, slab.rkey)])).unwrap();
@@ -293,7 +293,7 @@ fn link_profiles_add_the_delay_they_claim() {
     let server = ServerProcess::start(&["--capacity", "16MiB", "--slab-size", "1MiB"]);
     let mut client = ControlClient::connect(server.addr, &ClientOptions::default()).unwrap();
     let slab = client.alloc_slab().unwrap();
-    let measure = |profile: &str, pings: u64| {
+    let mut measure = |profile: &str, pings: u64| {
         let link: LinkProfile = profile.parse().unwrap();
         let ep = client
             .connect_endpoint(ProviderKind::Shim, &EndpointOptions { link, ..EndpointOptions::default() })

@@ -70,6 +70,10 @@ pub(crate) struct Evictor {
     shared: Arc<Shared>,
     staging_uffd: Uffd,
     staging: Arc<LocalRegion>,
+    /// Send buffer for verbs write-backs. An RDMA registration pins the physical pages a buffer
+    /// had when it was registered, and the staging buffer's pages are replaced on every batch
+    /// (moved in, then dropped), so with verbs each page is copied here and written from here.
+    bounce: Option<Arc<LocalRegion>>,
     endpoints: Vec<Option<Endpoint>>,
     next_wr: u64,
 }
@@ -83,7 +87,15 @@ impl Evictor {
             .register(staging.as_ptr() as usize, staging.len(), false)
             .map_err(|source| PagerError::Map { len: staging.len(), source })?;
         let endpoints = shared.placement.endpoints()?;
-        Ok(Self { shared, staging_uffd, staging, endpoints, next_wr: 0 })
+        let bounce = if shared.config.provider == rdma::ProviderKind::Verbs {
+            Some(
+                LocalRegion::new(BATCH * PAGE_SIZE)
+                    .map_err(|source| PagerError::Transport { addr: shared.config.servers[0], source })?,
+            )
+        } else {
+            None
+        };
+        Ok(Self { shared, staging_uffd, staging, bounce, endpoints, next_wr: 0 })
     }
 
     pub(crate) fn run(mut self) {
@@ -411,6 +423,22 @@ impl Evictor {
                 per_server.entry(loc.server).or_default().push(i);
             }
         }
+        let source = match &self.bounce {
+            Some(bounce) => {
+                for idxs in per_server.values() {
+                    for &i in idxs {
+                        // SAFETY: staging slot `i` holds a page moved in by this batch; nothing
+                        // else writes it until the buffer is emptied after the write-back.
+                        let page = unsafe { std::slice::from_raw_parts(self.staging_addr(i) as *const u8, PAGE_SIZE) };
+                        if let Err(e) = bounce.write_at(i * PAGE_SIZE, page) {
+                            tracing::error!(error = %e, "copying a page to the send buffer failed");
+                        }
+                    }
+                }
+                Arc::clone(bounce)
+            }
+            None => Arc::clone(&self.staging),
+        };
         let deadline = Instant::now() + self.shared.config.fetch_timeout;
         let mut posted = Vec::new();
         for (server, idxs) in &per_server {
@@ -419,7 +447,7 @@ impl Evictor {
                 .iter()
                 .filter_map(|&i| {
                     let (_, loc) = moved[i].slot?;
-                    let local = LocalSlice::new(&self.staging, i * PAGE_SIZE, PAGE_SIZE).ok()?;
+                    let local = LocalSlice::new(&source, i * PAGE_SIZE, PAGE_SIZE).ok()?;
                     Some(Segment { local, remote_addr: loc.addr, rkey: loc.rkey })
                 })
                 .collect();

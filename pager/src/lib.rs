@@ -118,6 +118,8 @@ pub struct PagerConfig {
     pub servers: Vec<SocketAddr>,
     /// Data-path provider.
     pub provider: ProviderKind,
+    /// RDMA device of the verbs provider (`None`: the first one).
+    pub device: Option<String>,
     /// Local memory budget in bytes (resident pages of all regions together).
     pub local_budget: usize,
     /// Fault-handling threads.
@@ -146,6 +148,7 @@ impl PagerConfig {
         Self {
             servers,
             provider: ProviderKind::Shim,
+            device: None,
             local_budget,
             fault_threads: 1,
             prefetch: true,
@@ -316,8 +319,12 @@ impl Pager {
                 | uffd::features::POISON
                 | uffd::features::MOVE,
         )?;
-        let endpoint_options =
-            EndpointOptions { link: config.link.clone(), max_outstanding: 64, ..EndpointOptions::default() };
+        let endpoint_options = EndpointOptions {
+            link: config.link.clone(),
+            max_outstanding: 64,
+            device: config.device.clone(),
+            ..EndpointOptions::default()
+        };
         let placement =
             placement::Placement::connect(&config.servers, config.provider, config.client_id, endpoint_options)?;
         let budget = config.local_budget / PAGE_SIZE;

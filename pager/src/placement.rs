@@ -129,7 +129,7 @@ impl Placement {
                 if !s.is_alive() {
                     return Ok(None);
                 }
-                let c = lock(&s.control);
+                let mut c = lock(&s.control);
                 c.connect_endpoint(self.provider, &self.endpoint_options)
                     .map(Some)
                     .map_err(|source| PagerError::Transport { addr: s.addr, source })

@@ -26,6 +26,10 @@ pub const KIND_STATS: u8 = 0x09;
 pub const KIND_STATS_REPLY: u8 = 0x0A;
 /// Frame kind: a typed error reply.
 pub const KIND_ERROR: u8 = 0x0F;
+/// `VERBS_CONNECT` request kind: the client's queue pair, to be connected to a new server one.
+pub const KIND_VERBS_CONNECT: u8 = 0x0B;
+/// `VERBS_ACCEPTED` response kind: the server's queue pair, connected to the client's.
+pub const KIND_VERBS_ACCEPTED: u8 = 0x0C;
 
 /// Longest token accepted in a hello.
 pub const MAX_TOKEN_LEN: usize = 1024;
@@ -53,6 +57,23 @@ pub enum ControlRequest {
     Heartbeat,
     /// Ask for statistics.
     Stats,
+    /// Connect a verbs queue pair: the server makes one in the session's protection domain,
+    /// connects it to `qp` and answers with its own address.
+    VerbsConnect {
+        /// The client's queue pair.
+        qp: QpAddress,
+    },
+}
+
+/// The address of a reliable-connected verbs queue pair, exchanged over the control connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct QpAddress {
+    /// Queue pair number (24 bits).
+    pub qpn: u32,
+    /// First packet sequence number the owner sends (24 bits).
+    pub psn: u32,
+    /// The owner's GID (for RoCE, its IPv4-mapped or IPv6 address).
+    pub gid: [u8; 16],
 }
 
 /// What happened to the client's earlier session at hello time.
@@ -226,6 +247,11 @@ pub enum ControlResponse {
     },
     /// Statistics.
     Stats(ServerStats),
+    /// A verbs queue pair was made and connected.
+    VerbsAccepted {
+        /// The server's queue pair.
+        qp: QpAddress,
+    },
     /// The request failed.
     Error {
         /// Typed reason.
@@ -233,6 +259,23 @@ pub enum ControlResponse {
         /// Human-readable detail.
         message: String,
     },
+}
+
+fn encode_qp(e: &mut crate::frame::Encoder<'_>, qp: &QpAddress) {
+    e.u32(qp.qpn).u32(qp.psn).raw(&qp.gid);
+}
+
+fn decode_qp(d: &mut Decoder<'_>) -> Result<QpAddress, FrameError> {
+    let qpn = d.u32("queue pair number")?;
+    let psn = d.u32("packet sequence number")?;
+    for (v, field) in [(qpn, "queue pair number"), (psn, "packet sequence number")] {
+        if v >= 1 << 24 {
+            return Err(FrameError::Invalid { field, reason: format!("{v} does not fit in 24 bits") });
+        }
+    }
+    let mut gid = [0u8; 16];
+    gid.copy_from_slice(d.raw(16, "gid")?);
+    Ok(QpAddress { qpn, psn, gid })
 }
 
 /// Appends a request frame to `out`.
@@ -247,6 +290,7 @@ pub fn encode_request(out: &mut Vec<u8>, req: &ControlRequest) {
         }),
         ControlRequest::Heartbeat => encode_frame(out, KIND_HEARTBEAT, |_| {}),
         ControlRequest::Stats => encode_frame(out, KIND_STATS, |_| {}),
+        ControlRequest::VerbsConnect { qp } => encode_frame(out, KIND_VERBS_CONNECT, |e| encode_qp(e, qp)),
     }
 }
 
@@ -270,6 +314,7 @@ pub fn decode_request(kind: u8, body: &[u8]) -> Result<ControlRequest, FrameErro
         KIND_FREE_SLAB => ControlRequest::FreeSlab { slab_id: d.u64("slab id")? },
         KIND_HEARTBEAT => ControlRequest::Heartbeat,
         KIND_STATS => ControlRequest::Stats,
+        KIND_VERBS_CONNECT => ControlRequest::VerbsConnect { qp: decode_qp(&mut d)? },
         other => return Err(FrameError::UnexpectedKind(other)),
     };
     d.finish()?;
@@ -305,6 +350,7 @@ pub fn encode_response(out: &mut Vec<u8>, resp: &ControlResponse) {
                 e.u64(f);
             }
         }),
+        ControlResponse::VerbsAccepted { qp } => encode_frame(out, KIND_VERBS_ACCEPTED, |e| encode_qp(e, qp)),
         ControlResponse::Error { code, message } => encode_frame(out, KIND_ERROR, |e| {
             e.u16(code.to_wire()).bytes16(message.as_bytes());
         }),
@@ -338,6 +384,7 @@ pub fn decode_response(kind: u8, body: &[u8]) -> Result<ControlResponse, FrameEr
         }),
         KIND_SLAB_FREED => ControlResponse::SlabFreed { slab_id: d.u64("slab id")? },
         KIND_HEARTBEAT_ACK => ControlResponse::HeartbeatAck { lease_ms: d.u64("lease")? },
+        KIND_VERBS_ACCEPTED => ControlResponse::VerbsAccepted { qp: decode_qp(&mut d)? },
         KIND_STATS_REPLY => {
             let n = usize::from(d.u16("stats count")?);
             let mut fields = Vec::with_capacity(n.min(64));
@@ -382,6 +429,8 @@ mod tests {
             any::<u64>().prop_map(|slab_id| ControlRequest::FreeSlab { slab_id }),
             Just(ControlRequest::Heartbeat),
             Just(ControlRequest::Stats),
+            (0u32..1 << 24, 0u32..1 << 24, any::<[u8; 16]>())
+                .prop_map(|(qpn, psn, gid)| ControlRequest::VerbsConnect { qp: QpAddress { qpn, psn, gid } }),
         ]
     }
 
@@ -401,6 +450,8 @@ mod tests {
             }),
             any::<u64>().prop_map(|slab_id| ControlResponse::SlabFreed { slab_id }),
             any::<u64>().prop_map(|lease_ms| ControlResponse::HeartbeatAck { lease_ms }),
+            (0u32..1 << 24, 0u32..1 << 24, any::<[u8; 16]>())
+                .prop_map(|(qpn, psn, gid)| ControlResponse::VerbsAccepted { qp: QpAddress { qpn, psn, gid } }),
             proptest::array::uniform12(any::<u64>()).prop_map(|f| ControlResponse::Stats(ServerStats::from_fields(&f))),
             (1u16..20, "[a-z ]{0,40}")
                 .prop_map(|(c, m)| ControlResponse::Error { code: ErrorCode::from_wire(c), message: m }),

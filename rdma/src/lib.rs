@@ -10,8 +10,10 @@
 //!   plays the NIC ([`shim::target`]): it checks rkey, owner and bounds and copies, without calling
 //!   server application code. It also emulates links ([`LinkProfile`]: delay, jitter, bandwidth) and
 //!   measures each link's round trip ([`RttStats`]).
-//! - `verbs` (libibverbs): not in this build yet; asking for it gives
-//!   [`TransportError::ProviderUnavailable`].
+//! - `verbs` (libibverbs, cargo feature `verbs`): RC queue pairs with one-sided RDMA READ/WRITE on
+//!   real RNICs and Soft-RoCE ([`verbs`]); queue pair addresses are exchanged over the control
+//!   connection. Without the feature, or without libibverbs or a device at run time, asking for it
+//!   gives [`TransportError::ProviderUnavailable`] naming what is missing.
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -77,6 +79,8 @@
 //! | `0x08` | HEARTBEAT_ACK | server -> client | lease ms u64 |
 //! | `0x09` | STATS | client -> server | empty |
 //! | `0x0A` | STATS_REPLY | server -> client | count u16, then that many u64 (see [`control::ServerStats`]; unknown extra fields are ignored) |
+//! | `0x0B` | VERBS_CONNECT | client -> server | queue pair number u32, first PSN u32 (both below 2^24), GID (16 bytes): the client's RC queue pair |
+//! | `0x0C` | VERBS_ACCEPTED | server -> client | the same fields for the server's queue pair, made in the session's protection domain and already connected to the client's |
 //! | `0x0F` | ERROR | server -> client | code u16 (1 capacity exhausted, 2 unknown slab, 3 session expired, 4 bad request, 5 unsupported version, 6 unsupported provider, 7 shutting down), message (u16 length + UTF-8) |
 //!
 //! Every control request renews the session's lease.
@@ -90,6 +94,11 @@ pub mod frame;
 pub mod link;
 pub mod region;
 pub mod shim;
+#[cfg(feature = "verbs")]
+pub mod verbs;
+#[cfg(not(feature = "verbs"))]
+#[path = "verbs_unavailable.rs"]
+pub mod verbs;
 pub mod wire;
 
 pub use link::{LinkProfile, RttStats};
@@ -314,18 +323,31 @@ pub struct EndpointOptions {
     pub max_outstanding: usize,
     /// Time allowed to connect and bind.
     pub connect_timeout: Duration,
+    /// RDMA device of the verbs provider (`None`: the first one).
+    pub device: Option<String>,
 }
 
 impl Default for EndpointOptions {
     fn default() -> Self {
-        Self { link: LinkProfile::loopback(), max_outstanding: 256, connect_timeout: Duration::from_secs(5) }
+        Self {
+            link: LinkProfile::loopback(),
+            max_outstanding: 256,
+            connect_timeout: Duration::from_secs(5),
+            device: None,
+        }
     }
 }
 
 /// A connected queue pair with its completion queue, of whichever provider.
 #[derive(Debug)]
 pub struct Endpoint {
-    inner: shim::endpoint::ShimEndpoint,
+    inner: Inner,
+}
+
+#[derive(Debug)]
+enum Inner {
+    Shim(shim::endpoint::ShimEndpoint),
+    Verbs(verbs::VerbsEndpoint),
 }
 
 impl Endpoint {
@@ -337,10 +359,11 @@ impl Endpoint {
         secret: u64,
         options: &EndpointOptions,
     ) -> Result<Self, TransportError> {
-        Ok(Self { inner: shim::endpoint::ShimEndpoint::connect(addr, session_id, secret, options)? })
+        Ok(Self { inner: Inner::Shim(shim::endpoint::ShimEndpoint::connect(addr, session_id, secret, options)?) })
     }
 
-    /// Connects an endpoint of `provider`.
+    /// Connects a shim endpoint; for `verbs` use [`Endpoint::connect_verbs`], which needs the
+    /// control connection to exchange queue pair addresses.
     pub fn connect(
         provider: ProviderKind,
         addr: SocketAddr,
@@ -350,27 +373,64 @@ impl Endpoint {
     ) -> Result<Self, TransportError> {
         match provider {
             ProviderKind::Shim => Self::connect_shim(addr, session_id, secret, options),
-            ProviderKind::Verbs => Err(TransportError::ProviderUnavailable {
-                provider,
-                reason: "this build has no verbs provider yet; use --provider shim".into(),
-            }),
+            ProviderKind::Verbs => Err(TransportError::InvalidArgument(
+                "a verbs endpoint is connected through the control session (ControlClient::connect_endpoint)".into(),
+            )),
+        }
+    }
+
+    /// Connects a verbs endpoint on `device` to the target at `peer`: `exchange` sends this
+    /// side's queue pair address to the target and returns the target's.
+    pub fn connect_verbs(
+        device: &std::sync::Arc<verbs::VerbsDevice>,
+        peer: SocketAddr,
+        options: &EndpointOptions,
+        exchange: impl FnOnce(control::QpAddress) -> Result<control::QpAddress, TransportError>,
+    ) -> Result<Self, TransportError> {
+        if !options.link.is_passthrough() {
+            return Err(TransportError::InvalidArgument(
+                "link emulation belongs to the shim provider; a verbs link is as fast as the NIC".into(),
+            ));
+        }
+        Ok(Self {
+            inner: Inner::Verbs(verbs::VerbsEndpoint::connect(device, peer, options.max_outstanding, exchange)?),
+        })
+    }
+
+    /// The provider of this endpoint.
+    pub fn provider(&self) -> ProviderKind {
+        match &self.inner {
+            Inner::Shim(_) => ProviderKind::Shim,
+            Inner::Verbs(_) => ProviderKind::Verbs,
         }
     }
 
     /// Posts a work request. Its completion comes back through [`Endpoint::poll`] or
     /// [`Endpoint::wait`]; the local regions stay alive until then.
     pub fn post(&self, wr: &WorkRequest) -> Result<(), TransportError> {
-        self.inner.post(wr.wr_id, Some(wr))
+        match &self.inner {
+            Inner::Shim(e) => e.post(wr.wr_id, Some(wr)),
+            Inner::Verbs(e) => e.post(wr),
+        }
     }
 
     /// Posts a no-op that completes after one round trip (an RTT probe).
+    /// Verbs endpoints have no ping (their RTT is measured on every request).
     pub fn ping(&self, wr_id: u64) -> Result<(), TransportError> {
-        self.inner.post(wr_id, None)
+        match &self.inner {
+            Inner::Shim(e) => e.post(wr_id, None),
+            Inner::Verbs(_) => Err(TransportError::InvalidArgument(
+                "verbs endpoints have no ping; every request's round trip is recorded".into(),
+            )),
+        }
     }
 
     /// Appends up to `max` ready completions to `out` without blocking; returns how many.
     pub fn poll(&self, out: &mut Vec<Completion>, max: usize) -> usize {
-        self.inner.poll(out, max)
+        match &self.inner {
+            Inner::Shim(e) => e.poll(out, max),
+            Inner::Verbs(e) => e.poll(out, max),
+        }
     }
 
     /// Waits up to `timeout` for completions (see [`PollMode`]); returns how many were appended,
@@ -382,21 +442,33 @@ impl Endpoint {
         timeout: Duration,
         mode: PollMode,
     ) -> Result<usize, TransportError> {
-        self.inner.wait(out, max, timeout, mode)
+        match &self.inner {
+            Inner::Shim(e) => e.wait(out, max, timeout, mode),
+            Inner::Verbs(e) => Ok(e.wait(out, max, timeout, mode)),
+        }
     }
 
     /// Work requests posted and not yet completed.
     pub fn outstanding(&self) -> usize {
-        self.inner.outstanding()
+        match &self.inner {
+            Inner::Shim(e) => e.outstanding(),
+            Inner::Verbs(e) => e.outstanding(),
+        }
     }
 
     /// Measured round trips of this link.
     pub fn rtt_stats(&self) -> RttStats {
-        self.inner.rtt_stats()
+        match &self.inner {
+            Inner::Shim(e) => e.rtt_stats(),
+            Inner::Verbs(e) => e.rtt_stats(),
+        }
     }
 
     /// The peer's address.
     pub fn peer(&self) -> SocketAddr {
-        self.inner.peer()
+        match &self.inner {
+            Inner::Shim(e) => e.peer(),
+            Inner::Verbs(e) => e.peer(),
+        }
     }
 }

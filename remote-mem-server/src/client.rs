@@ -5,7 +5,9 @@ use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use rdma::control::{self, ControlRequest, ControlResponse, ErrorCode, ServerStats, SessionOutcome, SlabGrant};
+use rdma::control::{
+    self, ControlRequest, ControlResponse, ErrorCode, QpAddress, ServerStats, SessionOutcome, SlabGrant,
+};
 use rdma::frame::{read_frame, FrameError, ReadFrameError};
 use rdma::{Endpoint, EndpointOptions, ProviderKind, TransportError};
 
@@ -209,12 +211,34 @@ impl ControlClient {
         }
     }
 
-    /// Opens a data endpoint (one queue pair) bound to this session.
+    /// Opens a data endpoint (one queue pair) bound to this session. For `verbs`, the queue pair
+    /// addresses are exchanged on this control connection (`VERBS_CONNECT`).
     pub fn connect_endpoint(
-        &self,
+        &mut self,
         provider: ProviderKind,
         options: &EndpointOptions,
     ) -> Result<Endpoint, TransportError> {
-        Endpoint::connect(provider, self.addr, self.session.session_id, self.session.secret, options)
+        match provider {
+            ProviderKind::Shim => {
+                Endpoint::connect(provider, self.addr, self.session.session_id, self.session.secret, options)
+            }
+            ProviderKind::Verbs => {
+                let device = rdma::verbs::VerbsDevice::open(options.device.as_deref())?;
+                let addr = self.addr;
+                Endpoint::connect_verbs(&device, addr, options, |local| self.verbs_connect(local))
+            }
+        }
+    }
+
+    /// Asks the server for a queue pair connected to `local`; returns its address.
+    pub fn verbs_connect(&mut self, local: QpAddress) -> Result<QpAddress, TransportError> {
+        let to_transport = |e: ClientError| TransportError::Io {
+            context: "exchanging queue pair addresses on the control connection",
+            source: std::io::Error::other(e.to_string()),
+        };
+        match self.call(&ControlRequest::VerbsConnect { qp: local }).map_err(to_transport)? {
+            ControlResponse::VerbsAccepted { qp } => Ok(qp),
+            other => Err(to_transport(self.unexpected(&other))),
+        }
     }
 }

@@ -53,6 +53,9 @@ pub enum ServerError {
     /// The configuration is inconsistent.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// The verbs provider could not be set up.
+    #[error("cannot offer the verbs provider: {0}")]
+    Verbs(#[source] rdma::TransportError),
 }
 
 /// Server settings.
@@ -70,6 +73,8 @@ pub struct ServerConfig {
     pub provider: ProviderKind,
     /// Most connections open at once.
     pub max_connections: usize,
+    /// RDMA device for the verbs provider (`None`: the first one).
+    pub device: Option<String>,
 }
 
 impl ServerConfig {
@@ -82,6 +87,7 @@ impl ServerConfig {
             lease: Duration::from_secs(30),
             provider: ProviderKind::Shim,
             max_connections: 4096,
+            device: None,
         }
     }
 
@@ -105,12 +111,6 @@ impl ServerConfig {
         }
         if self.lease < Duration::from_millis(100) {
             return Err(ServerError::Config("--lease must be at least 100ms".into()));
-        }
-        if self.provider != ProviderKind::Shim {
-            return Err(ServerError::Config(format!(
-                "provider {} is not built into this memory-server yet; use --provider shim",
-                self.provider
-            )));
         }
         Ok(())
     }
@@ -148,6 +148,9 @@ pub struct Cli {
     /// Most connections (control and data) open at once.
     #[arg(long, default_value_t = 4096)]
     pub max_connections: usize,
+    /// RDMA device for --provider verbs, e.g. rxe0 or mlx5_0 (default: the first device).
+    #[arg(long)]
+    pub device: Option<String>,
 }
 
 impl Cli {
@@ -160,6 +163,7 @@ impl Cli {
             lease: self.lease,
             provider: self.provider,
             max_connections: self.max_connections,
+            device: self.device.clone(),
         }
     }
 }

@@ -116,7 +116,12 @@ pub fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         TcpListener::bind(config.listen).map_err(|source| ServerError::Bind { addr: config.listen, source })?;
     let addr = listener.local_addr().map_err(|source| ServerError::Bind { addr: config.listen, source })?;
     let registry = MemoryRegistry::new();
-    let sessions = Sessions::new(Arc::clone(&registry), config.capacity, config.slab_size, config.lease);
+    let mut sessions = Sessions::new(Arc::clone(&registry), config.capacity, config.slab_size, config.lease);
+    if config.provider == ProviderKind::Verbs {
+        let device = rdma::verbs::VerbsDevice::open(config.device.as_deref()).map_err(ServerError::Verbs)?;
+        tracing::info!(device = device.name(), "serving the verbs provider");
+        sessions.enable_verbs(device);
+    }
     let shared = Arc::new(Shared {
         config,
         registry,
@@ -369,5 +374,15 @@ fn handle(shared: &Shared, client_id: u64, session_id: u64, req: ControlRequest,
             let _ = shared.sessions().touch(client_id, session_id, now);
             ControlResponse::Stats(shared.stats())
         }
+        ControlRequest::VerbsConnect { qp } => match shared.sessions().verbs_accept(client_id, session_id, &qp, now) {
+            Ok(local) => {
+                tracing::debug!(%peer, client_qpn = qp.qpn, server_qpn = local.qpn, "verbs queue pair connected");
+                ControlResponse::VerbsAccepted { qp: local }
+            }
+            Err(r) => {
+                tracing::warn!(%peer, "verbs connect refused: {}", r.message);
+                refusal(r)
+            }
+        },
     }
 }

@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use memmap2::MmapOptions;
-use rdma::control::{ErrorCode, SessionOutcome, SlabGrant};
+use rdma::control::{ErrorCode, QpAddress, SessionOutcome, SlabGrant};
 use rdma::shim::target::{MemoryRegistry, RegisteredMemory};
+use rdma::verbs::{VerbsDevice, VerbsDomain, VerbsRegistration};
 
 /// How many expired client ids are remembered.
 const EXPIRED_MEMORY: usize = 65_536;
@@ -28,11 +29,15 @@ impl Refusal {
     }
 }
 
+/// Fields drop in declaration order: verbs registrations before the domain, and both before the
+/// slab mappings they cover.
 #[derive(Debug)]
 struct Session {
     session_id: u64,
     secret: u64,
     last_seen: Instant,
+    verbs_slabs: HashMap<u64, VerbsRegistration>,
+    verbs: Option<VerbsDomain>,
     slabs: HashMap<u64, RegisteredMemory>,
 }
 
@@ -74,6 +79,8 @@ pub struct Sessions {
     next_session_id: u64,
     /// Sessions reclaimed since start.
     pub leases_expired: u64,
+    /// The RDMA device when the verbs provider is offered.
+    verbs: Option<Arc<VerbsDevice>>,
 }
 
 impl Sessions {
@@ -92,7 +99,44 @@ impl Sessions {
             next_slab_id: 1,
             next_session_id: fastrand::u64(1..u64::MAX / 2),
             leases_expired: 0,
+            verbs: None,
         }
+    }
+
+    /// Serves the verbs provider on `device`: every session gets its own protection domain, its
+    /// slabs are registered there and their grants carry the registration's rkey.
+    pub fn enable_verbs(&mut self, device: Arc<VerbsDevice>) {
+        self.verbs = Some(device);
+    }
+
+    /// The session's verbs domain, made on first use.
+    fn domain<'s>(device: Option<&Arc<VerbsDevice>>, session: &'s mut Session) -> Result<&'s VerbsDomain, Refusal> {
+        let Some(device) = device else {
+            return Err(Refusal::new(ErrorCode::UnsupportedProvider, "this memory-server does not offer verbs"));
+        };
+        if session.verbs.is_none() {
+            let domain = VerbsDomain::new(device).map_err(|e| {
+                Refusal::new(ErrorCode::Other(100), format!("cannot set up verbs for the session: {e}"))
+            })?;
+            session.verbs = Some(domain);
+        }
+        session.verbs.as_ref().ok_or_else(|| Refusal::new(ErrorCode::Other(100), "no verbs domain"))
+    }
+
+    /// Makes a responder queue pair for the session, connected to the client's `qp`.
+    pub fn verbs_accept(
+        &mut self,
+        client_id: u64,
+        session_id: u64,
+        qp: &QpAddress,
+        now: Instant,
+    ) -> Result<QpAddress, Refusal> {
+        let device = self.verbs.clone();
+        let session = self.session(client_id, session_id, now)?;
+        let domain = Self::domain(device.as_ref(), session)?;
+        domain
+            .accept(qp)
+            .map_err(|e| Refusal::new(ErrorCode::Other(100), format!("cannot connect the queue pair: {e}")))
     }
 
     /// Opens, resumes or replaces the session of `client_id`.
@@ -110,7 +154,17 @@ impl Sessions {
         let session_id = self.next_session_id;
         self.next_session_id += 1;
         let secret = fastrand::u64(..);
-        self.by_client.insert(client_id, Session { session_id, secret, last_seen: now, slabs: HashMap::new() });
+        self.by_client.insert(
+            client_id,
+            Session {
+                session_id,
+                secret,
+                last_seen: now,
+                verbs_slabs: HashMap::new(),
+                verbs: None,
+                slabs: HashMap::new(),
+            },
+        );
         self.client_of_session.insert(session_id, client_id);
         HelloGrant { session_id, secret, outcome }
     }
@@ -157,9 +211,21 @@ impl Sessions {
         })?;
         let slab_id = self.next_slab_id;
         let registry = Arc::clone(&self.registry);
+        let device = self.verbs.clone();
         let session = self.session(client_id, session_id, now)?;
         let registered = registry.register(map, session.session_id);
-        let grant = SlabGrant { slab_id, addr: registered.addr(), rkey: registered.rkey(), len: slab_size };
+        let mut grant = SlabGrant { slab_id, addr: registered.addr(), rkey: registered.rkey(), len: slab_size };
+        if device.is_some() {
+            let domain = Self::domain(device.as_ref(), session)?;
+            let addr = registered.as_mut_ptr();
+            // SAFETY: the slab's mapping lives in `session.slabs` until the slab is freed or the
+            // session reclaimed, and its registration (in `verbs_slabs`, dropped first) goes before.
+            let reg = unsafe { domain.register(addr, registered.len()) }.map_err(|e| {
+                Refusal::new(ErrorCode::CapacityExhausted, format!("the server could not register the slab: {e}"))
+            })?;
+            grant.rkey = reg.rkey();
+            session.verbs_slabs.insert(slab_id, reg);
+        }
         session.slabs.insert(slab_id, registered);
         self.next_slab_id += 1;
         self.allocated += slab_size;
@@ -169,6 +235,7 @@ impl Sessions {
     /// Frees one slab of a session (deregistering it first, so no access can reach it after).
     pub fn free(&mut self, client_id: u64, session_id: u64, slab_id: u64, now: Instant) -> Result<(), Refusal> {
         let session = self.session(client_id, session_id, now)?;
+        session.verbs_slabs.remove(&slab_id);
         let slab = session.slabs.remove(&slab_id).ok_or_else(|| {
             Refusal::new(ErrorCode::UnknownSlab, format!("slab {slab_id} is not one of this session's"))
         })?;

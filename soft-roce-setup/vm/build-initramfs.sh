@@ -15,13 +15,27 @@ here="$(cd "$(dirname "$0")" && pwd)"
 cache="${COALESCE_VM_CACHE:-$HOME/.cache/coalesce-soft-roce-vm}"
 mkdir -p "$out" "$cache/debs"
 
-# The kernel package that linux-image-amd64 points at, plus the userland the guest needs.
-kernel_pkg="$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}')"
-if [ -z "$kernel_pkg" ]; then
-    echo "build-initramfs: apt knows no linux-image-amd64 (run apt-get update)" >&2
-    exit 2
+# The kernel: Debian's linux-image-amd64 from $COALESCE_VM_KERNEL_SUITE (default
+# bookworm-backports: the pager needs Linux 6.8+ for UFFDIO_MOVE and UFFDIO_POISON), resolved
+# through a private apt state in the cache so the host's sources are left alone. The userland
+# comes from the host's own suite.
+suite="${COALESCE_VM_KERNEL_SUITE:-bookworm-backports}"
+apt_private=(-o Dir::Etc::sourcelist="$cache/apt/sources.list" -o Dir::Etc::sourceparts=/dev/null
+             -o Dir::State::Lists="$cache/apt/lists" -o Dir::Cache="$cache/apt/cache")
+mkdir -p "$cache/apt/lists/partial" "$cache/apt/cache/archives/partial"
+echo "deb http://deb.debian.org/debian $suite main" > "$cache/apt/sources.list"
+if [ -z "$(ls "$cache"/debs/linux-image-[0-9]*.deb 2>/dev/null)" ]; then
+    apt-get -qq "${apt_private[@]}" update 2>&1 | grep -v "^W: Download is performed unsandboxed" || true
+    kernel_pkg="$(apt-cache "${apt_private[@]}" depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}')"
+    if [ -z "$kernel_pkg" ]; then
+        echo "build-initramfs: no linux-image-amd64 in $suite" >&2
+        exit 2
+    fi
+    echo "build-initramfs: downloading $kernel_pkg from $suite"
+    (cd "$cache/debs" && apt-get download -q "${apt_private[@]}" "$kernel_pkg" 2>&1 | grep -v "^W: Download is performed unsandboxed" || true)
 fi
-pkgs=("$kernel_pkg" busybox-static rdma-core ibverbs-utils ibverbs-providers libibverbs1 librdmacm1 perftest iproute2
+ls "$cache"/debs/linux-image-[0-9]*.deb >/dev/null 2>&1 || { echo "build-initramfs: the kernel package could not be downloaded" >&2; exit 2; }
+pkgs=(busybox-static rdma-core ibverbs-utils ibverbs-providers libibverbs1 librdmacm1 perftest iproute2
       libnl-3-200 libnl-route-3-200 libmnl0 libelf1 libbpf1 libcap2 libbsd0 libmd0 libtirpc3 libzstd1 zlib1g
       libgssapi-krb5-2 libkrb5-3 libk5crypto3 libcom-err2 libkrb5support0 libkeyutils1 libselinux1 libpcre2-8-0
       libdb5.3 libxtables12 libatm1 libpci3 libudev1)
@@ -63,7 +77,11 @@ mods=(crypto/crc32_generic net/ipv4/udp_tunnel net/ipv6/ip6_udp_tunnel drivers/n
       drivers/infiniband/core/ib_core drivers/infiniband/core/ib_uverbs drivers/infiniband/sw/rxe/rdma_rxe)
 : > "$root/lib/modules/load-order"
 for m in "${mods[@]}"; do
-    src="$(ls "$pkgroot/lib/modules/$kver/kernel/$m.ko"* | head -1)"
+    src="$( (ls "$pkgroot/lib/modules/$kver/kernel/$m.ko"* 2>/dev/null || true) | head -1)"
+    if [ -z "$src" ]; then
+        echo "build-initramfs: $m is not a module of $kver (built in?); skipping it"
+        continue
+    fi
     case "$src" in
         *.xz) xz -dc "$src" > "$root/lib/modules/$(basename "$m").ko" ;;
         *.zst) zstd -dcq "$src" > "$root/lib/modules/$(basename "$m").ko" ;;

@@ -1,5 +1,21 @@
 #!/bin/sh
-# Smoke: perftest's READ latency on rxe0 against itself.
-ib_read_lat -d rxe0 -x 1 -s 4096 -n 2000 >/tmp/lat-server.log 2>&1 &
+# Runs inside the Soft-RoCE VM (from /init, with rxe0 up on veth0 at 10.0.0.1). The tests decide
+# the exit status; the measurements are printed for the record.
+# /coalesce/verbs-tests: the tests/verbs.rs binary; /coalesce/coalesce: the CLI. memory-server sits
+# at the absolute path the test binary was built with.
+export COALESCE_REQUIRE_VERBS=1 COALESCE_VERBS_DEVICE=rxe0 RUST_LOG=warn RUST_BACKTRACE=1
+status=0
+echo "== verbs tests (transport and pager over rxe0)"
+/coalesce/verbs-tests --test-threads=1 --nocapture || status=1
+
+echo "== 4 KiB RDMA READ latency: perftest ib_read_lat"
+ib_read_lat -d rxe0 -x 1 -s 4096 -n 5000 >/tmp/perftest-server.log 2>&1 &
 sleep 1
-ib_read_lat -d rxe0 -x 1 -s 4096 -n 2000 10.0.0.1
+ib_read_lat -d rxe0 -x 1 -s 4096 -n 5000 10.0.0.1 | grep -E "#bytes|^ 4096"
+wait
+echo "== 4 KiB RDMA READ latency: coalesce latency --provider verbs"
+/coalesce/coalesce latency --provider verbs --device rxe0 --ops 5000 || status=1
+
+echo "== pager over verbs: coalesce demo --provider verbs"
+/coalesce/coalesce demo --provider verbs --device rxe0 --size 128MiB --local 32MiB --random-reads 20000 || status=1
+exit $status

@@ -67,6 +67,10 @@ impl RegisteredMemory {
     pub fn addr(&self) -> u64 {
         self.map.as_ptr() as u64
     }
+    /// Pointer to the first byte (for registering the slab with an RDMA device).
+    pub fn as_mut_ptr(&self) -> *mut u8 {
+        self.map.as_ptr().cast_mut()
+    }
     /// Length in bytes.
     pub fn len(&self) -> usize {
         self.map.len()

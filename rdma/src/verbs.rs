@@ -1,0 +1,459 @@
+//! The `verbs` provider: RC queue pairs and one-sided RDMA READ/WRITE through libibverbs (real
+//! RNICs and Soft-RoCE), built on the `sideway` crate, which loads `libibverbs.so.1` at run time:
+//! a build runs on hosts without RDMA libraries and reports their absence as
+//! [`TransportError::ProviderUnavailable`].
+//!
+//! - [`VerbsDevice`]: an opened device, its port, and the GID used (the IPv4-mapped one if any).
+//! - [`VerbsEndpoint`]: the client side of one queue pair: its own protection domain, completion
+//!   queue, and the registrations of the local regions it has used (made on first use, kept until
+//!   the endpoint is dropped).
+//! - [`VerbsDomain`]: the target side of one session: a protection domain holding the session's
+//!   slab registrations and its responder queue pairs, so one session's rkeys open nothing of
+//!   another's. The target's CPU takes no part in READs and WRITEs.
+//!
+//! Queue pair addresses ([`QpAddress`]) travel over the control connection (`VERBS_CONNECT`).
+//! A request of n segments is posted as n chained work requests, only the last signaled; one
+//! completion reports it. After a failed request (a wrong rkey, say) the queue pair is in the
+//! error state, as on any RNIC: later requests complete as [`CompletionStatus::Flushed`]; connect
+//! a new endpoint. Blocking waits poll the completion queue every few microseconds (no completion
+//! channel).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use sideway::ibverbs::address::{AddressHandleAttribute, Gid};
+use sideway::ibverbs::completion::BasicCompletionQueue;
+use sideway::ibverbs::device::{DeviceInfo, DeviceList};
+use sideway::ibverbs::device_context::{DeviceContext, Mtu};
+use sideway::ibverbs::memory_region::MemoryRegion;
+use sideway::ibverbs::protection_domain::ProtectionDomain;
+use sideway::ibverbs::queue_pair::{
+    BasicQueuePair, PostSendGuard, QueuePair, QueuePairAttribute, QueuePairState, SetScatterGatherEntry,
+    WorkRequestFlags,
+};
+use sideway::ibverbs::AccessFlags;
+
+use crate::control::QpAddress;
+use crate::link::{RttRecorder, RttStats};
+use crate::region::LocalRegion;
+use crate::{Completion, CompletionStatus, Opcode, PollMode, ProviderKind, TransportError, WorkRequest};
+
+/// Port used on every device (Soft-RoCE and single-port RNICs).
+const PORT: u8 = 1;
+/// Reads (and atomics) in flight per queue pair, both directions. 0 makes READs hang.
+const MAX_RD_ATOMIC: u8 = 16;
+/// Send queue depth: every segment of every outstanding request takes one entry.
+const SEND_QUEUE_DEPTH: u32 = 8192;
+/// How long a blocking wait sleeps between polls of the completion queue.
+const BLOCK_POLL_INTERVAL: Duration = Duration::from_micros(5);
+
+/// `ibv_wc_status` values this provider tells apart.
+const WC_SUCCESS: u32 = 0;
+const WC_REM_INV_REQ_ERR: u32 = 9;
+const WC_REM_ACCESS_ERR: u32 = 10;
+
+fn unavailable(reason: String) -> TransportError {
+    TransportError::ProviderUnavailable { provider: ProviderKind::Verbs, reason }
+}
+
+fn verbs_error(what: &str, e: impl std::fmt::Display) -> TransportError {
+    unavailable(format!("{what} failed: {e}"))
+}
+
+/// An opened RDMA device with the port and GID this provider uses.
+#[derive(Debug)]
+pub struct VerbsDevice {
+    ctx: Arc<DeviceContext>,
+    name: String,
+    gid: Gid,
+    gid_index: u8,
+    mtu: Mtu,
+}
+
+impl VerbsDevice {
+    /// Opens `name`, or the first device when `None`. Errors name the missing piece: the
+    /// library, any device, or the named one (listing those present).
+    pub fn open(name: Option<&str>) -> Result<Arc<Self>, TransportError> {
+        let list = DeviceList::new().map_err(|e| {
+            unavailable(format!(
+                "libibverbs could not be loaded or listed devices ({e}); install rdma-core and ibverbs-providers, \
+                 or use --provider shim"
+            ))
+        })?;
+        let names: Vec<String> = list.iter().map(|d| d.name()).collect();
+        if names.is_empty() {
+            return Err(unavailable(
+                "no RDMA device: load an RNIC driver, or Soft-RoCE with `soft-roce-setup/rxe-host.sh up IFACE`; \
+                 or use --provider shim"
+                    .into(),
+            ));
+        }
+        let index = match name {
+            Some(n) => names
+                .iter()
+                .position(|d| d == n)
+                .ok_or_else(|| unavailable(format!("no RDMA device named {n}; present: {}", names.join(", "))))?,
+            None => 0,
+        };
+        let device = list.get(index).ok_or_else(|| unavailable("the device list changed while opening".into()))?;
+        let ctx = device.open().map_err(|e| verbs_error("opening the RDMA device", e))?;
+        let port = ctx.query_port(PORT).map_err(|e| verbs_error("querying port 1", e))?;
+        let gids = ctx.query_gid_table().map_err(|e| verbs_error("querying the GID table", e))?;
+        let on_port: Vec<_> = gids.iter().filter(|g| g.port_num() == u32::from(PORT) && !g.gid().is_zero()).collect();
+        // RoCE: the IPv4-mapped GID (::ffff:a.b.c.d) routes; the link-local one does not.
+        let ipv4_mapped = |g: &Gid| g.raw[..10].iter().all(|&b| b == 0) && g.raw[10..12] == [0xff, 0xff];
+        let entry = on_port
+            .iter()
+            .find(|g| ipv4_mapped(&g.gid()))
+            .or_else(|| on_port.iter().find(|g| !g.gid().is_unicast_link_local()))
+            .or_else(|| on_port.first())
+            .ok_or_else(|| {
+                unavailable(format!("{} has no GID on port 1: give its network interface an address", names[index]))
+            })?;
+        let gid_index = u8::try_from(entry.gid_index()).map_err(|_| unavailable("GID index above 255".into()))?;
+        tracing::info!(device = %names[index], gid = %entry.gid(), gid_index, "verbs device opened");
+        Ok(Arc::new(Self { gid: entry.gid(), gid_index, mtu: port.active_mtu(), name: names[index].clone(), ctx }))
+    }
+
+    /// The device's name (e.g. `rxe0`, `mlx5_0`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn alloc_pd(&self) -> Result<Arc<ProtectionDomain>, TransportError> {
+        self.ctx.alloc_pd().map_err(|e| verbs_error("allocating a protection domain", e))
+    }
+
+    fn create_cq(&self, entries: u32) -> Result<Arc<BasicCompletionQueue>, TransportError> {
+        let mut builder = self.ctx.create_cq_builder();
+        builder.setup_cqe(entries);
+        builder.build().map_err(|e| verbs_error("creating a completion queue", e))
+    }
+
+    /// Makes an RC queue pair in `pd` with `cq` for both queues; returns it with its first PSN.
+    fn create_qp(
+        &self,
+        pd: &Arc<ProtectionDomain>,
+        cq: &Arc<BasicCompletionQueue>,
+    ) -> Result<(BasicQueuePair, u32), TransportError> {
+        let mut builder = pd.create_qp_builder();
+        builder
+            .setup_max_send_wr(SEND_QUEUE_DEPTH)
+            .setup_max_recv_wr(1)
+            .setup_max_send_sge(1)
+            .setup_max_recv_sge(1)
+            .setup_send_cq(Arc::clone(cq))
+            .setup_recv_cq(Arc::clone(cq));
+        let mut qp = builder.build().map_err(|e| verbs_error("creating a queue pair", e))?;
+        let mut attr = QueuePairAttribute::new();
+        attr.setup_state(QueuePairState::Init)
+            .setup_pkey_index(0)
+            .setup_port(PORT)
+            .setup_access_flags(AccessFlags::LocalWrite | AccessFlags::RemoteRead | AccessFlags::RemoteWrite);
+        qp.modify(&attr).map_err(|e| verbs_error("moving the queue pair to INIT", e))?;
+        Ok((qp, fastrand::u32(..1 << 24)))
+    }
+
+    /// Moves `qp` to RTR then RTS, connected to `remote`.
+    fn connect_qp(&self, qp: &mut BasicQueuePair, local_psn: u32, remote: &QpAddress) -> Result<(), TransportError> {
+        let mut attr = QueuePairAttribute::new();
+        attr.setup_state(QueuePairState::ReadyToReceive)
+            .setup_path_mtu(self.mtu)
+            .setup_dest_qp_num(remote.qpn)
+            .setup_rq_psn(remote.psn)
+            .setup_max_dest_read_atomic(MAX_RD_ATOMIC)
+            .setup_min_rnr_timer(12);
+        let mut av = AddressHandleAttribute::new();
+        av.setup_dest_lid(0)
+            .setup_port(PORT)
+            .setup_service_level(0)
+            .setup_grh_src_gid_index(self.gid_index)
+            .setup_grh_dest_gid(&Gid { raw: remote.gid })
+            .setup_grh_hop_limit(64);
+        attr.setup_address_vector(&av);
+        qp.modify(&attr).map_err(|e| verbs_error("moving the queue pair to RTR", e))?;
+        let mut attr = QueuePairAttribute::new();
+        attr.setup_state(QueuePairState::ReadyToSend)
+            .setup_sq_psn(local_psn)
+            .setup_timeout(14)
+            .setup_retry_cnt(7)
+            .setup_rnr_retry(7)
+            .setup_max_read_atomic(MAX_RD_ATOMIC);
+        qp.modify(&attr).map_err(|e| verbs_error("moving the queue pair to RTS", e))
+    }
+
+    fn address(&self, qp: &BasicQueuePair, psn: u32) -> QpAddress {
+        QpAddress { qpn: qp.qp_number(), psn, gid: self.gid.raw }
+    }
+}
+
+/// Registers `[addr, addr + len)` in `pd` for local writes and remote reads and writes.
+///
+/// # Safety
+/// The range must stay mapped until the returned registration is dropped.
+unsafe fn register(pd: &Arc<ProtectionDomain>, addr: *mut u8, len: usize) -> Result<Arc<MemoryRegion>, TransportError> {
+    let access = AccessFlags::LocalWrite | AccessFlags::RemoteRead | AccessFlags::RemoteWrite;
+    // SAFETY: the caller keeps the range mapped for the registration's life; the NIC writes into
+    // it only through requests whose buffers the callers own.
+    unsafe { pd.reg_mr(addr as usize, len, access) }.map_err(|e| verbs_error("registering memory", e))
+}
+
+/// The target side of one session: its protection domain, slab registrations and queue pairs.
+#[derive(Debug)]
+pub struct VerbsDomain {
+    device: Arc<VerbsDevice>,
+    pd: Arc<ProtectionDomain>,
+    cq: Arc<BasicCompletionQueue>,
+    qps: Mutex<Vec<BasicQueuePair>>,
+}
+
+/// A slab registered for one-sided access by one session.
+#[derive(Debug)]
+pub struct VerbsRegistration {
+    mr: Arc<MemoryRegion>,
+}
+
+impl VerbsRegistration {
+    /// The key that opens the slab to the session's queue pairs (and to no other session's).
+    pub fn rkey(&self) -> u32 {
+        self.mr.rkey()
+    }
+}
+
+impl VerbsDomain {
+    /// A new domain on `device`.
+    pub fn new(device: &Arc<VerbsDevice>) -> Result<Self, TransportError> {
+        Ok(Self {
+            device: Arc::clone(device),
+            pd: device.alloc_pd()?,
+            cq: device.create_cq(16)?,
+            qps: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Registers a slab of this session.
+    ///
+    /// # Safety
+    /// `[addr, addr + len)` must stay mapped until the registration is dropped.
+    pub unsafe fn register(&self, addr: *mut u8, len: usize) -> Result<VerbsRegistration, TransportError> {
+        // SAFETY: forwarded from the caller.
+        Ok(VerbsRegistration { mr: unsafe { register(&self.pd, addr, len) }? })
+    }
+
+    /// Makes a responder queue pair connected to the client's `remote` one; returns its address.
+    pub fn accept(&self, remote: &QpAddress) -> Result<QpAddress, TransportError> {
+        let (mut qp, psn) = self.device.create_qp(&self.pd, &self.cq)?;
+        self.device.connect_qp(&mut qp, psn, remote)?;
+        let local = self.device.address(&qp, psn);
+        self.qps.lock().unwrap_or_else(PoisonError::into_inner).push(qp);
+        Ok(local)
+    }
+}
+
+/// What a posted request is waiting for.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    opcode: Opcode,
+    bytes: usize,
+    posted: Instant,
+}
+
+/// The client side of one RC queue pair.
+#[derive(Debug)]
+pub struct VerbsEndpoint {
+    device: Arc<VerbsDevice>,
+    pd: Arc<ProtectionDomain>,
+    cq: Arc<BasicCompletionQueue>,
+    qp: Mutex<BasicQueuePair>,
+    /// Local regions used so far, by base address, with their registrations.
+    registrations: Mutex<HashMap<usize, (Arc<LocalRegion>, Arc<MemoryRegion>)>>,
+    pending: Mutex<HashMap<u64, Pending>>,
+    outstanding: AtomicUsize,
+    max_outstanding: usize,
+    rtt: Mutex<RttRecorder>,
+    peer: SocketAddr,
+    failed: AtomicU32,
+}
+
+impl VerbsEndpoint {
+    /// Makes a queue pair on `device` and connects it through `exchange`, which sends this side's
+    /// address to the target (over the control connection) and returns the target's.
+    pub fn connect(
+        device: &Arc<VerbsDevice>,
+        peer: SocketAddr,
+        max_outstanding: usize,
+        exchange: impl FnOnce(QpAddress) -> Result<QpAddress, TransportError>,
+    ) -> Result<Self, TransportError> {
+        let pd = device.alloc_pd()?;
+        let cq = device.create_cq(SEND_QUEUE_DEPTH)?;
+        let (mut qp, psn) = device.create_qp(&pd, &cq)?;
+        let remote = exchange(device.address(&qp, psn))?;
+        device.connect_qp(&mut qp, psn, &remote)?;
+        Ok(Self {
+            device: Arc::clone(device),
+            pd,
+            cq,
+            qp: Mutex::new(qp),
+            registrations: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::new()),
+            outstanding: AtomicUsize::new(0),
+            max_outstanding: max_outstanding.max(1),
+            rtt: Mutex::new(RttRecorder::new()),
+            peer,
+            failed: AtomicU32::new(0),
+        })
+    }
+
+    /// The device this endpoint runs on.
+    pub fn device(&self) -> &VerbsDevice {
+        &self.device
+    }
+
+    /// The local key of `region`, registering it on first use.
+    fn lkey(&self, region: &Arc<LocalRegion>) -> Result<u32, TransportError> {
+        let mut regs = self.registrations.lock().unwrap_or_else(PoisonError::into_inner);
+        let base = region.as_ptr() as usize;
+        if let Some((_, mr)) = regs.get(&base) {
+            return Ok(mr.lkey());
+        }
+        // SAFETY: the region is kept alive in the map for as long as the registration.
+        let mr = unsafe { register(&self.pd, region.as_ptr(), region.len()) }?;
+        let lkey = mr.lkey();
+        regs.insert(base, (Arc::clone(region), mr));
+        Ok(lkey)
+    }
+
+    /// Posts `wr`: one chained work request per segment, the last one signaled.
+    pub fn post(&self, wr: &WorkRequest) -> Result<(), TransportError> {
+        let bytes = wr.validate()?;
+        if self.outstanding.load(Ordering::Acquire) >= self.max_outstanding {
+            return Err(TransportError::InvalidArgument(format!(
+                "{} requests outstanding: poll completions before posting more",
+                self.max_outstanding
+            )));
+        }
+        let mut sges = Vec::with_capacity(wr.segments.len());
+        for s in &wr.segments {
+            let lkey = self.lkey(&s.local.region)?;
+            let addr = s.local.region.as_ptr() as u64 + s.local.offset as u64;
+            let len =
+                u32::try_from(s.local.len).map_err(|_| TransportError::InvalidArgument("segment too long".into()))?;
+            sges.push((lkey, addr, len, s.rkey, s.remote_addr));
+        }
+        self.pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(wr.wr_id, Pending { opcode: wr.opcode, bytes, posted: Instant::now() });
+        let mut qp = self.qp.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut guard = qp.start_post_send();
+        let last = sges.len() - 1;
+        for (i, &(lkey, addr, len, rkey, remote)) in sges.iter().enumerate() {
+            let flags = if i == last { WorkRequestFlags::Signaled } else { WorkRequestFlags::none() };
+            let handle = guard.construct_wr(wr.wr_id, flags);
+            let handle = match wr.opcode {
+                Opcode::Read => handle.setup_read(rkey, remote),
+                _ => handle.setup_write(rkey, remote),
+            };
+            // SAFETY: `addr..addr + len` lies in a registered local region (bounds checked by
+            // `LocalSlice`) that the caller keeps alive until the completion.
+            unsafe { handle.setup_sge(lkey, addr, len) };
+        }
+        match guard.post() {
+            Ok(()) => {
+                self.outstanding.fetch_add(1, Ordering::AcqRel);
+                Ok(())
+            }
+            Err(e) => {
+                drop(qp);
+                self.pending.lock().unwrap_or_else(PoisonError::into_inner).remove(&wr.wr_id);
+                Err(TransportError::Io {
+                    context: "posting to the send queue",
+                    source: std::io::Error::other(e.to_string()),
+                })
+            }
+        }
+    }
+
+    /// Appends up to `max` completions without blocking.
+    pub fn poll(&self, out: &mut Vec<Completion>, max: usize) -> usize {
+        let mut n = 0;
+        let Ok(poller) = self.cq.start_poll() else { return 0 };
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        for wc in poller {
+            // Every work request of a failed chain (and every later one) completes with an error;
+            // the first completion of a request reports it, the rest are dropped.
+            let Some(p) = pending.remove(&wc.wr_id()) else { continue };
+            let status = match wc.status() {
+                WC_SUCCESS => CompletionStatus::Success,
+                WC_REM_ACCESS_ERR => CompletionStatus::RemoteAccessError,
+                WC_REM_INV_REQ_ERR => CompletionStatus::RemoteInvalidRequest,
+                other => {
+                    if self.failed.swap(other, Ordering::AcqRel) == 0 {
+                        tracing::warn!(peer = %self.peer, status = other, "verbs request failed; the queue pair is now in the error state");
+                    }
+                    CompletionStatus::Flushed
+                }
+            };
+            let rtt = p.posted.elapsed();
+            if status == CompletionStatus::Success {
+                self.rtt.lock().unwrap_or_else(PoisonError::into_inner).record(rtt);
+            }
+            self.outstanding.fetch_sub(1, Ordering::AcqRel);
+            out.push(Completion {
+                wr_id: wc.wr_id(),
+                opcode: p.opcode,
+                status,
+                byte_len: if status == CompletionStatus::Success { p.bytes } else { 0 },
+                rtt,
+            });
+            n += 1;
+            if n >= max {
+                break;
+            }
+        }
+        n
+    }
+
+    /// Waits up to `timeout` for completions.
+    pub fn wait(&self, out: &mut Vec<Completion>, max: usize, timeout: Duration, mode: PollMode) -> usize {
+        let start = Instant::now();
+        let spin_for = match mode {
+            PollMode::Spin => timeout,
+            PollMode::Block => Duration::ZERO,
+            PollMode::SpinThenBlock(d) => d.min(timeout),
+        };
+        loop {
+            let n = self.poll(out, max);
+            if n > 0 {
+                return n;
+            }
+            let elapsed = start.elapsed();
+            if elapsed >= timeout {
+                return 0;
+            }
+            if elapsed >= spin_for {
+                std::thread::sleep(BLOCK_POLL_INTERVAL);
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+    }
+
+    /// Requests posted and not yet completed.
+    pub fn outstanding(&self) -> usize {
+        self.outstanding.load(Ordering::Acquire)
+    }
+
+    /// Measured round trips (post to completion) of successful requests.
+    pub fn rtt_stats(&self) -> RttStats {
+        self.rtt.lock().unwrap_or_else(PoisonError::into_inner).stats()
+    }
+
+    /// The target's control address.
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+}
