@@ -344,6 +344,8 @@ pub struct Endpoint {
     inner: Inner,
 }
 
+// Endpoints are few (one per thread and server) and never moved in hot paths: size is no concern.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 enum Inner {
     Shim(shim::endpoint::ShimEndpoint),

@@ -253,6 +253,9 @@ impl VerbsDomain {
     }
 }
 
+/// A local region registered with the endpoint's protection domain (kept alive with it).
+type Registered = (Arc<LocalRegion>, Arc<MemoryRegion>);
+
 /// What a posted request is waiting for.
 #[derive(Debug, Clone, Copy)]
 struct Pending {
@@ -269,7 +272,7 @@ pub struct VerbsEndpoint {
     cq: Arc<BasicCompletionQueue>,
     qp: Mutex<BasicQueuePair>,
     /// Local regions used so far, by base address, with their registrations.
-    registrations: Mutex<HashMap<usize, (Arc<LocalRegion>, Arc<MemoryRegion>)>>,
+    registrations: Mutex<HashMap<usize, Registered>>,
     pending: Mutex<HashMap<u64, Pending>>,
     outstanding: AtomicUsize,
     max_outstanding: usize,

@@ -44,6 +44,7 @@ for p in "${pkgs[@]}"; do
     ls "$cache/debs/${p}_"*.deb >/dev/null 2>&1 || missing+=("$p")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
+    apt-cache show busybox-static >/dev/null 2>&1 || apt-get update -qq
     echo "build-initramfs: downloading ${missing[*]}"
     (cd "$cache/debs" && apt-get download -q "${missing[@]}" 2>&1 | grep -v "^W: Download is performed unsandboxed" || true)
 fi
