@@ -17,7 +17,8 @@
 //! | `COALESCE_SERVERS` | unset | memory servers, `HOST:PORT[,HOST:PORT...]`. Unset or empty: no pager at all; the program runs on plain local memory with mimalloc as its allocator |
 //! | `COALESCE_LOCAL` | `256MiB` | local memory budget of the heap |
 //! | `COALESCE_HEAP_SIZE` | `16GiB` | heap size limit (address space reserved; allocations beyond it fail with `ENOMEM`). Costs 8 bytes of pager metadata per 4 KiB page of it |
-//! | `COALESCE_PROVIDER` | `shim` | data path: `shim` or `verbs` |
+//! | `COALESCE_PROVIDER` | `shim` | data path: `shim` or `verbs` (the library must be built with `--features coalesce-rdma/verbs`) |
+//! | `COALESCE_DEVICE` | first | RDMA device of the verbs provider, e.g. `rxe0` |
 //! | `COALESCE_FETCH_TIMEOUT` | `5s` | a page not fetched in this time raises SIGBUS in the access |
 //! | `COALESCE_PREFETCH` | on | `0` turns prefetch off |
 //! | `COALESCE_LOG` | `warn` | log filter (`tracing` syntax), written to stderr |

@@ -25,6 +25,7 @@ struct Settings {
     local: usize,
     heap_size: usize,
     provider: rdma::ProviderKind,
+    device: Option<String>,
     fetch_timeout: Duration,
     prefetch: bool,
     log: String,
@@ -64,6 +65,7 @@ fn settings() -> Result<Option<Settings>, String> {
         local: size("COALESCE_LOCAL", "256MiB")?,
         heap_size: size("COALESCE_HEAP_SIZE", "16GiB")?,
         provider,
+        device: var("COALESCE_DEVICE"),
         fetch_timeout,
         prefetch,
         log: var("COALESCE_LOG").unwrap_or_else(|| "warn".into()),
@@ -101,6 +103,7 @@ pub extern "C" fn init() {
     remote_mem_server::init_logging(&settings.log);
     let mut config = PagerConfig::new(settings.servers.clone(), settings.local);
     config.provider = settings.provider;
+    config.device = settings.device.clone();
     config.fetch_timeout = settings.fetch_timeout;
     config.prefetch = settings.prefetch;
     config.thread_start = Some(pager_thread_start);

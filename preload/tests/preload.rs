@@ -17,10 +17,12 @@ const FIXED_OVERHEAD: u64 = 40 * MIB;
 
 fn library() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap();
-    let lib = dir.join("libcoalesce.so");
-    assert!(lib.is_file(), "{} is missing: build the workspace (cargo test --workspace)", lib.display());
-    lib
+    let deps = exe.parent().unwrap();
+    // `cargo build` puts the library in target/<profile>; `cargo test` leaves it in deps/.
+    let candidates = [deps.parent().unwrap().join("libcoalesce.so"), deps.join("libcoalesce.so")];
+    let lib = candidates.iter().filter(|p| p.is_file()).max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok());
+    lib.unwrap_or_else(|| panic!("libcoalesce.so is missing from {candidates:?}: build the workspace (cargo test --workspace)"))
+        .clone()
 }
 
 fn probe() -> &'static str {
