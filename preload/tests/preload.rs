@@ -21,8 +21,10 @@ fn library() -> PathBuf {
     // `cargo build` puts the library in target/<profile>; `cargo test` leaves it in deps/.
     let candidates = [deps.parent().unwrap().join("libcoalesce.so"), deps.join("libcoalesce.so")];
     let lib = candidates.iter().filter(|p| p.is_file()).max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok());
-    lib.unwrap_or_else(|| panic!("libcoalesce.so is missing from {candidates:?}: build the workspace (cargo test --workspace)"))
-        .clone()
+    lib.unwrap_or_else(|| {
+        panic!("libcoalesce.so is missing from {candidates:?}: build the workspace (cargo test --workspace)")
+    })
+    .clone()
 }
 
 fn probe() -> &'static str {
