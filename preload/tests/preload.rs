@@ -22,7 +22,7 @@ fn library() -> PathBuf {
     let candidates = [deps.parent().unwrap().join("libcoalesce.so"), deps.join("libcoalesce.so")];
     let lib = candidates.iter().filter(|p| p.is_file()).max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok());
     lib.unwrap_or_else(|| {
-        panic!("libcoalesce.so is missing from {candidates:?}: build the workspace (cargo test --workspace)")
+        panic!("libcoalesce.so is missing from {candidates:?}: build it first: cargo build --workspace --release")
     })
     .clone()
 }
