@@ -6,7 +6,8 @@ export PATH=/usr/bin:/bin:/sbin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev 2>/dev/null
-mkdir -p /dev/pts /dev/shm && mount -t tmpfs tmp /tmp && mount -t tmpfs shm /dev/shm
+# /tmp stays on the initramfs (already in RAM): binaries may live under it at their build paths.
+mkdir -p /dev/pts /dev/shm /tmp && mount -t tmpfs shm /dev/shm
 ulimit -l unlimited 2>/dev/null
 echo 1 > /proc/sys/vm/unprivileged_userfaultfd 2>/dev/null
 status=0
