@@ -273,7 +273,8 @@ pub struct VerbsEndpoint {
     qp: Mutex<BasicQueuePair>,
     /// Local regions used so far, by base address, with their registrations.
     registrations: Mutex<HashMap<usize, Registered>>,
-    pending: Mutex<HashMap<u64, Pending>>,
+    /// Requests in flight (few: a linear scan beats hashing).
+    pending: Mutex<Vec<(u64, Pending)>>,
     outstanding: AtomicUsize,
     max_outstanding: usize,
     rtt: Mutex<RttRecorder>,
@@ -301,7 +302,7 @@ impl VerbsEndpoint {
             cq,
             qp: Mutex::new(qp),
             registrations: Mutex::new(HashMap::new()),
-            pending: Mutex::new(HashMap::new()),
+            pending: Mutex::new(Vec::new()),
             outstanding: AtomicUsize::new(0),
             max_outstanding: max_outstanding.max(1),
             rtt: Mutex::new(RttRecorder::new()),
@@ -349,7 +350,7 @@ impl VerbsEndpoint {
         self.pending
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(wr.wr_id, Pending { opcode: wr.opcode, bytes, posted: Instant::now() });
+            .push((wr.wr_id, Pending { opcode: wr.opcode, bytes, posted: Instant::now() }));
         let mut qp = self.qp.lock().unwrap_or_else(PoisonError::into_inner);
         let mut guard = qp.start_post_send();
         let last = sges.len() - 1;
@@ -371,7 +372,10 @@ impl VerbsEndpoint {
             }
             Err(e) => {
                 drop(qp);
-                self.pending.lock().unwrap_or_else(PoisonError::into_inner).remove(&wr.wr_id);
+                let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+                if let Some(k) = pending.iter().rposition(|(id, _)| *id == wr.wr_id) {
+                    pending.swap_remove(k);
+                }
                 Err(TransportError::Io {
                     context: "posting to the send queue",
                     source: std::io::Error::other(e.to_string()),
@@ -388,7 +392,8 @@ impl VerbsEndpoint {
         for wc in poller {
             // Every work request of a failed chain (and every later one) completes with an error;
             // the first completion of a request reports it, the rest are dropped.
-            let Some(p) = pending.remove(&wc.wr_id()) else { continue };
+            let Some(k) = pending.iter().position(|(id, _)| *id == wc.wr_id()) else { continue };
+            let (_, p) = pending.swap_remove(k);
             let status = match wc.status() {
                 WC_SUCCESS => CompletionStatus::Success,
                 WC_REM_ACCESS_ERR => CompletionStatus::RemoteAccessError,
@@ -428,10 +433,16 @@ impl VerbsEndpoint {
             PollMode::Block => Duration::ZERO,
             PollMode::SpinThenBlock(d) => d.min(timeout),
         };
+        let mut spins = 0u32;
         loop {
             let n = self.poll(out, max);
             if n > 0 {
                 return n;
+            }
+            // Reading the clock is not free (least of all in an emulated guest): every 64 polls.
+            spins = spins.wrapping_add(1);
+            if !spins.is_multiple_of(64) {
+                continue;
             }
             let elapsed = start.elapsed();
             if elapsed >= timeout {
@@ -439,8 +450,6 @@ impl VerbsEndpoint {
             }
             if elapsed >= spin_for {
                 std::thread::sleep(BLOCK_POLL_INTERVAL);
-            } else {
-                std::hint::spin_loop();
             }
         }
     }

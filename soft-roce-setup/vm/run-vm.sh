@@ -12,7 +12,7 @@ command -v qemu-system-x86_64 >/dev/null || { echo "run-vm: qemu-system-x86_64 i
 set +e
 timeout "${COALESCE_VM_TIMEOUT:-900}" qemu-system-x86_64 -machine q35 -accel tcg -cpu max -smp 2 -m "${COALESCE_VM_MEMORY:-3072}" \
     -kernel "$boot/vmlinuz" -initrd "$boot/initramfs.cpio.gz" \
-    -append "console=ttyS0 panic=-1 quiet loglevel=3 ${COALESCE_VM_APPEND:-}" \
+    -append "console=ttyS0 panic=-1 quiet loglevel=3 clocksource=tsc tsc=reliable ${COALESCE_VM_APPEND:-}" \
     -nographic -no-reboot -nic none 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
 set -e
