@@ -299,7 +299,7 @@ pub struct Completion {
     pub status: CompletionStatus,
     /// Bytes moved.
     pub byte_len: usize,
-    /// Time from post to delivery.
+    /// Time from post to delivery (verbs: timed on one request in 16, zero on the others).
     pub rtt: Duration,
 }
 

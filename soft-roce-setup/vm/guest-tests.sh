@@ -5,6 +5,7 @@
 # at the absolute path the test binary was built with.
 export COALESCE_REQUIRE_VERBS=1 COALESCE_VERBS_DEVICE=rxe0 RUST_LOG=warn RUST_BACKTRACE=1
 status=0
+echo "clock source: $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
 echo "== verbs tests (transport and pager over rxe0)"
 /coalesce/verbs-tests --test-threads=1 --nocapture || status=1
 
