@@ -64,6 +64,13 @@ struct Victim {
     unshared: bool,
 }
 
+impl Victim {
+    /// A page just locked for eviction, its entry as it was when locked.
+    fn locked(region: Arc<ActiveRegion>, page: usize, entry: u64) -> Self {
+        Self { region, page, entry, needs_write: false, slot: None, written: false, unshared: false }
+    }
+}
+
 /// The eviction thread's state.
 #[derive(Debug)]
 pub(crate) struct Evictor {
@@ -176,15 +183,7 @@ impl Evictor {
             let page = usize::try_from(page32).unwrap_or(usize::MAX);
             if page < region.table.len() {
                 if let Some(entry) = region.table.try_lock(page, |e| e & RESIDENT != 0) {
-                    victims.push(Victim {
-                        region: Arc::new(region),
-                        page,
-                        entry,
-                        needs_write: false,
-                        slot: None,
-                        written: false,
-                        unshared: false,
-                    });
+                    victims.push(Victim::locked(Arc::new(region), page, entry));
                 }
             }
         }
@@ -221,15 +220,7 @@ impl Evictor {
                 continue;
             }
             match region.table.try_lock(page, |e| e & RESIDENT != 0 && e & REFERENCED == 0) {
-                Some(entry) => victims.push(Victim {
-                    region,
-                    page,
-                    entry,
-                    needs_write: false,
-                    slot: None,
-                    written: false,
-                    unshared: false,
-                }),
+                Some(entry) => victims.push(Victim::locked(region, page, entry)),
                 None => ring.push_back((rid, page32)),
             }
         }

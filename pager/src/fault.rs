@@ -115,9 +115,16 @@ impl Handler {
     /// Reserves room for `n` resident pages; while waiting for the evictor, keeps reading events so
     /// that an `madvise` blocking on its remove event (and an eviction blocked on that) can finish.
     fn reserve(&mut self, n: usize) {
+        // The clock is read only once there was no room at the first try.
+        if self.shared.try_reserve(n, Duration::ZERO) {
+            return;
+        }
         let start = Instant::now();
-        while !self.shared.try_reserve(n, start.elapsed()) {
+        loop {
             self.drain_events();
+            if self.shared.try_reserve(n, start.elapsed()) {
+                return;
+            }
         }
     }
 

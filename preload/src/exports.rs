@@ -23,51 +23,54 @@ fn set_errno(e: c_int) {
     unsafe { *libc::__errno_location() = e };
 }
 
-/// The mimalloc heap of an application thread: its heap in the pager region; null (mimalloc's
-/// default heap) before set-up or without a pager.
+/// Allocates from the calling thread's heap: glibc on internal threads, else the thread's
+/// mimalloc heap in the pager region (mimalloc's default heap before set-up or without a pager).
+/// Sets `ENOMEM` on failure.
 #[inline]
-fn heap() -> *mut mi::mi_heap_t {
-    app_heap()
+fn allocate(
+    internal: impl FnOnce() -> *mut c_void,
+    default: impl FnOnce() -> *mut c_void,
+    in_heap: impl FnOnce(*mut mi::mi_heap_t) -> *mut c_void,
+) -> *mut c_void {
+    let p = if is_internal_thread() {
+        internal()
+    } else {
+        let h = app_heap();
+        if h.is_null() {
+            default()
+        } else {
+            in_heap(h)
+        }
+    };
+    if p.is_null() {
+        set_errno(libc::ENOMEM);
+    }
+    p
 }
 
 #[inline]
 unsafe fn alloc(size: usize) -> *mut c_void {
-    let internal = is_internal_thread();
-    let h = if internal { std::ptr::null_mut() } else { heap() };
-    // SAFETY: forwarding to glibc or mimalloc.
-    let p = unsafe {
-        if internal {
-            glibc::__libc_malloc(size)
-        } else if h.is_null() {
-            mi::mi_malloc(size)
-        } else {
-            mi::mi_heap_malloc(h, size)
-        }
-    };
-    if p.is_null() {
-        set_errno(libc::ENOMEM);
-    }
-    p
+    allocate(
+        // SAFETY: a plain allocation call; the arguments are the caller's, checked by it.
+        || unsafe { glibc::__libc_malloc(size) },
+        // SAFETY: a plain allocation call; the arguments are the caller's, checked by it.
+        || unsafe { mi::mi_malloc(size) },
+        // SAFETY: a plain allocation call; the arguments are the caller's, checked by it.
+        |h| unsafe { mi::mi_heap_malloc(h, size) },
+    )
 }
 
 #[inline]
 unsafe fn alloc_aligned(align: usize, size: usize) -> *mut c_void {
-    let internal = is_internal_thread();
-    let h = if internal { std::ptr::null_mut() } else { heap() };
-    // SAFETY: forwarding to glibc or mimalloc; `align` is a power of two (checked by callers).
-    let p = unsafe {
-        if internal {
-            glibc::__libc_memalign(align, size)
-        } else if h.is_null() {
-            mi::mi_malloc_aligned(size, align)
-        } else {
-            mi::mi_heap_malloc_aligned(h, size, align)
-        }
-    };
-    if p.is_null() {
-        set_errno(libc::ENOMEM);
-    }
-    p
+    // `align` is a power of two (checked by callers).
+    allocate(
+        // SAFETY: a plain allocation call; the arguments are the caller's, checked by it.
+        || unsafe { glibc::__libc_memalign(align, size) },
+        // SAFETY: a plain allocation call; the arguments are the caller's, checked by it.
+        || unsafe { mi::mi_malloc_aligned(size, align) },
+        // SAFETY: a plain allocation call; the arguments are the caller's, checked by it.
+        |h| unsafe { mi::mi_heap_malloc_aligned(h, size, align) },
+    )
 }
 
 /// `malloc(3)`.
@@ -108,22 +111,15 @@ pub unsafe extern "C" fn calloc(n: usize, size: usize) -> *mut c_void {
         set_errno(libc::ENOMEM);
         return std::ptr::null_mut();
     };
-    let internal = is_internal_thread();
-    let h = if internal { std::ptr::null_mut() } else { heap() };
-    // SAFETY: forwarding to glibc or mimalloc, both of which return zeroed memory.
-    let p = unsafe {
-        if internal {
-            glibc::__libc_calloc(n, size)
-        } else if h.is_null() {
-            mi::mi_zalloc(total)
-        } else {
-            mi::mi_heap_zalloc(h, total)
-        }
-    };
-    if p.is_null() {
-        set_errno(libc::ENOMEM);
-    }
-    p
+    // Both allocators return zeroed memory.
+    allocate(
+        // SAFETY: a plain allocation call; the arguments are the caller's, checked by it.
+        || unsafe { glibc::__libc_calloc(n, size) },
+        // SAFETY: a plain allocation call; the arguments are the caller's, checked by it.
+        || unsafe { mi::mi_zalloc(total) },
+        // SAFETY: a plain allocation call; the arguments are the caller's, checked by it.
+        |h| unsafe { mi::mi_heap_zalloc(h, total) },
+    )
 }
 
 /// `realloc(3)`: `realloc(NULL, n)` is `malloc(n)`; `realloc(p, 0)` frees `p` and returns null.
@@ -154,7 +150,7 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
             }
             q
         } else {
-            let h = heap();
+            let h = app_heap();
             if h.is_null() {
                 mi::mi_realloc(p, size)
             } else {
