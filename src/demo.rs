@@ -37,6 +37,8 @@ pub struct DemoOptions {
     pub fault_threads: usize,
     /// Prefetch window in pages.
     pub prefetch_window: usize,
+    /// Page-table transitions kept to explain a wrong word (0: none).
+    pub history: usize,
 }
 
 /// Errors of the demo.
@@ -130,6 +132,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
     config.prefetch = opts.prefetch;
     config.fault_threads = opts.fault_threads;
     config.prefetch_window = opts.prefetch_window;
+    config.history = opts.history;
     let pager = Pager::new(config)?;
     let mut region = pager.map(opts.size, RegionOptions::default())?;
     let pages = region.len() / PAGE_SIZE;
@@ -154,6 +157,15 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
         workload::run(words, &WorkloadOptions { passes: opts.passes, random_reads: opts.random_reads, progress: true });
     stop.store(true, Ordering::Release);
     let _ = sampler.join();
+    if let Err(corrupt) = &result {
+        let (history, now) = region.page_history(corrupt.offset);
+        if !history.is_empty() {
+            eprintln!("history of page {} (entry now {now}):", corrupt.offset / PAGE_SIZE);
+            for r in history {
+                eprintln!("  {r}");
+            }
+        }
+    }
     let result = result?;
     let hist = &result.faulted;
     let q = |x: f64| if hist.is_empty() { Duration::ZERO } else { Duration::from_nanos(hist.value_at_quantile(x)) };

@@ -14,4 +14,5 @@ pub mod bench;
 pub mod demo;
 pub mod latency;
 pub mod run;
+pub mod stress;
 pub mod workload;

@@ -11,6 +11,7 @@ use coalesce::bench;
 use coalesce::demo::{self, DemoOptions};
 use coalesce::latency::{self, LatencyOptions};
 use coalesce::run;
+use coalesce::stress::{self, StressOptions};
 use rdma::{LinkProfile, ProviderKind};
 
 #[derive(Debug, Parser)]
@@ -132,6 +133,52 @@ enum Command {
         /// Pages fetched ahead along a detected trend (1..=256).
         #[arg(long, default_value_t = 64)]
         prefetch_window: usize,
+        /// Keep this many page-table transitions and print the history of a page that fails
+        /// verification (40 bytes each; 0: off).
+        #[arg(long, default_value_t = 0)]
+        history: usize,
+    },
+    /// The contended stress harness: application threads fill a region bigger than the local
+    /// budget, then check and rewrite whole pages at random and in sequential runs, with CPU hogs
+    /// on every core, over a matrix of budgets and fault-thread counts. Stops at the first wrong
+    /// word and prints the page's history (every page-table transition and the thread that made
+    /// it). Exit status 0: no wrong word; 1: a wrong word (the report says which); 2: set-up error.
+    ///
+    /// Without --servers, starts a memory-server inside this process on 127.0.0.1.
+    Stress {
+        /// Region size.
+        #[arg(long, default_value = "256MiB")]
+        size: ByteSize,
+        /// Local budgets to run, as fractions of the region, comma-separated (8 = 1/8).
+        #[arg(long, value_delimiter = ',', default_value = "8,16")]
+        fractions: Vec<usize>,
+        /// Fault-thread counts to run, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,2")]
+        fault_threads: Vec<usize>,
+        /// Application threads.
+        #[arg(long, default_value_t = 4)]
+        app_threads: usize,
+        /// Total run time, shared by the configurations of the matrix.
+        #[arg(long, default_value = "60s")]
+        duration: humantime::Duration,
+        /// CPU hog threads (default: one per core).
+        #[arg(long)]
+        hogs: Option<usize>,
+        /// Percentage of page accesses that rewrite the page.
+        #[arg(long, default_value_t = 30)]
+        writes: u32,
+        /// Seed of the access pattern (default: random, printed).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// memory-servers to use, comma-separated (default: an embedded one on loopback).
+        #[arg(long, value_delimiter = ',')]
+        servers: Vec<SocketAddr>,
+        /// Page-table transitions kept for the report (40 bytes each).
+        #[arg(long, default_value_t = 4_000_000)]
+        history: usize,
+        /// Pages fetched ahead along a detected trend (1..=256).
+        #[arg(long, default_value_t = 64)]
+        prefetch_window: usize,
     },
     /// Measure one-sided READ and WRITE round trips (median, p99), blocking and busy-polling.
     ///
@@ -247,6 +294,7 @@ fn main() -> ExitCode {
             no_prefetch,
             fault_threads,
             prefetch_window,
+            history,
         } => {
             let (Ok(size), Ok(local)) = (usize::try_from(size.as_u64()), usize::try_from(local.as_u64())) else {
                 eprintln!("coalesce: --size and --local must fit this machine's address space");
@@ -264,6 +312,7 @@ fn main() -> ExitCode {
                 prefetch: !no_prefetch,
                 fault_threads,
                 prefetch_window,
+                history,
             };
             let mut result = demo::run(&opts);
             let unavailable = result.as_ref().err().is_some_and(demo::DemoError::is_provider_unavailable);
@@ -283,6 +332,55 @@ fn main() -> ExitCode {
                 Err(e) => {
                     eprintln!("coalesce: {e}");
                     ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Stress {
+            size,
+            fractions,
+            fault_threads,
+            app_threads,
+            duration,
+            hogs,
+            writes,
+            seed,
+            servers,
+            history,
+            prefetch_window,
+        } => {
+            let Ok(size) = usize::try_from(size.as_u64()) else {
+                eprintln!("coalesce: --size must fit this machine's address space");
+                return ExitCode::from(2);
+            };
+            let seed = seed.unwrap_or_else(|| fastrand::u64(..));
+            let hogs = hogs.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, usize::from));
+            eprintln!("stress: seed {seed}");
+            let opts = StressOptions {
+                size,
+                fractions,
+                fault_threads,
+                app_threads,
+                duration: duration.into(),
+                hogs,
+                write_percent: writes,
+                seed,
+                servers,
+                history,
+                prefetch_window,
+            };
+            match stress::run(&opts) {
+                Ok(Ok(reports)) => {
+                    let checks: u64 = reports.iter().map(|r| r.pages_checked).sum();
+                    println!("stress: no wrong word in {checks} page checks over {} configurations", reports.len());
+                    ExitCode::SUCCESS
+                }
+                Ok(Err(mismatch)) => {
+                    println!("{mismatch}");
+                    ExitCode::FAILURE
+                }
+                Err(e) => {
+                    eprintln!("coalesce: {e}");
+                    ExitCode::from(2)
                 }
             }
         }

@@ -479,3 +479,50 @@ fn pages_shared_with_a_forked_child_are_still_evicted_and_the_child_keeps_its_vi
     assert_eq!(stats.overshoot_events, 0, "{stats}");
     assert!(stats.peak_resident_pages <= stats.budget_pages, "{stats}");
 }
+
+/// Child side of the invariant test: writes pages, makes the evictor drop them as if clean (an
+/// injected bug), then reads one back.
+fn dropped_dirty_child(server: &str) -> ! {
+    remote_mem_server::init_logging("error");
+    let pager = pager(vec![server.parse().unwrap()], 2 * MIB, 2);
+    let region = pager.map(4 * MIB, RegionOptions { prefetch: Some(false), ..RegionOptions::default() }).unwrap();
+    let base = region.as_ptr() as usize;
+    for p in 0..16 {
+        fill_page(base, p, 7);
+    }
+    pager.inject_bug_drop_dirty_pages(true);
+    let gone = region.evict(0, 16 * PAGE_SIZE);
+    pager.inject_bug_drop_dirty_pages(false);
+    println!("EVICTED {gone} PAGE3 {:#x}", base + 3 * PAGE_SIZE);
+    std::io::stdout().flush().unwrap();
+    // The injected bug left page 3 with no copy anywhere. Reading zeros here would be the silent
+    // wrong byte; the invariant must raise SIGBUS instead.
+    let ok = check_page(base, 3, 7);
+    println!("READ-BACK {}", if ok { "RIGHT" } else { "WRONG" });
+    std::process::exit(4);
+}
+
+#[test]
+fn a_written_page_is_never_filled_with_zeros_even_when_a_bug_drops_it() {
+    if let Ok(server) = std::env::var("COALESCE_DROPPED_DIRTY_CHILD") {
+        dropped_dirty_child(&server);
+    }
+    let server = ServerProcess::start(&["--capacity", "64MiB", "--slab-size", "16MiB"]);
+    let output = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "a_written_page_is_never_filled_with_zeros_even_when_a_bug_drops_it", "--nocapture"])
+        .env("COALESCE_DROPPED_DIRTY_CHILD", server.addr.to_string())
+        .env("RUST_LOG", "error")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stdout.contains("EVICTED 16"), "the pages were not evicted: {stdout}\n{stderr}");
+    assert!(!stdout.contains("READ-BACK"), "the dropped page was read back instead of failing: {stdout}");
+    assert_eq!(output.status.signal(), Some(libc::SIGBUS), "child status {:?}; stderr:\n{stderr}", output.status);
+    let page3 = stdout.split("PAGE3 ").nth(1).and_then(|s| s.split_whitespace().next()).unwrap();
+    assert!(
+        stderr.contains("page-state violation") && stderr.contains(page3),
+        "the violation must be logged with the page's address {page3}:\n{stderr}"
+    );
+}

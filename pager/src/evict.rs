@@ -23,10 +23,11 @@ use std::time::{Duration, Instant};
 
 use rdma::{CompletionStatus, Endpoint, LocalRegion, LocalSlice, PollMode, Segment, WorkRequest};
 
+use crate::history::Transition;
 use crate::placement::Location;
 use crate::region::ActiveRegion;
 use crate::stats::Counters;
-use crate::table::{self, BUSY, DIRTY, HAS_SLOT, PREFETCHED, REFERENCED, REMOTE_VALID, RESIDENT};
+use crate::table::{self, BUSY, DIRTY, HAS_SLOT, POISONED, PREFETCHED, REFERENCED, REMOTE_VALID, RESIDENT, WRITTEN};
 use crate::uffd::Uffd;
 use crate::{lock, PagerError, Shared, PAGE_SIZE};
 
@@ -274,8 +275,16 @@ impl Evictor {
                 }
             }
         }
+        for v in &moved {
+            v.region.table.note(v.page, Transition::MovedOut);
+        }
         // Step 3: reserve slots for dirty pages and write them back.
         let mut no_room = false;
+        if self.shared.inject_drop_dirty.load(Ordering::Acquire) {
+            for v in &mut moved {
+                v.entry &= !DIRTY;
+            }
+        }
         for v in &mut moved {
             v.needs_write = v.entry & DIRTY != 0 || (v.entry & REMOTE_VALID != 0 && !self.slot_alive(v.entry));
             if !v.needs_write {
@@ -301,7 +310,7 @@ impl Evictor {
             if v.entry & PREFETCHED != 0 {
                 Counters::add(&self.shared.stats.prefetch_wasted, 1);
             }
-            t.unlock(v.page, e);
+            t.unlock(v.page, e, if dirty { Transition::EvictedDirty } else { Transition::EvictedClean });
             if dirty {
                 Counters::add(&self.shared.stats.evictions_dirty, 1);
                 Counters::add(&self.shared.stats.bytes_out, PAGE_SIZE as u64);
@@ -358,7 +367,7 @@ impl Evictor {
             tracing::debug!(error = %e, page = v.page, "cannot lift write protection to unshare a page");
             return false;
         }
-        v.entry |= DIRTY;
+        v.entry |= DIRTY | WRITTEN;
         v.unshared = true;
         Counters::add(&self.shared.stats.unshared, 1);
         cow::rewrite_first_word(addr);
@@ -369,11 +378,27 @@ impl Evictor {
     /// remove event frees its remote copy; any other refusal keeps the page resident.
     fn keep(&self, v: Victim, e: &io::Error) {
         if e.raw_os_error() == Some(libc::ENOENT) {
-            v.region.table.unlock(v.page, v.entry & !(RESIDENT | DIRTY | REMOTE_VALID | REFERENCED | PREFETCHED));
+            let t = &v.region.table;
+            if table::discard_pending(t.load(v.page)) {
+                let zero = v.entry & !(RESIDENT | DIRTY | WRITTEN | REMOTE_VALID | REFERENCED | PREFETCHED);
+                t.unlock(v.page, zero, Transition::FoundUnmapped);
+                Counters::add(&self.shared.stats.found_unmapped, 1);
+            } else {
+                // Nothing zapped it: its data is lost. Poisoned, so the next access fails loudly.
+                crate::fault::report_violation(
+                    &self.shared,
+                    &v.region,
+                    v.page,
+                    v.entry,
+                    "the evictor found a resident page unmapped with no discard pending",
+                );
+                let poisoned = (v.entry | POISONED) & !(RESIDENT | DIRTY | REFERENCED | PREFETCHED);
+                t.unlock(v.page, poisoned, Transition::Poisoned);
+            }
             self.shared.unreserve(1);
         } else {
             tracing::debug!(error = %e, page = v.page, "cannot move a page out; keeping it");
-            v.region.table.unlock(v.page, v.entry | REFERENCED);
+            v.region.table.unlock(v.page, v.entry | REFERENCED, Transition::Kept);
             self.shared.push_clock(v.region.id, v.page);
         }
     }
@@ -510,7 +535,7 @@ impl Evictor {
         }
         // Keep the page's own slot if it kept it; otherwise `slot_for` freed the old one, and a
         // new one, unused now, goes back.
-        let mut e = v.entry | REFERENCED | DIRTY;
+        let mut e = v.entry | REFERENCED | DIRTY | WRITTEN;
         let kept_own = v.entry & HAS_SLOT != 0 && v.slot.is_some_and(|(s, _)| s == table::slot_of(v.entry));
         if !kept_own {
             if let Some((slot, _)) = v.slot {
@@ -518,7 +543,7 @@ impl Evictor {
             }
             e &= !(HAS_SLOT | REMOTE_VALID);
         }
-        v.region.table.unlock(v.page, e);
+        v.region.table.unlock(v.page, e, Transition::PutBack);
         self.shared.push_clock(v.region.id, v.page);
         Counters::add(&self.shared.stats.writeback_failures, 1);
     }

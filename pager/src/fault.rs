@@ -14,9 +14,10 @@ use std::time::{Duration, Instant};
 
 use rdma::{CompletionStatus, Endpoint, LocalRegion, LocalSlice, PollMode, Segment, WorkRequest};
 
+use crate::history::Transition;
 use crate::region::{ActiveRegion as RegionState, FetchFailure};
 use crate::stats::Counters;
-use crate::table::{self, DIRTY, HAS_SLOT, POISONED, PREFETCHED, REFERENCED, REMOTE_VALID, RESIDENT};
+use crate::table::{self, DIRTY, HAS_SLOT, POISONED, PREFETCHED, REFERENCED, REMOTE_VALID, RESIDENT, WRITTEN};
 use crate::uffd::{Event, MSG_SIZE};
 use crate::{PagerError, Shared, PAGE_SIZE};
 
@@ -62,7 +63,7 @@ impl Handler {
                 Ok(n) => {
                     idle_since = None;
                     for raw in &buf[..n] {
-                        self.deferred.push_back(Event::decode(raw));
+                        self.defer(Event::decode(raw));
                     }
                     continue;
                 }
@@ -88,7 +89,36 @@ impl Handler {
             if n == 0 {
                 break;
             }
-            self.deferred.extend(buf[..n].iter().map(Event::decode));
+            for raw in &buf[..n] {
+                self.defer(Event::decode(raw));
+            }
+        }
+    }
+
+    /// Queues an event read from the userfaultfd. A remove event is counted on its pages at once:
+    /// the `madvise` behind it zaps them as soon as it has been read, before it is handled, and
+    /// until then a page found unmapped is expected rather than a lost page.
+    fn defer(&mut self, ev: Event) {
+        if let Event::Remove { start, end } = ev {
+            self.for_pages(start, end, |region, page| region.table.begin_discard(page));
+        }
+        self.deferred.push_back(ev);
+    }
+
+    /// Calls `f` for every page of every region in `[start, end)`.
+    fn for_pages(&self, start: usize, end: usize, mut f: impl FnMut(&RegionState, usize)) {
+        let mut addr = start & !(PAGE_SIZE - 1);
+        while addr < end {
+            let Some((region, first)) = self.shared.lookup(addr) else {
+                addr += PAGE_SIZE;
+                continue;
+            };
+            let Some(region) = region.enter() else { return };
+            let last = ((end.min(region.base + region.len) - region.base).div_ceil(PAGE_SIZE)).min(region.table.len());
+            for page in first..last {
+                f(&region, page);
+            }
+            addr = region.base + last * PAGE_SIZE;
         }
     }
 
@@ -168,15 +198,8 @@ impl Handler {
                 return;
             }
             if e & RESIDENT != 0 {
-                // Mapped already (a race), or dropped behind our back by madvise: a zero page is
-                // the right content in the second case, and EEXIST tells us it is the first.
                 let Some(e) = t.try_lock(page, |e| e & RESIDENT != 0) else { continue };
-                let zero = self.zero.as_ptr();
-                if self.install(addr, zero, false) {
-                    t.unlock(page, (e | DIRTY | REFERENCED) & !(REMOTE_VALID | PREFETCHED));
-                } else {
-                    t.unlock(page, e);
-                }
+                self.fault_on_resident(region, page, e);
                 return;
             }
             if e & REMOTE_VALID != 0 {
@@ -185,9 +208,69 @@ impl Handler {
                 return;
             }
             let Some(e) = t.try_lock(page, |e| e & (RESIDENT | REMOTE_VALID) == 0) else { continue };
+            if e & WRITTEN != 0 && !table::discard_pending(e) {
+                self.state_violation(
+                    region,
+                    page,
+                    e,
+                    "a written page has no copy anywhere and would be filled with zeros",
+                );
+                return;
+            }
             self.zero_fault(region, page, e, write);
             return;
         }
+    }
+
+    /// A missing fault on a page the table calls resident: normally a stale event (the page is
+    /// mapped: `EEXIST`, wake). If the page really is unmapped, a pending `madvise` discard zapped
+    /// it (zero is its content now); without one, its data was lost by a bug: poisoned, not zeroed.
+    fn fault_on_resident(&mut self, region: &RegionState, page: usize, e: u64) {
+        let t = &region.table;
+        let addr = region.page_addr(page);
+        if table::discard_pending(t.load(page)) {
+            let zero = self.zero.as_ptr();
+            if self.install(addr, zero, false) {
+                let refilled = (e | DIRTY | WRITTEN | REFERENCED) & !(REMOTE_VALID | PREFETCHED);
+                t.unlock(page, refilled, Transition::Refilled);
+                Counters::add(&self.shared.stats.refills, 1);
+            } else {
+                t.unlock(page, e, Transition::NotInstalled);
+            }
+            return;
+        }
+        // UFFDIO_POISON fails with EEXIST on a mapped page, so it tells the two cases apart
+        // without ever mapping zeros.
+        match self.retry(|h| h.shared.uffd.poison(addr, PAGE_SIZE)) {
+            Err(err) if err.raw_os_error() == Some(libc::EEXIST) => {
+                let _ = self.shared.uffd.wake(addr, PAGE_SIZE);
+                t.unlock(page, e, Transition::NotInstalled);
+            }
+            Ok(()) => {
+                self.shared.unreserve(1);
+                self.report_violation(region, page, e, "a resident page was found unmapped with no discard pending");
+                t.unlock(page, (e | POISONED) & !(RESIDENT | DIRTY | REFERENCED | PREFETCHED), Transition::Poisoned);
+            }
+            Err(err) => {
+                tracing::error!(addr = format_args!("{addr:#x}"), error = %err, "UFFDIO_POISON failed");
+                let _ = self.shared.uffd.wake(addr, PAGE_SIZE);
+                t.unlock(page, e, Transition::NotInstalled);
+            }
+        }
+    }
+
+    /// Poisons a locked, unmapped page whose state breaks an invariant, instead of serving it.
+    fn state_violation(&mut self, region: &RegionState, page: usize, e: u64, what: &str) {
+        self.report_violation(region, page, e, what);
+        let addr = region.page_addr(page);
+        region.table.unlock(page, e | POISONED, Transition::Poisoned);
+        if let Err(err) = self.retry(|h| h.shared.uffd.poison(addr, PAGE_SIZE)) {
+            tracing::error!(error = %err, "UFFDIO_POISON failed; the faulting thread stays blocked");
+        }
+    }
+
+    fn report_violation(&self, region: &RegionState, page: usize, e: u64, what: &str) {
+        report_violation(&self.shared, region, page, e, what);
     }
 
     /// First touch of a never-written page: a zero page, no network. Along a trend, the next
@@ -198,7 +281,9 @@ impl Handler {
         let stride = self.record_trend(region, page);
         let mut pages = vec![(page, entry)];
         if let Some(stride) = stride.filter(|_| region.prefetch_enabled(self.shared.config.prefetch)) {
-            pages.extend(self.lock_window(region, page, stride, |e| e & (RESIDENT | REMOTE_VALID | POISONED) == 0));
+            pages.extend(
+                self.lock_window(region, page, stride, |e| e & (RESIDENT | REMOTE_VALID | POISONED | WRITTEN) == 0),
+            );
         }
         self.reserve(pages.len());
         let zero = self.zero.as_ptr();
@@ -209,11 +294,15 @@ impl Handler {
         let mut n = 0;
         for (&(p, e), ok) in pages.iter().zip(&installed) {
             if *ok {
-                t.unlock(p, e | RESIDENT | REFERENCED | if write { DIRTY } else { 0 });
+                t.unlock(
+                    p,
+                    e | RESIDENT | REFERENCED | if write { DIRTY | WRITTEN } else { 0 },
+                    Transition::ZeroFilled,
+                );
                 self.shared.push_clock(region.id, p);
                 n += 1;
             } else {
-                t.unlock(p, e);
+                t.unlock(p, e, Transition::NotInstalled);
             }
         }
         self.shared.unreserve(pages.len() - n);
@@ -296,7 +385,7 @@ impl Handler {
         if e & PREFETCHED != 0 {
             Counters::add(&self.shared.stats.prefetch_hits, 1);
         }
-        t.unlock(page, (e | DIRTY | REFERENCED) & !PREFETCHED);
+        t.unlock(page, (e | DIRTY | WRITTEN | REFERENCED) & !PREFETCHED, Transition::WriteFault);
         Counters::add(&self.shared.stats.write_faults, 1);
     }
 
@@ -375,7 +464,7 @@ impl Handler {
             if i == 0 {
                 self.fail_page(region, f);
             } else {
-                t.unlock(f.page, f.entry);
+                t.unlock(f.page, f.entry, Transition::NotInstalled);
             }
         }
         let good: Vec<(usize, &Fetch)> = fetches.iter().enumerate().filter(|(_, f)| f.ok).collect();
@@ -390,16 +479,16 @@ impl Handler {
             if *ok {
                 let mut e = f.entry | RESIDENT | REFERENCED;
                 if i == 0 && write {
-                    e |= DIRTY;
+                    e |= DIRTY | WRITTEN;
                 }
                 if i > 0 {
                     e |= PREFETCHED;
                 }
-                t.unlock(f.page, e);
+                t.unlock(f.page, e, if i == 0 { Transition::Fetched } else { Transition::Prefetched });
                 self.shared.push_clock(region.id, f.page);
                 installed += 1;
             } else {
-                t.unlock(f.page, f.entry);
+                t.unlock(f.page, f.entry, Transition::NotInstalled);
             }
         }
         self.shared.unreserve(fetches.len() - installed);
@@ -534,39 +623,57 @@ impl Handler {
         if let Some(handler) = &region.options.on_failure {
             handler(&FetchFailure { addr, offset: addr - region.base, server, reason });
         }
-        region.table.unlock(f.page, f.entry | POISONED);
+        region.table.unlock(f.page, f.entry | POISONED, Transition::Poisoned);
         if let Err(e) = self.retry(|h| h.shared.uffd.poison(addr, PAGE_SIZE)) {
             tracing::error!(error = %e, "UFFDIO_POISON failed; the faulting thread stays blocked");
         }
     }
 
+    /// Handles a remove event: the pages read as zeros from now on; remote copies are freed.
     fn remove(&mut self, start: usize, end: usize) {
-        let mut addr = start & !(PAGE_SIZE - 1);
-        while addr < end {
-            let Some((region, first)) = self.shared.lookup(addr) else {
-                addr += PAGE_SIZE;
-                continue;
-            };
-            let Some(region) = region.enter() else { return };
-            let last = ((end.min(region.base + region.len) - region.base).div_ceil(PAGE_SIZE)).min(region.table.len());
-            let mut freed_resident = 0;
-            for page in first..last {
-                let e = region.table.lock(page);
-                if e & RESIDENT != 0 {
-                    freed_resident += 1;
-                    if e & PREFETCHED != 0 {
-                        Counters::add(&self.shared.stats.prefetch_wasted, 1);
-                    }
+        let shared = Arc::clone(&self.shared);
+        let mut freed_resident = 0;
+        self.for_pages(start, end, |region, page| {
+            let e = region.table.lock(page);
+            if e & RESIDENT != 0 {
+                freed_resident += 1;
+                if e & PREFETCHED != 0 {
+                    Counters::add(&shared.stats.prefetch_wasted, 1);
                 }
-                if e & HAS_SLOT != 0 {
-                    self.shared.placement.free_slot(table::slot_of(e));
-                    Counters::add(&self.shared.stats.remote_freed, 1);
-                }
-                Counters::add(&self.shared.stats.removed_pages, 1);
-                region.table.unlock(page, 0);
             }
-            self.shared.unreserve(freed_resident);
-            addr = region.base + last * PAGE_SIZE;
+            if e & HAS_SLOT != 0 {
+                shared.placement.free_slot(table::slot_of(e));
+                Counters::add(&shared.stats.remote_freed, 1);
+            }
+            Counters::add(&shared.stats.removed_pages, 1);
+            region.table.unlock(page, 0, Transition::Removed);
+            region.table.end_discard(page);
+        });
+        self.shared.unreserve(freed_resident);
+    }
+}
+
+/// Logs and counts a broken page-state invariant: a bug in Coalesce, made loud. The caller
+/// poisons the page, so the program gets SIGBUS on it instead of wrong data.
+pub(crate) fn report_violation(shared: &Shared, region: &RegionState, page: usize, e: u64, what: &str) {
+    let addr = region.page_addr(page);
+    let server = shared
+        .placement
+        .locate(table::slot_of(e))
+        .filter(|_| e & HAS_SLOT != 0)
+        .and_then(|l| shared.placement.servers().get(l.server))
+        .map_or_else(|| "none".to_string(), |s| s.addr.to_string());
+    tracing::error!(
+        addr = format_args!("{addr:#x}"),
+        page,
+        entry = %table::Entry::from_bits(e),
+        lender = %server,
+        "page-state violation (a bug in Coalesce): {what}; the page is poisoned (SIGBUS on access), never served as zeros"
+    );
+    Counters::add(&shared.stats.state_violations, 1);
+    if let Some(history) = &shared.history {
+        for record in history.of_page(region.id, page) {
+            tracing::error!("  page {page} history: {record}");
         }
     }
 }

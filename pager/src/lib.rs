@@ -60,6 +60,9 @@ use rdma::{EndpointOptions, LinkProfile, ProviderKind};
 
 mod evict;
 mod fault;
+pub mod history;
+#[cfg(test)]
+mod model;
 pub mod placement;
 pub mod prefetch;
 mod region;
@@ -136,6 +139,9 @@ pub struct PagerConfig {
     pub link: LinkProfile,
     /// Client id presented to servers (random by default).
     pub client_id: u64,
+    /// Keep a history of this many page-table transitions (0: none, the default). For finding
+    /// races: see [`history`] and `coalesce stress`.
+    pub history: usize,
     /// Called first thing on every thread the pager starts (the LD_PRELOAD allocator uses it to
     /// route those threads' allocations away from the heap the pager serves).
     pub thread_start: Option<fn()>,
@@ -157,6 +163,7 @@ impl PagerConfig {
             spin: Duration::from_micros(50),
             link: LinkProfile::loopback(),
             client_id: fastrand::u64(..),
+            history: 0,
             thread_start: None,
         }
     }
@@ -173,6 +180,12 @@ impl PagerConfig {
         }
         if self.prefetch_window == 0 || self.prefetch_window > 256 {
             return Err(PagerError::Config("prefetch_window must be between 1 and 256 pages".into()));
+        }
+        if self.history > 1 << 24 {
+            return Err(PagerError::Config(format!(
+                "history of {} records is above the maximum of 16,777,216 (40 bytes each)",
+                self.history
+            )));
         }
         if self.fetch_timeout.is_zero() {
             return Err(PagerError::Config("fetch_timeout must be positive".into()));
@@ -204,6 +217,9 @@ pub(crate) struct Shared {
     pub(crate) space: (Mutex<()>, Condvar),
     pub(crate) next_region: AtomicU32,
     pub(crate) table_bytes: AtomicU64,
+    pub(crate) history: Option<Arc<history::History>>,
+    /// Test hook: the evictor drops dirty pages as if clean (the bug class of issue #7).
+    pub(crate) inject_drop_dirty: AtomicBool,
 }
 
 impl Shared {
@@ -344,15 +360,24 @@ impl Pager {
             space: (Mutex::new(()), Condvar::new()),
             next_region: AtomicU32::new(0),
             table_bytes: AtomicU64::new(0),
+            inject_drop_dirty: AtomicBool::new(false),
+            history: (config.history > 0).then(|| Arc::new(history::History::new(config.history))),
             config,
         });
         let mut pager = Self { shared: Arc::clone(&shared), threads: Vec::new() };
         for i in 0..shared.config.fault_threads {
             let handler = fault::Handler::new(Arc::clone(&shared))?;
-            pager.spawn(format!("uffd-{i}"), move || handler.run())?;
+            let tag = u8::try_from(i + 1).unwrap_or(u8::MAX);
+            pager.spawn(format!("uffd-{i}"), move || {
+                history::set_thread_tag(tag);
+                handler.run();
+            })?;
         }
         let evictor = evict::Evictor::new(Arc::clone(&shared))?;
-        pager.spawn("evictor".into(), move || evictor.run())?;
+        pager.spawn("evictor".into(), move || {
+            history::set_thread_tag(history::EVICTOR_TAG);
+            evictor.run();
+        })?;
         let s = Arc::clone(&shared);
         pager.spawn("heartbeat".into(), move || heartbeat_loop(&s))?;
         Ok(pager)
@@ -383,6 +408,15 @@ impl Pager {
     pub fn hold_resident(&self, hold: bool) {
         self.shared.hold.store(hold, Ordering::Release);
         self.shared.kick_evictor();
+    }
+
+    /// Test hook, not for production: while `true`, the evictor drops dirty pages as if they
+    /// were clean, without writing them back: the bug that once made a written page read back
+    /// as zeros. The page-state invariants must turn the next access to such a page into SIGBUS
+    /// and a logged, counted violation.
+    #[doc(hidden)]
+    pub fn inject_bug_drop_dirty_pages(&self, on: bool) {
+        self.shared.inject_drop_dirty.store(on, Ordering::Release);
     }
 
     /// A snapshot of the statistics.

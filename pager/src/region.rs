@@ -171,7 +171,7 @@ impl<'p> Region<'p> {
             id,
             base,
             len,
-            table: PageTable::new(pages).map_err(map_err)?,
+            table: PageTable::with_history(pages, id, shared.history.clone()).map_err(map_err)?,
             trend: Mutex::new(TrendDetector::default()),
             options,
             alive: AtomicBool::new(true),
@@ -276,6 +276,15 @@ impl<'p> Region<'p> {
             }
         }
         n
+    }
+
+    /// The recorded transitions of the page at byte `offset` (empty unless the pager keeps a
+    /// history: [`crate::PagerConfig::history`]), oldest first, with the page's entry now.
+    pub fn page_history(&self, offset: usize) -> (Vec<crate::history::Record>, table::Entry) {
+        let page = offset / PAGE_SIZE;
+        let now = table::Entry::from_bits(if page < self.state.table.len() { self.state.table.load(page) } else { 0 });
+        let records = self.pager.shared().history.as_ref().map(|h| h.of_page(self.state.id, page)).unwrap_or_default();
+        (records, now)
     }
 
     /// This region's statistics.

@@ -28,6 +28,9 @@ pub struct Counters {
     pub(crate) overshoot: AtomicU64,
     pub(crate) writeback_failures: AtomicU64,
     pub(crate) unshared: AtomicU64,
+    pub(crate) refills: AtomicU64,
+    pub(crate) found_unmapped: AtomicU64,
+    pub(crate) state_violations: AtomicU64,
     remote_latency: Mutex<Histogram<u64>>,
 }
 
@@ -54,6 +57,9 @@ impl Default for Counters {
             overshoot: AtomicU64::new(0),
             writeback_failures: AtomicU64::new(0),
             unshared: AtomicU64::new(0),
+            refills: AtomicU64::new(0),
+            found_unmapped: AtomicU64::new(0),
+            state_violations: AtomicU64::new(0),
             remote_latency: Mutex::new(hist),
         }
     }
@@ -91,6 +97,9 @@ impl Counters {
             overshoot_events: r(&self.overshoot),
             writeback_failures: r(&self.writeback_failures),
             unshared_pages: r(&self.unshared),
+            refilled_pages: r(&self.refills),
+            found_unmapped: r(&self.found_unmapped),
+            state_violations: r(&self.state_violations),
             remote_fault_p50: q(0.5),
             remote_fault_p99: q(0.99),
             remote_fault_max: if h.is_empty() { Duration::ZERO } else { Duration::from_nanos(h.max()) },
@@ -143,6 +152,16 @@ pub struct PagerStats {
     /// Pages the evictor had to unshare (copy-on-write shared with a forked child) before it
     /// could evict them; each was then written back as dirty.
     pub unshared_pages: u64,
+    /// Missing faults on pages the table called resident (discarded by `madvise` before the
+    /// remove event was handled): refilled with zeros.
+    pub refilled_pages: u64,
+    /// Pages the evictor found unmapped where the table called them resident (discarded by
+    /// `madvise` before the remove event was handled).
+    pub found_unmapped: u64,
+    /// Bugs caught by the page-state invariants (a written page about to be filled with zeros,
+    /// or lost): each page was poisoned (SIGBUS on access) and logged instead. Always 0 unless
+    /// Coalesce has a bug.
+    pub state_violations: u64,
     /// Pages held by memory servers.
     pub remote_pages: u64,
     /// Median service time of a remote fault (event read to page installed).
@@ -211,10 +230,15 @@ impl fmt::Display for PagerStats {
             self.metadata_bytes,
             self.metadata_per_remote_page()
         )?;
+        writeln!(
+            f,
+            "discards: {} pages by madvise ({} remote copies freed); {} refilled and {} found unmapped before their remove event",
+            self.removed_pages, self.remote_freed, self.refilled_pages, self.found_unmapped
+        )?;
         write!(
             f,
-            "failures: {} pages could not be fetched; {} discarded by madvise ({} remote copies freed)",
-            self.fetch_failures, self.removed_pages, self.remote_freed
+            "failures: {} pages could not be fetched; {} page-state violations (bugs, caught and poisoned)",
+            self.fetch_failures, self.state_violations
         )
     }
 }

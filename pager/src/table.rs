@@ -16,11 +16,17 @@
 //! | 37 | `REFERENCED`: CLOCK reference bit |
 //! | 38 | `PREFETCHED`: brought in by prefetch, not yet known to be used |
 //! | 39 | `POISONED`: the page could not be fetched; accesses raise SIGBUS |
-//! | 40..64 | reserved; a replica's slot will live in a parallel `u32` array (4 bytes per page) |
+//! | 40 | `WRITTEN`: the page has held written data since it was last discarded: it may never be filled with zeros |
+//! | 41..45 | discards pending: remove events read for the page and not yet handled (saturates at 15) |
+//! | 45..64 | reserved; a replica's slot will live in a parallel `u32` array (4 bytes per page) |
 //!
-//! A page that is neither resident nor `REMOTE_VALID` reads as zeros.
+//! A page that is neither resident nor `REMOTE_VALID` reads as zeros, unless it is `WRITTEN`: then
+//! its content was lost by a bug, and the pager poisons it instead (see `fault::zero_fault`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::history::{History, Transition};
 
 /// Mapped in the region.
 pub const RESIDENT: u64 = 1 << 32;
@@ -38,7 +44,69 @@ pub const REFERENCED: u64 = 1 << 37;
 pub const PREFETCHED: u64 = 1 << 38;
 /// Fetch failed; accesses raise SIGBUS.
 pub const POISONED: u64 = 1 << 39;
+/// Written data lives in this page (set with `DIRTY`, cleared only when the page is discarded):
+/// filling it with zeros would lose that data.
+pub const WRITTEN: u64 = 1 << 40;
 const SLOT_MASK: u64 = 0xFFFF_FFFF;
+const DISCARD_ONE: u64 = 1 << 41;
+const DISCARD_MASK: u64 = 0xF << 41;
+
+/// True while a remove event (`madvise(MADV_DONTNEED)`) for the page has been read and not yet
+/// handled: the kernel may zap the page at any moment, so finding it unmapped is expected.
+pub fn discard_pending(entry: u64) -> bool {
+    entry & DISCARD_MASK != 0
+}
+
+/// A typed, printable view of an entry's bits.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Entry(u64);
+
+impl Entry {
+    /// Wraps raw bits.
+    pub fn from_bits(bits: u64) -> Self {
+        Self(bits)
+    }
+    /// The raw bits.
+    pub fn bits(self) -> u64 {
+        self.0
+    }
+}
+
+impl std::fmt::Display for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const NAMES: [(u64, &str); 9] = [
+            (RESIDENT, "resident"),
+            (DIRTY, "dirty"),
+            (WRITTEN, "written"),
+            (REMOTE_VALID, "remote-valid"),
+            (BUSY, "busy"),
+            (REFERENCED, "referenced"),
+            (PREFETCHED, "prefetched"),
+            (POISONED, "poisoned"),
+            (HAS_SLOT, "slot"),
+        ];
+        let mut first = true;
+        for (bit, name) in NAMES {
+            if self.0 & bit != 0 {
+                write!(f, "{}{name}", if first { "" } else { "|" })?;
+                first = false;
+            }
+        }
+        if first {
+            f.write_str("zero")?;
+        }
+        if self.0 & HAS_SLOT != 0 {
+            write!(f, "={:#x}", slot_of(self.0))?;
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Entry({self})")
+    }
+}
 
 /// The slot stored in an entry.
 pub fn slot_of(entry: u64) -> u32 {
@@ -59,13 +127,20 @@ pub const BYTES_PER_PAGE: usize = std::mem::size_of::<AtomicU64>();
 pub struct PageTable {
     map: memmap2::MmapMut,
     len: usize,
+    region: u32,
+    history: Option<Arc<History>>,
 }
 
 impl PageTable {
     /// A table of `pages` entries, all "zero, not resident".
     pub fn new(pages: usize) -> std::io::Result<Self> {
+        Self::with_history(pages, 0, None)
+    }
+
+    /// A table of `pages` entries for region `region` whose transitions are recorded in `history`.
+    pub fn with_history(pages: usize, region: u32, history: Option<Arc<History>>) -> std::io::Result<Self> {
         let map = memmap2::MmapOptions::new().len((pages * BYTES_PER_PAGE).max(1)).map_anon()?;
-        Ok(Self { map, len: pages })
+        Ok(Self { map, len: pages, region, history })
     }
 
     fn entries(&self) -> &[AtomicU64] {
@@ -121,9 +196,46 @@ impl PageTable {
         }
     }
 
-    /// Releases the `BUSY` lock, storing `entry` (without `BUSY`).
-    pub fn unlock(&self, page: usize, entry: u64) {
-        self.entries()[page].store(entry & !BUSY, Ordering::Release);
+    /// Releases the `BUSY` lock, storing `entry` (without `BUSY`); `why` goes to the history.
+    /// The count of pending discards is the event reader's, not the lock holder's: it is kept.
+    pub fn unlock(&self, page: usize, entry: u64, why: Transition) {
+        let e = &self.entries()[page];
+        let mut cur = e.load(Ordering::Acquire);
+        loop {
+            let new = (entry & !(BUSY | DISCARD_MASK)) | (cur & DISCARD_MASK);
+            match e.compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => {
+                    if let Some(h) = &self.history {
+                        h.record(self.region, page, why, cur & !BUSY, new);
+                    }
+                    return;
+                }
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// Counts a remove event read for the page (before the kernel may zap it).
+    pub fn begin_discard(&self, page: usize) {
+        let e = &self.entries()[page];
+        let _ = e.fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+            (cur & DISCARD_MASK != DISCARD_MASK).then_some(cur + DISCARD_ONE)
+        });
+    }
+
+    /// Counts a remove event for the page as handled.
+    pub fn end_discard(&self, page: usize) {
+        let e = &self.entries()[page];
+        let _ = e
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| discard_pending(cur).then_some(cur - DISCARD_ONE));
+    }
+
+    /// Records a step of a transition in progress (the page stays locked).
+    pub fn note(&self, page: usize, why: Transition) {
+        if let Some(h) = &self.history {
+            let e = self.load(page);
+            h.record(self.region, page, why, e, e);
+        }
     }
 
     /// Waits until the page is not busy; returns the entry then.
@@ -175,12 +287,35 @@ mod tests {
         let before = t.try_lock(1, |e| e & RESIDENT == 0).expect("free");
         assert_eq!(before, 0);
         assert!(t.try_lock(1, |_| true).is_none(), "already busy");
-        t.unlock(1, with_slot(RESIDENT | HAS_SLOT, 77));
+        t.unlock(1, with_slot(RESIDENT | HAS_SLOT, 77), Transition::Fetched);
         let e = t.load(1);
         assert_eq!(slot_of(e), 77);
         assert_eq!(e & BUSY, 0);
         t.update(1, DIRTY, RESIDENT);
         assert_eq!(t.load(1) & (DIRTY | RESIDENT), DIRTY);
         assert!(t.try_lock(1, |e| e & RESIDENT != 0).is_none(), "predicate refuses");
+    }
+
+    #[test]
+    fn pending_discards_survive_unlock_and_are_counted() {
+        let t = PageTable::new(2).expect("map");
+        t.begin_discard(0);
+        t.begin_discard(0);
+        let e = t.lock(0);
+        assert!(discard_pending(e));
+        t.unlock(0, RESIDENT | DIRTY, Transition::Fetched);
+        assert!(discard_pending(t.load(0)), "a lock holder cannot clear the event reader's count");
+        assert_eq!(t.load(0) & (RESIDENT | DIRTY), RESIDENT | DIRTY);
+        t.end_discard(0);
+        assert!(discard_pending(t.load(0)));
+        t.end_discard(0);
+        assert!(!discard_pending(t.load(0)));
+        t.end_discard(0);
+        assert_eq!(t.load(0), RESIDENT | DIRTY, "no underflow");
+        for _ in 0..40 {
+            t.begin_discard(1);
+        }
+        assert!(discard_pending(t.load(1)));
+        assert_eq!(t.load(1) & !DISCARD_MASK, 0, "saturates without carrying into other bits");
     }
 }

@@ -28,6 +28,7 @@ struct Settings {
     device: Option<String>,
     fetch_timeout: Duration,
     prefetch: bool,
+    fault_threads: usize,
     log: String,
 }
 
@@ -60,6 +61,15 @@ fn settings() -> Result<Option<Settings>, String> {
         None => Duration::from_secs(5),
     };
     let prefetch = !matches!(var("COALESCE_PREFETCH").as_deref(), Some("0" | "off" | "false"));
+    let fault_threads = match var("COALESCE_FAULT_THREADS") {
+        Some(n) => n
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=64).contains(n))
+            .ok_or_else(|| format!("COALESCE_FAULT_THREADS={n:?} is not a thread count from 1 to 64"))?,
+        None => 1,
+    };
     Ok(Some(Settings {
         servers,
         local: size("COALESCE_LOCAL", "256MiB")?,
@@ -68,6 +78,7 @@ fn settings() -> Result<Option<Settings>, String> {
         device: var("COALESCE_DEVICE"),
         fetch_timeout,
         prefetch,
+        fault_threads,
         log: var("COALESCE_LOG").unwrap_or_else(|| "warn".into()),
     }))
 }
@@ -106,6 +117,7 @@ pub extern "C" fn init() {
     config.device = settings.device.clone();
     config.fetch_timeout = settings.fetch_timeout;
     config.prefetch = settings.prefetch;
+    config.fault_threads = settings.fault_threads;
     config.thread_start = Some(pager_thread_start);
     let threads = config.fault_threads + 2; // handlers, evictor, heartbeat
     let pager: &'static Pager = match Pager::new(config) {
