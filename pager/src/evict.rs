@@ -4,7 +4,9 @@
 //! 1. lock the victim (`BUSY`): faults on it wait, and nobody else changes it;
 //! 2. `UFFDIO_MOVE` it out of the region into a staging slot: atomic, so a racing access simply
 //!    faults (and waits on the lock) and no write can slip in between copy-out and drop; unlike
-//!    `madvise` it raises no remove event;
+//!    `madvise` it raises no remove event. Where each page went is read back from the staging
+//!    buffer (`mincore`) rather than trusted from the ioctl's count, so that a page is never
+//!    dropped while mapped nor kept while gone;
 //! 3. dirty pages are written back, one batched WRITE per server; clean pages need no network;
 //! 4. only after the write completes is the page marked remote; a failed write puts the page back
 //!    with `UFFDIO_COPY`, still dirty, so nothing is lost;
@@ -51,6 +53,8 @@ mod cow {
 
 /// Pages evicted per batch.
 const BATCH: usize = 64;
+/// Staging slots: a batch's pages, plus room for slots left unused when a run is split.
+const STAGING_SLOTS: usize = 2 * BATCH;
 
 struct Victim {
     region: Arc<ActiveRegion>,
@@ -63,12 +67,14 @@ struct Victim {
     written: bool,
     /// Copy-on-write sharing with a forked child was broken once for this page.
     unshared: bool,
+    /// The staging slot the page was moved to.
+    staging: usize,
 }
 
 impl Victim {
     /// A page just locked for eviction, its entry as it was when locked.
     fn locked(region: Arc<ActiveRegion>, page: usize, entry: u64) -> Self {
-        Self { region, page, entry, needs_write: false, slot: None, written: false, unshared: false }
+        Self { region, page, entry, needs_write: false, slot: None, written: false, unshared: false, staging: 0 }
     }
 }
 
@@ -89,7 +95,7 @@ pub(crate) struct Evictor {
 impl Evictor {
     pub(crate) fn new(shared: Arc<Shared>) -> Result<Self, PagerError> {
         let staging_uffd = Uffd::open(0)?;
-        let staging = LocalRegion::new(BATCH * PAGE_SIZE)
+        let staging = LocalRegion::new(STAGING_SLOTS * PAGE_SIZE)
             .map_err(|source| PagerError::Transport { addr: shared.config.servers[0], source })?;
         staging_uffd
             .register(staging.as_ptr() as usize, staging.len(), false)
@@ -97,7 +103,7 @@ impl Evictor {
         let endpoints = shared.placement.endpoints()?;
         let bounce = if shared.config.provider == rdma::ProviderKind::Verbs {
             Some(
-                LocalRegion::new(BATCH * PAGE_SIZE)
+                LocalRegion::new(STAGING_SLOTS * PAGE_SIZE)
                     .map_err(|source| PagerError::Transport { addr: shared.config.servers[0], source })?,
             )
         } else {
@@ -230,51 +236,12 @@ impl Evictor {
 
     /// Evicts up to `want` pages; returns how many, and whether a dirty page found no remote room.
     fn evict_batch(&mut self, want: usize) -> (usize, bool) {
-        let mut victims = self.select(want);
+        let victims = self.select(want);
         if victims.is_empty() {
             return (0, false);
         }
-        // Step 2: move every victim out of its region, contiguous runs in one ioctl. Staging slot
-        // `k` holds the `k`-th moved victim.
-        victims.sort_by_key(|v| (v.region.id, v.page));
-        let mut moved: Vec<Victim> = Vec::with_capacity(victims.len());
-        let mut shared_pages = 0usize;
-        let mut pending: std::collections::VecDeque<Victim> = victims.into();
-        while let Some(first) = pending.pop_front() {
-            let mut run = vec![first];
-            while let Some(next) = pending.front() {
-                let last = &run[run.len() - 1];
-                if next.region.id == last.region.id && next.page == last.page + 1 {
-                    run.extend(pending.pop_front());
-                } else {
-                    break;
-                }
-            }
-            let dst = self.staging_addr(moved.len());
-            let src = run[0].region.page_addr(run[0].page);
-            match self.move_out(dst, src, run.len() * PAGE_SIZE) {
-                Ok(()) => moved.extend(run),
-                Err((e, done)) => {
-                    let ok = done / PAGE_SIZE;
-                    let mut rest = run.into_iter();
-                    moved.extend(rest.by_ref().take(ok));
-                    if let Some(mut v) = rest.next() {
-                        if e.raw_os_error() == Some(libc::EBUSY) && !v.unshared && self.unshare(&mut v) {
-                            pending.push_front(v);
-                        } else {
-                            if e.raw_os_error() == Some(libc::EBUSY) {
-                                shared_pages += 1;
-                            }
-                            self.keep(v, &e);
-                        }
-                    }
-                    // The rest of the run is tried again as its own run.
-                    for v in rest.rev() {
-                        pending.push_front(v);
-                    }
-                }
-            }
-        }
+        // Step 2: move every victim out of its region into its own staging slot.
+        let (mut moved, shared_pages) = self.move_victims(victims);
         for v in &moved {
             v.region.table.note(v.page, Transition::MovedOut);
         }
@@ -296,11 +263,11 @@ impl Evictor {
         self.write_back(&mut moved);
         // Step 4: publish the new states.
         let mut evicted = 0;
-        for (i, v) in moved.iter().enumerate() {
+        for v in &moved {
             let t = &v.region.table;
             let dirty = v.needs_write;
             if dirty && !v.written {
-                self.put_back(v, i);
+                self.put_back(v);
                 continue;
             }
             let mut e = v.entry & !(RESIDENT | DIRTY | REFERENCED | PREFETCHED);
@@ -333,6 +300,100 @@ impl Evictor {
         (evicted, evicted == 0 && (no_room || shared_pages > 0))
     }
 
+    /// Moves the victims out of their regions, contiguous runs in one ioctl, each page into a
+    /// staging slot of its own (`Victim::staging`). Where each page went is read back from the
+    /// staging buffer (`mincore`), not inferred from the ioctl's count: a page is written back and
+    /// dropped only if it is really in staging, and one that is really still mapped is kept. A
+    /// disagreement between the two is logged and counted (`move_miscounts`). Returns the moved
+    /// victims and how many could not be moved because they are shared.
+    fn move_victims(&mut self, victims: Vec<Victim>) -> (Vec<Victim>, usize) {
+        let mut victims = victims;
+        victims.sort_by_key(|v| (v.region.id, v.page));
+        let mut moved: Vec<Victim> = Vec::with_capacity(victims.len());
+        let mut shared_pages = 0usize;
+        let mut next_slot = 0usize;
+        let mut pending: std::collections::VecDeque<Victim> = victims.into();
+        while let Some(first) = pending.pop_front() {
+            let mut run = vec![first];
+            while let Some(next) = pending.front() {
+                let last = &run[run.len() - 1];
+                if next.region.id == last.region.id && next.page == last.page + 1 {
+                    run.extend(pending.pop_front());
+                } else {
+                    break;
+                }
+            }
+            if next_slot + run.len() > STAGING_SLOTS {
+                for v in run {
+                    self.keep(v, &io::Error::from_raw_os_error(libc::ENOSPC));
+                }
+                continue;
+            }
+            let src = run[0].region.page_addr(run[0].page);
+            let result = self.move_out(self.staging_addr(next_slot), src, run.len() * PAGE_SIZE);
+            let landed = self.staged(next_slot, run.len());
+            let reported = result.as_ref().map_or_else(|(_, done)| done / PAGE_SIZE, |()| run.len());
+            let actual = landed.iter().filter(|&&l| l).count();
+            if actual != reported || landed.iter().skip(reported).any(|&l| l) {
+                Counters::add(&self.shared.stats.move_miscounts, 1);
+                tracing::warn!(
+                    reported,
+                    actual,
+                    result = ?result.as_ref().err().map(|(e, _)| e.to_string()),
+                    "UFFDIO_MOVE moved other pages than it reported; trusting what is in staging"
+                );
+            }
+            let error = match result {
+                Ok(()) => io::Error::from_raw_os_error(libc::EAGAIN),
+                Err((e, _)) => e,
+            };
+            let last_landed = landed.iter().rposition(|&l| l);
+            let mut failed: Option<Victim> = None;
+            let mut retry = Vec::new();
+            for (j, mut v) in run.into_iter().enumerate() {
+                if landed[j] {
+                    v.staging = next_slot + j;
+                    moved.push(v);
+                } else if failed.is_none() {
+                    failed = Some(v);
+                } else {
+                    retry.push(v);
+                }
+            }
+            // The rest of the run is tried again as its own run.
+            for v in retry.into_iter().rev() {
+                pending.push_front(v);
+            }
+            next_slot += last_landed.map_or(0, |j| j + 1);
+            if let Some(mut v) = failed {
+                if error.raw_os_error() == Some(libc::EBUSY) && !v.unshared && self.unshare(&mut v) {
+                    pending.push_front(v);
+                } else {
+                    if error.raw_os_error() == Some(libc::EBUSY) {
+                        shared_pages += 1;
+                    }
+                    self.keep(v, &error);
+                }
+            }
+        }
+        (moved, shared_pages)
+    }
+
+    /// Which of `n` staging slots from `first` hold a page.
+    fn staged(&self, first: usize, n: usize) -> Vec<bool> {
+        let mut vec = vec![0u8; n];
+        // SAFETY: mincore reads the page-table state of this thread's own staging mapping (the
+        // range lies inside it: callers keep `first + n <= STAGING_SLOTS`) and writes one byte
+        // per page into `vec`, which has exactly `n` bytes.
+        let rc =
+            unsafe { libc::mincore(self.staging_addr(first) as *mut libc::c_void, n * PAGE_SIZE, vec.as_mut_ptr()) };
+        if rc != 0 {
+            tracing::error!(error = %io::Error::last_os_error(), "mincore on the staging buffer failed");
+            return vec![false; n];
+        }
+        vec.iter().map(|b| b & 1 != 0).collect()
+    }
+
     fn staging_addr(&self, i: usize) -> usize {
         self.staging.as_ptr() as usize + i * PAGE_SIZE
     }
@@ -344,6 +405,9 @@ impl Evictor {
         let mut done = 0;
         loop {
             match self.staging_uffd.move_pages(dst + done, src + done, len - done) {
+                Ok(()) if len - done > PAGE_SIZE && self.shared.inject_move_undercount.load(Ordering::Acquire) => {
+                    return Err((io::Error::from_raw_os_error(libc::EEXIST), done));
+                }
                 Ok(()) => return Ok(()),
                 Err((e, n)) if e.raw_os_error() == Some(libc::EAGAIN) && tries < 1000 => {
                     done += n;
@@ -443,10 +507,12 @@ impl Evictor {
             Some(bounce) => {
                 for idxs in per_server.values() {
                     for &i in idxs {
-                        // SAFETY: staging slot `i` holds a page moved in by this batch; nothing
-                        // else writes it until the buffer is emptied after the write-back.
-                        let page = unsafe { std::slice::from_raw_parts(self.staging_addr(i) as *const u8, PAGE_SIZE) };
-                        if let Err(e) = bounce.write_at(i * PAGE_SIZE, page) {
+                        let k = moved[i].staging;
+                        // SAFETY: staging slot `k` holds a page moved in by this batch (checked
+                        // with mincore); nothing else writes it until the buffer is emptied after
+                        // the write-back.
+                        let page = unsafe { std::slice::from_raw_parts(self.staging_addr(k) as *const u8, PAGE_SIZE) };
+                        if let Err(e) = bounce.write_at(k * PAGE_SIZE, page) {
                             tracing::error!(error = %e, "copying a page to the send buffer failed");
                         }
                     }
@@ -463,7 +529,7 @@ impl Evictor {
                 .iter()
                 .filter_map(|&i| {
                     let (_, loc) = moved[i].slot?;
-                    let local = LocalSlice::new(&source, i * PAGE_SIZE, PAGE_SIZE).ok()?;
+                    let local = LocalSlice::new(&source, moved[i].staging * PAGE_SIZE, PAGE_SIZE).ok()?;
                     Some(Segment { local, remote_addr: loc.addr, rkey: loc.rkey })
                 })
                 .collect();
@@ -517,9 +583,9 @@ impl Evictor {
     }
 
     /// Puts a dirty page that could not be written back into its region again.
-    fn put_back(&self, v: &Victim, i: usize) {
+    fn put_back(&self, v: &Victim) {
         let addr = v.region.page_addr(v.page);
-        let src = self.staging_addr(i) as *const u8;
+        let src = self.staging_addr(v.staging) as *const u8;
         let mut tries = 0;
         let result = loop {
             match self.shared.uffd.copy(addr, src, PAGE_SIZE, false) {

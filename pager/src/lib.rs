@@ -20,7 +20,12 @@
 //!   `UFFDIO_POISON`: the access raises SIGBUS and the log names the server and address. It never
 //!   reads back as zeros.
 //! - `madvise(MADV_DONTNEED)` inside a region makes pages zero-on-next-touch and frees their remote
-//!   copies (userfaultfd remove events).
+//!   copies (userfaultfd remove events). `MADV_FREE` is not supported inside a region: the kernel
+//!   may drop such a page later without an event, and a page that vanishes without one is
+//!   treated as lost (SIGBUS on access, a logged page-state violation).
+//! - **Never zeros for written data**: the page table remembers that a page holds written data
+//!   (`table::WRITTEN`); a path that would fill such a page with zeros, or find it gone without a
+//!   discard, poisons it instead and counts a page-state violation (see `coalesce stress`).
 //!
 //! Budget and slack: an install first reserves room (`resident + n <= budget`), so the pages the
 //! pager has mapped never exceed the budget. The only exception is when no server can take a dirty
@@ -220,6 +225,8 @@ pub(crate) struct Shared {
     pub(crate) history: Option<Arc<history::History>>,
     /// Test hook: the evictor drops dirty pages as if clean (the bug class of issue #7).
     pub(crate) inject_drop_dirty: AtomicBool,
+    /// Test hook: `UFFDIO_MOVE` of a run reports failure after moving it all (a kernel quirk).
+    pub(crate) inject_move_undercount: AtomicBool,
 }
 
 impl Shared {
@@ -361,6 +368,7 @@ impl Pager {
             next_region: AtomicU32::new(0),
             table_bytes: AtomicU64::new(0),
             inject_drop_dirty: AtomicBool::new(false),
+            inject_move_undercount: AtomicBool::new(false),
             history: (config.history > 0).then(|| Arc::new(history::History::new(config.history))),
             config,
         });
@@ -417,6 +425,14 @@ impl Pager {
     #[doc(hidden)]
     pub fn inject_bug_drop_dirty_pages(&self, on: bool) {
         self.shared.inject_drop_dirty.store(on, Ordering::Release);
+    }
+
+    /// Test hook, not for production: while `true`, every `UFFDIO_MOVE` of two or more pages
+    /// that moved them all is reported to the evictor as `EEXIST` with nothing moved, as a kernel
+    /// that miscounts would. The evictor must find the pages in staging and lose nothing.
+    #[doc(hidden)]
+    pub fn inject_move_undercount(&self, on: bool) {
+        self.shared.inject_move_undercount.store(on, Ordering::Release);
     }
 
     /// A snapshot of the statistics.

@@ -31,6 +31,7 @@ pub struct Counters {
     pub(crate) refills: AtomicU64,
     pub(crate) found_unmapped: AtomicU64,
     pub(crate) state_violations: AtomicU64,
+    pub(crate) move_miscounts: AtomicU64,
     remote_latency: Mutex<Histogram<u64>>,
 }
 
@@ -60,6 +61,7 @@ impl Default for Counters {
             refills: AtomicU64::new(0),
             found_unmapped: AtomicU64::new(0),
             state_violations: AtomicU64::new(0),
+            move_miscounts: AtomicU64::new(0),
             remote_latency: Mutex::new(hist),
         }
     }
@@ -100,6 +102,7 @@ impl Counters {
             refilled_pages: r(&self.refills),
             found_unmapped: r(&self.found_unmapped),
             state_violations: r(&self.state_violations),
+            move_miscounts: r(&self.move_miscounts),
             remote_fault_p50: q(0.5),
             remote_fault_p99: q(0.99),
             remote_fault_max: if h.is_empty() { Duration::ZERO } else { Duration::from_nanos(h.max()) },
@@ -162,6 +165,9 @@ pub struct PagerStats {
     /// or lost): each page was poisoned (SIGBUS on access) and logged instead. Always 0 unless
     /// Coalesce has a bug.
     pub state_violations: u64,
+    /// Times `UFFDIO_MOVE` moved other pages than it reported (the evictor trusts what it finds
+    /// in its staging buffer instead): a kernel quirk, counted to make it visible.
+    pub move_miscounts: u64,
     /// Pages held by memory servers.
     pub remote_pages: u64,
     /// Median service time of a remote fault (event read to page installed).
@@ -237,8 +243,8 @@ impl fmt::Display for PagerStats {
         )?;
         write!(
             f,
-            "failures: {} pages could not be fetched; {} page-state violations (bugs, caught and poisoned)",
-            self.fetch_failures, self.state_violations
+            "failures: {} pages could not be fetched; {} page-state violations (bugs, caught and poisoned); {} move miscounts",
+            self.fetch_failures, self.state_violations, self.move_miscounts
         )
     }
 }

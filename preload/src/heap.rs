@@ -57,6 +57,10 @@ pub fn is_app_block(p: *const c_void) -> bool {
     unsafe { mi::mi_is_in_heap_region(p) }
 }
 
+/// `mi_option_purge_decommits` (position 5 of `mi_option_e` in mimalloc.h; the -sys crate has no
+/// constant for it).
+const MI_OPTION_PURGE_DECOMMITS: mi::mi_option_t = 5;
+
 /// Hands the pager region to mimalloc as the application heap's only source of memory.
 ///
 /// # Safety
@@ -71,6 +75,12 @@ pub unsafe fn adopt_region(base: *mut u8, len: usize) -> Result<(), String> {
     }
     // SAFETY: setting a mimalloc option has no memory-safety preconditions.
     unsafe { mi::mi_option_set(mi::mi_option_limit_os_alloc, 1) };
+    // Purges must decommit (`MADV_DONTNEED`: a remove event the pager sees), never reset
+    // (`MADV_FREE`: the kernel may later drop the page without telling the pager, which then
+    // finds a resident page unmapped and must treat it as lost). 1 is mimalloc's default; set it
+    // so that MIMALLOC_PURGE_DECOMMITS=0 in the environment cannot change it.
+    // SAFETY: as above.
+    unsafe { mi::mi_option_set(MI_OPTION_PURGE_DECOMMITS, 1) };
     // Application threads allocate from heaps bound to this arena (see `app_heap`): mimalloc's
     // default heaps could otherwise keep filling segments of ordinary memory reserved before set-up.
     REGION_ARENA.store(id, Ordering::Release);
