@@ -443,9 +443,11 @@ impl Evictor {
     fn keep(&self, v: Victim, e: &io::Error) {
         if e.raw_os_error() == Some(libc::ENOENT) {
             let t = &v.region.table;
+            // Every remove event read before the move failed is marked once its reader is done.
+            self.shared.wait_for_readers(None);
             if table::discard_pending(t.load(v.page)) {
                 let zero = v.entry & !(RESIDENT | DIRTY | WRITTEN | REMOTE_VALID | REFERENCED | PREFETCHED);
-                t.unlock(v.page, zero, Transition::FoundUnmapped);
+                t.unlock_zapped(v.page, zero, v.entry, Transition::FoundUnmapped);
                 Counters::add(&self.shared.stats.found_unmapped, 1);
             } else {
                 // Nothing zapped it: its data is lost. Poisoned, so the next access fails loudly.

@@ -25,6 +25,8 @@ use crate::{PagerError, Shared, PAGE_SIZE};
 #[derive(Debug)]
 pub(crate) struct Handler {
     shared: Arc<Shared>,
+    /// This thread's index among the fault-handling threads.
+    id: usize,
     endpoints: Vec<Option<Endpoint>>,
     staging: Arc<LocalRegion>,
     zero: Vec<u8>,
@@ -42,12 +44,12 @@ struct Fetch {
 }
 
 impl Handler {
-    pub(crate) fn new(shared: Arc<Shared>) -> Result<Self, PagerError> {
+    pub(crate) fn new(shared: Arc<Shared>, id: usize) -> Result<Self, PagerError> {
         let endpoints = shared.placement.endpoints()?;
         let staging = LocalRegion::new((1 + shared.config.prefetch_window) * PAGE_SIZE)
             .map_err(|source| PagerError::Transport { addr: shared.config.servers[0], source })?;
         let zero = vec![0; (1 + shared.config.prefetch_window) * PAGE_SIZE];
-        Ok(Self { shared, endpoints, staging, zero, deferred: VecDeque::new(), next_wr: 0 })
+        Ok(Self { shared, id, endpoints, staging, zero, deferred: VecDeque::new(), next_wr: 0 })
     }
 
     pub(crate) fn run(mut self) {
@@ -58,13 +60,10 @@ impl Handler {
                 self.handle(ev);
                 continue;
             }
-            match self.shared.uffd.read_events(&mut buf) {
+            match self.read_and_mark(&mut buf) {
                 Ok(0) => {}
-                Ok(n) => {
+                Ok(_) => {
                     idle_since = None;
-                    for raw in &buf[..n] {
-                        self.defer(Event::decode(raw));
-                    }
                     continue;
                 }
                 Err(e) => {
@@ -85,14 +84,26 @@ impl Handler {
     /// Reads pending messages into the deferred queue (what `EAGAIN` asks for).
     fn drain_events(&mut self) {
         let mut buf = [[0u8; MSG_SIZE]; 16];
-        while let Ok(n) = self.shared.uffd.read_events(&mut buf) {
+        while let Ok(n) = self.read_and_mark(&mut buf) {
             if n == 0 {
                 break;
             }
+        }
+    }
+
+    /// Reads messages into the deferred queue, marking the pages of remove events, with this
+    /// thread's reader epoch odd meanwhile (see `Shared::wait_for_readers`).
+    fn read_and_mark(&mut self, buf: &mut [[u8; MSG_SIZE]]) -> io::Result<usize> {
+        let epoch = &self.shared.readers[self.id];
+        epoch.fetch_add(1, Ordering::SeqCst);
+        let result = self.shared.uffd.read_events(buf);
+        if let Ok(n) = result {
             for raw in &buf[..n] {
                 self.defer(Event::decode(raw));
             }
         }
+        self.shared.readers[self.id].fetch_add(1, Ordering::SeqCst);
+        result
     }
 
     /// Queues an event read from the userfaultfd. A remove event is counted on its pages at once:
@@ -100,6 +111,7 @@ impl Handler {
     /// until then a page found unmapped is expected rather than a lost page.
     fn defer(&mut self, ev: Event) {
         if let Event::Remove { start, end } = ev {
+            tracing::debug!(start = format_args!("{start:#x}"), end = format_args!("{end:#x}"), "remove event read");
             self.for_pages(start, end, |region, page| region.table.begin_discard(page));
         }
         self.deferred.push_back(ev);
@@ -208,7 +220,7 @@ impl Handler {
                 return;
             }
             let Some(e) = t.try_lock(page, |e| e & (RESIDENT | REMOTE_VALID) == 0) else { continue };
-            if e & WRITTEN != 0 && !table::discard_pending(e) {
+            if e & WRITTEN != 0 {
                 self.state_violation(
                     region,
                     page,
@@ -223,39 +235,44 @@ impl Handler {
     }
 
     /// A missing fault on a page the table calls resident: normally a stale event (the page is
-    /// mapped: `EEXIST`, wake). If the page really is unmapped, a pending `madvise` discard zapped
-    /// it (zero is its content now); without one, its data was lost by a bug: poisoned, not zeroed.
+    /// mapped: wake). If the page really is unmapped, an `madvise` discard zapped it (zero is its
+    /// content now); without one, its data was lost by a bug: poisoned, never zeroed.
     fn fault_on_resident(&mut self, region: &RegionState, page: usize, e: u64) {
         let t = &region.table;
         let addr = region.page_addr(page);
-        if table::discard_pending(t.load(page)) {
-            let zero = self.zero.as_ptr();
-            if self.install(addr, zero, false) {
-                let refilled = (e | DIRTY | WRITTEN | REFERENCED) & !(REMOTE_VALID | PREFETCHED);
-                t.unlock(page, refilled, Transition::Refilled);
-                Counters::add(&self.shared.stats.refills, 1);
-            } else {
+        match crate::uffd::is_mapped(addr) {
+            Ok(false) => {}
+            Ok(true) => {
+                let _ = self.shared.uffd.wake(addr, PAGE_SIZE);
                 t.unlock(page, e, Transition::NotInstalled);
+                return;
+            }
+            Err(err) => {
+                tracing::error!(addr = format_args!("{addr:#x}"), error = %err, "mincore failed");
+                let _ = self.shared.uffd.wake(addr, PAGE_SIZE);
+                t.unlock(page, e, Transition::NotInstalled);
+                return;
+            }
+        }
+        // Unmapped. Every remove event read before now is marked once its reader is done.
+        self.shared.wait_for_readers(Some(self.id));
+        if !table::discard_pending(t.load(page)) {
+            self.shared.unreserve(1);
+            self.report_violation(region, page, e, "a resident page was found unmapped with no discard pending");
+            let poisoned = (e | POISONED) & !(RESIDENT | DIRTY | REFERENCED | PREFETCHED);
+            t.unlock(page, poisoned, Transition::Poisoned);
+            if let Err(err) = self.retry(|h| h.shared.uffd.poison(addr, PAGE_SIZE)) {
+                tracing::error!(error = %err, "UFFDIO_POISON failed; the faulting thread stays blocked");
             }
             return;
         }
-        // UFFDIO_POISON fails with EEXIST on a mapped page, so it tells the two cases apart
-        // without ever mapping zeros.
-        match self.retry(|h| h.shared.uffd.poison(addr, PAGE_SIZE)) {
-            Err(err) if err.raw_os_error() == Some(libc::EEXIST) => {
-                let _ = self.shared.uffd.wake(addr, PAGE_SIZE);
-                t.unlock(page, e, Transition::NotInstalled);
-            }
-            Ok(()) => {
-                self.shared.unreserve(1);
-                self.report_violation(region, page, e, "a resident page was found unmapped with no discard pending");
-                t.unlock(page, (e | POISONED) & !(RESIDENT | DIRTY | REFERENCED | PREFETCHED), Transition::Poisoned);
-            }
-            Err(err) => {
-                tracing::error!(addr = format_args!("{addr:#x}"), error = %err, "UFFDIO_POISON failed");
-                let _ = self.shared.uffd.wake(addr, PAGE_SIZE);
-                t.unlock(page, e, Transition::NotInstalled);
-            }
+        let zero = self.zero.as_ptr();
+        if self.install(addr, zero, false) {
+            let refilled = (e | DIRTY | WRITTEN | REFERENCED) & !(REMOTE_VALID | PREFETCHED);
+            t.unlock_zapped(page, refilled, e, Transition::Refilled);
+            Counters::add(&self.shared.stats.refills, 1);
+        } else {
+            t.unlock(page, e, Transition::NotInstalled);
         }
     }
 
@@ -647,7 +664,6 @@ impl Handler {
             }
             Counters::add(&shared.stats.removed_pages, 1);
             region.table.unlock(page, 0, Transition::Removed);
-            region.table.end_discard(page);
         });
         self.shared.unreserve(freed_resident);
     }

@@ -223,6 +223,9 @@ pub(crate) struct Shared {
     pub(crate) next_region: AtomicU32,
     pub(crate) table_bytes: AtomicU64,
     pub(crate) history: Option<Arc<history::History>>,
+    /// One epoch per fault-handling thread, odd while it is between reading userfaultfd messages
+    /// and marking the pages of the remove events among them (see `Shared::wait_for_readers`).
+    pub(crate) readers: Box<[AtomicU64]>,
     /// Test hook: the evictor drops dirty pages as if clean (the bug class of issue #7).
     pub(crate) inject_drop_dirty: AtomicBool,
     /// Test hook: `UFFDIO_MOVE` of a run reports failure after moving it all (a kernel quirk).
@@ -293,6 +296,25 @@ impl Shared {
         self.stats.peak_resident.fetch_max(now as u64, Ordering::Relaxed);
         if now + self.headroom() > self.budget {
             self.kick_evictor();
+        }
+    }
+
+    /// Waits until every fault-handling thread (but `except`) that was reading userfaultfd
+    /// messages has marked the remove events it read. The kernel lets an `madvise` zap its range
+    /// as soon as its remove event is read, before the reader can mark the pages: a thread that
+    /// finds a page unmapped calls this before deciding that no discard explains it.
+    pub(crate) fn wait_for_readers(&self, except: Option<usize>) {
+        for (i, epoch) in self.readers.iter().enumerate() {
+            if Some(i) == except {
+                continue;
+            }
+            let seen = epoch.load(Ordering::SeqCst);
+            if seen % 2 == 1 {
+                let mut spins = 0;
+                while epoch.load(Ordering::SeqCst) == seen {
+                    table::backoff(&mut spins);
+                }
+            }
         }
     }
 
@@ -367,6 +389,7 @@ impl Pager {
             space: (Mutex::new(()), Condvar::new()),
             next_region: AtomicU32::new(0),
             table_bytes: AtomicU64::new(0),
+            readers: (0..config.fault_threads).map(|_| AtomicU64::new(0)).collect(),
             inject_drop_dirty: AtomicBool::new(false),
             inject_move_undercount: AtomicBool::new(false),
             history: (config.history > 0).then(|| Arc::new(history::History::new(config.history))),
@@ -374,7 +397,7 @@ impl Pager {
         });
         let mut pager = Self { shared: Arc::clone(&shared), threads: Vec::new() };
         for i in 0..shared.config.fault_threads {
-            let handler = fault::Handler::new(Arc::clone(&shared))?;
+            let handler = fault::Handler::new(Arc::clone(&shared), i)?;
             let tag = u8::try_from(i + 1).unwrap_or(u8::MAX);
             pager.spawn(format!("uffd-{i}"), move || {
                 history::set_thread_tag(tag);

@@ -17,8 +17,8 @@
 //! | 38 | `PREFETCHED`: brought in by prefetch, not yet known to be used |
 //! | 39 | `POISONED`: the page could not be fetched; accesses raise SIGBUS |
 //! | 40 | `WRITTEN`: the page has held written data since it was last discarded: it may never be filled with zeros |
-//! | 41..45 | discards pending: remove events read for the page and not yet handled (saturates at 15) |
-//! | 45..64 | reserved; a replica's slot will live in a parallel `u32` array (4 bytes per page) |
+//! | 41 | `ZAP_PENDING`: a remove event covered the page and the kernel's zap has not been seen yet |
+//! | 42..64 | reserved; a replica's slot will live in a parallel `u32` array (4 bytes per page) |
 //!
 //! A page that is neither resident nor `REMOTE_VALID` reads as zeros, unless it is `WRITTEN`: then
 //! its content was lost by a bug, and the pager poisons it instead (see `fault::zero_fault`).
@@ -48,13 +48,14 @@ pub const POISONED: u64 = 1 << 39;
 /// filling it with zeros would lose that data.
 pub const WRITTEN: u64 = 1 << 40;
 const SLOT_MASK: u64 = 0xFFFF_FFFF;
-const DISCARD_ONE: u64 = 1 << 41;
-const DISCARD_MASK: u64 = 0xF << 41;
+const ZAP_PENDING: u64 = 1 << 41;
 
-/// True while a remove event (`madvise(MADV_DONTNEED)`) for the page has been read and not yet
-/// handled: the kernel may zap the page at any moment, so finding it unmapped is expected.
+/// True when a remove event (`madvise(MADV_DONTNEED)`) covered the page and the zap it announces
+/// has not been seen yet. The kernel zaps the range after the event is *read*, at a moment the
+/// pager cannot observe (possibly after the event was handled and the page refilled), so a page
+/// with this bit may vanish legitimately; finding it unmapped is the zap, and clears the bit.
 pub fn discard_pending(entry: u64) -> bool {
-    entry & DISCARD_MASK != 0
+    entry & ZAP_PENDING != 0
 }
 
 /// A typed, printable view of an entry's bits.
@@ -202,7 +203,7 @@ impl PageTable {
         let e = &self.entries()[page];
         let mut cur = e.load(Ordering::Acquire);
         loop {
-            let new = (entry & !(BUSY | DISCARD_MASK)) | (cur & DISCARD_MASK);
+            let new = (entry & !(BUSY | ZAP_PENDING)) | (cur & ZAP_PENDING);
             match e.compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => {
                     if let Some(h) = &self.history {
@@ -215,19 +216,30 @@ impl PageTable {
         }
     }
 
-    /// Counts a remove event read for the page (before the kernel may zap it).
+    /// Marks the page as covered by a remove event just read (before the kernel may zap it).
     pub fn begin_discard(&self, page: usize) {
-        let e = &self.entries()[page];
-        let _ = e.fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
-            (cur & DISCARD_MASK != DISCARD_MASK).then_some(cur + DISCARD_ONE)
-        });
+        self.entries()[page].fetch_or(ZAP_PENDING, Ordering::AcqRel);
     }
 
-    /// Counts a remove event for the page as handled.
-    pub fn end_discard(&self, page: usize) {
+    /// Releases the lock like [`PageTable::unlock`], and clears `ZAP_PENDING`: the caller saw the
+    /// zap (the page was found unmapped). `locked` is the entry as the caller locked it: a mark
+    /// set by a remove event read since then announces another zap, and is kept.
+    pub fn unlock_zapped(&self, page: usize, entry: u64, locked: u64, why: Transition) {
         let e = &self.entries()[page];
-        let _ = e
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| discard_pending(cur).then_some(cur - DISCARD_ONE));
+        let mut cur = e.load(Ordering::Acquire);
+        loop {
+            let newer_mark = if discard_pending(locked) { 0 } else { cur & ZAP_PENDING };
+            let new = (entry & !(BUSY | ZAP_PENDING)) | newer_mark;
+            match e.compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => {
+                    if let Some(h) = &self.history {
+                        h.record(self.region, page, why, cur & !BUSY, new);
+                    }
+                    return;
+                }
+                Err(now) => cur = now,
+            }
+        }
     }
 
     /// Records a step of a transition in progress (the page stays locked).
@@ -297,25 +309,25 @@ mod tests {
     }
 
     #[test]
-    fn pending_discards_survive_unlock_and_are_counted() {
+    fn a_pending_zap_survives_unlock_until_the_zap_is_seen() {
         let t = PageTable::new(2).expect("map");
-        t.begin_discard(0);
         t.begin_discard(0);
         let e = t.lock(0);
         assert!(discard_pending(e));
         t.unlock(0, RESIDENT | DIRTY, Transition::Fetched);
-        assert!(discard_pending(t.load(0)), "a lock holder cannot clear the event reader's count");
+        assert!(discard_pending(t.load(0)), "a lock holder cannot clear the event reader's mark");
         assert_eq!(t.load(0) & (RESIDENT | DIRTY), RESIDENT | DIRTY);
-        t.end_discard(0);
+        let e = t.lock(0);
+        t.unlock(0, e & !RESIDENT, Transition::Removed);
+        assert!(discard_pending(t.load(0)), "handling the event does not end it: the zap may come later");
+        let e = t.lock(0);
+        t.unlock_zapped(0, e & !(RESIDENT | DIRTY), e, Transition::FoundUnmapped);
+        assert_eq!(t.load(0), 0);
+        // A remove event read while the page was locked announces another zap: its mark stays.
+        let e = t.lock(0);
+        t.begin_discard(0);
+        t.unlock_zapped(0, e, e, Transition::FoundUnmapped);
         assert!(discard_pending(t.load(0)));
-        t.end_discard(0);
-        assert!(!discard_pending(t.load(0)));
-        t.end_discard(0);
-        assert_eq!(t.load(0), RESIDENT | DIRTY, "no underflow");
-        for _ in 0..40 {
-            t.begin_discard(1);
-        }
-        assert!(discard_pending(t.load(1)));
-        assert_eq!(t.load(1) & !DISCARD_MASK, 0, "saturates without carrying into other bits");
+        assert!(!discard_pending(t.load(1)));
     }
 }

@@ -385,6 +385,16 @@ impl Uffd {
     }
 }
 
+/// True if the page at `addr` (page aligned, in this process) is mapped: a present page-table
+/// entry (`mincore`). Has no side effect on the page.
+pub fn is_mapped(addr: usize) -> io::Result<bool> {
+    let mut v = 0u8;
+    // SAFETY: mincore only reads page-table state for one page and writes one byte into `v`;
+    // an address outside any mapping fails with ENOMEM instead of faulting.
+    cvt(unsafe { libc::mincore(addr as *mut libc::c_void, crate::PAGE_SIZE, &mut v) })?;
+    Ok(v & 1 != 0)
+}
+
 impl AsFd for Uffd {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()

@@ -22,6 +22,7 @@
 //! | `COALESCE_FETCH_TIMEOUT` | `5s` | a page not fetched in this time raises SIGBUS in the access |
 //! | `COALESCE_PREFETCH` | on | `0` turns prefetch off |
 //! | `COALESCE_FAULT_THREADS` | 1 | fault-handling threads (1 to 64) |
+//! | `COALESCE_HISTORY` | 0 | page-table transitions kept for a page-state violation's log (40 bytes each) |
 //! | `COALESCE_LOG` | `warn` | log filter (`tracing` syntax), written to stderr |
 //! | `COALESCE_STATS` | unset | `1` or `stderr`: print pager statistics on exit; any other value: a file to write them to |
 //!

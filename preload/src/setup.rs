@@ -29,6 +29,7 @@ struct Settings {
     fetch_timeout: Duration,
     prefetch: bool,
     fault_threads: usize,
+    history: usize,
     log: String,
 }
 
@@ -70,6 +71,15 @@ fn settings() -> Result<Option<Settings>, String> {
             .ok_or_else(|| format!("COALESCE_FAULT_THREADS={n:?} is not a thread count from 1 to 64"))?,
         None => 1,
     };
+    let history = match var("COALESCE_HISTORY") {
+        Some(n) => n
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n <= 1 << 24)
+            .ok_or_else(|| format!("COALESCE_HISTORY={n:?} is not a record count from 0 to 16777216"))?,
+        None => 0,
+    };
     Ok(Some(Settings {
         servers,
         local: size("COALESCE_LOCAL", "256MiB")?,
@@ -79,6 +89,7 @@ fn settings() -> Result<Option<Settings>, String> {
         fetch_timeout,
         prefetch,
         fault_threads,
+        history,
         log: var("COALESCE_LOG").unwrap_or_else(|| "warn".into()),
     }))
 }
@@ -118,6 +129,7 @@ pub extern "C" fn init() {
     config.fetch_timeout = settings.fetch_timeout;
     config.prefetch = settings.prefetch;
     config.fault_threads = settings.fault_threads;
+    config.history = settings.history;
     config.thread_start = Some(pager_thread_start);
     let threads = config.fault_threads + 2; // handlers, evictor, heartbeat
     let pager: &'static Pager = match Pager::new(config) {
