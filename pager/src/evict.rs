@@ -587,6 +587,16 @@ impl Evictor {
     /// Puts a dirty page that could not be written back into its region again.
     fn put_back(&self, v: &Victim) {
         let addr = v.region.page_addr(v.page);
+        if table::remove_unhandled(v.region.table.load(v.page)) {
+            // The program discarded the page while it was out: it is a zero page now.
+            let own = v.entry & HAS_SLOT != 0 && v.slot.is_some_and(|(s, _)| s == table::slot_of(v.entry));
+            if let Some((slot, _)) = v.slot.filter(|_| !own) {
+                self.shared.placement.free_slot(slot);
+            }
+            let freed = crate::fault::apply_remove(&self.shared, &v.region, v.page, v.entry);
+            self.shared.unreserve(freed);
+            return;
+        }
         let src = self.staging_addr(v.staging) as *const u8;
         let mut tries = 0;
         let result = loop {

@@ -205,21 +205,38 @@ impl Handler {
         let addr = region.page_addr(page);
         loop {
             let e = t.wait_idle(page);
+            if table::remove_unhandled(e) {
+                // Discarded by an madvise whose event another thread has read and not handled
+                // yet: apply it first, so that this fault sees the zero page the program expects.
+                let Some(e) = t.try_lock(page, table::remove_unhandled) else { continue };
+                let freed = apply_remove(&self.shared, region, page, e);
+                self.shared.unreserve(freed);
+                continue;
+            }
             if e & POISONED != 0 {
                 let _ = self.retry(|h| h.shared.uffd.poison(addr, PAGE_SIZE));
                 return;
             }
             if e & RESIDENT != 0 {
-                let Some(e) = t.try_lock(page, |e| e & RESIDENT != 0) else { continue };
+                let Some(e) = t.try_lock(page, |e| e & RESIDENT != 0 && !table::remove_unhandled(e)) else {
+                    continue;
+                };
                 self.fault_on_resident(region, page, e);
                 return;
             }
             if e & REMOTE_VALID != 0 {
-                let Some(e) = t.try_lock(page, |e| e & (RESIDENT | REMOTE_VALID) == REMOTE_VALID) else { continue };
+                let Some(e) =
+                    t.try_lock(page, |e| e & (RESIDENT | REMOTE_VALID) == REMOTE_VALID && !table::remove_unhandled(e))
+                else {
+                    continue;
+                };
                 self.remote_fault(region, page, e, write);
                 return;
             }
-            let Some(e) = t.try_lock(page, |e| e & (RESIDENT | REMOTE_VALID) == 0) else { continue };
+            let Some(e) = t.try_lock(page, |e| e & (RESIDENT | REMOTE_VALID) == 0 && !table::remove_unhandled(e))
+            else {
+                continue;
+            };
             if e & WRITTEN != 0 {
                 self.state_violation(
                     region,
@@ -298,9 +315,9 @@ impl Handler {
         let stride = self.record_trend(region, page);
         let mut pages = vec![(page, entry)];
         if let Some(stride) = stride.filter(|_| region.prefetch_enabled(self.shared.config.prefetch)) {
-            pages.extend(
-                self.lock_window(region, page, stride, |e| e & (RESIDENT | REMOTE_VALID | POISONED | WRITTEN) == 0),
-            );
+            pages.extend(self.lock_window(region, page, stride, |e| {
+                e & (RESIDENT | REMOTE_VALID | POISONED | WRITTEN) == 0 && !table::remove_unhandled(e)
+            }));
         }
         self.reserve(pages.len());
         let zero = self.zero.as_ptr();
@@ -457,7 +474,9 @@ impl Handler {
         let Some(stride) = stride.filter(|_| region.prefetch_enabled(self.shared.config.prefetch)) else {
             return Vec::new();
         };
-        let out = self.lock_window(region, page, stride, |e| e & (RESIDENT | REMOTE_VALID | POISONED) == REMOTE_VALID);
+        let out = self.lock_window(region, page, stride, |e| {
+            e & (RESIDENT | REMOTE_VALID | POISONED) == REMOTE_VALID && !table::remove_unhandled(e)
+        });
         if let Some(&(first, _)) = out.first() {
             let mut trend = region.trend.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             trend.last_window = Some((first, stride, out.len()));
@@ -647,26 +666,41 @@ impl Handler {
     }
 
     /// Handles a remove event: the pages read as zeros from now on; remote copies are freed.
+    /// A page to which a fault already applied it is left alone: its state is newer than the
+    /// discard.
     fn remove(&mut self, start: usize, end: usize) {
         let shared = Arc::clone(&self.shared);
         let mut freed_resident = 0;
         self.for_pages(start, end, |region, page| {
             let e = region.table.lock(page);
-            if e & RESIDENT != 0 {
-                freed_resident += 1;
-                if e & PREFETCHED != 0 {
-                    Counters::add(&shared.stats.prefetch_wasted, 1);
-                }
+            if table::remove_unhandled(e) {
+                freed_resident += apply_remove(&shared, region, page, e);
+            } else {
+                region.table.unlock(page, e, Transition::NotInstalled);
             }
-            if e & HAS_SLOT != 0 {
-                shared.placement.free_slot(table::slot_of(e));
-                Counters::add(&shared.stats.remote_freed, 1);
-            }
-            Counters::add(&shared.stats.removed_pages, 1);
-            region.table.unlock(page, 0, Transition::Removed);
         });
         self.shared.unreserve(freed_resident);
     }
+}
+
+/// Applies the pending remove events to a page locked with entry `e`: its remote copy is freed
+/// and it becomes a zero page. Returns the resident pages freed (0 or 1) for the caller to
+/// unreserve.
+pub(crate) fn apply_remove(shared: &Shared, region: &RegionState, page: usize, e: u64) -> usize {
+    let mut freed = 0;
+    if e & RESIDENT != 0 {
+        freed = 1;
+        if e & PREFETCHED != 0 {
+            Counters::add(&shared.stats.prefetch_wasted, 1);
+        }
+    }
+    if e & HAS_SLOT != 0 {
+        shared.placement.free_slot(table::slot_of(e));
+        Counters::add(&shared.stats.remote_freed, 1);
+    }
+    Counters::add(&shared.stats.removed_pages, 1);
+    region.table.unlock_removed(page, 0);
+    freed
 }
 
 /// Logs and counts a broken page-state invariant: a bug in Coalesce, made loud. The caller

@@ -23,6 +23,10 @@
 //!   copies (userfaultfd remove events). `MADV_FREE` is not supported inside a region: the kernel
 //!   may drop such a page later without an event, and a page that vanishes without one is
 //!   treated as lost (SIGBUS on access, a logged page-state violation).
+//! - **Remove events and installs never cross**: a remove event marks its pages when it is read
+//!   (the kernel zaps them right after); no page is installed while such a mark is unapplied (the
+//!   fault applies the discard first and serves zeros), and the event's later handling leaves
+//!   alone pages a fault already brought up to date.
 //! - **Never zeros for written data**: the page table remembers that a page holds written data
 //!   (`table::WRITTEN`); a path that would fill such a page with zeros, or find it gone without a
 //!   discard, poisons it instead and counts a page-state violation (see `coalesce stress`).

@@ -18,7 +18,8 @@
 //! | 39 | `POISONED`: the page could not be fetched; accesses raise SIGBUS |
 //! | 40 | `WRITTEN`: the page has held written data since it was last discarded: it may never be filled with zeros |
 //! | 41 | `ZAP_PENDING`: a remove event covered the page and the kernel's zap has not been seen yet |
-//! | 42..64 | reserved; a replica's slot will live in a parallel `u32` array (4 bytes per page) |
+//! | 42 | `REMOVE_UNHANDLED`: a remove event covering the page was read and not yet applied to it |
+//! | 43..64 | reserved; a replica's slot will live in a parallel `u32` array (4 bytes per page) |
 //!
 //! A page that is neither resident nor `REMOTE_VALID` reads as zeros, unless it is `WRITTEN`: then
 //! its content was lost by a bug, and the pager poisons it instead (see `fault::zero_fault`).
@@ -49,6 +50,16 @@ pub const POISONED: u64 = 1 << 39;
 pub const WRITTEN: u64 = 1 << 40;
 const SLOT_MASK: u64 = 0xFFFF_FFFF;
 const ZAP_PENDING: u64 = 1 << 41;
+const REMOVE_UNHANDLED: u64 = 1 << 42;
+/// Bits the event readers own: lock holders keep them as they are unless told otherwise.
+const READER_BITS: u64 = ZAP_PENDING | REMOVE_UNHANDLED;
+
+/// True when a remove event covering the page has been read and not yet applied to it: nothing
+/// may be installed in the page until it is (the install would survive the `madvise` whose
+/// zap already passed, and the page would read old data where the program expects zeros).
+pub fn remove_unhandled(entry: u64) -> bool {
+    entry & REMOVE_UNHANDLED != 0
+}
 
 /// True when a remove event (`madvise(MADV_DONTNEED)`) covered the page and the zap it announces
 /// has not been seen yet. The kernel zaps the range after the event is *read*, at a moment the
@@ -203,7 +214,7 @@ impl PageTable {
         let e = &self.entries()[page];
         let mut cur = e.load(Ordering::Acquire);
         loop {
-            let new = (entry & !(BUSY | ZAP_PENDING)) | (cur & ZAP_PENDING);
+            let new = (entry & !(BUSY | READER_BITS)) | (cur & READER_BITS);
             match e.compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => {
                     if let Some(h) = &self.history {
@@ -218,7 +229,28 @@ impl PageTable {
 
     /// Marks the page as covered by a remove event just read (before the kernel may zap it).
     pub fn begin_discard(&self, page: usize) {
-        self.entries()[page].fetch_or(ZAP_PENDING, Ordering::AcqRel);
+        self.entries()[page].fetch_or(ZAP_PENDING | REMOVE_UNHANDLED, Ordering::AcqRel);
+    }
+
+    /// Releases the lock of a page to which the pending remove events were just applied
+    /// (`entry` is its zero state): clears `REMOVE_UNHANDLED` if it was set when `locked` was
+    /// read (one set since then is cleared too: applying a discard is idempotent, and the
+    /// newer event's zap is still covered by `ZAP_PENDING`).
+    pub fn unlock_removed(&self, page: usize, entry: u64) {
+        let e = &self.entries()[page];
+        let mut cur = e.load(Ordering::Acquire);
+        loop {
+            let new = (entry & !(BUSY | READER_BITS)) | (cur & ZAP_PENDING);
+            match e.compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => {
+                    if let Some(h) = &self.history {
+                        h.record(self.region, page, Transition::Removed, cur & !BUSY, new);
+                    }
+                    return;
+                }
+                Err(now) => cur = now,
+            }
+        }
     }
 
     /// Releases the lock like [`PageTable::unlock`], and clears `ZAP_PENDING`: the caller saw the
@@ -229,7 +261,7 @@ impl PageTable {
         let mut cur = e.load(Ordering::Acquire);
         loop {
             let newer_mark = if discard_pending(locked) { 0 } else { cur & ZAP_PENDING };
-            let new = (entry & !(BUSY | ZAP_PENDING)) | newer_mark;
+            let new = (entry & !(BUSY | READER_BITS)) | newer_mark | (cur & REMOVE_UNHANDLED);
             match e.compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => {
                     if let Some(h) = &self.history {
@@ -317,8 +349,10 @@ mod tests {
         t.unlock(0, RESIDENT | DIRTY, Transition::Fetched);
         assert!(discard_pending(t.load(0)), "a lock holder cannot clear the event reader's mark");
         assert_eq!(t.load(0) & (RESIDENT | DIRTY), RESIDENT | DIRTY);
-        let e = t.lock(0);
-        t.unlock(0, e & !RESIDENT, Transition::Removed);
+        assert!(remove_unhandled(t.load(0)));
+        let _ = t.lock(0);
+        t.unlock_removed(0, 0);
+        assert!(!remove_unhandled(t.load(0)), "applied");
         assert!(discard_pending(t.load(0)), "handling the event does not end it: the zap may come later");
         let e = t.lock(0);
         t.unlock_zapped(0, e & !(RESIDENT | DIRTY), e, Transition::FoundUnmapped);
