@@ -209,22 +209,9 @@ impl PageTable {
     }
 
     /// Releases the `BUSY` lock, storing `entry` (without `BUSY`); `why` goes to the history.
-    /// The count of pending discards is the event reader's, not the lock holder's: it is kept.
+    /// The remove-event bits are the event reader's, not the lock holder's: they are kept.
     pub fn unlock(&self, page: usize, entry: u64, why: Transition) {
-        let e = &self.entries()[page];
-        let mut cur = e.load(Ordering::Acquire);
-        loop {
-            let new = (entry & !(BUSY | READER_BITS)) | (cur & READER_BITS);
-            match e.compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => {
-                    if let Some(h) = &self.history {
-                        h.record(self.region, page, why, cur & !BUSY, new);
-                    }
-                    return;
-                }
-                Err(now) => cur = now,
-            }
-        }
+        self.release(page, why, |cur| (entry & !(BUSY | READER_BITS)) | (cur & READER_BITS));
     }
 
     /// Marks the page as covered by a remove event just read (before the kernel may zap it).
@@ -233,35 +220,29 @@ impl PageTable {
     }
 
     /// Releases the lock of a page to which the pending remove events were just applied
-    /// (`entry` is its zero state): clears `REMOVE_UNHANDLED` if it was set when `locked` was
-    /// read (one set since then is cleared too: applying a discard is idempotent, and the
-    /// newer event's zap is still covered by `ZAP_PENDING`).
+    /// (`entry` is its zero state), clearing `REMOVE_UNHANDLED` (one set by an event read while
+    /// the page was locked is cleared too: applying a discard is idempotent, and the newer
+    /// event's zap is still covered by `ZAP_PENDING`).
     pub fn unlock_removed(&self, page: usize, entry: u64) {
-        let e = &self.entries()[page];
-        let mut cur = e.load(Ordering::Acquire);
-        loop {
-            let new = (entry & !(BUSY | READER_BITS)) | (cur & ZAP_PENDING);
-            match e.compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => {
-                    if let Some(h) = &self.history {
-                        h.record(self.region, page, Transition::Removed, cur & !BUSY, new);
-                    }
-                    return;
-                }
-                Err(now) => cur = now,
-            }
-        }
+        self.release(page, Transition::Removed, |cur| (entry & !(BUSY | READER_BITS)) | (cur & ZAP_PENDING));
     }
 
     /// Releases the lock like [`PageTable::unlock`], and clears `ZAP_PENDING`: the caller saw the
     /// zap (the page was found unmapped). `locked` is the entry as the caller locked it: a mark
     /// set by a remove event read since then announces another zap, and is kept.
     pub fn unlock_zapped(&self, page: usize, entry: u64, locked: u64, why: Transition) {
+        self.release(page, why, |cur| {
+            let newer_mark = if discard_pending(locked) { 0 } else { cur & ZAP_PENDING };
+            (entry & !(BUSY | READER_BITS)) | newer_mark | (cur & REMOVE_UNHANDLED)
+        });
+    }
+
+    /// Stores `new_of(current entry)` (which must not have `BUSY`) and records the transition.
+    fn release(&self, page: usize, why: Transition, new_of: impl Fn(u64) -> u64) {
         let e = &self.entries()[page];
         let mut cur = e.load(Ordering::Acquire);
         loop {
-            let newer_mark = if discard_pending(locked) { 0 } else { cur & ZAP_PENDING };
-            let new = (entry & !(BUSY | READER_BITS)) | newer_mark | (cur & REMOVE_UNHANDLED);
+            let new = new_of(cur);
             match e.compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => {
                     if let Some(h) = &self.history {
