@@ -179,6 +179,10 @@ enum Command {
         /// Pages fetched ahead along a detected trend (1..=256).
         #[arg(long, default_value_t = 64)]
         prefetch_window: usize,
+        /// Percentage of forward sequential runs that discard (madvise) the pages just after a
+        /// checked page, racing that fault's prefetch window.
+        #[arg(long, default_value_t = 10)]
+        discards: u32,
     },
     /// Measure one-sided READ and WRITE round trips (median, p99), blocking and busy-polling.
     ///
@@ -347,6 +351,7 @@ fn main() -> ExitCode {
             servers,
             history,
             prefetch_window,
+            discards,
         } => {
             let Ok(size) = usize::try_from(size.as_u64()) else {
                 eprintln!("coalesce: --size must fit this machine's address space");
@@ -367,6 +372,7 @@ fn main() -> ExitCode {
                 servers,
                 history,
                 prefetch_window,
+                discard_percent: discards,
             };
             match stress::run(&opts) {
                 Ok(Ok(reports)) => {

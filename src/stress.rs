@@ -5,9 +5,10 @@
 //! access checks the whole page, and the first wrong word stops the run with the page's history
 //! (each page-table transition, which thread made it) from the pager's history log.
 //!
-//! A page's content is a function of (page, version): version 0 is the never-written zero page,
-//! every later version has no zero word, so a page that comes back as zeros, as an older version,
-//! or as another page is told apart in the report.
+//! A page's content is a function of (page, version): version 0 is the never-written zero page
+//! (and a discarded page), every later version has no zero word, so a page that comes back as
+//! zeros, as an older version, or as another page is told apart in the report. Discards
+//! (`--discards`) race the prefetch windows of the faults just before them.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -47,6 +48,10 @@ pub struct StressOptions {
     pub history: usize,
     /// Prefetch window in pages.
     pub prefetch_window: usize,
+    /// Percentage of forward sequential runs in which a page check is followed at once by a
+    /// discard (`madvise(MADV_DONTNEED)`) of the pages just ahead: the pages the fault's prefetch
+    /// window is still installing.
+    pub discard_percent: u32,
 }
 
 /// Bad options or a set-up failure.
@@ -76,6 +81,8 @@ pub struct ConfigReport {
     pub pages_checked: u64,
     /// Whole-page rewrites done.
     pub pages_written: u64,
+    /// Pages discarded with `madvise`.
+    pub pages_discarded: u64,
     /// The pager's statistics at the end.
     pub stats: PagerStats,
 }
@@ -174,6 +181,8 @@ struct Run<'a> {
     written: AtomicU64,
     found: Mutex<Option<Finding>>,
     write_percent: u32,
+    discard_percent: u32,
+    discarded: AtomicU64,
 }
 
 impl Run<'_> {
@@ -228,6 +237,34 @@ impl Run<'_> {
         ok
     }
 
+    /// Discards `pages` (a range of whole pages) with `madvise(MADV_DONTNEED)`: they read as
+    /// zeros (version 0) from now on.
+    fn discard(&self, pages: std::ops::Range<usize>) {
+        let pages = pages.start..pages.end.min(self.versions.len());
+        if pages.is_empty() {
+            return;
+        }
+        // In ascending order; other threads hold at most one page lock at a time.
+        for page in pages.clone() {
+            self.lock_page(page);
+        }
+        let addr = self.page_words(pages.start).as_ptr();
+        // SAFETY: the range lies inside the live region mapping (clamped to its pages above);
+        // the region is only accessed through atomics, for which a discard is a store of zeros,
+        // and every page of the range is locked against this harness's other threads.
+        let rc = unsafe { libc::madvise(addr.cast_mut().cast(), pages.len() * PAGE_SIZE, libc::MADV_DONTNEED) };
+        let ok = rc == 0;
+        if ok {
+            self.discarded.fetch_add(pages.len() as u64, Ordering::Relaxed);
+        } else {
+            tracing::error!(error = %std::io::Error::last_os_error(), "stress: madvise failed");
+        }
+        for page in pages {
+            let v = &self.versions[page];
+            v.store(if ok { 0 } else { v.load(Ordering::Relaxed) & !LOCKED }, Ordering::Release);
+        }
+    }
+
     fn running(&self) -> bool {
         !self.stop.load(Ordering::Acquire) && Instant::now() < self.deadline
     }
@@ -254,6 +291,8 @@ impl Run<'_> {
             } else {
                 (0, 64, 0)
             };
+            // In a forward run, once: check a page, then discard the pages right after it.
+            let discard_at = (stride == 1 && rng.u32(..100) < self.discard_percent).then(|| rng.usize(..len));
             for k in 0..len {
                 let page = if stride == 0 {
                     rng.usize(..pages)
@@ -269,6 +308,13 @@ impl Run<'_> {
                     x if x % 2 == 0 => Op::BlindWrite,
                     _ => Op::CheckWrite,
                 };
+                if discard_at == Some(k) {
+                    if !self.access(t, page, Op::Check) {
+                        return;
+                    }
+                    self.discard(page + 1..page + 1 + rng.usize(1..=64));
+                    continue;
+                }
                 if !self.access(t, page, op) {
                     return;
                 }
@@ -333,6 +379,8 @@ fn run_config(
         written: AtomicU64::new(0),
         found: Mutex::new(None),
         write_percent: opts.write_percent,
+        discard_percent: opts.discard_percent,
+        discarded: AtomicU64::new(0),
     };
     let hogs_stop = AtomicBool::new(false);
     std::thread::scope(|s| {
@@ -362,6 +410,7 @@ fn run_config(
         elapsed: started.elapsed(),
         pages_checked: run.checked.load(Ordering::Relaxed),
         pages_written: run.written.load(Ordering::Relaxed),
+        pages_discarded: run.discarded.load(Ordering::Relaxed),
         stats: pager.stats(),
     };
     let found = *run.found.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -401,6 +450,9 @@ pub fn run(opts: &StressOptions) -> Result<Result<Vec<ConfigReport>, Box<Mismatc
     if opts.write_percent > 100 {
         return Err(StressError::Options("--writes is a percentage (0..=100)".into()));
     }
+    if opts.discard_percent > 100 {
+        return Err(StressError::Options("--discards is a percentage (0..=100)".into()));
+    }
     let embedded = if opts.servers.is_empty() {
         let capacity = (opts.size as u64 * 2).max(256 << 20);
         Some(remote_mem_server::start(remote_mem_server::ServerConfig {
@@ -425,9 +477,11 @@ pub fn run(opts: &StressOptions) -> Result<Result<Vec<ConfigReport>, Box<Mismatc
         match run_config(opts, &servers, fraction, threads, per)? {
             Ok(r) => {
                 eprintln!(
-                    "  ok: {} page checks, {} page writes, {} remote faults, {} dirty evictions, {} write faults",
+                    "  ok: {} page checks, {} page writes, {} pages discarded ({} installs skipped), {} remote faults, {} dirty evictions, {} write faults",
                     r.pages_checked,
                     r.pages_written,
+                    r.pages_discarded,
+                    r.stats.installs_skipped,
                     r.stats.remote_faults,
                     r.stats.evictions_dirty,
                     r.stats.write_faults

@@ -21,14 +21,14 @@ use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use rdma::{CompletionStatus, Endpoint, LocalRegion, LocalSlice, PollMode, Segment, WorkRequest};
+use rdma::LocalRegion;
 
 use crate::history::Transition;
-use crate::placement::Location;
 use crate::region::ActiveRegion;
 use crate::stats::Counters;
+use crate::store::{PageIo, PageTransfer, Slot, TransferError};
 use crate::table::{self, BUSY, DIRTY, HAS_SLOT, POISONED, PREFETCHED, REFERENCED, REMOTE_VALID, RESIDENT, WRITTEN};
 use crate::uffd::Uffd;
 use crate::{lock, PagerError, Shared, PAGE_SIZE};
@@ -63,7 +63,7 @@ struct Victim {
     /// The page must be written back: it is dirty, or its only remote copy is on a failed server.
     needs_write: bool,
     /// Remote slot to write to.
-    slot: Option<(u32, Location)>,
+    slot: Option<Slot>,
     written: bool,
     /// Copy-on-write sharing with a forked child was broken once for this page.
     unshared: bool,
@@ -84,32 +84,20 @@ pub(crate) struct Evictor {
     shared: Arc<Shared>,
     staging_uffd: Uffd,
     staging: Arc<LocalRegion>,
-    /// Send buffer for verbs write-backs. An RDMA registration pins the physical pages a buffer
-    /// had when it was registered, and the staging buffer's pages are replaced on every batch
-    /// (moved in, then dropped), so with verbs each page is copied here and written from here.
-    bounce: Option<Arc<LocalRegion>>,
-    endpoints: Vec<Option<Endpoint>>,
-    next_wr: u64,
+    /// This thread's I/O on the remote page store.
+    io: Box<dyn PageIo>,
+    outcomes: Vec<Result<(), TransferError>>,
 }
 
 impl Evictor {
     pub(crate) fn new(shared: Arc<Shared>) -> Result<Self, PagerError> {
         let staging_uffd = Uffd::open(0)?;
-        let staging = LocalRegion::new(STAGING_SLOTS * PAGE_SIZE)
-            .map_err(|source| PagerError::Transport { addr: shared.config.servers[0], source })?;
+        let staging = LocalRegion::new(STAGING_SLOTS * PAGE_SIZE).map_err(PagerError::Buffer)?;
         staging_uffd
             .register(staging.as_ptr() as usize, staging.len(), false)
             .map_err(|source| PagerError::Map { len: staging.len(), source })?;
-        let endpoints = shared.placement.endpoints()?;
-        let bounce = if shared.config.provider == rdma::ProviderKind::Verbs {
-            Some(
-                LocalRegion::new(STAGING_SLOTS * PAGE_SIZE)
-                    .map_err(|source| PagerError::Transport { addr: shared.config.servers[0], source })?,
-            )
-        } else {
-            None
-        };
-        Ok(Self { shared, staging_uffd, staging, bounce, endpoints, next_wr: 0 })
+        let io = Arc::clone(&shared.store).open_io()?;
+        Ok(Self { shared, staging_uffd, staging, io, outcomes: Vec::new() })
     }
 
     pub(crate) fn run(mut self) {
@@ -253,11 +241,12 @@ impl Evictor {
             }
         }
         for v in &mut moved {
-            v.needs_write = v.entry & DIRTY != 0 || (v.entry & REMOTE_VALID != 0 && !self.slot_alive(v.entry));
+            let copy_readable = table::slot(v.entry).is_some_and(|slot| self.io.readable(slot));
+            v.needs_write = v.entry & DIRTY != 0 || (v.entry & REMOTE_VALID != 0 && !copy_readable);
             if !v.needs_write {
                 continue;
             }
-            v.slot = self.slot_for(v);
+            v.slot = self.io.place(table::slot(v.entry));
             no_room |= v.slot.is_none();
         }
         self.write_back(&mut moved);
@@ -271,7 +260,7 @@ impl Evictor {
                 continue;
             }
             let mut e = v.entry & !(RESIDENT | DIRTY | REFERENCED | PREFETCHED);
-            if let Some((slot, _)) = v.slot {
+            if let Some(slot) = v.slot {
                 e = table::with_slot(e, slot) | HAS_SLOT | REMOTE_VALID;
             }
             if v.entry & PREFETCHED != 0 {
@@ -456,7 +445,10 @@ impl Evictor {
                     &v.region,
                     v.page,
                     v.entry,
-                    "the evictor found a resident page unmapped with no discard pending",
+                    &format!(
+                        "the evictor found a resident page unmapped with no discard pending; {}",
+                        crate::fault::POISONED_NOTE
+                    ),
                 );
                 let poisoned = (v.entry | POISONED) & !(RESIDENT | DIRTY | REFERENCED | PREFETCHED);
                 t.unlock(v.page, poisoned, Transition::Poisoned);
@@ -469,155 +461,69 @@ impl Evictor {
         }
     }
 
-    /// True if the entry's slot is on a server this thread can still reach.
-    fn slot_alive(&self, entry: u64) -> bool {
-        let placement = &self.shared.placement;
-        entry & HAS_SLOT != 0
-            && placement
-                .locate(table::slot_of(entry))
-                .is_some_and(|loc| placement.servers()[loc.server].is_alive() && self.endpoints[loc.server].is_some())
-    }
-
-    /// The slot a page is written to: its own if its server is alive, else a new one (the old
-    /// one is freed).
-    fn slot_for(&self, v: &Victim) -> Option<(u32, Location)> {
-        let placement = &self.shared.placement;
-        if v.entry & HAS_SLOT != 0 {
-            let slot = table::slot_of(v.entry);
-            if self.slot_alive(v.entry) {
-                return placement.locate(slot).map(|loc| (slot, loc));
-            }
-            placement.free_slot(slot);
-        }
-        loop {
-            let slot = placement.alloc_slot()?;
-            match placement.locate(slot) {
-                Some(loc) if self.endpoints.get(loc.server).is_some_and(Option::is_some) => return Some((slot, loc)),
-                _ => placement.free_slot(slot),
-            }
-        }
-    }
-
+    /// Writes the dirty victims to their slots, in one batch of the store.
     fn write_back(&mut self, moved: &mut [Victim]) {
-        let mut per_server: HashMap<usize, Vec<usize>> = HashMap::new();
+        let mut transfers = Vec::new();
+        let mut idxs = Vec::new();
         for (i, v) in moved.iter().enumerate() {
-            if let Some((_, loc)) = v.slot.filter(|_| v.needs_write) {
-                per_server.entry(loc.server).or_default().push(i);
+            if let Some(slot) = v.slot.filter(|_| v.needs_write) {
+                transfers.push(PageTransfer { slot, offset: v.staging * PAGE_SIZE });
+                idxs.push(i);
             }
         }
-        let source = match &self.bounce {
-            Some(bounce) => {
-                for idxs in per_server.values() {
-                    for &i in idxs {
-                        let k = moved[i].staging;
-                        // SAFETY: staging slot `k` holds a page moved in by this batch (checked
-                        // with mincore); nothing else writes it until the buffer is emptied after
-                        // the write-back.
-                        let page = unsafe { std::slice::from_raw_parts(self.staging_addr(k) as *const u8, PAGE_SIZE) };
-                        if let Err(e) = bounce.write_at(k * PAGE_SIZE, page) {
-                            tracing::error!(error = %e, "copying a page to the send buffer failed");
-                        }
-                    }
-                }
-                Arc::clone(bounce)
-            }
-            None => Arc::clone(&self.staging),
-        };
-        let deadline = Instant::now() + self.shared.config.fetch_timeout;
-        let mut posted = Vec::new();
-        for (server, idxs) in &per_server {
-            let Some(ep) = self.endpoints[*server].as_ref() else { continue };
-            let segments: Vec<Segment> = idxs
-                .iter()
-                .filter_map(|&i| {
-                    let (_, loc) = moved[i].slot?;
-                    let local = LocalSlice::new(&source, moved[i].staging * PAGE_SIZE, PAGE_SIZE).ok()?;
-                    Some(Segment { local, remote_addr: loc.addr, rkey: loc.rkey })
-                })
-                .collect();
-            self.next_wr += 1;
-            match ep.post(&WorkRequest::write(self.next_wr, segments)) {
-                Ok(()) => posted.push((*server, self.next_wr)),
-                Err(e) => self.endpoint_failed(*server, &e.to_string()),
-            }
+        if transfers.is_empty() {
+            return;
         }
-        let mut done = Vec::new();
-        for (server, wr_id) in posted {
-            if self.wait_for(server, wr_id, deadline, &mut done) {
-                for &i in &per_server[&server] {
-                    moved[i].written = true;
-                }
-            }
+        self.io.write_pages(&self.staging, &transfers, &mut self.outcomes);
+        for (&i, outcome) in idxs.iter().zip(&self.outcomes) {
+            moved[i].written = outcome.is_ok();
         }
-    }
-
-    fn wait_for(&mut self, server: usize, wr_id: u64, deadline: Instant, done: &mut Vec<rdma::Completion>) -> bool {
-        loop {
-            let Some(ep) = self.endpoints[server].as_ref() else { return false };
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                self.endpoint_failed(server, "write-back timed out");
-                return false;
-            }
-            done.clear();
-            match ep.wait(done, 16, left, PollMode::SpinThenBlock(self.shared.config.spin)) {
-                Ok(_) => {
-                    if let Some(c) = done.iter().find(|c| c.wr_id == wr_id) {
-                        if c.status == CompletionStatus::Success {
-                            return true;
-                        }
-                        let why = format!("write-back failed: {:?}", c.status);
-                        self.endpoint_failed(server, &why);
-                        return false;
-                    }
-                }
-                Err(e) => {
-                    self.endpoint_failed(server, &e.to_string());
-                    return false;
-                }
-            }
-        }
-    }
-
-    fn endpoint_failed(&mut self, server: usize, why: &str) {
-        self.endpoints[server] = None;
-        self.shared.placement.mark_failed(server, why);
     }
 
     /// Puts a dirty page that could not be written back into its region again.
     fn put_back(&self, v: &Victim) {
         let addr = v.region.page_addr(v.page);
-        if table::remove_unhandled(v.region.table.load(v.page)) {
-            // The program discarded the page while it was out: it is a zero page now.
-            let own = v.entry & HAS_SLOT != 0 && v.slot.is_some_and(|(s, _)| s == table::slot_of(v.entry));
-            if let Some((slot, _)) = v.slot.filter(|_| !own) {
-                self.shared.placement.free_slot(slot);
-            }
-            let freed = crate::fault::apply_remove(&self.shared, &v.region, v.page, v.entry);
-            self.shared.unreserve(freed);
-            return;
-        }
         let src = self.staging_addr(v.staging) as *const u8;
         let mut tries = 0;
-        let result = loop {
-            match self.shared.uffd.copy(addr, src, PAGE_SIZE, false) {
+        loop {
+            // Under the install gate, as the fault handlers install (see `fault::install_runs`):
+            // a page that a remove event read meanwhile covers is not put back.
+            let gate = self.shared.install_gate.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if table::remove_unhandled(v.region.table.load(v.page)) {
+                break;
+            }
+            let result = self.shared.uffd.copy(addr, src, PAGE_SIZE, false);
+            drop(gate);
+            match result {
                 Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && tries < 100_000 => {
                     tries += 1;
                     std::thread::yield_now();
                 }
-                other => break other,
+                Ok(()) => return self.finish_put_back(v),
+                Err(e) => {
+                    tracing::error!(addr = format_args!("{addr:#x}"), error = %e, "could not put a page back after a failed write-back");
+                    return self.finish_put_back(v);
+                }
             }
-        };
-        if let Err(e) = result {
-            tracing::error!(addr = format_args!("{addr:#x}"), error = %e, "could not put a page back after a failed write-back");
         }
-        // Keep the page's own slot if it kept it; otherwise `slot_for` freed the old one, and a
+        // The program discarded the page while it was out: it is a zero page now.
+        Counters::add(&self.shared.stats.installs_skipped, 1);
+        if let Some(slot) = v.slot.filter(|&s| Some(s) != table::slot(v.entry)) {
+            self.shared.store.free(slot);
+        }
+        let freed = crate::fault::apply_remove(&self.shared, &v.region, v.page, v.entry);
+        self.shared.unreserve(freed);
+    }
+
+    /// Unlocks a page put back after a failed write-back: resident and dirty.
+    fn finish_put_back(&self, v: &Victim) {
+        // Keep the page's own slot if it kept it; otherwise `place` freed the old one, and a
         // new one, unused now, goes back.
         let mut e = v.entry | REFERENCED | DIRTY | WRITTEN;
-        let kept_own = v.entry & HAS_SLOT != 0 && v.slot.is_some_and(|(s, _)| s == table::slot_of(v.entry));
+        let kept_own = v.slot.is_some() && v.slot == table::slot(v.entry);
         if !kept_own {
-            if let Some((slot, _)) = v.slot {
-                self.shared.placement.free_slot(slot);
+            if let Some(slot) = v.slot {
+                self.shared.store.free(slot);
             }
             e &= !(HAS_SLOT | REMOTE_VALID);
         }

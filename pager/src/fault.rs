@@ -12,13 +12,14 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdma::{CompletionStatus, Endpoint, LocalRegion, LocalSlice, PollMode, Segment, WorkRequest};
+use rdma::LocalRegion;
 
 use crate::history::Transition;
 use crate::region::{ActiveRegion as RegionState, FetchFailure};
 use crate::stats::Counters;
-use crate::table::{self, DIRTY, HAS_SLOT, POISONED, PREFETCHED, REFERENCED, REMOTE_VALID, RESIDENT, WRITTEN};
-use crate::uffd::{Event, MSG_SIZE};
+use crate::store::{PageIo, PageTransfer, TransferError};
+use crate::table::{self, DIRTY, POISONED, PREFETCHED, REFERENCED, REMOTE_VALID, RESIDENT, WRITTEN};
+use crate::uffd::{Event, Scratch, MSG_SIZE};
 use crate::{PagerError, Shared, PAGE_SIZE};
 
 /// One fault-handling thread.
@@ -27,11 +28,26 @@ pub(crate) struct Handler {
     shared: Arc<Shared>,
     /// This thread's index among the fault-handling threads.
     id: usize,
-    endpoints: Vec<Option<Endpoint>>,
+    /// This thread's I/O on the remote page store.
+    io: Box<dyn PageIo>,
     staging: Arc<LocalRegion>,
+    /// Where a page mapped against the table's word is taken out to.
+    scratch: Scratch,
     zero: Vec<u8>,
     deferred: VecDeque<Event>,
-    next_wr: u64,
+    outcomes: Vec<Result<(), TransferError>>,
+}
+
+/// What became of a page a handler tried to install.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Install {
+    /// Installed: the caller unlocks it with its new state.
+    Done,
+    /// Not installed (already mapped, or the ioctl failed): the caller unlocks it unchanged.
+    NotDone,
+    /// Not installed because a remove event read meanwhile covers it: the discard was applied
+    /// instead; already unlocked.
+    Discarded,
 }
 
 /// A page taken for one fetch.
@@ -39,17 +55,16 @@ struct Fetch {
     page: usize,
     entry: u64,
     staging: usize,
-    ok: bool,
-    failure: Option<String>,
+    outcome: Result<(), TransferError>,
 }
 
 impl Handler {
     pub(crate) fn new(shared: Arc<Shared>, id: usize) -> Result<Self, PagerError> {
-        let endpoints = shared.placement.endpoints()?;
-        let staging = LocalRegion::new((1 + shared.config.prefetch_window) * PAGE_SIZE)
-            .map_err(|source| PagerError::Transport { addr: shared.config.servers[0], source })?;
+        let io = Arc::clone(&shared.store).open_io()?;
+        let staging = LocalRegion::new((1 + shared.config.prefetch_window) * PAGE_SIZE).map_err(PagerError::Buffer)?;
         let zero = vec![0; (1 + shared.config.prefetch_window) * PAGE_SIZE];
-        Ok(Self { shared, id, endpoints, staging, zero, deferred: VecDeque::new(), next_wr: 0 })
+        let scratch = Scratch::new().map_err(|source| PagerError::Map { len: PAGE_SIZE, source })?;
+        Ok(Self { shared, id, io, staging, scratch, zero, deferred: VecDeque::new(), outcomes: Vec::new() })
     }
 
     pub(crate) fn run(mut self) {
@@ -94,15 +109,19 @@ impl Handler {
     /// Reads messages into the deferred queue, marking the pages of remove events, with this
     /// thread's reader epoch odd meanwhile (see `Shared::wait_for_readers`).
     fn read_and_mark(&mut self, buf: &mut [[u8; MSG_SIZE]]) -> io::Result<usize> {
-        let epoch = &self.shared.readers[self.id];
+        let shared = Arc::clone(&self.shared);
+        // Exclusive: no install is issued between reading a remove event and marking its pages
+        // (see `install_runs`).
+        let _gate = shared.install_gate.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let epoch = &shared.readers[self.id];
         epoch.fetch_add(1, Ordering::SeqCst);
-        let result = self.shared.uffd.read_events(buf);
+        let result = shared.uffd.read_events(buf);
         if let Ok(n) = result {
             for raw in &buf[..n] {
                 self.defer(Event::decode(raw));
             }
         }
-        self.shared.readers[self.id].fetch_add(1, Ordering::SeqCst);
+        epoch.fetch_add(1, Ordering::SeqCst);
         result
     }
 
@@ -183,23 +202,6 @@ impl Handler {
         }
     }
 
-    /// Installs `src` at `addr`; `EEXIST` (someone mapped it) wakes instead. Returns whether this
-    /// call installed the page.
-    fn install(&mut self, addr: usize, src: *const u8, wp: bool) -> bool {
-        match self.retry(|h| h.shared.uffd.copy(addr, src, PAGE_SIZE, wp)) {
-            Ok(()) => true,
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                let _ = self.shared.uffd.wake(addr, PAGE_SIZE);
-                false
-            }
-            Err(e) => {
-                tracing::error!(addr = format_args!("{addr:#x}"), error = %e, "UFFDIO_COPY failed");
-                let _ = self.shared.uffd.wake(addr, PAGE_SIZE);
-                false
-            }
-        }
-    }
-
     fn missing_fault(&mut self, region: &RegionState, page: usize, write: bool) {
         let t = &region.table;
         let addr = region.page_addr(page);
@@ -275,7 +277,12 @@ impl Handler {
         self.shared.wait_for_readers(Some(self.id));
         if !table::discard_pending(t.load(page)) {
             self.shared.unreserve(1);
-            self.report_violation(region, page, e, "a resident page was found unmapped with no discard pending");
+            self.report_violation(
+                region,
+                page,
+                e,
+                &format!("a resident page was found unmapped with no discard pending; {POISONED_NOTE}"),
+            );
             let poisoned = (e | POISONED) & !(RESIDENT | DIRTY | REFERENCED | PREFETCHED);
             t.unlock(page, poisoned, Transition::Poisoned);
             if let Err(err) = self.retry(|h| h.shared.uffd.poison(addr, PAGE_SIZE)) {
@@ -284,18 +291,20 @@ impl Handler {
             return;
         }
         let zero = self.zero.as_ptr();
-        if self.install(addr, zero, false) {
-            let refilled = (e | DIRTY | WRITTEN | REFERENCED) & !(REMOTE_VALID | PREFETCHED);
-            t.unlock_zapped(page, refilled, e, Transition::Refilled);
-            Counters::add(&self.shared.stats.refills, 1);
-        } else {
-            t.unlock(page, e, Transition::NotInstalled);
+        match self.install_runs(region, &[(page, e)], |_| zero, |_| false)[0] {
+            Install::Done => {
+                let refilled = (e | DIRTY | WRITTEN | REFERENCED) & !(REMOTE_VALID | PREFETCHED);
+                t.unlock_zapped(page, refilled, e, Transition::Refilled);
+                Counters::add(&self.shared.stats.refills, 1);
+            }
+            Install::NotDone => t.unlock(page, e, Transition::NotInstalled),
+            Install::Discarded => {}
         }
     }
 
     /// Poisons a locked, unmapped page whose state breaks an invariant, instead of serving it.
     fn state_violation(&mut self, region: &RegionState, page: usize, e: u64, what: &str) {
-        self.report_violation(region, page, e, what);
+        self.report_violation(region, page, e, &format!("{what}; {POISONED_NOTE}"));
         let addr = region.page_addr(page);
         region.table.unlock(page, e | POISONED, Transition::Poisoned);
         if let Err(err) = self.retry(|h| h.shared.uffd.poison(addr, PAGE_SIZE)) {
@@ -326,34 +335,45 @@ impl Handler {
         let installed = self.install_runs(region, &pages, |k| zero.wrapping_add(k * PAGE_SIZE), |_| wp);
         let t = &region.table;
         let mut n = 0;
-        for (&(p, e), ok) in pages.iter().zip(&installed) {
-            if *ok {
-                t.unlock(
-                    p,
-                    e | RESIDENT | REFERENCED | if write { DIRTY | WRITTEN } else { 0 },
-                    Transition::ZeroFilled,
-                );
-                self.shared.push_clock(region.id, p);
-                n += 1;
-            } else {
-                t.unlock(p, e, Transition::NotInstalled);
+        for (&(p, e), outcome) in pages.iter().zip(&installed) {
+            match outcome {
+                Install::Done => {
+                    t.unlock(
+                        p,
+                        e | RESIDENT | REFERENCED | if write { DIRTY | WRITTEN } else { 0 },
+                        Transition::ZeroFilled,
+                    );
+                    self.shared.push_clock(region.id, p);
+                    n += 1;
+                }
+                Install::NotDone => t.unlock(p, e, Transition::NotInstalled),
+                Install::Discarded => {}
             }
         }
         self.shared.unreserve(pages.len() - n);
         Counters::add(&self.shared.stats.zero_faults, n as u64);
     }
 
-    /// Installs pages (sorted by the caller: the faulting page first, then the window), merging
-    /// runs of consecutive pages with consecutive sources and the same protection into one
-    /// `UFFDIO_COPY`. Returns which pages this call installed.
+    /// Installs pages (locked by the caller, sorted: the faulting page first, then the window),
+    /// merging runs of consecutive pages with consecutive sources and the same protection into
+    /// one `UFFDIO_COPY`. `EEXIST` (someone mapped the page) wakes instead.
+    ///
+    /// Never installs into a page that a remove event read since it was locked covers: the
+    /// kernel zaps such a page at a moment the pager cannot see, and an install after the zap
+    /// would stay mapped after the `madvise` returned, showing old data where the program
+    /// expects zeros. Each copy is issued under the install gate (shared), after checking the
+    /// pages' marks; readers read and mark under the gate (exclusive); so a copy either comes
+    /// before the event is read (and before the zap, which then wins) or sees its mark. A marked
+    /// page gets the discard applied instead (`Install::Discarded`: unlocked, zero from now on,
+    /// its waiter woken to fault again).
     fn install_runs(
         &mut self,
         region: &RegionState,
         pages: &[(usize, u64)],
         src_of: impl Fn(usize) -> *const u8,
         wp_of: impl Fn(usize) -> bool,
-    ) -> Vec<bool> {
-        let mut installed = vec![false; pages.len()];
+    ) -> Vec<Install> {
+        let mut out = vec![Install::NotDone; pages.len()];
         let mut i = 0;
         while i < pages.len() {
             let mut j = i + 1;
@@ -364,35 +384,66 @@ impl Handler {
             {
                 j += 1;
             }
-            let addr = region.page_addr(pages[i].0);
-            let len = (j - i) * PAGE_SIZE;
-            let mut done = 0;
-            let result = loop {
-                // `done < len` stays inside the run's source, which the caller sized.
-                let src = src_of(i).wrapping_add(done);
-                match self.shared.uffd.copy_run(addr + done, src, len - done, wp_of(i)) {
-                    Ok(()) => break Ok(()),
-                    Err((e, n)) if e.raw_os_error() == Some(libc::EAGAIN) => {
-                        done += n;
-                        self.drain_events();
-                    }
-                    Err((e, n)) => break Err((e, done + n)),
-                }
-            };
-            match result {
-                Ok(()) => installed[i..j].fill(true),
-                Err((_, n)) => {
-                    let ok = n / PAGE_SIZE;
-                    installed[i..i + ok].fill(true);
-                    // Page by page for the rest: EEXIST wakes, anything else is logged.
-                    for k in i + ok..j {
-                        installed[k] = self.install(region.page_addr(pages[k].0), src_of(k), wp_of(k));
-                    }
-                }
-            }
+            self.install_run(region, &pages[i..j], i, &src_of, wp_of(i), &mut out[i..j]);
             i = j;
         }
-        installed
+        out
+    }
+
+    /// Installs one run of `install_runs` (`first` is its index there, for `src_of`).
+    fn install_run(
+        &mut self,
+        region: &RegionState,
+        run: &[(usize, u64)],
+        first: usize,
+        src_of: &impl Fn(usize) -> *const u8,
+        wp: bool,
+        out: &mut [Install],
+    ) {
+        let mut k = 0;
+        while k < run.len() {
+            let gate = self.shared.install_gate.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let end =
+                (k..run.len()).find(|&m| table::remove_unhandled(region.table.load(run[m].0))).unwrap_or(run.len());
+            if end == k {
+                drop(gate);
+                out[k] = self.discard_locked(region, run[k].0, run[k].1);
+                k += 1;
+                continue;
+            }
+            let addr = region.page_addr(run[k].0);
+            let result = self.shared.uffd.copy_run(addr, src_of(first + k), (end - k) * PAGE_SIZE, wp);
+            drop(gate);
+            let n = match &result {
+                Ok(()) => end - k,
+                Err((_, bytes)) => bytes / PAGE_SIZE,
+            };
+            out[k..k + n].fill(Install::Done);
+            k += n;
+            match result {
+                Ok(()) => {}
+                Err((e, _)) if e.raw_os_error() == Some(libc::EAGAIN) => self.drain_events(),
+                Err((e, _)) => {
+                    // The page at `k` was not installed: EEXIST (mapped meanwhile) or a failure.
+                    let addr = region.page_addr(run[k].0);
+                    if e.raw_os_error() != Some(libc::EEXIST) {
+                        tracing::error!(addr = format_args!("{addr:#x}"), error = %e, "UFFDIO_COPY failed");
+                    }
+                    let _ = self.shared.uffd.wake(addr, PAGE_SIZE);
+                    k += 1;
+                }
+            }
+        }
+    }
+
+    /// Applies the pending discard to a page locked (with entry `e`) for an install, instead of
+    /// installing it, and wakes a thread waiting on it (it faults again and gets the zero page).
+    fn discard_locked(&mut self, region: &RegionState, page: usize, e: u64) -> Install {
+        let freed = apply_remove(&self.shared, region, page, e);
+        self.shared.unreserve(freed);
+        Counters::add(&self.shared.stats.installs_skipped, 1);
+        let _ = self.shared.uffd.wake(region.page_addr(page), PAGE_SIZE);
+        Install::Discarded
     }
 
     fn write_fault(&mut self, region: &RegionState, page: usize) {
@@ -402,6 +453,9 @@ impl Handler {
             let e = t.wait_idle(page);
             if e & RESIDENT == 0 {
                 // Evicted meanwhile: the retried access will fault as missing.
+                if let Some(e) = t.try_lock(page, |e| e & RESIDENT == 0) {
+                    self.take_out_stray(region, page, e);
+                }
                 let _ = self.shared.uffd.wake(addr, PAGE_SIZE);
                 return;
             }
@@ -421,6 +475,24 @@ impl Handler {
         }
         t.unlock(page, (e | DIRTY | WRITTEN | REFERENCED) & !PREFETCHED, Transition::WriteFault);
         Counters::add(&self.shared.stats.write_faults, 1);
+    }
+
+    /// Unlocks a page the table calls not resident (locked with entry `e`) after making sure it
+    /// is not mapped: a write-protect fault on such a page means a page is mapped against the
+    /// table's word (a bug: an install that crossed a discard), and it would fault forever. The
+    /// table is the authority: the stray page is taken out, logged and counted as a page-state
+    /// violation, and the retried access is served from the table's state.
+    fn take_out_stray(&mut self, region: &RegionState, page: usize, e: u64) {
+        let addr = region.page_addr(page);
+        if crate::uffd::is_mapped(addr).unwrap_or(false) {
+            let what =
+                "a page the table calls not resident is mapped; it is taken out and the access served from the table";
+            self.report_violation(region, page, e, what);
+            if let Err(err) = self.scratch.take_out(addr) {
+                tracing::error!(addr = format_args!("{addr:#x}"), error = %err, "cannot take a stray page out");
+            }
+        }
+        region.table.unlock(page, e, Transition::NotInstalled);
     }
 
     /// Records a fault in the region's history, credits prefetch hits the stream went past, and
@@ -490,20 +562,20 @@ impl Handler {
         let mut fetches: Vec<Fetch> = std::iter::once((page, entry))
             .chain(extra)
             .enumerate()
-            .map(|(i, (page, entry))| Fetch { page, entry, staging: i, ok: false, failure: None })
+            .map(|(i, (page, entry))| Fetch { page, entry, staging: i, outcome: Err(TransferError::NoSuchSlot) })
             .collect();
         self.reserve(fetches.len());
         self.fetch(&mut fetches);
         let t = &region.table;
         // Failed pages first: the faulting one is poisoned, prefetched ones are simply left remote.
-        for (i, f) in fetches.iter().enumerate().filter(|(_, f)| !f.ok) {
+        for (i, f) in fetches.iter().enumerate().filter(|(_, f)| f.outcome.is_err()) {
             if i == 0 {
                 self.fail_page(region, f);
             } else {
                 t.unlock(f.page, f.entry, Transition::NotInstalled);
             }
         }
-        let good: Vec<(usize, &Fetch)> = fetches.iter().enumerate().filter(|(_, f)| f.ok).collect();
+        let good: Vec<(usize, &Fetch)> = fetches.iter().enumerate().filter(|(_, f)| f.outcome.is_ok()).collect();
         let pages: Vec<(usize, u64)> = good.iter().map(|(_, f)| (f.page, f.entry)).collect();
         let staging = self.staging.as_ptr().cast_const();
         // Staging slots are inside the staging region, sized for the window.
@@ -511,8 +583,11 @@ impl Handler {
         let wp_of = |k: usize| !(good[k].0 == 0 && write);
         let done = self.install_runs(region, &pages, src_of, wp_of);
         let mut installed = 0usize;
-        for (&(i, f), ok) in good.iter().zip(&done) {
-            if *ok {
+        for (&(i, f), outcome) in good.iter().zip(&done) {
+            if *outcome == Install::Discarded {
+                continue;
+            }
+            if *outcome == Install::Done {
                 let mut e = f.entry | RESIDENT | REFERENCED;
                 if i == 0 && write {
                     e |= DIRTY | WRITTEN;
@@ -528,9 +603,9 @@ impl Handler {
             }
         }
         self.shared.unreserve(fetches.len() - installed);
-        let ok = fetches.iter().filter(|f| f.ok).count() as u64;
+        let ok = fetches.iter().filter(|f| f.outcome.is_ok()).count() as u64;
         Counters::add(&self.shared.stats.bytes_in, ok * PAGE_SIZE as u64);
-        if fetches[0].ok {
+        if fetches[0].outcome.is_ok() {
             Counters::add(&self.shared.stats.remote_faults, 1);
             Counters::add(&self.shared.stats.prefetched, ok - 1);
             let elapsed = started.elapsed();
@@ -539,115 +614,31 @@ impl Handler {
         }
     }
 
-    /// Reads every page of `fetches` into its staging slot: one request per server, all posted
-    /// before any is waited for.
+    /// Reads every page of `fetches` into its staging slot, in one batch of the store.
     fn fetch(&mut self, fetches: &mut [Fetch]) {
-        let mut per_server: Vec<Vec<usize>> = vec![Vec::new(); self.endpoints.len()];
+        let mut transfers = Vec::with_capacity(fetches.len());
+        let mut idxs = Vec::with_capacity(fetches.len());
         for (i, f) in fetches.iter_mut().enumerate() {
-            match self.shared.placement.locate(table::slot_of(f.entry)) {
-                Some(loc) if f.entry & HAS_SLOT != 0 => per_server[loc.server].push(i),
-                _ => f.failure = Some("the page table names no remote slot".into()),
+            match table::slot(f.entry) {
+                Some(slot) => {
+                    transfers.push(PageTransfer { slot, offset: f.staging * PAGE_SIZE });
+                    idxs.push(i);
+                }
+                None => f.outcome = Err(TransferError::NoSuchSlot),
             }
         }
-        let deadline = Instant::now() + self.shared.config.fetch_timeout;
-        let mut posted: Vec<(usize, u64)> = Vec::new();
-        for (server, idxs) in per_server.iter().enumerate() {
-            if idxs.is_empty() {
-                continue;
-            }
-            let Some(ep) =
-                self.endpoints[server].as_ref().filter(|_| self.shared.placement.servers()[server].is_alive())
-            else {
-                for &i in idxs {
-                    fetches[i].failure = Some("the server is marked failed".into());
-                }
-                continue;
-            };
-            let segments: Vec<Segment> = idxs
-                .iter()
-                .filter_map(|&i| {
-                    let loc = self.shared.placement.locate(table::slot_of(fetches[i].entry))?;
-                    let local = LocalSlice::new(&self.staging, fetches[i].staging * PAGE_SIZE, PAGE_SIZE).ok()?;
-                    Some(Segment { local, remote_addr: loc.addr, rkey: loc.rkey })
-                })
-                .collect();
-            self.next_wr += 1;
-            let wr_id = self.next_wr;
-            match ep.post(&WorkRequest::read(wr_id, segments)) {
-                Ok(()) => posted.push((server, wr_id)),
-                Err(e) => {
-                    for &i in idxs {
-                        fetches[i].failure = Some(e.to_string());
-                    }
-                    self.endpoint_failed(server, &e.to_string());
-                }
-            }
+        self.io.read_pages(&self.staging, &transfers, &mut self.outcomes);
+        for (&i, outcome) in idxs.iter().zip(self.outcomes.drain(..)) {
+            fetches[i].outcome = outcome;
         }
-        let mut done = Vec::new();
-        for (server, wr_id) in posted {
-            let idxs = &per_server[server];
-            let status = self.wait_for(server, wr_id, deadline, &mut done);
-            for &i in idxs {
-                match &status {
-                    Ok(()) => fetches[i].ok = true,
-                    Err(why) => fetches[i].failure = Some(why.clone()),
-                }
-            }
-        }
-    }
-
-    fn wait_for(
-        &mut self,
-        server: usize,
-        wr_id: u64,
-        deadline: Instant,
-        done: &mut Vec<rdma::Completion>,
-    ) -> Result<(), String> {
-        let spin = self.shared.config.spin;
-        loop {
-            let Some(ep) = self.endpoints[server].as_ref() else { return Err("connection closed".into()) };
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                let why = format!("no reply within {:?}", self.shared.config.fetch_timeout);
-                self.endpoint_failed(server, &why);
-                return Err(why);
-            }
-            done.clear();
-            match ep.wait(done, 16, left, PollMode::SpinThenBlock(spin)) {
-                Ok(_) => {
-                    if let Some(c) = done.iter().find(|c| c.wr_id == wr_id) {
-                        return match c.status {
-                            CompletionStatus::Success => Ok(()),
-                            CompletionStatus::Flushed => {
-                                self.endpoint_failed(server, "connection lost");
-                                Err("connection lost".into())
-                            }
-                            other => Err(format!("the server refused the read ({other:?}): its copy is gone")),
-                        };
-                    }
-                }
-                Err(e) => {
-                    let why = e.to_string();
-                    self.endpoint_failed(server, &why);
-                    return Err(why);
-                }
-            }
-        }
-    }
-
-    fn endpoint_failed(&mut self, server: usize, why: &str) {
-        // A late completion must never land in a reused staging slot: drop the connection.
-        self.endpoints[server] = None;
-        self.shared.placement.mark_failed(server, why);
     }
 
     fn fail_page(&mut self, region: &RegionState, f: &Fetch) {
         let addr = region.page_addr(f.page);
-        let loc = self.shared.placement.locate(table::slot_of(f.entry));
-        let server = loc
-            .and_then(|l| self.shared.placement.servers().get(l.server))
-            .map_or_else(|| "0.0.0.0:0".parse().unwrap_or(std::net::SocketAddr::from(([0, 0, 0, 0], 0))), |s| s.addr);
-        let reason = f.failure.clone().unwrap_or_else(|| "unknown".into());
+        let server = table::slot(f.entry)
+            .and_then(|slot| self.shared.store.lender_of(slot))
+            .unwrap_or(std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+        let reason = f.outcome.as_ref().err().map_or_else(|| "unknown".into(), ToString::to_string);
         tracing::error!(
             server = %server,
             addr = format_args!("{addr:#x}"),
@@ -694,8 +685,8 @@ pub(crate) fn apply_remove(shared: &Shared, region: &RegionState, page: usize, e
             Counters::add(&shared.stats.prefetch_wasted, 1);
         }
     }
-    if e & HAS_SLOT != 0 {
-        shared.placement.free_slot(table::slot_of(e));
+    if let Some(slot) = table::slot(e) {
+        shared.store.free(slot);
         Counters::add(&shared.stats.remote_freed, 1);
     }
     Counters::add(&shared.stats.removed_pages, 1);
@@ -703,22 +694,21 @@ pub(crate) fn apply_remove(shared: &Shared, region: &RegionState, page: usize, e
     freed
 }
 
+/// What a caller that poisons a page after a violation adds to the log line.
+pub(crate) const POISONED_NOTE: &str = "the page is poisoned (SIGBUS on access), never served as zeros";
+
 /// Logs and counts a broken page-state invariant: a bug in Coalesce, made loud. The caller
 /// poisons the page, so the program gets SIGBUS on it instead of wrong data.
 pub(crate) fn report_violation(shared: &Shared, region: &RegionState, page: usize, e: u64, what: &str) {
     let addr = region.page_addr(page);
-    let server = shared
-        .placement
-        .locate(table::slot_of(e))
-        .filter(|_| e & HAS_SLOT != 0)
-        .and_then(|l| shared.placement.servers().get(l.server))
-        .map_or_else(|| "none".to_string(), |s| s.addr.to_string());
+    let server =
+        table::slot(e).and_then(|slot| shared.store.lender_of(slot)).map_or_else(|| "none".into(), |a| a.to_string());
     tracing::error!(
         addr = format_args!("{addr:#x}"),
         page,
         entry = %table::Entry::from_bits(e),
         lender = %server,
-        "page-state violation (a bug in Coalesce): {what}; the page is poisoned (SIGBUS on access), never served as zeros"
+        "page-state violation (a bug in Coalesce): {what}"
     );
     Counters::add(&shared.stats.state_violations, 1);
     if let Some(history) = &shared.history {

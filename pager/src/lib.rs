@@ -72,10 +72,12 @@ mod fault;
 pub mod history;
 #[cfg(test)]
 mod model;
-pub mod placement;
+#[cfg(test)]
+mod paging_tests;
 pub mod prefetch;
 mod region;
 pub mod stats;
+pub mod store;
 pub mod table;
 pub mod uffd;
 
@@ -121,6 +123,9 @@ pub enum PagerError {
     /// A thread could not be started.
     #[error("cannot start a pager thread: {0}")]
     Thread(std::io::Error),
+    /// A staging buffer could not be mapped.
+    #[error("cannot map a staging buffer: {0}; is the process out of memory or address space?")]
+    Buffer(rdma::TransportError),
 }
 
 /// Pager settings.
@@ -213,7 +218,7 @@ pub(crate) struct Shared {
     pub(crate) config: PagerConfig,
     pub(crate) uffd: uffd::Uffd,
     pub(crate) regions: RwLock<Vec<Option<Arc<region::RegionState>>>>,
-    pub(crate) placement: placement::Placement,
+    pub(crate) store: Arc<dyn store::PageStore>,
     pub(crate) resident: AtomicUsize,
     pub(crate) budget: usize,
     pub(crate) clock: Mutex<VecDeque<(u32, u32)>>,
@@ -230,6 +235,9 @@ pub(crate) struct Shared {
     /// One epoch per fault-handling thread, odd while it is between reading userfaultfd messages
     /// and marking the pages of the remove events among them (see `Shared::wait_for_readers`).
     pub(crate) readers: Box<[AtomicU64]>,
+    /// Installs (`UFFDIO_COPY` into a region) hold it shared; reading userfaultfd messages and
+    /// marking the pages of remove events holds it exclusive. See `fault::Handler::install_runs`.
+    pub(crate) install_gate: RwLock<()>,
     /// Test hook: the evictor drops dirty pages as if clean (the bug class of issue #7).
     pub(crate) inject_drop_dirty: AtomicBool,
     /// Test hook: `UFFDIO_MOVE` of a run reports failure after moving it all (a kernel quirk).
@@ -345,8 +353,8 @@ impl Shared {
         let mut s = self.stats.snapshot();
         s.resident_pages = self.resident.load(Ordering::Relaxed) as u64;
         s.budget_pages = self.budget as u64;
-        s.remote_pages = self.placement.remote_pages();
-        s.metadata_bytes = self.table_bytes.load(Ordering::Relaxed) + self.placement.bookkeeping_bytes() as u64;
+        s.remote_pages = self.store.remote_pages();
+        s.metadata_bytes = self.table_bytes.load(Ordering::Relaxed) + self.store.bookkeeping_bytes() as u64;
         s
     }
 }
@@ -359,28 +367,43 @@ pub struct Pager {
 }
 
 impl Pager {
-    /// Connects to the servers and starts the threads.
+    /// Connects to the servers (one copy of each page on `memory-server` lenders, see
+    /// [`store::LenderStore`]) and starts the threads.
     pub fn new(config: PagerConfig) -> Result<Self, PagerError> {
         config.validate()?;
-        let uffd = uffd::Uffd::open(
-            uffd::features::PAGEFAULT_FLAG_WP
-                | uffd::features::EVENT_REMOVE
-                | uffd::features::POISON
-                | uffd::features::MOVE,
-        )?;
-        let endpoint_options = EndpointOptions {
+        // userfaultfd first: without it, nothing is asked of the lenders.
+        let uffd = open_userfaultfd()?;
+        let endpoint = EndpointOptions {
             link: config.link.clone(),
             max_outstanding: 64,
             device: config.device.clone(),
             ..EndpointOptions::default()
         };
-        let placement =
-            placement::Placement::connect(&config.servers, config.provider, config.client_id, endpoint_options)?;
+        let options = store::LenderStoreOptions {
+            provider: config.provider,
+            client_id: config.client_id,
+            endpoint,
+            timeout: config.fetch_timeout,
+            spin: config.spin,
+        };
+        let store = store::LenderStore::connect(&config.servers, options)?;
+        Self::start(config, Arc::new(store), uffd)
+    }
+
+    /// Starts a pager whose remote pages live in `store` (`config.servers`, `provider`, `link`,
+    /// `device` and `client_id` are the store's business and not used here).
+    pub fn with_store(config: PagerConfig, store: Arc<dyn store::PageStore>) -> Result<Self, PagerError> {
+        config.validate()?;
+        let uffd = open_userfaultfd()?;
+        Self::start(config, store, uffd)
+    }
+
+    fn start(config: PagerConfig, store: Arc<dyn store::PageStore>, uffd: uffd::Uffd) -> Result<Self, PagerError> {
         let budget = config.local_budget / PAGE_SIZE;
         let shared = Arc::new(Shared {
             uffd,
             regions: RwLock::new(Vec::new()),
-            placement,
+            store,
             resident: AtomicUsize::new(0),
             budget,
             clock: Mutex::new(VecDeque::new()),
@@ -394,6 +417,7 @@ impl Pager {
             next_region: AtomicU32::new(0),
             table_bytes: AtomicU64::new(0),
             readers: (0..config.fault_threads).map(|_| AtomicU64::new(0)).collect(),
+            install_gate: RwLock::new(()),
             inject_drop_dirty: AtomicBool::new(false),
             inject_move_undercount: AtomicBool::new(false),
             history: (config.history > 0).then(|| Arc::new(history::History::new(config.history))),
@@ -474,12 +498,7 @@ impl Pager {
 
     /// Addresses of the servers and the pages each holds.
     pub fn server_pages(&self) -> Vec<(SocketAddr, u64, bool)> {
-        self.shared
-            .placement
-            .servers()
-            .iter()
-            .map(|s| (s.addr, s.pages.load(Ordering::Relaxed), s.is_alive()))
-            .collect()
+        self.shared.store.lenders().into_iter().map(|l| (l.addr, l.pages, l.alive)).collect()
     }
 
     pub(crate) fn shared(&self) -> &Arc<Shared> {
@@ -487,13 +506,22 @@ impl Pager {
     }
 }
 
+/// The userfaultfd of a pager, with every feature it relies on.
+fn open_userfaultfd() -> Result<uffd::Uffd, PagerError> {
+    let features = uffd::features::PAGEFAULT_FLAG_WP
+        | uffd::features::EVENT_REMOVE
+        | uffd::features::POISON
+        | uffd::features::MOVE;
+    Ok(uffd::Uffd::open(features)?)
+}
+
 fn heartbeat_loop(shared: &Shared) {
-    let period = (shared.placement.min_lease() / 3).max(Duration::from_millis(50));
+    let period = shared.store.maintenance_period();
     let mut last = std::time::Instant::now();
     while !shared.shutdown.load(Ordering::Acquire) {
         std::thread::park_timeout(Duration::from_millis(50));
         if last.elapsed() >= period {
-            shared.placement.heartbeat();
+            shared.store.maintain();
             last = std::time::Instant::now();
         }
     }
@@ -507,6 +535,6 @@ impl Drop for Pager {
             t.thread().unpark();
             let _ = t.join();
         }
-        self.shared.placement.release_all();
+        self.shared.store.release_all();
     }
 }

@@ -197,6 +197,11 @@ impl<'p> Region<'p> {
         self.map.as_ptr().cast_mut()
     }
 
+    #[cfg(test)]
+    pub(crate) fn state(&self) -> &RegionState {
+        &self.state
+    }
+
     /// Length in bytes (whole pages).
     pub fn len(&self) -> usize {
         self.map.len()
@@ -241,21 +246,28 @@ impl<'p> Region<'p> {
         let shared = self.pager.shared();
         let first = offset / PAGE_SIZE;
         let last = offset.saturating_add(len).div_ceil(PAGE_SIZE).min(self.state.table.len());
-        let pages: Vec<usize> = (first..last).filter(|&p| self.state.table.load(p) & table::RESIDENT != 0).collect();
-        {
+        let resident = |p: &usize| self.state.table.load(*p) & table::RESIDENT != 0;
+        let force = |pages: &[usize]| {
             let mut forced = crate::lock(&shared.forced);
             forced.extend(pages.iter().map(|&p| (self.state.id, u32::try_from(p).unwrap_or(u32::MAX))));
-        }
-        shared.kick_evictor();
+            drop(forced);
+            shared.kick_evictor();
+        };
+        // A page still locked by a fault that installed it (the access returns before the entry
+        // says resident) is waited for, so that it is not passed over.
+        let mut pages: Vec<usize> =
+            (first..last).filter(|&p| self.state.table.wait_idle(p) & table::RESIDENT != 0).collect();
+        force(&pages);
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         let mut spins = 0;
         while std::time::Instant::now() < deadline {
-            let left = pages.iter().filter(|&&p| self.state.table.load(p) & table::RESIDENT != 0).count();
-            if left == 0 {
+            pages.retain(resident);
+            if pages.is_empty() {
                 break;
             }
             if spins % 64 == 63 {
-                shared.kick_evictor();
+                // A page the evictor found busy (a fault or a scan on it) was passed over: ask again.
+                force(&pages);
             }
             table::backoff(&mut spins);
         }
@@ -316,7 +328,7 @@ impl Drop for Region<'_> {
                 resident += 1;
             }
             if e & table::HAS_SLOT != 0 {
-                shared.placement.free_slot(table::slot_of(e));
+                shared.store.free(table::slot_of(e));
             }
         }
         shared.unreserve(resident);
@@ -331,7 +343,7 @@ impl Drop for Region<'_> {
 /// use std::time::Duration;
 /// use coalesce_pager::{Pager, PagerConfig, RemoteVec, RegionOptions};
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// # let server = remote_mem_server::start(remote_mem_server::ServerConfig::loopback())?;
+/// # let server = lender::start(lender::ServerConfig::loopback())?;
 /// let pager = Pager::new(PagerConfig::new(vec![server.addr()], 4 << 20))?;
 /// let options = RegionOptions {
 ///     latency_bound: Some(Duration::from_millis(1)), // slower fetches: keep this region local

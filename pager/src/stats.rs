@@ -30,6 +30,7 @@ pub struct Counters {
     pub(crate) unshared: AtomicU64,
     pub(crate) refills: AtomicU64,
     pub(crate) found_unmapped: AtomicU64,
+    pub(crate) installs_skipped: AtomicU64,
     pub(crate) state_violations: AtomicU64,
     pub(crate) move_miscounts: AtomicU64,
     remote_latency: Mutex<Histogram<u64>>,
@@ -60,6 +61,7 @@ impl Default for Counters {
             unshared: AtomicU64::new(0),
             refills: AtomicU64::new(0),
             found_unmapped: AtomicU64::new(0),
+            installs_skipped: AtomicU64::new(0),
             state_violations: AtomicU64::new(0),
             move_miscounts: AtomicU64::new(0),
             remote_latency: Mutex::new(hist),
@@ -101,6 +103,7 @@ impl Counters {
             unshared_pages: r(&self.unshared),
             refilled_pages: r(&self.refills),
             found_unmapped: r(&self.found_unmapped),
+            installs_skipped: r(&self.installs_skipped),
             state_violations: r(&self.state_violations),
             move_miscounts: r(&self.move_miscounts),
             remote_fault_p50: q(0.5),
@@ -161,6 +164,10 @@ pub struct PagerStats {
     /// Pages the evictor found unmapped where the table called them resident (discarded by
     /// `madvise` before the remove event was handled).
     pub found_unmapped: u64,
+    /// Pages about to be installed (by a fault, a prefetch, or a write-back put back) when a
+    /// discard of them was read: the discard was applied instead, so they read as zeros as it
+    /// promises.
+    pub installs_skipped: u64,
     /// Bugs caught by the page-state invariants (a written page about to be filled with zeros,
     /// or lost): each page was poisoned (SIGBUS on access) and logged instead. Always 0 unless
     /// Coalesce has a bug.
@@ -238,8 +245,8 @@ impl fmt::Display for PagerStats {
         )?;
         writeln!(
             f,
-            "discards: {} pages by madvise ({} remote copies freed); {} refilled and {} found unmapped before their remove event",
-            self.removed_pages, self.remote_freed, self.refilled_pages, self.found_unmapped
+            "discards: {} pages by madvise ({} remote copies freed); {} refilled and {} found unmapped before their remove event; {} installs skipped",
+            self.removed_pages, self.remote_freed, self.refilled_pages, self.found_unmapped, self.installs_skipped
         )?;
         write!(
             f,

@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::history::{History, Transition};
+use crate::store::Slot;
 
 /// Mapped in the region.
 pub const RESIDENT: u64 = 1 << 32;
@@ -108,7 +109,7 @@ impl std::fmt::Display for Entry {
             f.write_str("zero")?;
         }
         if self.0 & HAS_SLOT != 0 {
-            write!(f, "={:#x}", slot_of(self.0))?;
+            write!(f, "={:#x}", slot_of(self.0).raw())?;
         }
         Ok(())
     }
@@ -120,14 +121,19 @@ impl std::fmt::Debug for Entry {
     }
 }
 
-/// The slot stored in an entry.
-pub fn slot_of(entry: u64) -> u32 {
-    u32::try_from(entry & SLOT_MASK).unwrap_or(u32::MAX)
+/// The slot bits of an entry (meaningful when `HAS_SLOT` is set).
+pub fn slot_of(entry: u64) -> Slot {
+    Slot::from_raw(u32::try_from(entry & SLOT_MASK).unwrap_or(u32::MAX))
+}
+
+/// The remote slot of an entry, if it has one.
+pub fn slot(entry: u64) -> Option<Slot> {
+    (entry & HAS_SLOT != 0).then(|| slot_of(entry))
 }
 
 /// `entry` with its slot replaced.
-pub fn with_slot(entry: u64, slot: u32) -> u64 {
-    (entry & !SLOT_MASK) | u64::from(slot)
+pub fn with_slot(entry: u64, slot: Slot) -> u64 {
+    (entry & !SLOT_MASK) | u64::from(slot.raw())
 }
 
 /// Bytes of page-table metadata per page.
@@ -312,9 +318,9 @@ mod tests {
         let before = t.try_lock(1, |e| e & RESIDENT == 0).expect("free");
         assert_eq!(before, 0);
         assert!(t.try_lock(1, |_| true).is_none(), "already busy");
-        t.unlock(1, with_slot(RESIDENT | HAS_SLOT, 77), Transition::Fetched);
+        t.unlock(1, with_slot(RESIDENT | HAS_SLOT, Slot::from_raw(77)), Transition::Fetched);
         let e = t.load(1);
-        assert_eq!(slot_of(e), 77);
+        assert_eq!(slot_of(e), Slot::from_raw(77));
         assert_eq!(e & BUSY, 0);
         t.update(1, DIRTY, RESIDENT);
         assert_eq!(t.load(1) & (DIRTY | RESIDENT), DIRTY);

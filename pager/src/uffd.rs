@@ -404,3 +404,48 @@ impl AsFd for Uffd {
 fn range(start: usize, len: usize) -> UffdioRange {
     UffdioRange { start: start as u64, len: len as u64 }
 }
+
+/// A one-page parking place for taking a page out of a region without an event: the page is
+/// moved here (`UFFDIO_MOVE`, whose destination must be registered with a userfaultfd: this one
+/// has its own, which nobody reads) and dropped at once.
+#[derive(Debug)]
+pub(crate) struct Scratch {
+    uffd: Uffd,
+    page: memmap2::MmapMut,
+}
+
+impl Scratch {
+    pub(crate) fn new() -> io::Result<Self> {
+        let uffd = Uffd::open(0).map_err(io::Error::other)?;
+        let page = memmap2::MmapOptions::new().len(crate::PAGE_SIZE).map_anon()?;
+        uffd.register(page.as_ptr() as usize, crate::PAGE_SIZE, false)?;
+        Ok(Self { uffd, page })
+    }
+
+    /// Takes the page at `addr` out of its region and drops it. Returns whether a page was
+    /// mapped there (`false`: nothing to take, `ENOENT`).
+    pub(crate) fn take_out(&self, addr: usize) -> io::Result<bool> {
+        let dst = self.page.as_ptr() as usize;
+        let mut tries = 0;
+        let result = loop {
+            match self.uffd.move_pages(dst, addr, crate::PAGE_SIZE) {
+                Err((e, _)) if e.raw_os_error() == Some(libc::EAGAIN) && tries < 1000 => {
+                    tries += 1;
+                    std::thread::yield_now();
+                }
+                other => break other,
+            }
+        };
+        let taken = match result {
+            Ok(()) => true,
+            Err((e, _)) if e.raw_os_error() == Some(libc::ENOENT) => false,
+            Err((e, _)) => return Err(e),
+        };
+        // SAFETY: the scratch page is this struct's own mapping; nothing references its bytes.
+        let rc = unsafe { libc::madvise(self.page.as_ptr().cast_mut().cast(), crate::PAGE_SIZE, libc::MADV_DONTNEED) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(taken)
+    }
+}

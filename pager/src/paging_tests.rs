@@ -1,0 +1,193 @@
+//! Unit tests of the fault and eviction logic against the in-memory store ([`MemoryStore`]): real
+//! userfaultfd faults and `UFFDIO_MOVE` evictions, no lender and no network, with failures of
+//! the store injected on demand.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use crate::store::{MemoryStore, MemoryStoreFaults, PageStore};
+use crate::{table, Pager, PagerConfig, Region, RegionOptions, PAGE_SIZE};
+
+const WORDS: usize = PAGE_SIZE / 8;
+
+fn pager(budget_pages: usize, store: &Arc<MemoryStore>) -> Pager {
+    let config = PagerConfig::new(Vec::new(), budget_pages * PAGE_SIZE);
+    let store: Arc<dyn PageStore> = Arc::clone(store) as Arc<dyn PageStore>;
+    Pager::with_store(config, store).expect("a pager on the in-memory store (needs userfaultfd: run as root)")
+}
+
+/// The value of word `w` of page `p` in generation `seed` (never zero).
+fn word(seed: u64, p: usize, w: usize) -> u64 {
+    (seed << 48) | ((p as u64) << 16) | (w as u64 + 1)
+}
+
+fn fill(region: &mut Region<'_>, pages: std::ops::Range<usize>, seed: u64) {
+    let words: &mut [u64] = bytemuck::cast_slice_mut(region.as_mut_slice());
+    for p in pages {
+        for w in 0..WORDS {
+            words[p * WORDS + w] = word(seed, p, w);
+        }
+    }
+}
+
+/// The first page in `pages` whose content is not generation `seed`.
+fn first_wrong(region: &Region<'_>, pages: std::ops::Range<usize>, seed: u64) -> Option<usize> {
+    let words: &[u64] = bytemuck::cast_slice(region.as_slice());
+    pages.into_iter().find(|&p| (0..WORDS).any(|w| words[p * WORDS + w] != word(seed, p, w)))
+}
+
+fn is_resident(region: &Region<'_>, page: usize) -> bool {
+    region.state().table.load(page) & table::RESIDENT != 0
+}
+
+/// Reads the page at `addr` from the kernel (a `write` of it into a pipe), so that a poisoned
+/// page gives `EFAULT` instead of killing the test with SIGBUS.
+fn kernel_read(addr: *const u8) -> std::io::Result<()> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe(2) writes two descriptors into the two-element array.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `addr` points at a whole page of a live region; the kernel reads it (faulting it in
+    // through userfaultfd) and reports a poisoned page as EFAULT.
+    let rc = unsafe { libc::write(fds[1], addr.cast(), PAGE_SIZE) };
+    let result = if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) };
+    for fd in fds {
+        // SAFETY: closes the descriptors pipe(2) just made.
+        unsafe { libc::close(fd) };
+    }
+    result
+}
+
+#[test]
+fn first_touch_is_a_zero_page_and_needs_no_store() {
+    let store = Arc::new(MemoryStore::new(1 << 16));
+    let pager = pager(64, &store);
+    let region = pager.map(32 * PAGE_SIZE, RegionOptions::default()).expect("map");
+    assert!(region.as_slice().iter().all(|&b| b == 0));
+    let stats = pager.stats();
+    // (The fault counters are updated after the install has woken the reader: not asserted.)
+    assert_eq!(stats.resident_pages, 32, "{stats}");
+    assert_eq!((stats.remote_faults, store.pages_read(), store.pages_written()), (0, 0, 0));
+}
+
+#[test]
+fn dirty_pages_are_written_back_and_fetched_again_within_the_budget() {
+    let store = Arc::new(MemoryStore::new(1 << 16));
+    let pager = pager(64, &store);
+    let mut region = pager.map(512 * PAGE_SIZE, RegionOptions::default()).expect("map");
+    fill(&mut region, 0..512, 1);
+    assert_eq!(first_wrong(&region, 0..512, 1), None);
+    let stats = pager.stats();
+    assert!(stats.evictions_dirty >= 512 - 64, "{stats}");
+    // Counters trail the store by the batch in flight when the snapshot is taken.
+    assert!(store.pages_written() >= stats.evictions_dirty, "a dirty page was dropped without a write\n{stats}");
+    assert!(stats.remote_faults > 0 && store.pages_read() >= stats.remote_faults, "{stats}");
+    assert!(stats.peak_resident_pages <= stats.budget_pages, "{stats}");
+}
+
+#[test]
+fn clean_pages_are_dropped_without_writing_them_again() {
+    let store = Arc::new(MemoryStore::new(1 << 16));
+    let pager = pager(64, &store);
+    let mut region = pager.map(512 * PAGE_SIZE, RegionOptions::default()).expect("map");
+    fill(&mut region, 0..512, 1);
+    assert_eq!(first_wrong(&region, 0..512, 1), None);
+    let written = store.pages_written();
+    let clean = pager.stats().evictions_clean;
+    for _ in 0..2 {
+        assert_eq!(first_wrong(&region, 0..512, 1), None);
+    }
+    let stats = pager.stats();
+    assert!(stats.evictions_clean > clean, "{stats}");
+    assert_eq!(store.pages_written(), written, "reading never writes back");
+}
+
+#[test]
+fn a_sequential_stream_is_fetched_in_prefetch_windows() {
+    let store = Arc::new(MemoryStore::new(1 << 16));
+    let pager = pager(256, &store);
+    let mut region = pager.map(4096 * PAGE_SIZE, RegionOptions::default()).expect("map");
+    fill(&mut region, 0..4096, 3);
+    let before = pager.stats();
+    assert_eq!(first_wrong(&region, 0..4096, 3), None);
+    let stats = pager.stats();
+    let faults = stats.remote_faults - before.remote_faults;
+    let prefetched = stats.prefetched_pages - before.prefetched_pages;
+    assert!(prefetched > 0 && stats.prefetch_hits > before.prefetch_hits, "{stats}");
+    assert!(faults * 4 < 4096, "{faults} faults for 4096 sequential pages: prefetch is not working\n{stats}");
+}
+
+#[test]
+fn a_failed_write_back_puts_the_page_back_and_loses_nothing() {
+    let store = Arc::new(MemoryStore::new(1 << 16));
+    let pager = pager(64, &store);
+    let mut region = pager.map(256 * PAGE_SIZE, RegionOptions::default()).expect("map");
+    fill(&mut region, 0..256, 1);
+    store.set_faults(MemoryStoreFaults { writes_fail: true, ..MemoryStoreFaults::default() });
+    fill(&mut region, 0..8, 2);
+    assert!((0..8).all(|p| is_resident(&region, p)));
+    let gone = region.evict(0, 8 * PAGE_SIZE);
+    assert_eq!(gone, 0, "no dirty page may leave while the store refuses writes");
+    assert!(pager.stats().writeback_failures >= 8, "{}", pager.stats());
+    assert_eq!(first_wrong(&region, 0..8, 2), None);
+    store.set_faults(MemoryStoreFaults::default());
+    assert_eq!(first_wrong(&region, 8..256, 1), None);
+    assert_eq!(first_wrong(&region, 0..8, 2), None);
+    let gone = region.evict(0, 8 * PAGE_SIZE);
+    let entries: Vec<String> =
+        (0..8).map(|p| table::Entry::from_bits(region.state().table.load(p)).to_string()).collect();
+    assert_eq!(gone, 8, "writes work again; entries {entries:?}\n{}", pager.stats());
+    assert_eq!(first_wrong(&region, 0..8, 2), None);
+}
+
+#[test]
+fn with_no_room_anywhere_dirty_pages_stay_local_over_the_budget() {
+    let store = Arc::new(MemoryStore::new(0));
+    let pager = pager(64, &store);
+    let mut region = pager.map(256 * PAGE_SIZE, RegionOptions::default()).expect("map");
+    fill(&mut region, 0..256, 1);
+    assert_eq!(first_wrong(&region, 0..256, 1), None);
+    let stats = pager.stats();
+    assert!(stats.overshoot_events > 0 && stats.peak_resident_pages > stats.budget_pages, "{stats}");
+    assert_eq!((stats.remote_pages, store.pages_written()), (0, 0));
+}
+
+#[test]
+fn a_failed_fetch_poisons_the_page_and_reports_it() {
+    let store = Arc::new(MemoryStore::new(1 << 16));
+    let pager = pager(64, &store);
+    let reported = Arc::new(AtomicUsize::new(usize::MAX));
+    let seen = Arc::clone(&reported);
+    let options = RegionOptions {
+        on_failure: Some(Arc::new(move |f: &crate::FetchFailure| seen.store(f.offset, Ordering::SeqCst))),
+        ..RegionOptions::default()
+    };
+    let mut region = pager.map(256 * PAGE_SIZE, options).expect("map");
+    fill(&mut region, 0..256, 1);
+    let page = (0..256).find(|&p| !is_resident(&region, p)).expect("a page was evicted");
+    store.set_faults(MemoryStoreFaults { reads_fail: true, ..MemoryStoreFaults::default() });
+    let addr = region.as_ptr().wrapping_add(page * PAGE_SIZE).cast_const();
+    let err = kernel_read(addr).expect_err("a page that cannot be fetched must not be served");
+    assert_eq!(err.raw_os_error(), Some(libc::EFAULT), "{err}");
+    assert_eq!(reported.load(Ordering::SeqCst), page * PAGE_SIZE);
+    assert_eq!((region.stats().fetch_failures, pager.stats().fetch_failures), (1, 1));
+    store.set_faults(MemoryStoreFaults::default());
+    assert!(kernel_read(addr).is_err(), "a poisoned page stays poisoned");
+}
+
+#[test]
+fn a_discard_frees_remote_copies_and_reads_zeros() {
+    let store = Arc::new(MemoryStore::new(1 << 16));
+    let pager = pager(64, &store);
+    let mut region = pager.map(256 * PAGE_SIZE, RegionOptions::default()).expect("map");
+    fill(&mut region, 0..256, 1);
+    let remote = store.remote_pages();
+    assert!(remote > 0);
+    region.discard(0, 128 * PAGE_SIZE).expect("discard");
+    assert!(region.as_slice()[..128 * PAGE_SIZE].iter().all(|&b| b == 0));
+    assert_eq!(first_wrong(&region, 128..256, 1), None);
+    let stats = pager.stats();
+    assert!(stats.remote_freed > 0 && store.remote_pages() < remote, "{stats}");
+    assert_eq!(stats.state_violations, 0, "{stats}");
+}

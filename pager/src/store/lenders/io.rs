@@ -1,0 +1,255 @@
+//! One thread's I/O on the lender store: a data endpoint per lender, request ids, one batched
+//! work request per lender (all posted, then all waited for under one deadline), and the failure
+//! policy applied to every outcome.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use rdma::{
+    Completion, CompletionStatus, Endpoint, LocalRegion, LocalSlice, PollMode, ProviderKind, Segment, WorkRequest,
+};
+
+use super::LenderStore;
+use crate::store::{PageIo, PageTransfer, Slot, TransferError};
+use crate::{PagerError, PAGE_SIZE};
+
+/// A thread's connections to every lender (`None` for one that is down or failed).
+#[derive(Debug)]
+pub(super) struct LenderIo {
+    store: Arc<LenderStore>,
+    endpoints: Vec<Option<Endpoint>>,
+    next_wr: u64,
+    /// Send buffer for verbs writes. An RDMA registration pins the physical pages a buffer had
+    /// when it was registered, and callers' buffers may have their pages replaced between
+    /// batches (the evictor's staging buffer is filled by moving pages in and emptied with
+    /// `madvise`), so with verbs each page is copied here and written from here.
+    bounce: Option<Arc<LocalRegion>>,
+    completions: Vec<Completion>,
+}
+
+/// The pages of one batch that go to one lender.
+struct Group {
+    lender: usize,
+    pages: Vec<usize>,
+    segments: Vec<Segment>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    Read,
+    Write,
+}
+
+impl LenderIo {
+    pub(super) fn open(store: Arc<LenderStore>) -> Result<Self, PagerError> {
+        let endpoints = store
+            .lenders
+            .iter()
+            .map(|s| {
+                if !s.is_alive() {
+                    return Ok(None);
+                }
+                let mut c = super::lock(&s.control);
+                c.connect_endpoint(store.provider, &store.endpoint_options)
+                    .map(Some)
+                    .map_err(|source| PagerError::Transport { addr: s.addr, source })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self { store, endpoints, next_wr: 0, bounce: None, completions: Vec::new() })
+    }
+
+    fn reachable(&self, lender: usize) -> bool {
+        self.store.is_alive(lender) && self.endpoints.get(lender).is_some_and(Option::is_some)
+    }
+
+    /// Groups the pages by lender, naming each page's local bytes in `buf`; pages that cannot
+    /// be sent get their outcome in `out` at once.
+    fn group(
+        &self,
+        buf: &Arc<LocalRegion>,
+        pages: &[PageTransfer],
+        out: &mut [Result<(), TransferError>],
+    ) -> Vec<Group> {
+        let mut groups: Vec<Group> = Vec::new();
+        for (i, p) in pages.iter().enumerate() {
+            let Some(loc) = self.store.locate(p.slot) else {
+                out[i] = Err(TransferError::NoSuchSlot);
+                continue;
+            };
+            if !self.reachable(loc.lender) {
+                out[i] = Err(TransferError::LenderDown);
+                continue;
+            }
+            let local = match LocalSlice::new(buf, p.offset, PAGE_SIZE) {
+                Ok(local) => local,
+                Err(e) => {
+                    out[i] = Err(TransferError::Local(e.to_string()));
+                    continue;
+                }
+            };
+            let segment = Segment { local, remote_addr: loc.addr, rkey: loc.rkey };
+            match groups.iter_mut().find(|g| g.lender == loc.lender) {
+                Some(g) => {
+                    g.pages.push(i);
+                    g.segments.push(segment);
+                }
+                None => groups.push(Group { lender: loc.lender, pages: vec![i], segments: vec![segment] }),
+            }
+        }
+        groups
+    }
+
+    /// Posts one work request per group, then waits for each; every page gets its group's outcome.
+    fn transfer(
+        &mut self,
+        direction: Direction,
+        buf: &Arc<LocalRegion>,
+        pages: &[PageTransfer],
+        out: &mut Vec<Result<(), TransferError>>,
+    ) {
+        out.clear();
+        out.resize(pages.len(), Ok(()));
+        let groups = self.group(buf, pages, out);
+        let deadline = Instant::now() + self.store.timeout;
+        let mut posted = Vec::with_capacity(groups.len());
+        for g in groups {
+            self.next_wr += 1;
+            let wr_id = self.next_wr;
+            let segments = g.segments;
+            let wr = match direction {
+                Direction::Read => WorkRequest::read(wr_id, segments),
+                Direction::Write => WorkRequest::write(wr_id, segments),
+            };
+            let Some(ep) = self.endpoints[g.lender].as_ref() else { continue };
+            match ep.post(&wr) {
+                Ok(()) => posted.push((g.lender, wr_id, g.pages)),
+                Err(e) => {
+                    let why = e.to_string();
+                    self.fail_lender(g.lender, &why);
+                    for i in g.pages {
+                        out[i] = Err(TransferError::ConnectionLost(why.clone()));
+                    }
+                }
+            }
+        }
+        for (lender, wr_id, idxs) in posted {
+            let outcome = self.wait_for(lender, wr_id, deadline, direction);
+            for i in idxs {
+                out[i] = outcome.clone();
+            }
+        }
+    }
+
+    /// Waits for the completion of `wr_id` on `lender`'s endpoint until `deadline`, applying the
+    /// failure policy: anything but success marks the lender failed and drops the connection (so
+    /// that a late completion can never land in a reused buffer).
+    fn wait_for(
+        &mut self,
+        lender: usize,
+        wr_id: u64,
+        deadline: Instant,
+        direction: Direction,
+    ) -> Result<(), TransferError> {
+        let spin = self.store.spin;
+        loop {
+            let Some(ep) = self.endpoints[lender].as_ref() else {
+                return Err(TransferError::ConnectionLost("connection closed".into()));
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let timeout = self.store.timeout;
+                let what = if direction == Direction::Read { "read" } else { "write-back" };
+                self.fail_lender(lender, &format!("{what}: no reply within {timeout:?}"));
+                return Err(TransferError::Timeout(timeout));
+            }
+            self.completions.clear();
+            match ep.wait(&mut self.completions, 16, left, PollMode::SpinThenBlock(spin)) {
+                Ok(_) => {
+                    let Some(c) = self.completions.iter().find(|c| c.wr_id == wr_id) else { continue };
+                    let status = c.status;
+                    return match status {
+                        CompletionStatus::Success => Ok(()),
+                        CompletionStatus::Flushed => {
+                            self.fail_lender(lender, "connection lost");
+                            Err(TransferError::ConnectionLost("the request was flushed".into()))
+                        }
+                        other => {
+                            self.fail_lender(lender, &format!("it refused a request ({other:?})"));
+                            Err(TransferError::Refused(format!("{other:?}")))
+                        }
+                    };
+                }
+                Err(e) => {
+                    let why = e.to_string();
+                    self.fail_lender(lender, &why);
+                    return Err(TransferError::ConnectionLost(why));
+                }
+            }
+        }
+    }
+
+    fn fail_lender(&mut self, lender: usize, why: &str) {
+        self.endpoints[lender] = None;
+        self.store.mark_failed(lender, why);
+    }
+
+    /// The buffer verbs writes are sent from: `buf`'s pages copied into the bounce buffer.
+    fn send_buffer(&mut self, buf: &Arc<LocalRegion>, pages: &[PageTransfer]) -> Arc<LocalRegion> {
+        if self.store.provider != ProviderKind::Verbs {
+            return Arc::clone(buf);
+        }
+        let bounce = match &self.bounce {
+            Some(b) if b.len() >= buf.len() => Arc::clone(b),
+            _ => match LocalRegion::new(buf.len()) {
+                Ok(b) => {
+                    self.bounce = Some(Arc::clone(&b));
+                    b
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot map a send buffer; writing from the caller's buffer");
+                    return Arc::clone(buf);
+                }
+            },
+        };
+        let mut page = [0u8; PAGE_SIZE];
+        for p in pages {
+            if buf.read_at(p.offset, &mut page).is_ok() {
+                if let Err(e) = bounce.write_at(p.offset, &page) {
+                    tracing::error!(error = %e, "copying a page to the send buffer failed");
+                }
+            }
+        }
+        bounce
+    }
+}
+
+impl PageIo for LenderIo {
+    fn read_pages(&mut self, buf: &Arc<LocalRegion>, pages: &[PageTransfer], out: &mut Vec<Result<(), TransferError>>) {
+        self.transfer(Direction::Read, buf, pages, out);
+    }
+
+    fn write_pages(
+        &mut self,
+        buf: &Arc<LocalRegion>,
+        pages: &[PageTransfer],
+        out: &mut Vec<Result<(), TransferError>>,
+    ) {
+        let source = self.send_buffer(buf, pages);
+        self.transfer(Direction::Write, &source, pages, out);
+    }
+
+    fn readable(&self, slot: Slot) -> bool {
+        self.store.locate(slot).is_some_and(|loc| self.reachable(loc.lender))
+    }
+
+    fn place(&mut self, current: Option<Slot>) -> Option<Slot> {
+        if let Some(slot) = current {
+            if self.readable(slot) {
+                return Some(slot);
+            }
+            crate::store::PageStore::free(&*self.store, slot);
+        }
+        let endpoints = &self.endpoints;
+        self.store.alloc_slot(|lender| endpoints.get(lender).is_some_and(Option::is_some))
+    }
+}

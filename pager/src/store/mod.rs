@@ -1,0 +1,148 @@
+//! The remote page store: the one seam that owns *where a page lives and how it travels*.
+//!
+//! The fault path and the evictor never see an endpoint, a work request or a lender's address
+//! arithmetic: they hand the store batches of pages, each named by a [`Slot`] and a place in a
+//! local buffer, and get one outcome per page. Everything below is the store's business:
+//! connections, request ids, batching per lender (everything is posted before anything is waited
+//! for), deadlines, and the failure policy (what a timeout or a refused request means for the
+//! lender).
+//!
+//! A store is shared by the pager's threads ([`PageStore`]); each thread doing I/O opens its own
+//! [`PageIo`] (its connections and request ids), so the data path takes no lock.
+//!
+//! Implementations:
+//! - [`LenderStore`]: one copy of each page on `memory-server` lenders (round-robin over live
+//!   ones), over the shim or verbs provider. The store of wave 1.
+//! - [`MemoryStore`]: pages in this process's memory, with injectable failures; for unit tests
+//!   of the fault and eviction logic and for measuring the pager without a network.
+//!
+//! Replicated, erasure-coded, sealing and tiered stores are further implementations (or layers
+//! that wrap another store) of the same two traits: a slot then names a group of places, `place`
+//! picks the group, and `read_pages` may decode from the first copies to arrive.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdma::LocalRegion;
+
+use crate::PagerError;
+
+mod lenders;
+mod memory;
+
+pub use lenders::{LenderStore, LenderStoreOptions};
+pub use memory::{MemoryStore, MemoryStoreFaults};
+
+/// The name of the place that holds one page's remote copy, handed out by a store. Its meaning
+/// is private to the store (the page table keeps the 32 bits and gives them back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Slot(u32);
+
+impl Slot {
+    /// Wraps the raw bits kept in the page table.
+    pub fn from_raw(raw: u32) -> Self {
+        Self(raw)
+    }
+
+    /// The raw bits, for the page table.
+    pub fn raw(self) -> u32 {
+        self.0
+    }
+}
+
+/// One page to move between a slot and a local buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageTransfer {
+    /// Where the page lives (read) or goes (write).
+    pub slot: Slot,
+    /// Byte offset of the page in the local buffer (a multiple of the page size).
+    pub offset: usize,
+}
+
+/// Why one page could not be read or written. The store has already applied its failure policy
+/// (for a lender store: the lender is marked failed and its connection dropped).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransferError {
+    /// The slot names no place (a bug, or a slot of another store).
+    #[error("the page table names no remote slot")]
+    NoSuchSlot,
+    /// The lender holding the slot is marked failed.
+    #[error("the lender is marked failed")]
+    LenderDown,
+    /// No completion within the deadline.
+    #[error("no reply within {0:?}")]
+    Timeout(Duration),
+    /// The connection was lost before the request completed.
+    #[error("connection lost: {0}")]
+    ConnectionLost(String),
+    /// The lender refused the request (bad key or bounds: its copy is gone).
+    #[error("the lender refused the request ({0}): its copy is gone")]
+    Refused(String),
+    /// The request could not be built or posted locally.
+    #[error("{0}")]
+    Local(String),
+}
+
+/// A lender as the pager reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LenderInfo {
+    /// Its address.
+    pub addr: SocketAddr,
+    /// Slots it holds for this pager.
+    pub pages: u64,
+    /// False once it was marked failed.
+    pub alive: bool,
+}
+
+/// Where pages live: allocation of places, lender health and bookkeeping. Shared by all threads.
+pub trait PageStore: Send + Sync + fmt::Debug {
+    /// Opens the I/O context of one thread (its connections and request ids).
+    fn open_io(self: Arc<Self>) -> Result<Box<dyn PageIo>, PagerError>;
+
+    /// Gives a slot back: the page no longer has a remote copy there.
+    fn free(&self, slot: Slot);
+
+    /// The lender that holds `slot`, for log lines and failure reports.
+    fn lender_of(&self, slot: Slot) -> Option<SocketAddr>;
+
+    /// Periodic upkeep (lease heartbeats); a lender that lost our session is marked failed.
+    fn maintain(&self);
+
+    /// How often [`PageStore::maintain`] must run.
+    fn maintenance_period(&self) -> Duration;
+
+    /// Slots in use.
+    fn remote_pages(&self) -> u64;
+
+    /// Bytes of local bookkeeping (slab tables, free lists).
+    fn bookkeeping_bytes(&self) -> usize;
+
+    /// The lenders and what each holds.
+    fn lenders(&self) -> Vec<LenderInfo>;
+
+    /// Gives every remote allocation back (at shutdown).
+    fn release_all(&self);
+}
+
+/// One thread's I/O on a store: batched reads and writes, each page with its own outcome.
+pub trait PageIo: Send + fmt::Debug {
+    /// Reads every page into `buf` at its offset: all requests are posted before any is waited
+    /// for. `out` is cleared and gets one outcome per page, in order.
+    fn read_pages(&mut self, buf: &Arc<LocalRegion>, pages: &[PageTransfer], out: &mut Vec<Result<(), TransferError>>);
+
+    /// Writes every page from `buf` at its offset, as [`PageIo::read_pages`] reads. The bytes of
+    /// `buf` must not change until this returns.
+    fn write_pages(&mut self, buf: &Arc<LocalRegion>, pages: &[PageTransfer], out: &mut Vec<Result<(), TransferError>>);
+
+    /// Whether the copy in `slot` can still be read by this thread (its lender is alive and
+    /// reachable). A clean page whose copy is not readable must be written again before it is
+    /// dropped.
+    fn readable(&self, slot: Slot) -> bool;
+
+    /// Where to write a page whose copy is now in `current` (`None`: it has none): `current` if
+    /// it can still be written from this thread, else a new slot (`current` is then freed).
+    /// `None` when no lender can take the page (all full or down).
+    fn place(&mut self, current: Option<Slot>) -> Option<Slot>;
+}
