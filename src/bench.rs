@@ -151,11 +151,9 @@ pub fn worker(mode: Mode, size: usize, local: usize, passes: usize, random_reads
             (workload::run(words, &opts).map_err(|e| setup(&e))?, String::new())
         }
         Mode::Coalesce => {
-            let config = remote_mem_server::ServerConfig {
-                capacity: (size as u64 * 2).max(256 << 20),
-                ..remote_mem_server::ServerConfig::loopback()
-            };
-            let server = remote_mem_server::start(config).map_err(|e| setup(&e))?;
+            let config =
+                lender::ServerConfig { capacity: (size as u64 * 2).max(256 << 20), ..lender::ServerConfig::loopback() };
+            let server = lender::start(config).map_err(|e| setup(&e))?;
             let pager = Pager::new(PagerConfig::new(vec![server.addr()], local)).map_err(|e| setup(&e))?;
             let mut region = pager.map(size, RegionOptions::default()).map_err(|e| setup(&e))?;
             let words: &mut [u64] = bytemuck::cast_slice_mut(region.as_mut_slice());

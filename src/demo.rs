@@ -46,7 +46,7 @@ pub struct DemoOptions {
 pub enum DemoError {
     /// The embedded server failed.
     #[error(transparent)]
-    Server(#[from] remote_mem_server::ServerError),
+    Server(#[from] lender::ServerError),
     /// The pager failed.
     #[error(transparent)]
     Pager(#[from] coalesce_pager::PagerError),
@@ -64,7 +64,7 @@ impl DemoError {
     pub fn is_provider_unavailable(&self) -> bool {
         let unavailable = |e: &rdma::TransportError| matches!(e, rdma::TransportError::ProviderUnavailable { .. });
         match self {
-            DemoError::Server(remote_mem_server::ServerError::Verbs(e)) => unavailable(e),
+            DemoError::Server(lender::ServerError::Verbs(e)) => unavailable(e),
             DemoError::Pager(coalesce_pager::PagerError::Transport { source, .. }) => unavailable(source),
             _ => false,
         }
@@ -111,13 +111,13 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
     }
     let embedded = if opts.servers.is_empty() {
         let capacity = (opts.size as u64 * 2).max(256 << 20);
-        let config = remote_mem_server::ServerConfig {
+        let config = lender::ServerConfig {
             capacity,
             provider: opts.provider,
             device: opts.device.clone(),
-            ..remote_mem_server::ServerConfig::loopback()
+            ..lender::ServerConfig::loopback()
         };
-        Some(remote_mem_server::start(config)?)
+        Some(lender::start(config)?)
     } else {
         None
     };

@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+use rdma::client::{ClientOptions, ControlClient};
 use rdma::{
     CompletionStatus, EndpointOptions, LinkProfile, LocalRegion, LocalSlice, Opcode, PollMode, Segment, WorkRequest,
 };
-use remote_mem_server::client::{ClientOptions, ControlClient};
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -65,10 +65,10 @@ impl std::fmt::Display for LatencyReport {
 pub enum LatencyError {
     /// The embedded server failed to start.
     #[error(transparent)]
-    Server(#[from] remote_mem_server::ServerError),
+    Server(#[from] lender::ServerError),
     /// The control session failed.
     #[error(transparent)]
-    Client(#[from] remote_mem_server::client::ClientError),
+    Client(#[from] rdma::client::ClientError),
     /// The data path failed.
     #[error(transparent)]
     Transport(#[from] rdma::TransportError),
@@ -85,13 +85,13 @@ pub enum LatencyError {
 pub fn run(opts: &LatencyOptions) -> Result<Vec<LatencyReport>, LatencyError> {
     let embedded = match opts.server {
         Some(_) => None,
-        None => Some(remote_mem_server::start(remote_mem_server::ServerConfig {
+        None => Some(lender::start(lender::ServerConfig {
             provider: opts.provider,
             device: opts.device.clone(),
-            ..remote_mem_server::ServerConfig::loopback()
+            ..lender::ServerConfig::loopback()
         })?),
     };
-    let addr = opts.server.or(embedded.as_ref().map(remote_mem_server::ServerHandle::addr)).unwrap_or_else(|| {
+    let addr = opts.server.or(embedded.as_ref().map(lender::ServerHandle::addr)).unwrap_or_else(|| {
         // Unreachable: one of the two is set above.
         SocketAddr::from(([127, 0, 0, 1], 7470))
     });

@@ -211,7 +211,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    remote_mem_server::init_logging("warn");
+    coalesce::init_logging("warn");
     match cli.command {
         Command::Run { servers, embedded_server, local, heap_size, provider, quiet, command } => {
             let opts = run::RunOptions {

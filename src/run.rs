@@ -53,7 +53,7 @@ pub enum RunError {
     NoProgram,
     /// The embedded server did not start.
     #[error(transparent)]
-    Server(#[from] remote_mem_server::ServerError),
+    Server(#[from] lender::ServerError),
     /// The program could not be started.
     #[error("cannot start {program}: {source}")]
     Spawn {
@@ -91,8 +91,8 @@ pub fn run(opts: &RunOptions) -> Result<RunOutcome, RunError> {
     let lib = library_path()?;
     let embedded = if opts.embedded_server {
         let capacity = opts.heap_size.max(1 << 30);
-        let config = remote_mem_server::ServerConfig { capacity, ..remote_mem_server::ServerConfig::loopback() };
-        Some(remote_mem_server::start(config)?)
+        let config = lender::ServerConfig { capacity, ..lender::ServerConfig::loopback() };
+        Some(lender::start(config)?)
     } else {
         None
     };

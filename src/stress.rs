@@ -59,7 +59,7 @@ pub struct StressOptions {
 pub enum StressError {
     /// The embedded server failed.
     #[error(transparent)]
-    Server(#[from] remote_mem_server::ServerError),
+    Server(#[from] lender::ServerError),
     /// The pager failed.
     #[error(transparent)]
     Pager(#[from] coalesce_pager::PagerError),
@@ -455,10 +455,7 @@ pub fn run(opts: &StressOptions) -> Result<Result<Vec<ConfigReport>, Box<Mismatc
     }
     let embedded = if opts.servers.is_empty() {
         let capacity = (opts.size as u64 * 2).max(256 << 20);
-        Some(remote_mem_server::start(remote_mem_server::ServerConfig {
-            capacity,
-            ..remote_mem_server::ServerConfig::loopback()
-        })?)
+        Some(lender::start(lender::ServerConfig { capacity, ..lender::ServerConfig::loopback() })?)
     } else {
         None
     };

@@ -8,9 +8,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{pattern, wait_ok, ServerProcess};
+use rdma::client::{ClientError, ClientOptions, ControlClient};
 use rdma::control::{ErrorCode, SessionOutcome};
 use rdma::{CompletionStatus, EndpointOptions, LocalRegion, LocalSlice, ProviderKind, Segment, WorkRequest};
-use remote_mem_server::client::{ClientError, ClientOptions, ControlClient};
 
 #[test]
 fn capacity_exhaustion_returns_the_typed_error_and_freeing_makes_room() {

@@ -159,7 +159,7 @@ fn pages_spread_over_two_servers() {
         assert!(*n as usize > pages / 3, "server {addr} holds only {n} of {pages} pages");
     }
     for server in [&a, &b] {
-        let mut c = remote_mem_server::client::ControlClient::connect(server.addr, &Default::default()).unwrap();
+        let mut c = rdma::client::ControlClient::connect(server.addr, &Default::default()).unwrap();
         let s = c.stats().unwrap();
         assert!(s.writes > 0 && s.reads > 0, "server {} saw no traffic: {s:?}", server.addr);
     }
@@ -199,7 +199,7 @@ fn discarded_pages_read_back_as_zeros_and_free_their_remote_copies() {
 
 /// Child side of the SIGBUS test: map, fill over two servers, say READY, wait, read everything.
 fn sigbus_child(servers: &str) -> ! {
-    remote_mem_server::init_logging("error");
+    coalesce::init_logging("error");
     let servers: Vec<_> = servers.split(',').map(|s| s.parse().unwrap()).collect();
     let mut config = PagerConfig::new(servers, 2 * MIB);
     config.fetch_timeout = Duration::from_secs(2);
@@ -483,7 +483,7 @@ fn pages_shared_with_a_forked_child_are_still_evicted_and_the_child_keeps_its_vi
 /// Child side of the invariant test: writes pages, makes the evictor drop them as if clean (an
 /// injected bug), then reads one back.
 fn dropped_dirty_child(server: &str) -> ! {
-    remote_mem_server::init_logging("error");
+    coalesce::init_logging("error");
     let pager = pager(vec![server.parse().unwrap()], 2 * MIB, 2);
     let region = pager.map(4 * MIB, RegionOptions { prefetch: Some(false), ..RegionOptions::default() }).unwrap();
     let base = region.as_ptr() as usize;

@@ -14,11 +14,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{pattern, wait_ok, wait_one, ServerProcess};
+use rdma::client::{ClientOptions, ControlClient};
 use rdma::{
     CompletionStatus, EndpointOptions, LinkProfile, LocalRegion, LocalSlice, PollMode, ProviderKind, Segment,
     WorkRequest,
 };
-use remote_mem_server::client::{ClientOptions, ControlClient};
 
 const PAGE: usize = 4096;
 

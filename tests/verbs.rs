@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use coalesce_pager::{Pager, PagerConfig, RegionOptions, PAGE_SIZE};
 use common::{pattern, wait_ok, wait_one, ServerProcess};
+use rdma::client::{ClientOptions, ControlClient};
 use rdma::{CompletionStatus, EndpointOptions, LocalRegion, LocalSlice, PollMode, ProviderKind, Segment, WorkRequest};
-use remote_mem_server::client::{ClientOptions, ControlClient};
 
 /// The device to test on, or `None` (after saying why) when there is none and none is required.
 fn device() -> Option<String> {

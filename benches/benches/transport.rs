@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use coalesce_benches::{server, Tails};
 use criterion::{criterion_group, criterion_main, Criterion};
+use rdma::client::{ClientOptions, ControlClient};
 use rdma::{EndpointOptions, LocalRegion, LocalSlice, Opcode, PollMode, ProviderKind, Segment, WorkRequest};
-use remote_mem_server::client::{ClientOptions, ControlClient};
 
 fn transport(c: &mut Criterion) {
     let tails = Tails::default();

@@ -48,7 +48,7 @@ impl Tails {
 }
 
 /// Starts a memory-server in this process on 127.0.0.1 with `capacity` bytes.
-pub fn server(capacity: u64) -> remote_mem_server::ServerHandle {
-    let config = remote_mem_server::ServerConfig { capacity, ..remote_mem_server::ServerConfig::loopback() };
-    remote_mem_server::start(config).unwrap_or_else(|e| panic!("cannot start the embedded memory-server: {e}"))
+pub fn server(capacity: u64) -> lender::ServerHandle {
+    let config = lender::ServerConfig { capacity, ..lender::ServerConfig::loopback() };
+    lender::start(config).unwrap_or_else(|e| panic!("cannot start the embedded memory-server: {e}"))
 }

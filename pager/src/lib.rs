@@ -42,7 +42,7 @@
 //! use coalesce_pager::{Pager, PagerConfig, RegionOptions};
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! // A lender on 127.0.0.1 (normally a `memory-server` on a neighbouring host).
-//! let server = remote_mem_server::start(remote_mem_server::ServerConfig::loopback())?;
+//! let server = lender::start(lender::ServerConfig::loopback())?;
 //! // 64 MiB of region on 4 MiB of local memory.
 //! let pager = Pager::new(PagerConfig::new(vec![server.addr()], 4 << 20))?;
 //! let mut region = pager.map(64 << 20, RegionOptions::default())?;
@@ -99,7 +99,7 @@ pub enum PagerError {
         /// The server.
         addr: SocketAddr,
         /// Cause.
-        source: remote_mem_server::client::ClientError,
+        source: rdma::client::ClientError,
     },
     /// A data endpoint could not be opened.
     #[error("data connection to memory-server {addr}: {source}")]

@@ -122,7 +122,7 @@ pub extern "C" fn init() {
     };
     heap::mark_internal_thread();
     resolve_glibc_usable_size();
-    remote_mem_server::init_logging(&settings.log);
+    init_logging(&settings.log);
     let mut config = PagerConfig::new(settings.servers.clone(), settings.local);
     config.provider = settings.provider;
     config.device = settings.device.clone();
@@ -280,4 +280,11 @@ pub unsafe extern "C" fn fork() -> libc::pid_t {
         pager.hold_resident(false);
     }
     pid
+}
+
+/// Logs to stderr through `tracing`, filtered by `RUST_LOG` if set, else by `default` (`COALESCE_LOG`).
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }

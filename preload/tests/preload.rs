@@ -31,9 +31,9 @@ fn probe() -> &'static str {
     env!("CARGO_BIN_EXE_coalesce-preload-probe")
 }
 
-fn server() -> remote_mem_server::ServerHandle {
-    let config = remote_mem_server::ServerConfig { capacity: 8 << 30, ..remote_mem_server::ServerConfig::loopback() };
-    remote_mem_server::start(config).unwrap()
+fn server() -> lender::ServerHandle {
+    let config = lender::ServerConfig { capacity: 8 << 30, ..lender::ServerConfig::loopback() };
+    lender::start(config).unwrap()
 }
 
 struct Outcome {
@@ -53,7 +53,7 @@ fn cmd(program: &str, args: &[&str]) -> Command {
     c
 }
 
-fn run(mut cmd: Command, preload: Option<(&remote_mem_server::ServerHandle, u64)>, stdin: &[u8]) -> Outcome {
+fn run(mut cmd: Command, preload: Option<(&lender::ServerHandle, u64)>, stdin: &[u8]) -> Outcome {
     let stats_file =
         std::env::temp_dir().join(format!("coalesce-test-stats-{}-{}", std::process::id(), fastrand::u64(..)));
     if let Some((server, budget)) = preload {

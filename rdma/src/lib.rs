@@ -1,4 +1,9 @@
-//! # Coalesce transport: a verbs-shaped, one-sided API
+//! # Coalesce transport: a verbs-shaped, one-sided API, and the control protocol
+//!
+//! The control protocol between a borrower and a lender (its messages in [`control`], framing in
+//! [`frame`], the client in [`client`]: hello, slabs, heartbeats, and opening a data endpoint of
+//! either provider in one call) lives here beside the data path, so that the pager depends on
+//! this crate and not on the lender's.
 //!
 //! One API for every provider, shaped like RDMA verbs: register local memory ([`LocalRegion`]),
 //! connect an [`Endpoint`] (a reliable-connected queue pair with its completion queue), post
@@ -89,6 +94,7 @@ use std::net::SocketAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
+pub mod client;
 pub mod control;
 pub mod frame;
 pub mod link;

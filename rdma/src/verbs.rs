@@ -119,6 +119,21 @@ impl VerbsDevice {
         Ok(Arc::new(Self { gid: entry.gid(), gid_index, mtu: port.active_mtu(), name: names[index].clone(), ctx }))
     }
 
+    /// The device `name` (or the first one), opened once per process: every connection made
+    /// while any user holds it shares one device context.
+    pub fn shared(name: Option<&str>) -> Result<Arc<Self>, TransportError> {
+        type Opened = Vec<(Option<String>, std::sync::Weak<VerbsDevice>)>;
+        static OPENED: std::sync::Mutex<Opened> = std::sync::Mutex::new(Vec::new());
+        let mut opened = OPENED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        opened.retain(|(_, device)| device.strong_count() > 0);
+        if let Some(device) = opened.iter().find(|(n, _)| n.as_deref() == name).and_then(|(_, d)| d.upgrade()) {
+            return Ok(device);
+        }
+        let device = Self::open(name)?;
+        opened.push((name.map(str::to_owned), Arc::downgrade(&device)));
+        Ok(device)
+    }
+
     /// The device's name (e.g. `rxe0`, `mlx5_0`).
     pub fn name(&self) -> &str {
         &self.name

@@ -28,6 +28,11 @@ impl VerbsDevice {
         Err(not_built())
     }
 
+    /// Always fails: this build has no verbs provider.
+    pub fn shared(_name: Option<&str>) -> Result<Arc<Self>, TransportError> {
+        Err(not_built())
+    }
+
     /// The device's name.
     pub fn name(&self) -> &str {
         ""

@@ -1,5 +1,90 @@
-//! The `memory-server` daemon (its code lives in the `remote-mem-server` crate).
+//! The `memory-server` daemon: its command line, signal handling and logging set-up. The lender
+//! itself is the `coalesce-lender` library ([`lender::start`]).
 
-fn main() -> std::process::ExitCode {
-    remote_mem_server::run_cli()
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use clap::Parser;
+use lender::ServerConfig;
+use rdma::ProviderKind;
+
+/// The `memory-server` command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "memory-server",
+    version,
+    about = "Donate this machine's memory to Coalesce pagers over one-sided RDMA or the software NIC",
+    long_about = "Donate this machine's memory to Coalesce pagers.\n\n\
+        Clients say hello on the control protocol, receive slabs (address + rkey) and then read and \
+        write pages one-sided, without this daemon's application code in the data path. Slabs of a \
+        client whose heartbeats stop are reclaimed after the lease. Logs go to stderr (RUST_LOG=debug \
+        for more); the bound address is printed on stdout as `listening on ADDR`. SIGINT or SIGTERM \
+        stops the server cleanly."
+)]
+struct Cli {
+    /// Address to listen on for control and data connections (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:7470")]
+    listen: SocketAddr,
+    /// Memory to donate in all, e.g. 4GiB or 512MiB. Reserved lazily, slab by slab.
+    #[arg(long, default_value = "4GiB")]
+    capacity: ByteSize,
+    /// Size of each slab handed to clients (a multiple of 4KiB), e.g. 64MiB.
+    #[arg(long, default_value = "64MiB")]
+    slab_size: ByteSize,
+    /// Reclaim the slabs of a client whose heartbeats stop for this long, e.g. 30s or 500ms.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    lease: Duration,
+    /// Data-path provider to offer: shim (software NIC over TCP) or verbs.
+    #[arg(long, default_value = "shim")]
+    provider: ProviderKind,
+    /// Most connections (control and data) open at once.
+    #[arg(long, default_value_t = 4096)]
+    max_connections: usize,
+    /// RDMA device for --provider verbs, e.g. rxe0 or mlx5_0 (default: the first device).
+    #[arg(long)]
+    device: Option<String>,
+}
+
+impl Cli {
+    /// The configuration these flags describe.
+    fn config(&self) -> ServerConfig {
+        ServerConfig {
+            listen: self.listen,
+            capacity: self.capacity.as_u64(),
+            slab_size: self.slab_size.as_u64(),
+            lease: self.lease,
+            provider: self.provider,
+            max_connections: self.max_connections,
+            device: self.device.clone(),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    coalesce::init_logging("info");
+    let mut signals =
+        match signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM]) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("memory-server: cannot install signal handlers: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+    let handle = match lender::start(cli.config()) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("memory-server: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("listening on {}", handle.addr());
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    if let Some(sig) = signals.forever().next() {
+        tracing::info!(signal = sig, "shutting down");
+    }
+    handle.shutdown();
+    ExitCode::SUCCESS
 }

@@ -18,8 +18,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
 
+use rdma::client::{ClientError, ClientOptions, ControlClient};
 use rdma::{EndpointOptions, ProviderKind};
-use remote_mem_server::client::{ClientError, ClientOptions, ControlClient};
 
 use super::{LenderInfo, PageIo, PageStore, Slot};
 use crate::{PagerError, PAGE_SIZE};

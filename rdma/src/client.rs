@@ -5,11 +5,11 @@ use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use rdma::control::{
+use crate::control::{
     self, ControlRequest, ControlResponse, ErrorCode, QpAddress, ServerStats, SessionOutcome, SlabGrant,
 };
-use rdma::frame::{read_frame, FrameError, ReadFrameError};
-use rdma::{Endpoint, EndpointOptions, ProviderKind, TransportError};
+use crate::frame::{read_frame, FrameError, ReadFrameError};
+use crate::{Endpoint, EndpointOptions, ProviderKind, TransportError};
 
 /// Errors of the control client. Every variant names the server.
 #[derive(Debug, thiserror::Error)]
@@ -211,8 +211,10 @@ impl ControlClient {
         }
     }
 
-    /// Opens a data endpoint (one queue pair) bound to this session. For `verbs`, the queue pair
-    /// addresses are exchanged on this control connection (`VERBS_CONNECT`).
+    /// Opens a data endpoint (one queue pair) bound to this session, of either provider: the one
+    /// call that picks the provider for a connection. For `verbs`, the device is opened once per
+    /// process ([`crate::verbs::VerbsDevice::shared`]) and the queue pair addresses are exchanged
+    /// on this control connection (`VERBS_CONNECT`).
     pub fn connect_endpoint(
         &mut self,
         provider: ProviderKind,
@@ -223,7 +225,7 @@ impl ControlClient {
                 Endpoint::connect(provider, self.addr, self.session.session_id, self.session.secret, options)
             }
             ProviderKind::Verbs => {
-                let device = rdma::verbs::VerbsDevice::open(options.device.as_deref())?;
+                let device = crate::verbs::VerbsDevice::shared(options.device.as_deref())?;
                 let addr = self.addr;
                 Endpoint::connect_verbs(&device, addr, options, |local| self.verbs_connect(local))
             }

@@ -1,0 +1,117 @@
+//! # The lender: donate memory to Coalesce pagers
+//!
+//! The library behind the `memory-server` daemon (whose command line, signal handling and logging
+//! set-up live with its binary, `src/bin/memory-server.rs` of the `coalesce` package). The pool is
+//! reserved lazily: each slab is its own anonymous mapping (no swap reservation), made when a
+//! client asks for it and unmapped when it is freed or its lease runs out, so a new owner always
+//! starts from zeros and never sees another client's data. Clients speak the control protocol
+//! (tabled in the `rdma` crate docs, client in `rdma::client`) on the same port as the shim's data
+//! connections.
+//!
+//! - [`start`] runs a lender in this process (`memory-server`, and `coalesce demo|run|bench`'s
+//!   embedded lender);
+//! - [`ServerConfig`] says what it donates and how.
+//!
+//! ```no_run
+//! use rdma::client::{ClientOptions, ControlClient};
+//! use lender::ServerConfig;
+//! let server = lender::start(ServerConfig::loopback())?;
+//! let mut client = ControlClient::connect(server.addr(), &ClientOptions::default())?;
+//! let slab = client.alloc_slab()?;
+//! assert_eq!(slab.len, server.stats().slab_size);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use rdma::ProviderKind;
+
+mod server;
+pub mod sessions;
+
+pub use server::{start, ServerHandle};
+
+/// Errors that stop a server from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The listening address could not be bound.
+    #[error("cannot listen on {addr}: {source}; pick another --listen address or stop whatever holds the port")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// A thread could not be started.
+    #[error("cannot start a server thread: {source}")]
+    Thread {
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The configuration is inconsistent.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The verbs provider could not be set up.
+    #[error("cannot offer the verbs provider: {0}")]
+    Verbs(#[source] rdma::TransportError),
+}
+
+/// Server settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// Address to listen on for control and data connections.
+    pub listen: SocketAddr,
+    /// Bytes this server may hand out in all.
+    pub capacity: u64,
+    /// Size of each slab (a multiple of 4 KiB).
+    pub slab_size: u64,
+    /// A client whose heartbeats stop for this long loses its slabs.
+    pub lease: Duration,
+    /// Data-path provider offered.
+    pub provider: ProviderKind,
+    /// Most connections open at once.
+    pub max_connections: usize,
+    /// RDMA device for the verbs provider (`None`: the first one).
+    pub device: Option<String>,
+}
+
+impl ServerConfig {
+    /// Defaults on 127.0.0.1 with an OS-chosen port: 4 GiB in 64 MiB slabs, 30 s lease.
+    pub fn loopback() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            capacity: 4 << 30,
+            slab_size: 64 << 20,
+            lease: Duration::from_secs(30),
+            provider: ProviderKind::Shim,
+            max_connections: 4096,
+            device: None,
+        }
+    }
+
+    /// Checks the settings for consistency.
+    pub fn validate(&self) -> Result<(), ServerError> {
+        if self.slab_size < 4096 || !self.slab_size.is_multiple_of(4096) {
+            return Err(ServerError::Config(format!(
+                "--slab-size {} must be a positive multiple of 4 KiB",
+                ByteSize(self.slab_size)
+            )));
+        }
+        if usize::try_from(self.slab_size).is_err() {
+            return Err(ServerError::Config("--slab-size does not fit this machine's address space".into()));
+        }
+        if self.capacity < self.slab_size {
+            return Err(ServerError::Config(format!(
+                "--capacity {} is smaller than one slab ({}); raise --capacity or lower --slab-size",
+                ByteSize(self.capacity),
+                ByteSize(self.slab_size)
+            )));
+        }
+        if self.lease < Duration::from_millis(100) {
+            return Err(ServerError::Config("--lease must be at least 100ms".into()));
+        }
+        Ok(())
+    }
+}
