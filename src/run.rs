@@ -8,6 +8,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use coalesce_pager::ExitReport;
+
 use rdma::ProviderKind;
 
 /// What to run and how.
@@ -38,8 +40,8 @@ pub struct RunOutcome {
     pub elapsed: Duration,
     /// Peak resident memory of the program, in bytes.
     pub max_rss: u64,
-    /// The pager's statistics, as printed by the library.
-    pub stats: Option<String>,
+    /// The statistics the program's pager reported at exit.
+    pub stats: Option<ExitReport>,
 }
 
 /// Errors of `coalesce run`.
@@ -130,21 +132,27 @@ pub fn run(opts: &RunOptions) -> Result<RunOutcome, RunError> {
     // The child has been reaped by wait4; `Child` must not wait again.
     std::mem::forget(child);
     let elapsed = start.elapsed();
-    let stats = std::fs::read_to_string(&stats_file).ok();
+    let stats = read_report(&stats_file);
     let _ = std::fs::remove_file(&stats_file);
     // The program's own high-water mark, as the preload read it at exit, is exact; `ru_maxrss`
     // also counts this process's address space, which a spawned child shares until exec.
-    let max_rss = stats.as_deref().and_then(peak_rss_from_stats).unwrap_or(max_rss);
+    let max_rss = stats.as_ref().map(|s| s.peak_rss_bytes).filter(|&b| b > 0).unwrap_or(max_rss);
     if let Some(s) = embedded {
         s.shutdown();
     }
     Ok(RunOutcome { code, elapsed, max_rss, stats })
 }
 
-/// The `process peak RSS: N kB` line of the preload's statistics, in bytes.
-fn peak_rss_from_stats(stats: &str) -> Option<u64> {
-    let line = stats.lines().find(|l| l.starts_with("process peak RSS:"))?;
-    line.split_whitespace().nth(3)?.parse::<u64>().ok().map(|kib| kib * 1024)
+/// The exit report the preload wrote (JSON), if the program wrote one.
+fn read_report(path: &std::path::Path) -> Option<ExitReport> {
+    let text = std::fs::read_to_string(path).ok()?;
+    match serde_json::from_str(&text) {
+        Ok(report) => Some(report),
+        Err(e) => {
+            tracing::warn!(error = %e, "the program's statistics are unreadable");
+            None
+        }
+    }
 }
 
 /// Waits for `pid`; returns the status to forward and its peak RSS in bytes.

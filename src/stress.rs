@@ -17,8 +17,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use coalesce_pager::history::Record;
-use coalesce_pager::table::Entry;
-use coalesce_pager::{Pager, PagerConfig, PagerStats, RegionOptions, PAGE_SIZE};
+use coalesce_pager::{PageEntry as Entry, Pager, PagerConfig, PagerStats, RegionOptions, PAGE_SIZE};
 
 const WORDS_PER_PAGE: usize = PAGE_SIZE / 8;
 const LOCKED: u32 = 1 << 31;

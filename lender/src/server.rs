@@ -164,20 +164,50 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
                 continue;
             }
         };
-        if shared.connections.load(Ordering::Acquire) >= shared.config.max_connections {
+        let Some(slot) = ConnectionSlot::take(shared) else {
             tracing::warn!(%peer, limit = shared.config.max_connections, "refusing connection: too many open connections");
             continue;
-        }
-        shared.connections.fetch_add(1, Ordering::AcqRel);
-        let s = Arc::clone(shared);
+        };
+        // The slot is released when the thread ends, however it ends (a panic unwinds through
+        // it), or here if the thread cannot start (the closure owning it is dropped).
         let spawned = std::thread::Builder::new().name(format!("conn-{peer}")).spawn(move || {
-            serve(stream, peer, &s);
-            s.connections.fetch_sub(1, Ordering::AcqRel);
+            serve(stream, peer, &slot.shared);
+            drop(slot);
         });
         if let Err(e) = spawned {
-            shared.connections.fetch_sub(1, Ordering::AcqRel);
             tracing::error!(%peer, error = %e, "cannot spawn a connection thread");
         }
+    }
+}
+
+/// One of the `--max-connections` connection slots, held by a connection's thread. Failure
+/// policy of the lender: a panic on a connection thread (a bug: nothing a peer sends may cause
+/// one) ends that connection only; the slot is released as the panic unwinds, the panic message
+/// goes to stderr, and the lender goes on serving everyone else.
+struct ConnectionSlot {
+    shared: Arc<Shared>,
+}
+
+impl ConnectionSlot {
+    /// Takes a slot, or `None` when all are in use.
+    fn take(shared: &Arc<Shared>) -> Option<Self> {
+        let limit = shared.config.max_connections;
+        let mut cur = shared.connections.load(Ordering::Acquire);
+        loop {
+            if cur >= limit {
+                return None;
+            }
+            match shared.connections.compare_exchange(cur, cur + 1, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Some(Self { shared: Arc::clone(shared) }),
+                Err(now) => cur = now,
+            }
+        }
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.shared.connections.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -31,7 +31,7 @@ use crate::stats::Counters;
 use crate::store::{PageIo, PageTransfer, Slot, TransferError};
 use crate::table::{self, BUSY, DIRTY, HAS_SLOT, POISONED, PREFETCHED, REFERENCED, REMOTE_VALID, RESIDENT, WRITTEN};
 use crate::uffd::Uffd;
-use crate::{lock, PagerError, Shared, PAGE_SIZE};
+use crate::{PagerError, Shared, PAGE_SIZE};
 
 mod cow {
     //! The one store the evictor makes into application pages.
@@ -103,46 +103,33 @@ impl Evictor {
     pub(crate) fn run(mut self) {
         let shared = Arc::clone(&self.shared);
         while !shared.shutdown.load(Ordering::Acquire) {
-            {
-                let mut kicked = lock(&shared.evict_kick.0);
-                if !*kicked {
-                    kicked = shared
-                        .evict_kick
-                        .1
-                        .wait_timeout(kicked, Duration::from_millis(20))
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .0;
-                }
-                *kicked = false;
-            }
-            if shared.hold.load(Ordering::Acquire) {
+            shared.queue.wait_for_kick(Duration::from_millis(20));
+            if shared.budget.is_held() {
                 continue;
             }
-            if !lock(&shared.forced).is_empty() {
+            if shared.queue.has_forced() {
                 self.evict_batch(BATCH);
-                shared.space.1.notify_all();
+                shared.budget.room_made();
             }
-            let headroom = shared.headroom();
-            let high = shared.budget - headroom;
-            let low = shared.budget.saturating_sub(2 * headroom);
-            if shared.resident.load(Ordering::Acquire) <= high {
+            let (high, low) = (shared.budget.high_water(), shared.budget.low_water());
+            if shared.budget.resident() <= high {
                 continue;
             }
             let mut idle_rounds = 0;
-            while !shared.shutdown.load(Ordering::Acquire) && !shared.hold.load(Ordering::Acquire) {
-                let resident = shared.resident.load(Ordering::Acquire);
+            while !shared.shutdown.load(Ordering::Acquire) && !shared.budget.is_held() {
+                let resident = shared.budget.resident();
                 if resident <= low {
                     break;
                 }
                 let (evicted, no_room) = self.evict_batch((resident - low).min(BATCH));
-                shared.space.1.notify_all();
+                shared.budget.room_made();
                 if evicted > 0 {
-                    shared.evictor_stuck.store(false, Ordering::Release);
+                    shared.budget.set_stuck(false);
                     idle_rounds = 0;
                     continue;
                 }
                 if no_room {
-                    if !shared.evictor_stuck.swap(true, Ordering::AcqRel) {
+                    if !shared.budget.set_stuck(true) {
                         tracing::warn!(
                             "cannot evict: no memory-server can take more pages (all full or down), or pages \
                              stay busy (pinned, or shared and not unsharable); keeping them local beyond the budget"
@@ -163,18 +150,13 @@ impl Evictor {
     /// Picks up to `want` victims with CLOCK and locks them.
     fn select(&self, want: usize) -> Vec<Victim> {
         let shared = &self.shared;
-        let mut ring = lock(&shared.clock);
+        let mut ring = shared.queue.ring();
         let limit = ring.len() * 2 + 1;
         let mut active: HashMap<u32, Arc<ActiveRegion>> = HashMap::new();
         let mut victims = Vec::new();
         // Pages the application asked to evict come first, whatever their reference bit.
-        let forced: Vec<(u32, u32)> = {
-            let mut f = lock(&shared.forced);
-            let n = f.len().min(want);
-            f.drain(..n).collect()
-        };
-        for (rid, page32) in forced {
-            let Some(region) = shared.region(rid).and_then(|r| r.enter()) else { continue };
+        for (rid, page32) in shared.queue.take_forced(want) {
+            let Some(region) = shared.regions.get(rid).and_then(|r| r.enter()) else { continue };
             let page = usize::try_from(page32).unwrap_or(usize::MAX);
             if page < region.table.len() {
                 if let Some(entry) = region.table.try_lock(page, |e| e & RESIDENT != 0) {
@@ -188,7 +170,7 @@ impl Evictor {
             scanned += 1;
             let region = match active.get(&rid) {
                 Some(r) => Arc::clone(r),
-                None => match shared.region(rid).and_then(|r| r.enter()) {
+                None => match shared.regions.get(rid).and_then(|r| r.enter()) {
                     Some(r) => {
                         let r = Arc::new(r);
                         active.insert(rid, Arc::clone(&r));
@@ -457,7 +439,7 @@ impl Evictor {
         } else {
             tracing::debug!(error = %e, page = v.page, "cannot move a page out; keeping it");
             v.region.table.unlock(v.page, v.entry | REFERENCED, Transition::Kept);
-            self.shared.push_clock(v.region.id, v.page);
+            self.shared.queue.push(v.region.id, v.page);
         }
     }
 
@@ -528,7 +510,7 @@ impl Evictor {
             e &= !(HAS_SLOT | REMOTE_VALID);
         }
         v.region.table.unlock(v.page, e, Transition::PutBack);
-        self.shared.push_clock(v.region.id, v.page);
+        self.shared.queue.push(v.region.id, v.page);
         Counters::add(&self.shared.stats.writeback_failures, 1);
     }
 }

@@ -343,7 +343,7 @@ impl Handler {
                         e | RESIDENT | REFERENCED | if write { DIRTY | WRITTEN } else { 0 },
                         Transition::ZeroFilled,
                     );
-                    self.shared.push_clock(region.id, p);
+                    self.shared.queue.push(region.id, p);
                     n += 1;
                 }
                 Install::NotDone => t.unlock(p, e, Transition::NotInstalled),
@@ -596,7 +596,7 @@ impl Handler {
                     e |= PREFETCHED;
                 }
                 t.unlock(f.page, e, if i == 0 { Transition::Fetched } else { Transition::Prefetched });
-                self.shared.push_clock(region.id, f.page);
+                self.shared.queue.push(region.id, f.page);
                 installed += 1;
             } else {
                 t.unlock(f.page, f.entry, Transition::NotInstalled);

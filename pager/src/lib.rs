@@ -58,31 +58,38 @@
 //! # Ok(()) }
 //! ```
 
-use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use rdma::{EndpointOptions, LinkProfile, ProviderKind};
 
+mod budget;
 mod evict;
 mod fault;
 pub mod history;
-#[cfg(test)]
+#[cfg(all(test, coalesce_loom))]
+mod loom_models;
+#[cfg(all(test, not(coalesce_loom)))]
 mod model;
-#[cfg(test)]
+#[cfg(all(test, not(coalesce_loom)))]
 mod paging_tests;
-pub mod prefetch;
+mod prefetch;
+mod queue;
 mod region;
-pub mod stats;
+mod registry;
+mod stats;
 pub mod store;
-pub mod table;
-pub mod uffd;
+mod sync;
+mod table;
+mod uffd;
 
 pub use region::{FailureHandler, FetchFailure, Region, RegionOptions, RemoteVec};
-pub use stats::PagerStats;
+pub use stats::{ExitReport, PagerStats};
+pub use table::Entry as PageEntry;
+pub use uffd::OpenError as UserfaultfdError;
 
 /// The page size the pager works in.
 pub const PAGE_SIZE: usize = 4096;
@@ -92,7 +99,7 @@ pub const PAGE_SIZE: usize = 4096;
 pub enum PagerError {
     /// userfaultfd is not usable.
     #[error(transparent)]
-    Userfaultfd(#[from] uffd::OpenError),
+    Userfaultfd(#[from] UserfaultfdError),
     /// A memory server could not be reached or refused the session.
     #[error("memory-server {addr}: {source}")]
     Server {
@@ -212,25 +219,22 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// State shared by the pager's threads.
+/// State shared by the pager's threads: the owners below, each with its own invariants, plus
+/// the userfaultfd, the store and the remove-event bookkeeping.
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) config: PagerConfig,
     pub(crate) uffd: uffd::Uffd,
-    pub(crate) regions: RwLock<Vec<Option<Arc<region::RegionState>>>>,
+    /// Where remote pages live.
     pub(crate) store: Arc<dyn store::PageStore>,
-    pub(crate) resident: AtomicUsize,
-    pub(crate) budget: usize,
-    pub(crate) clock: Mutex<VecDeque<(u32, u32)>>,
-    pub(crate) forced: Mutex<Vec<(u32, u32)>>,
+    /// Resident pages against the local budget.
+    pub(crate) budget: budget::Budget,
+    /// The live regions.
+    pub(crate) regions: registry::Registry,
+    /// The evictor's CLOCK ring, forced evictions and wake-up.
+    pub(crate) queue: queue::EvictQueue,
     pub(crate) stats: stats::Counters,
     pub(crate) shutdown: AtomicBool,
-    pub(crate) evictor_stuck: AtomicBool,
-    pub(crate) hold: AtomicBool,
-    pub(crate) evict_kick: (Mutex<bool>, Condvar),
-    pub(crate) space: (Mutex<()>, Condvar),
-    pub(crate) next_region: AtomicU32,
-    pub(crate) table_bytes: AtomicU64,
     pub(crate) history: Option<Arc<history::History>>,
     /// One epoch per fault-handling thread, odd while it is between reading userfaultfd messages
     /// and marking the pages of the remove events among them (see `Shared::wait_for_readers`).
@@ -245,69 +249,46 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// Headroom the evictor keeps free below the budget, in pages: room for every handler
-    /// thread's largest install (faulting page plus prefetch window) without waiting.
-    pub(crate) fn headroom(&self) -> usize {
-        let installs = (1 + self.prefetch_window()) * self.config.fault_threads;
-        (self.budget / 32).max(installs).clamp(4, 4096).min(self.budget / 4)
-    }
-
     /// The prefetch window in use: the configured one, at most an eighth of the budget.
     pub(crate) fn prefetch_window(&self) -> usize {
-        self.config.prefetch_window.min(self.budget / 8).max(1)
+        self.config.prefetch_window.min(self.budget.limit() / 8).max(1)
     }
 
     /// Finds the region and page index of an address.
     pub(crate) fn lookup(&self, addr: usize) -> Option<(Arc<region::RegionState>, usize)> {
-        let regions = self.regions.read().unwrap_or_else(PoisonError::into_inner);
-        regions.iter().flatten().find(|r| r.contains(addr)).map(|r| (Arc::clone(r), (addr - r.base) / PAGE_SIZE))
-    }
-
-    pub(crate) fn region(&self, id: u32) -> Option<Arc<region::RegionState>> {
-        let regions = self.regions.read().unwrap_or_else(PoisonError::into_inner);
-        regions.get(usize::try_from(id).ok()?).and_then(Clone::clone)
+        self.regions.lookup(addr)
     }
 
     /// Tries to reserve room for `n` more resident pages; on failure kicks the evictor and waits
     /// up to a millisecond for room. Once the caller has been waiting (`waited`) for 2 s, or when
     /// the evictor is stuck (no server can take a dirty page), reserves anyway and counts an
-    /// over-budget event.
+    /// over-budget event. While the budget is held (around `fork`), reserves without counting.
     pub(crate) fn try_reserve(&self, n: usize, waited: Duration) -> bool {
-        loop {
-            let cur = self.resident.load(Ordering::Acquire);
-            if cur + n > self.budget {
-                break;
-            }
-            if self.resident.compare_exchange(cur, cur + n, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-                self.after_reserve(cur + n);
-                return true;
-            }
+        if self.budget.take(n) {
+            self.kick_if_low();
+            return true;
         }
-        if self.hold.load(Ordering::Acquire) {
-            let now = self.resident.fetch_add(n, Ordering::AcqRel) + n;
-            self.stats.peak_resident.fetch_max(now as u64, Ordering::Relaxed);
+        if self.budget.is_held() {
+            self.budget.take_anyway(n, false);
             return true;
         }
         let too_long = waited > Duration::from_secs(2);
-        if self.evictor_stuck.load(Ordering::Acquire) || self.shutdown.load(Ordering::Acquire) || too_long {
-            let now = self.resident.fetch_add(n, Ordering::AcqRel) + n;
-            stats::Counters::add(&self.stats.overshoot, 1);
+        if self.budget.is_stuck() || self.shutdown.load(Ordering::Acquire) || too_long {
+            self.budget.take_anyway(n, true);
             if too_long {
                 tracing::warn!("the evictor made no room for 2 s; exceeding the local budget");
             }
-            self.after_reserve(now);
+            self.kick_if_low();
             return true;
         }
-        self.kick_evictor();
-        let guard = lock(&self.space.0);
-        let _ = self.space.1.wait_timeout(guard, Duration::from_millis(1));
+        self.queue.kick();
+        self.budget.wait_for_room(Duration::from_millis(1));
         false
     }
 
-    fn after_reserve(&self, now: usize) {
-        self.stats.peak_resident.fetch_max(now as u64, Ordering::Relaxed);
-        if now + self.headroom() > self.budget {
-            self.kick_evictor();
+    fn kick_if_low(&self) {
+        if self.budget.low_on_room() {
+            self.queue.kick();
         }
     }
 
@@ -330,31 +311,19 @@ impl Shared {
         }
     }
 
-    /// Gives back reserved room that was not used.
+    /// Gives back reserved room that was not used (or pages that left).
     pub(crate) fn unreserve(&self, n: usize) {
-        self.resident.fetch_sub(n, Ordering::AcqRel);
-        self.space.1.notify_all();
-    }
-
-    pub(crate) fn kick_evictor(&self) {
-        let mut k = lock(&self.evict_kick.0);
-        if !*k {
-            *k = true;
-            self.evict_kick.1.notify_one();
-        }
-    }
-
-    /// Adds a page to the CLOCK ring.
-    pub(crate) fn push_clock(&self, region: u32, page: usize) {
-        lock(&self.clock).push_back((region, u32::try_from(page).unwrap_or(u32::MAX)));
+        self.budget.give_back(n);
     }
 
     pub(crate) fn snapshot(&self) -> PagerStats {
         let mut s = self.stats.snapshot();
-        s.resident_pages = self.resident.load(Ordering::Relaxed) as u64;
-        s.budget_pages = self.budget as u64;
+        s.resident_pages = self.budget.resident() as u64;
+        s.peak_resident_pages = self.budget.peak();
+        s.overshoot_events = self.budget.overshoots();
+        s.budget_pages = self.budget.limit() as u64;
         s.remote_pages = self.store.remote_pages();
-        s.metadata_bytes = self.table_bytes.load(Ordering::Relaxed) + self.store.bookkeeping_bytes() as u64;
+        s.metadata_bytes = self.regions.table_bytes() + self.store.bookkeeping_bytes() as u64;
         s
     }
 }
@@ -399,23 +368,17 @@ impl Pager {
     }
 
     fn start(config: PagerConfig, store: Arc<dyn store::PageStore>, uffd: uffd::Uffd) -> Result<Self, PagerError> {
-        let budget = config.local_budget / PAGE_SIZE;
+        let limit = config.local_budget / PAGE_SIZE;
+        let window = config.prefetch_window.min(limit / 8).max(1);
+        let budget = budget::Budget::new(limit, budget::Budget::headroom_for(limit, 1 + window, config.fault_threads));
         let shared = Arc::new(Shared {
             uffd,
-            regions: RwLock::new(Vec::new()),
             store,
-            resident: AtomicUsize::new(0),
             budget,
-            clock: Mutex::new(VecDeque::new()),
-            forced: Mutex::new(Vec::new()),
+            regions: registry::Registry::default(),
+            queue: queue::EvictQueue::default(),
             stats: stats::Counters::default(),
             shutdown: AtomicBool::new(false),
-            evictor_stuck: AtomicBool::new(false),
-            hold: AtomicBool::new(false),
-            evict_kick: (Mutex::new(false), Condvar::new()),
-            space: (Mutex::new(()), Condvar::new()),
-            next_region: AtomicU32::new(0),
-            table_bytes: AtomicU64::new(0),
             readers: (0..config.fault_threads).map(|_| AtomicU64::new(0)).collect(),
             install_gate: RwLock::new(()),
             inject_drop_dirty: AtomicBool::new(false),
@@ -442,15 +405,23 @@ impl Pager {
         Ok(pager)
     }
 
+    /// Starts a pager thread. Failure policy: a panic on a pager thread aborts the process. A
+    /// process whose fault handler or evictor died would hang on its next fault (or grow past
+    /// its budget) with nothing said; aborting makes the bug loud at once (the panic message and
+    /// a log line name the thread).
     fn spawn(&mut self, name: String, f: impl FnOnce() + Send + 'static) -> Result<(), PagerError> {
         let hook = self.shared.config.thread_start;
+        let thread = name.clone();
         let t = std::thread::Builder::new()
             .name(name)
             .spawn(move || {
                 if let Some(hook) = hook {
                     hook();
                 }
-                f();
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err() {
+                    tracing::error!(thread, "a pager thread panicked (a bug in Coalesce); aborting the process");
+                    std::process::abort();
+                }
             })
             .map_err(PagerError::Thread)?;
         self.threads.push(t);
@@ -465,8 +436,8 @@ impl Pager {
     /// While `true`, nothing is evicted and faults may take the resident set past the budget
     /// (used around `fork`, which must see every page locally). `false` resumes normal eviction.
     pub fn hold_resident(&self, hold: bool) {
-        self.shared.hold.store(hold, Ordering::Release);
-        self.shared.kick_evictor();
+        self.shared.budget.set_held(hold);
+        self.shared.queue.kick();
     }
 
     /// Test hook, not for production: while `true`, the evictor drops dirty pages as if they
@@ -530,7 +501,7 @@ fn heartbeat_loop(shared: &Shared) {
 impl Drop for Pager {
     fn drop(&mut self) {
         self.shared.shutdown.store(true, Ordering::Release);
-        self.shared.kick_evictor();
+        self.shared.queue.kick();
         for t in self.threads.drain(..) {
             t.thread().unpark();
             let _ = t.join();

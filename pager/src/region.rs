@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use memmap2::{MmapMut, MmapOptions};
@@ -166,7 +166,7 @@ impl<'p> Region<'p> {
         let shared = pager.shared();
         shared.uffd.register(base, len, true).map_err(map_err)?;
         let pages = len / PAGE_SIZE;
-        let id = shared.next_region.fetch_add(1, Ordering::Relaxed);
+        let id = shared.regions.next_id();
         let state = Arc::new(RegionState {
             id,
             base,
@@ -180,15 +180,7 @@ impl<'p> Region<'p> {
             smoothed_fetch_ns: AtomicU64::new(0),
             failures: AtomicU64::new(0),
         });
-        shared.table_bytes.fetch_add(state.table.bytes() as u64, Ordering::Relaxed);
-        {
-            let mut regions = shared.regions.write().unwrap_or_else(PoisonError::into_inner);
-            let idx = usize::try_from(id).unwrap_or(usize::MAX);
-            if regions.len() <= idx {
-                regions.resize(idx + 1, None);
-            }
-            regions[idx] = Some(Arc::clone(&state));
-        }
+        shared.regions.insert(Arc::clone(&state));
         Ok(Self { pager, state, map })
     }
 
@@ -197,7 +189,7 @@ impl<'p> Region<'p> {
         self.map.as_ptr().cast_mut()
     }
 
-    #[cfg(test)]
+    #[cfg(all(test, not(coalesce_loom)))]
     pub(crate) fn state(&self) -> &RegionState {
         &self.state
     }
@@ -247,12 +239,7 @@ impl<'p> Region<'p> {
         let first = offset / PAGE_SIZE;
         let last = offset.saturating_add(len).div_ceil(PAGE_SIZE).min(self.state.table.len());
         let resident = |p: &usize| self.state.table.load(*p) & table::RESIDENT != 0;
-        let force = |pages: &[usize]| {
-            let mut forced = crate::lock(&shared.forced);
-            forced.extend(pages.iter().map(|&p| (self.state.id, u32::try_from(p).unwrap_or(u32::MAX))));
-            drop(forced);
-            shared.kick_evictor();
-        };
+        let force = |pages: &[usize]| shared.queue.force(self.state.id, pages);
         // A page still locked by a fault that installed it (the access returns before the entry
         // says resident) is waited for, so that it is not passed over.
         let mut pages: Vec<usize> =
@@ -332,8 +319,7 @@ impl Drop for Region<'_> {
             }
         }
         shared.unreserve(resident);
-        shared.regions.write().unwrap_or_else(PoisonError::into_inner)[usize::try_from(s.id).unwrap_or(0)] = None;
-        shared.table_bytes.fetch_sub(s.table.bytes() as u64, Ordering::Relaxed);
+        shared.regions.remove(s);
     }
 }
 

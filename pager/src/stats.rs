@@ -24,8 +24,6 @@ pub struct Counters {
     pub(crate) fetch_failures: AtomicU64,
     pub(crate) removed_pages: AtomicU64,
     pub(crate) remote_freed: AtomicU64,
-    pub(crate) peak_resident: AtomicU64,
-    pub(crate) overshoot: AtomicU64,
     pub(crate) writeback_failures: AtomicU64,
     pub(crate) unshared: AtomicU64,
     pub(crate) refills: AtomicU64,
@@ -55,8 +53,6 @@ impl Default for Counters {
             fetch_failures: AtomicU64::new(0),
             removed_pages: AtomicU64::new(0),
             remote_freed: AtomicU64::new(0),
-            peak_resident: AtomicU64::new(0),
-            overshoot: AtomicU64::new(0),
             writeback_failures: AtomicU64::new(0),
             unshared: AtomicU64::new(0),
             refills: AtomicU64::new(0),
@@ -97,8 +93,6 @@ impl Counters {
             fetch_failures: r(&self.fetch_failures),
             removed_pages: r(&self.removed_pages),
             remote_freed: r(&self.remote_freed),
-            peak_resident_pages: r(&self.peak_resident),
-            overshoot_events: r(&self.overshoot),
             writeback_failures: r(&self.writeback_failures),
             unshared_pages: r(&self.unshared),
             refilled_pages: r(&self.refills),
@@ -116,7 +110,10 @@ impl Counters {
 
 /// A snapshot of the pager's statistics. A fault is counted just after the faulting thread
 /// resumes (the install wakes it), so a snapshot taken right after an access may not count it yet.
-#[derive(Debug, Clone, Default, PartialEq)]
+///
+/// As data: `serde` (JSON through `serde_json`, as `COALESCE_STATS` files hold it); durations
+/// are `{"secs": u64, "nanos": u32}`. As text: `Display`.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PagerStats {
     /// First touches served with a zero page (no network).
     pub zero_faults: u64,
@@ -253,5 +250,24 @@ impl fmt::Display for PagerStats {
             "failures: {} pages could not be fetched; {} page-state violations (bugs, caught and poisoned); {} move miscounts",
             self.fetch_failures, self.state_violations, self.move_miscounts
         )
+    }
+}
+
+/// What a process that borrowed memory through the preload library reports when it exits
+/// (`COALESCE_STATS`): the pager's statistics and the process's peak resident set.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ExitReport {
+    /// The pager's statistics at exit.
+    pub pager: PagerStats,
+    /// The process's peak resident set (`VmHWM`) in bytes, 0 if unknown.
+    pub peak_rss_bytes: u64,
+}
+
+impl fmt::Display for ExitReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "coalesce pager statistics:\n{}", self.pager)?;
+        #[allow(clippy::cast_precision_loss)]
+        let mib = self.peak_rss_bytes as f64 / 1048576.0;
+        writeln!(f, "process peak RSS: {mib:.1} MiB (VmHWM)")
     }
 }

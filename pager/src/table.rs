@@ -24,11 +24,12 @@
 //! A page that is neither resident nor `REMOTE_VALID` reads as zeros, unless it is `WRITTEN`: then
 //! its content was lost by a bug, and the pager poisons it instead (see `fault::zero_fault`).
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::history::{History, Transition};
 use crate::store::Slot;
+pub(crate) use crate::sync::backoff;
+use crate::sync::{AtomicU64, Ordering};
 
 /// Mapped in the region.
 pub const RESIDENT: u64 = 1 << 32;
@@ -143,7 +144,11 @@ pub const BYTES_PER_PAGE: usize = std::mem::size_of::<AtomicU64>();
 /// entry in them changes, so a huge, mostly untouched region has a small resident table.
 #[derive(Debug)]
 pub struct PageTable {
+    #[cfg(not(coalesce_loom))]
     map: memmap2::MmapMut,
+    /// Under loom: the model's atomics, on the heap.
+    #[cfg(coalesce_loom)]
+    map: Box<[AtomicU64]>,
     len: usize,
     region: u32,
     history: Option<Arc<History>>,
@@ -151,16 +156,26 @@ pub struct PageTable {
 
 impl PageTable {
     /// A table of `pages` entries, all "zero, not resident".
+    #[cfg(test)]
     pub fn new(pages: usize) -> std::io::Result<Self> {
         Self::with_history(pages, 0, None)
     }
 
     /// A table of `pages` entries for region `region` whose transitions are recorded in `history`.
     pub fn with_history(pages: usize, region: u32, history: Option<Arc<History>>) -> std::io::Result<Self> {
+        #[cfg(not(coalesce_loom))]
         let map = memmap2::MmapOptions::new().len((pages * BYTES_PER_PAGE).max(1)).map_anon()?;
+        #[cfg(coalesce_loom)]
+        let map = (0..pages).map(|_| AtomicU64::new(0)).collect();
         Ok(Self { map, len: pages, region, history })
     }
 
+    #[cfg(coalesce_loom)]
+    fn entries(&self) -> &[AtomicU64] {
+        &self.map
+    }
+
+    #[cfg(not(coalesce_loom))]
     fn entries(&self) -> &[AtomicU64] {
         // SAFETY: the mapping is page aligned, holds `len` 8-byte slots, lives as long as `self`,
         // starts zeroed (a valid `AtomicU64` is any bit pattern) and is only accessed atomically.
@@ -170,11 +185,6 @@ impl PageTable {
     /// Number of pages.
     pub fn len(&self) -> usize {
         self.len
-    }
-
-    /// True for an empty table.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 
     /// Bytes used by the entries.
@@ -295,19 +305,7 @@ impl PageTable {
     }
 }
 
-/// Spin briefly, then yield, then sleep: waits for another thread's short transition.
-pub fn backoff(spins: &mut u32) {
-    *spins += 1;
-    if *spins < 64 {
-        std::hint::spin_loop();
-    } else if *spins < 256 {
-        std::thread::yield_now();
-    } else {
-        std::thread::sleep(std::time::Duration::from_micros(50));
-    }
-}
-
-#[cfg(test)]
+#[cfg(all(test, not(coalesce_loom)))]
 mod tests {
     use super::*;
 

@@ -241,11 +241,6 @@ impl Uffd {
         Ok(Self { available: api.features, ..uffd })
     }
 
-    /// Feature bits the kernel offers.
-    pub fn available(&self) -> u64 {
-        self.available
-    }
-
     fn missing(wanted: u64, available: u64) -> OpenError {
         let names = [
             (features::PAGEFAULT_FLAG_WP, "write-protect faults"),

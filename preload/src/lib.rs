@@ -24,7 +24,7 @@
 //! | `COALESCE_FAULT_THREADS` | 1 | fault-handling threads (1 to 64) |
 //! | `COALESCE_HISTORY` | 0 | page-table transitions kept for a page-state violation's log (40 bytes each) |
 //! | `COALESCE_LOG` | `warn` | log filter (`tracing` syntax), written to stderr |
-//! | `COALESCE_STATS` | unset | `1` or `stderr`: print pager statistics on exit; any other value: a file to write them to |
+//! | `COALESCE_STATS` | unset | `1` or `stderr`: print pager statistics on exit, as text; any other value: a file to write them to, as JSON (a `coalesce_pager::ExitReport`: the pager's statistics and the peak RSS; `coalesce run` reads it) |
 //!
 //! Misconfiguration (an unparsable value, an unreachable server, no userfaultfd privilege, a kernel
 //! without the needed userfaultfd features) prints one line on stderr and exits with status 125

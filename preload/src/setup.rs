@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicPtr, Ordering};
 use std::time::Duration;
 
-use coalesce_pager::{Pager, PagerConfig, Region, RegionOptions};
+use coalesce_pager::{ExitReport, Pager, PagerConfig, Region, RegionOptions};
 
 use crate::heap;
 
@@ -212,17 +212,26 @@ extern "C" fn at_exit() {
     }
     let Some(dest) = var("COALESCE_STATS") else { return };
     heap::mark_internal_thread();
-    let peak = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(|l| l["VmHWM:".len()..].trim().to_owned()))
-        .unwrap_or_else(|| "unknown".into());
-    let text = format!("coalesce pager statistics:\n{}\nprocess peak RSS: {peak} (VmHWM)\n", pager.stats());
+    let report = ExitReport { pager: pager.stats(), peak_rss_bytes: peak_rss_bytes().unwrap_or(0) };
     if dest == "1" || dest == "stderr" {
-        eprint!("{text}");
-    } else if let Err(e) = std::fs::write(&dest, text) {
-        eprintln!("coalesce: cannot write statistics to {dest}: {e}");
+        eprint!("{report}");
+    } else {
+        let written = serde_json::to_string_pretty(&report)
+            .map_err(std::io::Error::other)
+            .and_then(|json| std::fs::write(&dest, json + "\n"));
+        if let Err(e) = written {
+            eprintln!("coalesce: cannot write statistics to {dest}: {e}");
+        }
     }
     heap::unmark_internal_thread();
+}
+
+/// The process's peak resident set (`VmHWM` in /proc/self/status) in bytes.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line["VmHWM:".len()..].trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib * 1024)
 }
 
 fn pager() -> Option<&'static Pager> {

@@ -10,6 +10,8 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use coalesce_pager::ExitReport;
+
 const MIB: u64 = 1 << 20;
 /// What a preloaded process may hold beyond its heap budget: the program's own binary, libraries
 /// and stack, this library's internal (glibc) heap, staging buffers and touched page-table entries.
@@ -42,7 +44,7 @@ struct Outcome {
     stderr: String,
     elapsed: Duration,
     max_rss: u64,
-    stats: Option<String>,
+    stats: Option<ExitReport>,
 }
 
 /// Runs `cmd` (optionally preloaded against `server` with `budget`) and collects its output, exit
@@ -115,28 +117,18 @@ fn run(mut cmd: Command, preload: Option<(&lender::ServerHandle, u64)>, stdin: &
     writer.join().unwrap();
     let elapsed = start.elapsed();
     let code = if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { 128 + libc::WTERMSIG(status) };
-    let stats = std::fs::read_to_string(&stats_file).ok();
+    let stats: Option<ExitReport> = std::fs::read_to_string(&stats_file).ok().map(|t| {
+        serde_json::from_str(&t).unwrap_or_else(|e| panic!("the statistics are not an exit report ({e}): {t}"))
+    });
     let _ = std::fs::remove_file(&stats_file);
     Outcome {
         status: code,
         stdout: out_t.join().unwrap(),
         stderr: err_t.join().unwrap(),
         elapsed,
-        max_rss: polled_peak.max(stats.as_deref().and_then(peak_from_stats).unwrap_or(0)),
+        max_rss: polled_peak.max(stats.as_ref().map_or(0, |s| s.peak_rss_bytes)),
         stats,
     }
-}
-
-/// The process's peak RSS as the preload's statistics report it at exit.
-fn peak_from_stats(stats: &str) -> Option<u64> {
-    let line = stats.lines().find(|l| l.starts_with("process peak RSS:"))?;
-    line.split_whitespace().nth(3)?.parse::<u64>().ok().map(|kib| kib * 1024)
-}
-
-fn stat(stats: &str, line_prefix: &str, word_index: usize) -> u64 {
-    let line =
-        stats.lines().find(|l| l.starts_with(line_prefix)).unwrap_or_else(|| panic!("no {line_prefix} in {stats}"));
-    line.split(|c: char| !c.is_ascii_digit()).filter(|w| !w.is_empty()).nth(word_index).unwrap().parse().unwrap()
 }
 
 fn probe_mode(mode: &str) {
@@ -184,7 +176,7 @@ fn allocator_purges_become_discards() {
     let out = run(cmd(probe(), &["purge"]), Some((&server, 32 * MIB)), b"");
     assert_eq!(out.status, 0, "{}", out.stderr);
     let stats = out.stats.unwrap();
-    assert!(stat(&stats, "discards:", 0) > 0, "mimalloc's purges were not seen as discards:\n{stats}");
+    assert!(stats.pager.removed_pages > 0, "mimalloc's purges were not seen as discards:\n{stats}");
 }
 
 #[test]
@@ -236,7 +228,7 @@ fn real_program(name: &str, build: impl Fn() -> Command, stdin: &[u8], budget: u
     assert_eq!(pre.status, 0, "{name} under the preload failed: {}", pre.stderr);
     assert!(pre.stdout == plain.stdout, "{name}: output differs under the preload");
     let stats = pre.stats.unwrap();
-    let remote_faults = stat(&stats, "faults:", 1);
+    let remote_faults = stats.pager.remote_faults;
     eprintln!(
         "{name}: plain {:.2} s, peak RSS {:.1} MiB | preloaded with {} MiB budget {:.2} s, peak RSS {:.1} MiB, faults: {} zero, {} remote, {} first-write",
         plain.elapsed.as_secs_f64(),
@@ -244,9 +236,9 @@ fn real_program(name: &str, build: impl Fn() -> Command, stdin: &[u8], budget: u
         budget / MIB,
         pre.elapsed.as_secs_f64(),
         pre.max_rss as f64 / MIB as f64,
-        stat(&stats, "faults:", 0),
+        stats.pager.zero_faults,
         remote_faults,
-        stat(&stats, "faults:", 2),
+        stats.pager.write_faults,
     );
     assert!(plain.max_rss > budget + FIXED_OVERHEAD, "{name} is too small to test paging ({} bytes)", plain.max_rss);
     assert!(

@@ -102,7 +102,7 @@ pub struct SlabGrant {
 }
 
 /// Server statistics. Encoded as a count-prefixed list of `u64` so that fields can be added.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ServerStats {
     /// Bytes the server may donate.
     pub capacity: u64,

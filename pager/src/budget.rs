@@ -1,0 +1,155 @@
+//! The local memory budget: how many pages of all regions may be resident, reservations against
+//! it (an install reserves room first, so mapped pages never exceed the budget), the headroom the
+//! evictor keeps free, and the two ways past the limit: `hold` (around `fork`) and a stuck
+//! evictor (no lender can take a dirty page).
+
+use std::time::Duration;
+
+use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering};
+
+/// The budget and the pages reserved against it.
+#[derive(Debug)]
+pub(crate) struct Budget {
+    limit: usize,
+    headroom: usize,
+    resident: AtomicUsize,
+    peak: AtomicU64,
+    overshoots: AtomicU64,
+    /// While set, nothing is evicted and reservations go past the limit (see `Pager::hold_resident`).
+    held: AtomicBool,
+    /// Set by the evictor when it can make no room (no lender can take a dirty page).
+    stuck: AtomicBool,
+    room: (Mutex<()>, Condvar),
+}
+
+impl Budget {
+    /// A budget of `limit` pages; the evictor keeps `headroom` of them free.
+    pub(crate) fn new(limit: usize, headroom: usize) -> Self {
+        Self {
+            limit,
+            headroom,
+            resident: AtomicUsize::new(0),
+            peak: AtomicU64::new(0),
+            overshoots: AtomicU64::new(0),
+            held: AtomicBool::new(false),
+            stuck: AtomicBool::new(false),
+            room: (Mutex::new(()), Condvar::new()),
+        }
+    }
+
+    /// The headroom for a budget of `limit` pages and installs of up to `largest_install` pages
+    /// at once by each of `installers` threads: room for all of them without waiting, between
+    /// 4 and 4096 pages, at most a quarter of the budget.
+    pub(crate) fn headroom_for(limit: usize, largest_install: usize, installers: usize) -> usize {
+        (limit / 32).max(largest_install * installers).clamp(4, 4096).min(limit / 4)
+    }
+
+    pub(crate) fn limit(&self) -> usize {
+        self.limit
+    }
+
+    pub(crate) fn resident(&self) -> usize {
+        self.resident.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn peak(&self) -> u64 {
+        self.peak.load(Ordering::Relaxed)
+    }
+
+    /// Reservations that went past the limit because the evictor could make no room.
+    pub(crate) fn overshoots(&self) -> u64 {
+        self.overshoots.load(Ordering::Relaxed)
+    }
+
+    /// Reserves room for `n` pages if the budget has it.
+    pub(crate) fn take(&self, n: usize) -> bool {
+        let mut cur = self.resident.load(Ordering::Acquire);
+        while cur + n <= self.limit {
+            match self.resident.compare_exchange(cur, cur + n, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => {
+                    self.peak.fetch_max((cur + n) as u64, Ordering::Relaxed);
+                    return true;
+                }
+                Err(now) => cur = now,
+            }
+        }
+        false
+    }
+
+    /// Reserves room for `n` pages past the limit; `overshoot` counts it as an over-budget event.
+    pub(crate) fn take_anyway(&self, n: usize, overshoot: bool) {
+        let now = self.resident.fetch_add(n, Ordering::AcqRel) + n;
+        self.peak.fetch_max(now as u64, Ordering::Relaxed);
+        if overshoot {
+            self.overshoots.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Gives back room for `n` pages (unused reservations, or pages that left) and wakes waiters.
+    pub(crate) fn give_back(&self, n: usize) {
+        self.resident.fetch_sub(n, Ordering::AcqRel);
+        self.room.1.notify_all();
+    }
+
+    /// True when less than the headroom is free: time for the evictor.
+    pub(crate) fn low_on_room(&self) -> bool {
+        self.resident() + self.headroom > self.limit
+    }
+
+    /// Above this many resident pages the evictor starts.
+    pub(crate) fn high_water(&self) -> usize {
+        self.limit - self.headroom
+    }
+
+    /// The evictor stops at this many resident pages.
+    pub(crate) fn low_water(&self) -> usize {
+        self.limit.saturating_sub(2 * self.headroom)
+    }
+
+    /// Waits up to `max` for room to be given back.
+    pub(crate) fn wait_for_room(&self, max: Duration) {
+        let guard = self.room.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _ = self.room.1.wait_timeout(guard, max);
+    }
+
+    /// Wakes threads waiting for room (the evictor made some).
+    pub(crate) fn room_made(&self) {
+        self.room.1.notify_all();
+    }
+
+    pub(crate) fn is_held(&self) -> bool {
+        self.held.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_held(&self, held: bool) {
+        self.held.store(held, Ordering::Release);
+    }
+
+    pub(crate) fn is_stuck(&self) -> bool {
+        self.stuck.load(Ordering::Acquire)
+    }
+
+    /// Records whether the evictor can make room; returns the previous state.
+    pub(crate) fn set_stuck(&self, stuck: bool) -> bool {
+        self.stuck.swap(stuck, Ordering::AcqRel)
+    }
+}
+
+#[cfg(all(test, not(coalesce_loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reservations_stay_within_the_limit_unless_forced() {
+        let b = Budget::new(16, Budget::headroom_for(16, 2, 1));
+        assert_eq!(Budget::headroom_for(16, 2, 1), 4);
+        assert!(b.take(10) && b.take(6) && !b.take(1));
+        assert!(b.low_on_room());
+        b.take_anyway(2, true);
+        assert_eq!((b.resident(), b.peak(), b.overshoots()), (18, 18, 1));
+        b.give_back(18);
+        assert_eq!(b.resident(), 0);
+        assert!(!b.low_on_room() && b.take(16));
+        assert_eq!((b.high_water(), b.low_water()), (12, 8));
+    }
+}
