@@ -110,6 +110,11 @@ impl Handler {
     /// thread's reader epoch odd meanwhile (see `Shared::wait_for_readers`).
     fn read_and_mark(&mut self, buf: &mut [[u8; MSG_SIZE]]) -> io::Result<usize> {
         let shared = Arc::clone(&self.shared);
+        // Nothing to read: leave the gate alone (an idle handler spins here, and taking the gate
+        // each time would hold up the other threads' installs).
+        if !shared.uffd.wait_readable(Duration::ZERO)? {
+            return Ok(0);
+        }
         // Exclusive: no install is issued between reading a remove event and marking its pages
         // (see `install_runs`).
         let _gate = shared.install_gate.write().unwrap_or_else(std::sync::PoisonError::into_inner);

@@ -26,7 +26,10 @@
 //! - **Remove events and installs never cross**: a remove event marks its pages when it is read
 //!   (the kernel zaps them right after); no page is installed while such a mark is unapplied (the
 //!   fault applies the discard first and serves zeros), and the event's later handling leaves
-//!   alone pages a fault already brought up to date.
+//!   alone pages a fault already brought up to date. Reading and marking happen under the install
+//!   gate (exclusive) and every `UFFDIO_COPY` checks the marks under it (shared), so an install
+//!   either precedes the read (and the zap then removes it) or sees the mark: none lands after a
+//!   zap it did not know about.
 //! - **Never zeros for written data**: the page table remembers that a page holds written data
 //!   (`table::WRITTEN`); a path that would fill such a page with zeros, or find it gone without a
 //!   discard, poisons it instead and counts a page-state violation (see `coalesce stress`).
