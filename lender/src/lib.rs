@@ -58,6 +58,18 @@ pub enum ServerError {
     Verbs(#[source] rdma::TransportError),
 }
 
+/// The largest slab: 2^20 pages of 4 KiB (the borrower numbers a slab's pages in 20 bits).
+pub const MAX_SLAB_SIZE: u64 = 4 << 30;
+
+/// A duration as `--lease` would take it (seconds, or milliseconds below one second).
+fn humantime_like(d: Duration) -> String {
+    if d < Duration::from_secs(1) {
+        format!("{}ms", d.as_millis())
+    } else {
+        format!("{}s", d.as_secs())
+    }
+}
+
 /// Server settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerConfig {
@@ -109,9 +121,47 @@ impl ServerConfig {
                 ByteSize(self.slab_size)
             )));
         }
-        if self.lease < Duration::from_millis(100) {
-            return Err(ServerError::Config("--lease must be at least 100ms".into()));
+        if self.lease < Duration::from_millis(100) || self.lease > Duration::from_secs(86_400) {
+            return Err(ServerError::Config(format!(
+                "--lease {} is out of range: it must be between 100ms and 24h",
+                humantime_like(self.lease)
+            )));
         }
+        if self.max_connections == 0 || self.max_connections > 1_000_000 {
+            return Err(ServerError::Config(format!(
+                "--max-connections {} is out of range: it must be between 1 and 1000000",
+                self.max_connections
+            )));
+        }
+        if self.slab_size > MAX_SLAB_SIZE {
+            return Err(ServerError::Config(format!(
+                "--slab-size {} is above the maximum of {} (a slab's pages are numbered in 20 bits)",
+                ByteSize(self.slab_size),
+                ByteSize(MAX_SLAB_SIZE)
+            )));
+        }
+
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn absurd_values_are_refused_with_the_flag_named() {
+        let ok = ServerConfig::loopback();
+        assert!(ok.validate().is_ok());
+        let cases = [
+            (ServerConfig { lease: Duration::from_secs(10_000_000_000_000_000_000), ..ok.clone() }, "--lease"),
+            (ServerConfig { lease: Duration::from_millis(10), ..ok.clone() }, "--lease"),
+            (ServerConfig { max_connections: 0, ..ok.clone() }, "--max-connections"),
+            (ServerConfig { slab_size: 8 << 60, capacity: u64::MAX, ..ok.clone() }, "--slab-size"),
+        ];
+        for (config, flag) in cases {
+            let err = config.validate().expect_err(flag).to_string();
+            assert!(err.contains(flag), "{err}");
+        }
     }
 }

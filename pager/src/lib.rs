@@ -97,6 +97,9 @@ pub use uffd::OpenError as UserfaultfdError;
 /// The page size the pager works in.
 pub const PAGE_SIZE: usize = 4096;
 
+/// The longest fetch timeout accepted (a longer one is a typo, and deadlines must not overflow).
+pub const MAX_FETCH_TIMEOUT: Duration = Duration::from_secs(3600);
+
 /// Pager errors; each message says what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum PagerError {
@@ -211,8 +214,14 @@ impl PagerConfig {
                 self.history
             )));
         }
-        if self.fetch_timeout.is_zero() {
-            return Err(PagerError::Config("fetch_timeout must be positive".into()));
+        if self.fetch_timeout.is_zero() || self.fetch_timeout > MAX_FETCH_TIMEOUT {
+            return Err(PagerError::Config(format!(
+                "fetch timeout {:?} is out of range: it must be positive and at most 1 hour",
+                self.fetch_timeout
+            )));
+        }
+        if self.spin > Duration::from_secs(1) {
+            return Err(PagerError::Config(format!("spin {:?} is above the maximum of 1 s", self.spin)));
         }
         Ok(())
     }

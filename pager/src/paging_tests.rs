@@ -191,3 +191,12 @@ fn a_discard_frees_remote_copies_and_reads_zeros() {
     assert!(stats.remote_freed > 0 && store.remote_pages() < remote, "{stats}");
     assert_eq!(stats.state_violations, 0, "{stats}");
 }
+
+#[test]
+fn absurd_configuration_is_refused_with_a_clear_error() {
+    let store: Arc<dyn PageStore> = Arc::new(MemoryStore::new(16));
+    let mut config = PagerConfig::new(Vec::new(), 64 * PAGE_SIZE);
+    config.fetch_timeout = std::time::Duration::from_secs(10_000_000_000_000_000_000);
+    let err = Pager::with_store(config, store).expect_err("a timeout of 3e11 years").to_string();
+    assert!(err.contains("fetch timeout") && err.contains("at most 1 hour"), "{err}");
+}

@@ -104,7 +104,8 @@ fn parse_duration(s: &str) -> Option<Duration> {
         (s, 1.0)
     };
     let v: f64 = num.trim().parse().ok()?;
-    (v.is_finite() && v > 0.0).then(|| Duration::from_secs_f64(v * mult))
+    // A value too large for a `Duration` is not a duration (no panic); `PagerConfig` bounds it.
+    (v.is_finite() && v > 0.0).then(|| Duration::try_from_secs_f64(v * mult).ok()).flatten()
 }
 
 fn refuse(why: &str) -> ! {

@@ -195,6 +195,8 @@ fn misconfiguration_prints_one_line_and_exits_125() {
         ("COALESCE_SERVERS", "not-an-address", "COALESCE_SERVERS"),
         ("COALESCE_SERVERS", "127.0.0.1:1", "127.0.0.1:1"),
         ("COALESCE_PROVIDER", "carrier-pigeon", "COALESCE_PROVIDER"),
+        ("COALESCE_FETCH_TIMEOUT", "1e30", "COALESCE_FETCH_TIMEOUT"),
+        ("COALESCE_FETCH_TIMEOUT", "1e19s", "fetch timeout"),
     ] {
         let mut cmd = Command::new(probe());
         cmd.arg("hello").env("LD_PRELOAD", library()).env("COALESCE_SERVERS", "127.0.0.1:7").env(var, value);
