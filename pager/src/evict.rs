@@ -415,7 +415,7 @@ impl Evictor {
         if e.raw_os_error() == Some(libc::ENOENT) {
             let t = &v.region.table;
             // Every remove event read before the move failed is marked once its reader is done.
-            self.shared.wait_for_readers(None);
+            self.shared.wait_for_readers();
             if table::discard_pending(t.load(v.page)) {
                 let zero = v.entry & !(RESIDENT | DIRTY | WRITTEN | REMOTE_VALID | REFERENCED | PREFETCHED);
                 t.unlock_zapped(v.page, zero, v.entry, Transition::FoundUnmapped);

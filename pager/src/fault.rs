@@ -26,8 +26,6 @@ use crate::{PagerError, Shared, PAGE_SIZE};
 #[derive(Debug)]
 pub(crate) struct Handler {
     shared: Arc<Shared>,
-    /// This thread's index among the fault-handling threads.
-    id: usize,
     /// This thread's I/O on the remote page store.
     io: Box<dyn PageIo>,
     staging: Arc<LocalRegion>,
@@ -59,12 +57,12 @@ struct Fetch {
 }
 
 impl Handler {
-    pub(crate) fn new(shared: Arc<Shared>, id: usize) -> Result<Self, PagerError> {
+    pub(crate) fn new(shared: Arc<Shared>) -> Result<Self, PagerError> {
         let io = Arc::clone(&shared.store).open_io()?;
         let staging = LocalRegion::new((1 + shared.config.prefetch_window) * PAGE_SIZE).map_err(PagerError::Buffer)?;
         let zero = vec![0; (1 + shared.config.prefetch_window) * PAGE_SIZE];
         let scratch = Scratch::new().map_err(|source| PagerError::Map { len: PAGE_SIZE, source })?;
-        Ok(Self { shared, id, io, staging, scratch, zero, deferred: VecDeque::new(), outcomes: Vec::new() })
+        Ok(Self { shared, io, staging, scratch, zero, deferred: VecDeque::new(), outcomes: Vec::new() })
     }
 
     pub(crate) fn run(mut self) {
@@ -106,8 +104,8 @@ impl Handler {
         }
     }
 
-    /// Reads messages into the deferred queue, marking the pages of remove events, with this
-    /// thread's reader epoch odd meanwhile (see `Shared::wait_for_readers`).
+    /// Reads messages into the deferred queue, marking the pages of remove events, all under the
+    /// install gate (see `install_runs` and `Shared::wait_for_readers`).
     fn read_and_mark(&mut self, buf: &mut [[u8; MSG_SIZE]]) -> io::Result<usize> {
         let shared = Arc::clone(&self.shared);
         // Nothing to read: leave the gate alone (an idle handler spins here, and taking the gate
@@ -118,15 +116,12 @@ impl Handler {
         // Exclusive: no install is issued between reading a remove event and marking its pages
         // (see `install_runs`).
         let _gate = shared.install_gate.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let epoch = &shared.readers[self.id];
-        epoch.fetch_add(1, Ordering::SeqCst);
         let result = shared.uffd.read_events(buf);
         if let Ok(n) = result {
             for raw in &buf[..n] {
                 self.defer(Event::decode(raw));
             }
         }
-        epoch.fetch_add(1, Ordering::SeqCst);
         result
     }
 
@@ -279,7 +274,7 @@ impl Handler {
             }
         }
         // Unmapped. Every remove event read before now is marked once its reader is done.
-        self.shared.wait_for_readers(Some(self.id));
+        self.shared.wait_for_readers();
         if !table::discard_pending(t.load(page)) {
             self.shared.unreserve(1);
             self.report_violation(

@@ -62,7 +62,7 @@
 //! ```
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -248,9 +248,6 @@ pub(crate) struct Shared {
     pub(crate) stats: stats::Counters,
     pub(crate) shutdown: AtomicBool,
     pub(crate) history: Option<Arc<history::History>>,
-    /// One epoch per fault-handling thread, odd while it is between reading userfaultfd messages
-    /// and marking the pages of the remove events among them (see `Shared::wait_for_readers`).
-    pub(crate) readers: Box<[AtomicU64]>,
     /// Installs (`UFFDIO_COPY` into a region) hold it shared; reading userfaultfd messages and
     /// marking the pages of remove events holds it exclusive. See `fault::Handler::install_runs`.
     pub(crate) install_gate: RwLock<()>,
@@ -304,23 +301,13 @@ impl Shared {
         }
     }
 
-    /// Waits until every fault-handling thread (but `except`) that was reading userfaultfd
-    /// messages has marked the remove events it read. The kernel lets an `madvise` zap its range
-    /// as soon as its remove event is read, before the reader can mark the pages: a thread that
-    /// finds a page unmapped calls this before deciding that no discard explains it.
-    pub(crate) fn wait_for_readers(&self, except: Option<usize>) {
-        for (i, epoch) in self.readers.iter().enumerate() {
-            if Some(i) == except {
-                continue;
-            }
-            let seen = epoch.load(Ordering::SeqCst);
-            if seen % 2 == 1 {
-                let mut spins = 0;
-                while epoch.load(Ordering::SeqCst) == seen {
-                    table::backoff(&mut spins);
-                }
-            }
-        }
+    /// Waits until every thread reading userfaultfd messages has marked the remove events it
+    /// read (readers read and mark holding the install gate exclusively). The kernel lets an
+    /// `madvise` zap its range as soon as its remove event is read, before the reader can mark
+    /// the pages: a thread that finds a page unmapped calls this before deciding that no discard
+    /// explains it. Must not be called by a thread holding the gate.
+    pub(crate) fn wait_for_readers(&self) {
+        drop(self.install_gate.read().unwrap_or_else(PoisonError::into_inner));
     }
 
     /// Gives back reserved room that was not used (or pages that left).
@@ -391,7 +378,6 @@ impl Pager {
             queue: queue::EvictQueue::default(),
             stats: stats::Counters::default(),
             shutdown: AtomicBool::new(false),
-            readers: (0..config.fault_threads).map(|_| AtomicU64::new(0)).collect(),
             install_gate: RwLock::new(()),
             inject_drop_dirty: AtomicBool::new(false),
             inject_move_undercount: AtomicBool::new(false),
@@ -400,7 +386,7 @@ impl Pager {
         });
         let mut pager = Self { shared: Arc::clone(&shared), threads: Vec::new() };
         for i in 0..shared.config.fault_threads {
-            let handler = fault::Handler::new(Arc::clone(&shared), i)?;
+            let handler = fault::Handler::new(Arc::clone(&shared))?;
             let tag = u8::try_from(i + 1).unwrap_or(u8::MAX);
             pager.spawn(format!("uffd-{i}"), move || {
                 history::set_thread_tag(tag);
