@@ -25,11 +25,11 @@ use std::time::Duration;
 
 use rdma::LocalRegion;
 
+use crate::entry::Entry;
 use crate::history::Transition;
 use crate::region::ActiveRegion;
 use crate::stats::Counters;
 use crate::store::{PageIo, PageTransfer, Slot, TransferError};
-use crate::table::{self, BUSY, DIRTY, HAS_SLOT, POISONED, PREFETCHED, REFERENCED, REMOTE_VALID, RESIDENT, WRITTEN};
 use crate::uffd::Uffd;
 use crate::{PagerError, Shared, PAGE_SIZE};
 
@@ -59,7 +59,7 @@ const STAGING_SLOTS: usize = 2 * BATCH;
 struct Victim {
     region: Arc<ActiveRegion>,
     page: usize,
-    entry: u64,
+    entry: Entry,
     /// The page must be written back: it is dirty, or its only remote copy is on a failed server.
     needs_write: bool,
     /// Remote slot to write to.
@@ -73,7 +73,7 @@ struct Victim {
 
 impl Victim {
     /// A page just locked for eviction, its entry as it was when locked.
-    fn locked(region: Arc<ActiveRegion>, page: usize, entry: u64) -> Self {
+    fn locked(region: Arc<ActiveRegion>, page: usize, entry: Entry) -> Self {
         Self { region, page, entry, needs_write: false, slot: None, written: false, unshared: false, staging: 0 }
     }
 }
@@ -159,7 +159,7 @@ impl Evictor {
             let Some(region) = shared.regions.get(rid).and_then(|r| r.enter()) else { continue };
             let page = usize::try_from(page32).unwrap_or(usize::MAX);
             if page < region.table.len() {
-                if let Some(entry) = region.table.try_lock(page, |e| e & RESIDENT != 0) {
+                if let Some(entry) = region.table.try_lock(page, Entry::is_resident) {
                     victims.push(Victim::locked(Arc::new(region), page, entry));
                 }
             }
@@ -184,19 +184,19 @@ impl Evictor {
                 continue;
             }
             let e = region.table.load(page);
-            if e & RESIDENT == 0 {
+            if !e.is_resident() {
                 continue; // stale entry
             }
-            if e & BUSY != 0 || region.keep_local() {
+            if e.is_busy() || region.keep_local() {
                 ring.push_back((rid, page32));
                 continue;
             }
-            if e & REFERENCED != 0 {
-                region.table.update(page, 0, REFERENCED);
+            if e.is_referenced() {
+                region.table.modify(page, Entry::unreferenced);
                 ring.push_back((rid, page32));
                 continue;
             }
-            match region.table.try_lock(page, |e| e & RESIDENT != 0 && e & REFERENCED == 0) {
+            match region.table.try_lock(page, |e| e.is_resident() && !e.is_referenced()) {
                 Some(entry) => victims.push(Victim::locked(region, page, entry)),
                 None => ring.push_back((rid, page32)),
             }
@@ -219,16 +219,16 @@ impl Evictor {
         let mut no_room = false;
         if self.shared.inject_drop_dirty.load(Ordering::Acquire) {
             for v in &mut moved {
-                v.entry &= !DIRTY;
+                v.entry = v.entry.dirty_forgotten();
             }
         }
         for v in &mut moved {
-            let copy_readable = table::slot(v.entry).is_some_and(|slot| self.io.readable(slot));
-            v.needs_write = v.entry & DIRTY != 0 || (v.entry & REMOTE_VALID != 0 && !copy_readable);
+            let copy_readable = v.entry.slot().is_some_and(|slot| self.io.readable(slot));
+            v.needs_write = v.entry.is_dirty() || (v.entry.has_remote_copy() && !copy_readable);
             if !v.needs_write {
                 continue;
             }
-            v.slot = self.io.place(table::slot(v.entry));
+            v.slot = self.io.place(v.entry.slot());
             no_room |= v.slot.is_none();
         }
         self.write_back(&mut moved);
@@ -241,11 +241,9 @@ impl Evictor {
                 self.put_back(v);
                 continue;
             }
-            let mut e = v.entry & !(RESIDENT | DIRTY | REFERENCED | PREFETCHED);
-            if let Some(slot) = v.slot {
-                e = table::with_slot(e, slot) | HAS_SLOT | REMOTE_VALID;
-            }
-            if v.entry & PREFETCHED != 0 {
+            // A clean page keeps its remote copy; a dirty one was just written to `v.slot`.
+            let e = v.entry.evicted(if dirty { v.slot } else { None });
+            if v.entry.is_prefetched() {
                 Counters::add(&self.shared.stats.prefetch_wasted, 1);
             }
             t.unlock(v.page, e, if dirty { Transition::EvictedDirty } else { Transition::EvictedClean });
@@ -402,7 +400,7 @@ impl Evictor {
             tracing::debug!(error = %e, page = v.page, "cannot lift write protection to unshare a page");
             return false;
         }
-        v.entry |= DIRTY | WRITTEN;
+        v.entry = v.entry.unshared();
         v.unshared = true;
         Counters::add(&self.shared.stats.unshared, 1);
         cow::rewrite_first_word(addr);
@@ -416,9 +414,8 @@ impl Evictor {
             let t = &v.region.table;
             // Every remove event read before the move failed is marked once its reader is done.
             self.shared.wait_for_readers();
-            if table::discard_pending(t.load(v.page)) {
-                let zero = v.entry & !(RESIDENT | DIRTY | WRITTEN | REMOTE_VALID | REFERENCED | PREFETCHED);
-                t.unlock_zapped(v.page, zero, v.entry, Transition::FoundUnmapped);
+            if t.load(v.page).discard_pending() {
+                t.unlock_zapped(v.page, v.entry.zapped(), v.entry, Transition::FoundUnmapped);
                 Counters::add(&self.shared.stats.found_unmapped, 1);
             } else {
                 // Nothing zapped it: its data is lost. Poisoned, so the next access fails loudly.
@@ -432,13 +429,12 @@ impl Evictor {
                         crate::fault::POISONED_NOTE
                     ),
                 );
-                let poisoned = (v.entry | POISONED) & !(RESIDENT | DIRTY | REFERENCED | PREFETCHED);
-                t.unlock(v.page, poisoned, Transition::Poisoned);
+                t.unlock(v.page, v.entry.poisoned(), Transition::Poisoned);
             }
             self.shared.unreserve(1);
         } else {
             tracing::debug!(error = %e, page = v.page, "cannot move a page out; keeping it");
-            v.region.table.unlock(v.page, v.entry | REFERENCED, Transition::Kept);
+            v.region.table.unlock(v.page, v.entry.kept(), Transition::Kept);
             self.shared.queue.push(v.region.id, v.page);
         }
     }
@@ -471,7 +467,7 @@ impl Evictor {
             // Under the install gate, as the fault handlers install (see `fault::install_runs`):
             // a page that a remove event read meanwhile covers is not put back.
             let gate = self.shared.install_gate.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if table::remove_unhandled(v.region.table.load(v.page)) {
+            if v.region.table.load(v.page).remove_unhandled() {
                 break;
             }
             let result = self.shared.uffd.copy(addr, src, PAGE_SIZE, false);
@@ -490,7 +486,7 @@ impl Evictor {
         }
         // The program discarded the page while it was out: it is a zero page now.
         Counters::add(&self.shared.stats.installs_skipped, 1);
-        if let Some(slot) = v.slot.filter(|&s| Some(s) != table::slot(v.entry)) {
+        if let Some(slot) = v.slot.filter(|&s| Some(s) != v.entry.slot()) {
             self.shared.store.free(slot);
         }
         let freed = crate::fault::apply_remove(&self.shared, &v.region, v.page, v.entry);
@@ -501,15 +497,13 @@ impl Evictor {
     fn finish_put_back(&self, v: &Victim) {
         // Keep the page's own slot if it kept it; otherwise `place` freed the old one, and a
         // new one, unused now, goes back.
-        let mut e = v.entry | REFERENCED | DIRTY | WRITTEN;
-        let kept_own = v.slot.is_some() && v.slot == table::slot(v.entry);
+        let kept_own = v.slot.is_some() && v.slot == v.entry.slot();
         if !kept_own {
             if let Some(slot) = v.slot {
                 self.shared.store.free(slot);
             }
-            e &= !(HAS_SLOT | REMOTE_VALID);
         }
-        v.region.table.unlock(v.page, e, Transition::PutBack);
+        v.region.table.unlock(v.page, v.entry.put_back(kept_own), Transition::PutBack);
         self.shared.queue.push(v.region.id, v.page);
         Counters::add(&self.shared.stats.writeback_failures, 1);
     }

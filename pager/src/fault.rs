@@ -14,11 +14,11 @@ use std::time::{Duration, Instant};
 
 use rdma::LocalRegion;
 
+use crate::entry::{Entry, PageState};
 use crate::history::Transition;
 use crate::region::{ActiveRegion as RegionState, FetchFailure};
 use crate::stats::Counters;
 use crate::store::{PageIo, PageTransfer, TransferError};
-use crate::table::{self, DIRTY, POISONED, PREFETCHED, REFERENCED, REMOTE_VALID, RESIDENT, WRITTEN};
 use crate::uffd::{Event, Scratch, MSG_SIZE};
 use crate::{PagerError, Shared, PAGE_SIZE};
 
@@ -51,7 +51,7 @@ enum Install {
 /// A page taken for one fetch.
 struct Fetch {
     page: usize,
-    entry: u64,
+    entry: Entry,
     staging: usize,
     outcome: Result<(), TransferError>,
 }
@@ -206,49 +206,35 @@ impl Handler {
         let t = &region.table;
         let addr = region.page_addr(page);
         loop {
-            let e = t.wait_idle(page);
-            if table::remove_unhandled(e) {
+            let idle = t.wait_idle(page);
+            if idle.remove_unhandled() {
                 // Discarded by an madvise whose event another thread has read and not handled
                 // yet: apply it first, so that this fault sees the zero page the program expects.
-                let Some(e) = t.try_lock(page, table::remove_unhandled) else { continue };
+                let Some(e) = t.try_lock(page, Entry::remove_unhandled) else { continue };
                 let freed = apply_remove(&self.shared, region, page, e);
                 self.shared.unreserve(freed);
                 continue;
             }
-            if e & POISONED != 0 {
-                let _ = self.retry(|h| h.shared.uffd.poison(addr, PAGE_SIZE));
-                return;
-            }
-            if e & RESIDENT != 0 {
-                let Some(e) = t.try_lock(page, |e| e & RESIDENT != 0 && !table::remove_unhandled(e)) else {
-                    continue;
-                };
-                self.fault_on_resident(region, page, e);
-                return;
-            }
-            if e & REMOTE_VALID != 0 {
-                let Some(e) =
-                    t.try_lock(page, |e| e & (RESIDENT | REMOTE_VALID) == REMOTE_VALID && !table::remove_unhandled(e))
-                else {
-                    continue;
-                };
-                self.remote_fault(region, page, e, write);
-                return;
-            }
-            let Some(e) = t.try_lock(page, |e| e & (RESIDENT | REMOTE_VALID) == 0 && !table::remove_unhandled(e))
-            else {
+            let state = idle.state();
+            // Served from the state seen while idle, if it still holds once locked.
+            let Some(e) = t.try_lock(page, |e| e.state() == state && !e.remove_unhandled()) else {
                 continue;
             };
-            if e & WRITTEN != 0 {
-                self.state_violation(
+            match state {
+                PageState::Resident => self.fault_on_resident(region, page, e),
+                PageState::Remote => self.remote_fault(region, page, e, write),
+                PageState::Lost => self.state_violation(
                     region,
                     page,
                     e,
                     "a written page has no copy anywhere and would be filled with zeros",
-                );
-                return;
+                ),
+                PageState::Absent => self.zero_fault(region, page, e, write),
+                PageState::Poisoned => {
+                    t.unlock(page, e, Transition::NotInstalled);
+                    let _ = self.retry(|h| h.shared.uffd.poison(addr, PAGE_SIZE));
+                }
             }
-            self.zero_fault(region, page, e, write);
             return;
         }
     }
@@ -256,7 +242,7 @@ impl Handler {
     /// A missing fault on a page the table calls resident: normally a stale event (the page is
     /// mapped: wake). If the page really is unmapped, an `madvise` discard zapped it (zero is its
     /// content now); without one, its data was lost by a bug: poisoned, never zeroed.
-    fn fault_on_resident(&mut self, region: &RegionState, page: usize, e: u64) {
+    fn fault_on_resident(&mut self, region: &RegionState, page: usize, e: Entry) {
         let t = &region.table;
         let addr = region.page_addr(page);
         match crate::uffd::is_mapped(addr) {
@@ -275,7 +261,7 @@ impl Handler {
         }
         // Unmapped. Every remove event read before now is marked once its reader is done.
         self.shared.wait_for_readers();
-        if !table::discard_pending(t.load(page)) {
+        if !t.load(page).discard_pending() {
             self.shared.unreserve(1);
             self.report_violation(
                 region,
@@ -283,8 +269,7 @@ impl Handler {
                 e,
                 &format!("a resident page was found unmapped with no discard pending; {POISONED_NOTE}"),
             );
-            let poisoned = (e | POISONED) & !(RESIDENT | DIRTY | REFERENCED | PREFETCHED);
-            t.unlock(page, poisoned, Transition::Poisoned);
+            t.unlock(page, e.poisoned(), Transition::Poisoned);
             if let Err(err) = self.retry(|h| h.shared.uffd.poison(addr, PAGE_SIZE)) {
                 tracing::error!(error = %err, "UFFDIO_POISON failed; the faulting thread stays blocked");
             }
@@ -293,8 +278,7 @@ impl Handler {
         let zero = self.zero.as_ptr();
         match self.install_runs(region, &[(page, e)], |_| zero, |_| false)[0] {
             Install::Done => {
-                let refilled = (e | DIRTY | WRITTEN | REFERENCED) & !(REMOTE_VALID | PREFETCHED);
-                t.unlock_zapped(page, refilled, e, Transition::Refilled);
+                t.unlock_zapped(page, e.refilled(), e, Transition::Refilled);
                 Counters::add(&self.shared.stats.refills, 1);
             }
             Install::NotDone => t.unlock(page, e, Transition::NotInstalled),
@@ -303,16 +287,16 @@ impl Handler {
     }
 
     /// Poisons a locked, unmapped page whose state breaks an invariant, instead of serving it.
-    fn state_violation(&mut self, region: &RegionState, page: usize, e: u64, what: &str) {
+    fn state_violation(&mut self, region: &RegionState, page: usize, e: Entry, what: &str) {
         self.report_violation(region, page, e, &format!("{what}; {POISONED_NOTE}"));
         let addr = region.page_addr(page);
-        region.table.unlock(page, e | POISONED, Transition::Poisoned);
+        region.table.unlock(page, e.poisoned(), Transition::Poisoned);
         if let Err(err) = self.retry(|h| h.shared.uffd.poison(addr, PAGE_SIZE)) {
             tracing::error!(error = %err, "UFFDIO_POISON failed; the faulting thread stays blocked");
         }
     }
 
-    fn report_violation(&self, region: &RegionState, page: usize, e: u64, what: &str) {
+    fn report_violation(&self, region: &RegionState, page: usize, e: Entry, what: &str) {
         report_violation(&self.shared, region, page, e, what);
     }
 
@@ -320,13 +304,13 @@ impl Handler {
     /// never-written pages of the window are installed too (a sequential first-touch stream then
     /// costs one fault per window, not one per page); along a write trend they are installed
     /// writable and dirty, as the stream is about to write them.
-    fn zero_fault(&mut self, region: &RegionState, page: usize, entry: u64, write: bool) {
+    fn zero_fault(&mut self, region: &RegionState, page: usize, entry: Entry, write: bool) {
         let stride = self.record_trend(region, page);
         let mut pages = vec![(page, entry)];
         if let Some(stride) = stride.filter(|_| region.prefetch_enabled(self.shared.config.prefetch)) {
-            pages.extend(self.lock_window(region, page, stride, |e| {
-                e & (RESIDENT | REMOTE_VALID | POISONED | WRITTEN) == 0 && !table::remove_unhandled(e)
-            }));
+            pages.extend(
+                self.lock_window(region, page, stride, |e| e.state() == PageState::Absent && !e.remove_unhandled()),
+            );
         }
         self.reserve(pages.len());
         let zero = self.zero.as_ptr();
@@ -338,11 +322,7 @@ impl Handler {
         for (&(p, e), outcome) in pages.iter().zip(&installed) {
             match outcome {
                 Install::Done => {
-                    t.unlock(
-                        p,
-                        e | RESIDENT | REFERENCED | if write { DIRTY | WRITTEN } else { 0 },
-                        Transition::ZeroFilled,
-                    );
+                    t.unlock(p, e.installed(write), Transition::ZeroFilled);
                     self.shared.queue.push(region.id, p);
                     n += 1;
                 }
@@ -369,7 +349,7 @@ impl Handler {
     fn install_runs(
         &mut self,
         region: &RegionState,
-        pages: &[(usize, u64)],
+        pages: &[(usize, Entry)],
         src_of: impl Fn(usize) -> *const u8,
         wp_of: impl Fn(usize) -> bool,
     ) -> Vec<Install> {
@@ -394,7 +374,7 @@ impl Handler {
     fn install_run(
         &mut self,
         region: &RegionState,
-        run: &[(usize, u64)],
+        run: &[(usize, Entry)],
         first: usize,
         src_of: &impl Fn(usize) -> *const u8,
         wp: bool,
@@ -403,8 +383,7 @@ impl Handler {
         let mut k = 0;
         while k < run.len() {
             let gate = self.shared.install_gate.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-            let end =
-                (k..run.len()).find(|&m| table::remove_unhandled(region.table.load(run[m].0))).unwrap_or(run.len());
+            let end = (k..run.len()).find(|&m| region.table.load(run[m].0).remove_unhandled()).unwrap_or(run.len());
             if end == k {
                 drop(gate);
                 out[k] = self.discard_locked(region, run[k].0, run[k].1);
@@ -438,7 +417,7 @@ impl Handler {
 
     /// Applies the pending discard to a page locked (with entry `e`) for an install, instead of
     /// installing it, and wakes a thread waiting on it (it faults again and gets the zero page).
-    fn discard_locked(&mut self, region: &RegionState, page: usize, e: u64) -> Install {
+    fn discard_locked(&mut self, region: &RegionState, page: usize, e: Entry) -> Install {
         let freed = apply_remove(&self.shared, region, page, e);
         self.shared.unreserve(freed);
         Counters::add(&self.shared.stats.installs_skipped, 1);
@@ -451,15 +430,15 @@ impl Handler {
         let addr = region.page_addr(page);
         let e = loop {
             let e = t.wait_idle(page);
-            if e & RESIDENT == 0 {
+            if !e.is_resident() {
                 // Evicted meanwhile: the retried access will fault as missing.
-                if let Some(e) = t.try_lock(page, |e| e & RESIDENT == 0) {
+                if let Some(e) = t.try_lock(page, |e| !e.is_resident()) {
                     self.take_out_stray(region, page, e);
                 }
                 let _ = self.shared.uffd.wake(addr, PAGE_SIZE);
                 return;
             }
-            if let Some(e) = t.try_lock(page, |e| e & RESIDENT != 0) {
+            if let Some(e) = t.try_lock(page, Entry::is_resident) {
                 break e;
             }
         };
@@ -470,10 +449,10 @@ impl Handler {
                 let _ = self.shared.uffd.wake(addr, PAGE_SIZE);
             }
         }
-        if e & PREFETCHED != 0 {
+        if e.is_prefetched() {
             Counters::add(&self.shared.stats.prefetch_hits, 1);
         }
-        t.unlock(page, (e | DIRTY | WRITTEN | REFERENCED) & !PREFETCHED, Transition::WriteFault);
+        t.unlock(page, e.written_to(), Transition::WriteFault);
         Counters::add(&self.shared.stats.write_faults, 1);
     }
 
@@ -482,7 +461,7 @@ impl Handler {
     /// table's word (a bug: an install that crossed a discard), and it would fault forever. The
     /// table is the authority: the stray page is taken out, logged and counted as a page-state
     /// violation, and the retried access is served from the table's state.
-    fn take_out_stray(&mut self, region: &RegionState, page: usize, e: u64) {
+    fn take_out_stray(&mut self, region: &RegionState, page: usize, e: Entry) {
         let addr = region.page_addr(page);
         if crate::uffd::is_mapped(addr).unwrap_or(false) {
             let what =
@@ -507,8 +486,8 @@ impl Handler {
                 let q = start.wrapping_add_signed(s * k.cast_signed());
                 let passed = if s > 0 { q < page } else { q > page };
                 if q < region.table.len() && passed {
-                    let old = region.table.update(q, 0, PREFETCHED);
-                    if old & PREFETCHED != 0 && old & RESIDENT != 0 {
+                    let old = region.table.modify(q, Entry::prefetch_settled);
+                    if old.is_prefetched() && old.is_resident() {
                         hits += 1;
                     }
                 }
@@ -524,8 +503,8 @@ impl Handler {
         region: &RegionState,
         page: usize,
         stride: isize,
-        want: impl Fn(u64) -> bool,
-    ) -> Vec<(usize, u64)> {
+        want: impl Fn(Entry) -> bool,
+    ) -> Vec<(usize, Entry)> {
         let mut out = Vec::new();
         let mut q = page;
         for _ in 0..self.shared.prefetch_window() {
@@ -541,14 +520,12 @@ impl Handler {
     }
 
     /// Pages to fetch along with `page`: up to the window along the region's trend, each locked.
-    fn prefetch_window(&mut self, region: &RegionState, page: usize) -> Vec<(usize, u64)> {
+    fn prefetch_window(&mut self, region: &RegionState, page: usize) -> Vec<(usize, Entry)> {
         let stride = self.record_trend(region, page);
         let Some(stride) = stride.filter(|_| region.prefetch_enabled(self.shared.config.prefetch)) else {
             return Vec::new();
         };
-        let out = self.lock_window(region, page, stride, |e| {
-            e & (RESIDENT | REMOTE_VALID | POISONED) == REMOTE_VALID && !table::remove_unhandled(e)
-        });
+        let out = self.lock_window(region, page, stride, |e| e.state() == PageState::Remote && !e.remove_unhandled());
         if let Some(&(first, _)) = out.first() {
             let mut trend = region.trend.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             trend.last_window = Some((first, stride, out.len()));
@@ -556,7 +533,7 @@ impl Handler {
         out
     }
 
-    fn remote_fault(&mut self, region: &RegionState, page: usize, entry: u64, write: bool) {
+    fn remote_fault(&mut self, region: &RegionState, page: usize, entry: Entry, write: bool) {
         let started = Instant::now();
         let extra = self.prefetch_window(region, page);
         let mut fetches: Vec<Fetch> = std::iter::once((page, entry))
@@ -576,7 +553,7 @@ impl Handler {
             }
         }
         let good: Vec<(usize, &Fetch)> = fetches.iter().enumerate().filter(|(_, f)| f.outcome.is_ok()).collect();
-        let pages: Vec<(usize, u64)> = good.iter().map(|(_, f)| (f.page, f.entry)).collect();
+        let pages: Vec<(usize, Entry)> = good.iter().map(|(_, f)| (f.page, f.entry)).collect();
         let staging = self.staging.as_ptr().cast_const();
         // Staging slots are inside the staging region, sized for the window.
         let src_of = |k: usize| staging.wrapping_add(good[k].1.staging * PAGE_SIZE);
@@ -588,13 +565,7 @@ impl Handler {
                 continue;
             }
             if *outcome == Install::Done {
-                let mut e = f.entry | RESIDENT | REFERENCED;
-                if i == 0 && write {
-                    e |= DIRTY | WRITTEN;
-                }
-                if i > 0 {
-                    e |= PREFETCHED;
-                }
+                let e = if i == 0 { f.entry.installed(write) } else { f.entry.prefetched() };
                 t.unlock(f.page, e, if i == 0 { Transition::Fetched } else { Transition::Prefetched });
                 self.shared.queue.push(region.id, f.page);
                 installed += 1;
@@ -619,7 +590,7 @@ impl Handler {
         let mut transfers = Vec::with_capacity(fetches.len());
         let mut idxs = Vec::with_capacity(fetches.len());
         for (i, f) in fetches.iter_mut().enumerate() {
-            match table::slot(f.entry) {
+            match f.entry.slot() {
                 Some(slot) => {
                     transfers.push(PageTransfer { slot, offset: f.staging * PAGE_SIZE });
                     idxs.push(i);
@@ -635,7 +606,9 @@ impl Handler {
 
     fn fail_page(&mut self, region: &RegionState, f: &Fetch) {
         let addr = region.page_addr(f.page);
-        let server = table::slot(f.entry)
+        let server = f
+            .entry
+            .slot()
             .and_then(|slot| self.shared.store.lender_of(slot))
             .unwrap_or(std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
         let reason = f.outcome.as_ref().err().map_or_else(|| "unknown".into(), ToString::to_string);
@@ -650,7 +623,7 @@ impl Handler {
         if let Some(handler) = &region.options.on_failure {
             handler(&FetchFailure { addr, offset: addr - region.base, server, reason });
         }
-        region.table.unlock(f.page, f.entry | POISONED, Transition::Poisoned);
+        region.table.unlock(f.page, f.entry.poisoned(), Transition::Poisoned);
         if let Err(e) = self.retry(|h| h.shared.uffd.poison(addr, PAGE_SIZE)) {
             tracing::error!(error = %e, "UFFDIO_POISON failed; the faulting thread stays blocked");
         }
@@ -664,7 +637,7 @@ impl Handler {
         let mut freed_resident = 0;
         self.for_pages(start, end, |region, page| {
             let e = region.table.lock(page);
-            if table::remove_unhandled(e) {
+            if e.remove_unhandled() {
                 freed_resident += apply_remove(&shared, region, page, e);
             } else {
                 region.table.unlock(page, e, Transition::NotInstalled);
@@ -677,20 +650,20 @@ impl Handler {
 /// Applies the pending remove events to a page locked with entry `e`: its remote copy is freed
 /// and it becomes a zero page. Returns the resident pages freed (0 or 1) for the caller to
 /// unreserve.
-pub(crate) fn apply_remove(shared: &Shared, region: &RegionState, page: usize, e: u64) -> usize {
+pub(crate) fn apply_remove(shared: &Shared, region: &RegionState, page: usize, e: Entry) -> usize {
     let mut freed = 0;
-    if e & RESIDENT != 0 {
+    if e.is_resident() {
         freed = 1;
-        if e & PREFETCHED != 0 {
+        if e.is_prefetched() {
             Counters::add(&shared.stats.prefetch_wasted, 1);
         }
     }
-    if let Some(slot) = table::slot(e) {
+    if let Some(slot) = e.slot() {
         shared.store.free(slot);
         Counters::add(&shared.stats.remote_freed, 1);
     }
     Counters::add(&shared.stats.removed_pages, 1);
-    region.table.unlock_removed(page, 0);
+    region.table.unlock_removed(page);
     freed
 }
 
@@ -699,14 +672,14 @@ pub(crate) const POISONED_NOTE: &str = "the page is poisoned (SIGBUS on access),
 
 /// Logs and counts a broken page-state invariant: a bug in Coalesce, made loud. The caller
 /// poisons the page, so the program gets SIGBUS on it instead of wrong data.
-pub(crate) fn report_violation(shared: &Shared, region: &RegionState, page: usize, e: u64, what: &str) {
+pub(crate) fn report_violation(shared: &Shared, region: &RegionState, page: usize, e: Entry, what: &str) {
     let addr = region.page_addr(page);
     let server =
-        table::slot(e).and_then(|slot| shared.store.lender_of(slot)).map_or_else(|| "none".into(), |a| a.to_string());
+        e.slot().and_then(|slot| shared.store.lender_of(slot)).map_or_else(|| "none".into(), |a| a.to_string());
     tracing::error!(
         addr = format_args!("{addr:#x}"),
         page,
-        entry = %table::Entry::from_bits(e),
+        entry = %e,
         lender = %server,
         "page-state violation (a bug in Coalesce): {what}"
     );

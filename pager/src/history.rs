@@ -13,7 +13,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
-use crate::table::Entry;
+use crate::entry::Entry;
 
 /// Why a page's entry changed (or what was done to the page).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -31,7 +31,7 @@
 //!   either precedes the read (and the zap then removes it) or sees the mark: none lands after a
 //!   zap it did not know about.
 //! - **Never zeros for written data**: the page table remembers that a page holds written data
-//!   (`table::WRITTEN`); a path that would fill such a page with zeros, or find it gone without a
+//!   (`WRITTEN`, see [`PageState::Lost`]); a path that would fill such a page with zeros, or find it gone without a
 //!   discard, poisons it instead and counts a page-state violation (see `coalesce stress`).
 //!
 //! Budget and slack: an install first reserves room (`resident + n <= budget`), so the pages the
@@ -70,6 +70,7 @@ use std::time::Duration;
 use rdma::{EndpointOptions, LinkProfile, ProviderKind};
 
 mod budget;
+mod entry;
 mod evict;
 mod fault;
 pub mod history;
@@ -89,9 +90,9 @@ mod sync;
 mod table;
 mod uffd;
 
+pub use entry::{Entry as PageEntry, PageState};
 pub use region::{FailureHandler, FetchFailure, Region, RegionOptions, RemoteVec};
 pub use stats::{ExitReport, PagerStats};
-pub use table::Entry as PageEntry;
 pub use uffd::OpenError as UserfaultfdError;
 
 /// The page size the pager works in.

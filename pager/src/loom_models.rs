@@ -8,7 +8,8 @@ use loom::thread;
 
 use crate::budget::Budget;
 use crate::history::Transition;
-use crate::table::{self, PageTable, DIRTY, RESIDENT};
+use crate::store::Slot;
+use crate::table::PageTable;
 
 /// Two threads each lock a page and bump a counter kept in its slot bits: the `BUSY` lock
 /// excludes, so no increment is lost.
@@ -21,15 +22,15 @@ fn loom_the_page_lock_excludes() {
                 let t = Arc::clone(&t);
                 thread::spawn(move || {
                     let e = t.lock(0);
-                    let n = table::slot_of(e).raw() + 1;
-                    t.unlock(0, table::with_slot(e, crate::store::Slot::from_raw(n)), Transition::NotInstalled);
+                    let n = e.slot().map_or(0, Slot::raw) + 1;
+                    t.unlock(0, e.with_slot(Slot::from_raw(n)), Transition::NotInstalled);
                 })
             })
             .collect();
         for h in handles {
             h.join().expect("thread");
         }
-        assert_eq!(table::slot_of(t.load(0)).raw(), 2);
+        assert_eq!(t.load(0).slot(), Some(Slot::from_raw(2)));
     });
 }
 
@@ -43,7 +44,7 @@ fn loom_remove_marks_survive_a_concurrent_unlock() {
             let t = Arc::clone(&t);
             thread::spawn(move || {
                 let e = t.lock(0);
-                t.unlock(0, e | RESIDENT | DIRTY, Transition::Fetched);
+                t.unlock(0, e.installed(true), Transition::Fetched);
             })
         };
         let reader = {
@@ -53,8 +54,8 @@ fn loom_remove_marks_survive_a_concurrent_unlock() {
         fault.join().expect("fault");
         reader.join().expect("reader");
         let e = t.load(0);
-        assert!(table::remove_unhandled(e) && table::discard_pending(e), "the marks were lost: {e:#x}");
-        assert_eq!(e & (RESIDENT | DIRTY), RESIDENT | DIRTY);
+        assert!(e.remove_unhandled() && e.discard_pending(), "the marks were lost: {e}");
+        assert!(e.is_resident() && e.is_dirty());
     });
 }
 

@@ -1,7 +1,8 @@
 //! An exhaustive model check of the page state machine: one page, one application thread that
 //! writes and reads it, two fault-handling threads and the evictor, every interleaving of their
 //! atomic steps (page-table compare-and-swaps and userfaultfd ioctls) explored by depth-first
-//! search. The steps mirror `fault.rs` and `evict.rs`; the checked property is the pager's
+//! search. The steps mirror `fault.rs` and `evict.rs` and change the entry with the same
+//! [`Entry`] transitions; the checked property is the pager's
 //! promise: every read returns the last value written, or the access gets SIGBUS. A stale fault
 //! event (the application re-faulting after a wake) is part of the model.
 //!
@@ -12,6 +13,9 @@
 //! versions, planned with sealed pages, can catch that.)
 
 use std::collections::HashSet;
+
+use crate::entry::{Entry, PageState};
+use crate::store::Slot;
 
 /// What the application thread is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -56,13 +60,9 @@ enum Evictor {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct State {
-    // The page-table entry.
-    resident: bool,
-    dirty: bool,
-    written: bool,
-    remote_valid: bool,
+    // The page-table entry (the pager's own type and transitions) and its lock.
+    entry: Entry,
     busy: bool,
-    poisoned: bool,
     // The kernel's view of the page.
     mapped: bool,
     writable: bool,
@@ -111,12 +111,8 @@ struct Outcome {
 impl State {
     fn new(evictions: u8) -> Self {
         Self {
-            resident: false,
-            dirty: false,
-            written: false,
-            remote_valid: false,
+            entry: Entry::ZERO,
             busy: false,
-            poisoned: false,
             mapped: false,
             writable: false,
             poison_marker: false,
@@ -154,7 +150,7 @@ impl State {
 
     /// The pager's poison path: poisons the entry and the page (SIGBUS on access).
     fn poison_page(&mut self) {
-        self.poisoned = true;
+        self.entry = self.entry.poisoned();
         if !self.mapped {
             self.poison_marker = true;
         }
@@ -225,30 +221,31 @@ fn successors(s: &State, o: Options) -> Vec<(State, ReadResult)> {
                 let mut n = s.clone();
                 n.events.remove(0);
                 match ev {
-                    Event::Missing { write } => {
-                        if n.poisoned {
-                            n.poison_page();
-                        } else if n.resident {
-                            // fault_on_resident: UFFDIO_POISON tells mapped (EEXIST) from lost.
+                    Event::Missing { write } => match n.entry.state() {
+                        PageState::Poisoned => n.poison_page(),
+                        PageState::Resident => {
+                            // fault_on_resident: mincore tells mapped (a stale event) from lost.
                             if !n.mapped {
                                 n.violations += 1;
-                                n.resident = false;
                                 n.poison_page();
                             }
                             n.wake();
-                        } else if n.remote_valid {
+                        }
+                        PageState::Remote => {
                             n.busy = true;
                             n.handlers[h] = Handler::Missing { write, fetched: Some(n.remote) };
-                        } else if n.written && o.invariant {
+                        }
+                        PageState::Lost if o.invariant => {
                             n.violations += 1;
                             n.poison_page();
-                        } else {
+                        }
+                        PageState::Lost | PageState::Absent => {
                             n.busy = true;
                             n.handlers[h] = Handler::Missing { write, fetched: None };
                         }
-                    }
+                    },
                     Event::WriteProtect => {
-                        if n.resident {
+                        if n.entry.is_resident() {
                             n.busy = true;
                             n.handlers[h] = Handler::WriteProtect;
                         } else {
@@ -263,11 +260,7 @@ fn successors(s: &State, o: Options) -> Vec<(State, ReadResult)> {
                 // merged here because nothing else may touch a locked entry in between.
                 let mut n = s.clone();
                 if n.copy(fetched.unwrap_or(0), write) {
-                    n.resident = true;
-                    if write {
-                        n.dirty = true;
-                        n.written = true;
-                    }
+                    n.entry = n.entry.installed(write);
                 }
                 n.busy = false;
                 n.handlers[h] = Handler::Idle;
@@ -279,8 +272,7 @@ fn successors(s: &State, o: Options) -> Vec<(State, ReadResult)> {
                     n.writable = true;
                 }
                 n.wake();
-                n.dirty = true;
-                n.written = true;
+                n.entry = n.entry.written_to();
                 n.busy = false;
                 n.handlers[h] = Handler::Idle;
                 out.push((n, ReadResult::Other));
@@ -289,7 +281,7 @@ fn successors(s: &State, o: Options) -> Vec<(State, ReadResult)> {
     }
     // The evictor.
     match s.evictor {
-        Evictor::Idle if s.evictions_left > 0 && s.resident && !s.busy => {
+        Evictor::Idle if s.evictions_left > 0 && s.entry.is_resident() && !s.busy => {
             let mut n = s.clone();
             n.busy = true;
             n.evictions_left -= 1;
@@ -307,9 +299,7 @@ fn successors(s: &State, o: Options) -> Vec<(State, ReadResult)> {
             } else {
                 // ENOENT with no discard pending: the data is lost; poisoned, never zero.
                 n.violations += 1;
-                n.resident = false;
-                n.dirty = false;
-                n.poisoned = true;
+                n.entry = n.entry.poisoned();
                 n.busy = false;
                 n.evictor = Evictor::Idle;
             }
@@ -318,13 +308,13 @@ fn successors(s: &State, o: Options) -> Vec<(State, ReadResult)> {
         Evictor::Moved(staged) => {
             // Write back if dirty (the write completes before the unlock), then publish.
             let mut n = s.clone();
-            let dirty = n.dirty && !o.drop_dirty;
-            if dirty {
+            let entry = if o.drop_dirty { n.entry.dirty_forgotten() } else { n.entry };
+            n.entry = if entry.is_dirty() {
                 n.remote = staged;
-                n.remote_valid = true;
-            }
-            n.resident = false;
-            n.dirty = false;
+                entry.evicted(Some(Slot::from_raw(0)))
+            } else {
+                entry.evicted(None)
+            };
             n.busy = false;
             n.evictor = Evictor::Idle;
             out.push((n, ReadResult::Other));

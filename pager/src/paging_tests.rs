@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::store::{MemoryStore, MemoryStoreFaults, PageStore};
-use crate::{table, Pager, PagerConfig, Region, RegionOptions, PAGE_SIZE};
+use crate::{Pager, PagerConfig, Region, RegionOptions, PAGE_SIZE};
 
 const WORDS: usize = PAGE_SIZE / 8;
 
@@ -37,7 +37,7 @@ fn first_wrong(region: &Region<'_>, pages: std::ops::Range<usize>, seed: u64) ->
 }
 
 fn is_resident(region: &Region<'_>, page: usize) -> bool {
-    region.state().table.load(page) & table::RESIDENT != 0
+    region.state().table.load(page).is_resident()
 }
 
 /// Reads the page at `addr` from the kernel (a `write` of it into a pipe), so that a poisoned
@@ -135,8 +135,7 @@ fn a_failed_write_back_puts_the_page_back_and_loses_nothing() {
     assert_eq!(first_wrong(&region, 8..256, 1), None);
     assert_eq!(first_wrong(&region, 0..8, 2), None);
     let gone = region.evict(0, 8 * PAGE_SIZE);
-    let entries: Vec<String> =
-        (0..8).map(|p| table::Entry::from_bits(region.state().table.load(p)).to_string()).collect();
+    let entries: Vec<String> = (0..8).map(|p| region.state().table.load(p).to_string()).collect();
     assert_eq!(gone, 8, "writes work again; entries {entries:?}\n{}", pager.stats());
     assert_eq!(first_wrong(&region, 0..8, 2), None);
 }

@@ -238,12 +238,11 @@ impl<'p> Region<'p> {
         let shared = self.pager.shared();
         let first = offset / PAGE_SIZE;
         let last = offset.saturating_add(len).div_ceil(PAGE_SIZE).min(self.state.table.len());
-        let resident = |p: &usize| self.state.table.load(*p) & table::RESIDENT != 0;
+        let resident = |p: &usize| self.state.table.load(*p).is_resident();
         let force = |pages: &[usize]| shared.queue.force(self.state.id, pages);
         // A page still locked by a fault that installed it (the access returns before the entry
         // says resident) is waited for, so that it is not passed over.
-        let mut pages: Vec<usize> =
-            (first..last).filter(|&p| self.state.table.wait_idle(p) & table::RESIDENT != 0).collect();
+        let mut pages: Vec<usize> = (first..last).filter(|&p| self.state.table.wait_idle(p).is_resident()).collect();
         force(&pages);
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         let mut spins = 0;
@@ -258,7 +257,7 @@ impl<'p> Region<'p> {
             }
             table::backoff(&mut spins);
         }
-        (first..last).filter(|&p| self.state.table.load(p) & table::RESIDENT == 0).count()
+        (first..last).filter(|&p| !self.state.table.load(p).is_resident()).count()
     }
 
     /// Brings every remote page of the region back into local memory by touching it from the
@@ -267,8 +266,7 @@ impl<'p> Region<'p> {
     pub fn fetch_all(&self) -> usize {
         let mut n = 0;
         for page in 0..self.state.table.len() {
-            let e = self.state.table.load(page);
-            if e & table::REMOTE_VALID != 0 && e & table::RESIDENT == 0 {
+            if self.state.table.load(page).state() == crate::PageState::Remote {
                 // SAFETY: a byte inside this live region; the read faults the page in.
                 unsafe { std::ptr::read_volatile(self.as_ptr().add(page * PAGE_SIZE)) };
                 n += 1;
@@ -279,9 +277,9 @@ impl<'p> Region<'p> {
 
     /// The recorded transitions of the page at byte `offset` (empty unless the pager keeps a
     /// history: [`crate::PagerConfig::history`]), oldest first, with the page's entry now.
-    pub fn page_history(&self, offset: usize) -> (Vec<crate::history::Record>, table::Entry) {
+    pub fn page_history(&self, offset: usize) -> (Vec<crate::history::Record>, crate::PageEntry) {
         let page = offset / PAGE_SIZE;
-        let now = table::Entry::from_bits(if page < self.state.table.len() { self.state.table.load(page) } else { 0 });
+        let now = if page < self.state.table.len() { self.state.table.load(page) } else { crate::PageEntry::ZERO };
         let records = self.pager.shared().history.as_ref().map(|h| h.of_page(self.state.id, page)).unwrap_or_default();
         (records, now)
     }
@@ -311,11 +309,11 @@ impl Drop for Region<'_> {
         let mut resident = 0;
         for page in 0..s.table.len() {
             let e = s.table.load(page);
-            if e & table::RESIDENT != 0 {
+            if e.is_resident() {
                 resident += 1;
             }
-            if e & table::HAS_SLOT != 0 {
-                shared.store.free(table::slot_of(e));
+            if let Some(slot) = e.slot() {
+                shared.store.free(slot);
             }
         }
         shared.unreserve(resident);
