@@ -151,8 +151,7 @@ pub fn worker(mode: Mode, size: usize, local: usize, passes: usize, random_reads
             (workload::run(words, &opts).map_err(|e| setup(&e))?, String::new())
         }
         Mode::Coalesce => {
-            let config =
-                lender::ServerConfig { capacity: (size as u64 * 2).max(256 << 20), ..lender::ServerConfig::loopback() };
+            let config = lender::ServerConfig::embedded((size as u64 * 2).max(256 << 20));
             let server = lender::start(config).map_err(|e| setup(&e))?;
             let pager = Pager::new(PagerConfig::new(vec![server.addr()], local)).map_err(|e| setup(&e))?;
             let mut region = pager.map(size, RegionOptions::default()).map_err(|e| setup(&e))?;

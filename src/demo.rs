@@ -112,10 +112,9 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
     let embedded = if opts.servers.is_empty() {
         let capacity = (opts.size as u64 * 2).max(256 << 20);
         let config = lender::ServerConfig {
-            capacity,
             provider: opts.provider,
             device: opts.device.clone(),
-            ..lender::ServerConfig::loopback()
+            ..lender::ServerConfig::embedded(capacity)
         };
         Some(lender::start(config)?)
     } else {

@@ -93,7 +93,7 @@ pub fn run(opts: &RunOptions) -> Result<RunOutcome, RunError> {
     let lib = library_path()?;
     let embedded = if opts.embedded_server {
         let capacity = opts.heap_size.max(1 << 30);
-        let config = lender::ServerConfig { capacity, ..lender::ServerConfig::loopback() };
+        let config = lender::ServerConfig::embedded(capacity);
         Some(lender::start(config)?)
     } else {
         None

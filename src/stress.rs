@@ -454,7 +454,7 @@ pub fn run(opts: &StressOptions) -> Result<Result<Vec<ConfigReport>, Box<Mismatc
     }
     let embedded = if opts.servers.is_empty() {
         let capacity = (opts.size as u64 * 2).max(256 << 20);
-        Some(lender::start(lender::ServerConfig { capacity, ..lender::ServerConfig::loopback() })?)
+        Some(lender::start(lender::ServerConfig::embedded(capacity))?)
     } else {
         None
     };

@@ -43,8 +43,7 @@ fn capacity_exhaustion_returns_the_typed_error_and_freeing_makes_room() {
 #[test]
 fn a_silent_clients_slabs_are_reclaimed_after_the_lease_and_it_is_told() {
     let server = ServerProcess::start(&["--capacity", "8MiB", "--slab-size", "1MiB", "--lease", "600ms"]);
-    let options = ClientOptions { client_id: 0x5eed, ..ClientOptions::default() };
-    let mut silent = ControlClient::connect(server.addr, &options).unwrap();
+    let mut silent = ControlClient::connect(server.addr, &ClientOptions::default()).unwrap();
     assert_eq!(silent.session().outcome, SessionOutcome::New);
     assert_eq!(silent.session().lease, Duration::from_millis(600));
     let slab = silent.alloc_slab().unwrap();
@@ -74,15 +73,23 @@ fn a_silent_clients_slabs_are_reclaimed_after_the_lease_and_it_is_told() {
     }
     assert!(expired_seen, "the lease never expired");
 
-    // The silent client's old rkey no longer opens anything.
-    ep.post(&WorkRequest::read(2, vec![seg])).unwrap();
-    let c = common::wait_one(&ep);
-    assert_eq!(c.status, CompletionStatus::RemoteAccessError);
+    // The silent client's data connection does not outlive its session: a read on it fails.
+    let c = match ep.post(&WorkRequest::read(2, vec![seg.clone()])) {
+        Ok(()) => common::wait_one(&ep).status,
+        Err(_) => CompletionStatus::RemoteAccessError,
+    };
+    assert_ne!(c, CompletionStatus::Success, "a data connection outlived its session");
     // Its control connection is told the session is gone...
     assert!(matches!(silent.alloc_slab(), Err(ClientError::SessionExpired { .. })));
-    // ...and so is a reconnect with the same client id.
-    let back = ControlClient::connect(server.addr, &options).unwrap();
+    // ...and so is a reconnect that resumes it.
+    let resume =
+        ClientOptions { client_id: Some(silent.client_id()), resume: Some(silent.proof()), ..Default::default() };
+    let mut back = ControlClient::connect(server.addr, &resume).unwrap();
     assert_eq!(back.session().outcome, SessionOutcome::Expired);
+    // The old rkey opens nothing for anyone, the new session included.
+    let ep2 = back.connect_endpoint(ProviderKind::Shim, &EndpointOptions::default()).unwrap();
+    ep2.post(&WorkRequest::read(3, vec![seg])).unwrap();
+    assert_eq!(common::wait_one(&ep2).status, CompletionStatus::RemoteAccessError);
     // The loyal client's slab is still there.
     assert_eq!(loyal.stats().unwrap().slabs, 1);
 }
@@ -90,11 +97,12 @@ fn a_silent_clients_slabs_are_reclaimed_after_the_lease_and_it_is_told() {
 #[test]
 fn reconnecting_within_the_lease_resumes_the_session() {
     let server = ServerProcess::start(&["--capacity", "8MiB", "--slab-size", "1MiB", "--lease", "10s"]);
-    let options = ClientOptions { client_id: 42, ..ClientOptions::default() };
-    let mut first = ControlClient::connect(server.addr, &options).unwrap();
+    let mut first = ControlClient::connect(server.addr, &ClientOptions::default()).unwrap();
     let slab = first.alloc_slab().unwrap();
+    let resume =
+        ClientOptions { client_id: Some(first.client_id()), resume: Some(first.proof()), ..Default::default() };
     drop(first);
-    let mut again = ControlClient::connect(server.addr, &options).unwrap();
+    let mut again = ControlClient::connect(server.addr, &resume).unwrap();
     assert_eq!(again.session().outcome, SessionOutcome::Resumed);
     again.free_slab(slab.slab_id).unwrap();
 }
@@ -126,11 +134,27 @@ fn the_command_line_explains_itself_and_refuses_bad_flags() {
     let help = Command::new(bin).arg("--help").output().unwrap();
     assert!(help.status.success());
     let text = String::from_utf8_lossy(&help.stdout);
-    for flag in ["--listen", "--capacity", "--slab-size", "--lease", "--provider", "--max-connections"] {
+    let flags = [
+        "--listen",
+        "--capacity",
+        "--overcommit",
+        "--quota",
+        "--slab-size",
+        "--lease",
+        "--provider",
+        "--max-connections",
+        "--max-connections-per-peer",
+        "--handshake-timeout",
+    ];
+    for flag in flags {
         assert!(text.contains(flag), "--help does not explain {flag}");
     }
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 8] = [
         (&["--capacity", "lots"], "capacity"),
+        (&["--capacity", "100TiB"], "--overcommit"),
+        (&["--quota", "4KiB"], "--quota"),
+        (&["--max-connections", "8", "--max-connections-per-peer", "9"], "--max-connections-per-peer"),
+        (&["--handshake-timeout", "1ms"], "--handshake-timeout"),
         (&["--capacity", "1MiB", "--slab-size", "64MiB"], "smaller than one slab"),
         (&["--slab-size", "1000"], "multiple of 4 KiB"),
         (&["--lease", "soon"], "lease"),

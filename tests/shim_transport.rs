@@ -275,7 +275,12 @@ fn garbage_on_one_socket_does_not_disturb_another_client() {
         let mut out = Vec::new();
         rdma::control::encode_request(
             &mut out,
-            &rdma::control::ControlRequest::Hello { client_id: 5, provider: ProviderKind::Shim, token: vec![] },
+            &rdma::control::ControlRequest::Hello {
+                client_id: 5,
+                provider: ProviderKind::Shim,
+                resume: None,
+                token: vec![],
+            },
         );
         out.extend_from_slice(&rdma::frame::Header::encode(rdma::control::KIND_FREE_SLAB, 2));
         out.extend_from_slice(&[0, 0]);

@@ -109,8 +109,7 @@ fn verbs_reads_and_writes_many_pages_and_a_wrong_rkey_fails_cleanly() {
     buf.read_at(0, &mut page).unwrap();
     assert!(page == pattern(3, 0), "the failed WRITE changed the slab");
     // Another session's rkey opens nothing of this one.
-    let other_options =
-        ClientOptions { provider: ProviderKind::Verbs, client_id: options.client_id ^ 1, ..ClientOptions::default() };
+    let other_options = ClientOptions { provider: ProviderKind::Verbs, ..ClientOptions::default() };
     let mut other = ControlClient::connect(server.addr, &other_options).unwrap();
     let ep3 = other.connect_endpoint(ProviderKind::Verbs, &ep_options).unwrap();
     let seg = Segment { local: LocalSlice::new(&buf, 0, PAGE_SIZE).unwrap(), remote_addr: slab.addr, rkey: slab.rkey };

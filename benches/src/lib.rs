@@ -49,6 +49,6 @@ impl Tails {
 
 /// Starts a memory-server in this process on 127.0.0.1 with `capacity` bytes.
 pub fn server(capacity: u64) -> lender::ServerHandle {
-    let config = lender::ServerConfig { capacity, ..lender::ServerConfig::loopback() };
+    let config = lender::ServerConfig::embedded(capacity);
     lender::start(config).unwrap_or_else(|e| panic!("cannot start the embedded memory-server: {e}"))
 }

@@ -28,6 +28,8 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use rdma::ProviderKind;
 
+mod deadline;
+pub mod peers;
 mod server;
 pub mod sessions;
 
@@ -61,6 +63,26 @@ pub enum ServerError {
 /// The largest slab: 2^20 pages of 4 KiB (the borrower numbers a slab's pages in 20 bits).
 pub const MAX_SLAB_SIZE: u64 = 4 << 30;
 
+/// The capacity offered when none is configured, if the machine has room for it.
+pub const DEFAULT_CAPACITY: u64 = 4 << 30;
+
+/// Memory this machine can back now: `MemAvailable` from `/proc/meminfo` (free memory plus what
+/// the kernel can reclaim without swapping), if it can be read.
+pub fn available_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// The capacity offered when none is configured: [`DEFAULT_CAPACITY`], or half the memory the
+/// machine has available if that is less (in whole slabs of `slab_size`, at least one).
+pub fn default_capacity(slab_size: u64) -> u64 {
+    let half = available_memory().map_or(DEFAULT_CAPACITY, |a| a / 2);
+    let capacity = DEFAULT_CAPACITY.min(half);
+    (capacity - capacity % slab_size.max(1)).max(slab_size)
+}
+
 /// A duration as `--lease` would take it (seconds, or milliseconds below one second).
 fn humantime_like(d: Duration) -> String {
     if d < Duration::from_secs(1) {
@@ -85,22 +107,49 @@ pub struct ServerConfig {
     pub provider: ProviderKind,
     /// Most connections open at once.
     pub max_connections: usize,
+    /// Most connections open at once from one IP address.
+    pub max_connections_per_peer: usize,
+    /// Bytes one client (session) may hold (`None`: up to the capacity).
+    pub quota: Option<u64>,
+    /// Accept a capacity beyond the memory the machine has available (the OOM killer decides what
+    /// happens when it is used).
+    pub overcommit: bool,
+    /// How long a new connection may take to send its complete first frame.
+    pub handshake_timeout: Duration,
     /// RDMA device for the verbs provider (`None`: the first one).
     pub device: Option<String>,
 }
 
 impl ServerConfig {
-    /// Defaults on 127.0.0.1 with an OS-chosen port: 4 GiB in 64 MiB slabs, 30 s lease.
+    /// Defaults on 127.0.0.1 with an OS-chosen port: 4 GiB (or half the available memory, if
+    /// less; [`default_capacity`]) in 64 MiB slabs, 30 s lease, 4096 connections (1024 per
+    /// address), no quota, 10 s to send the first frame.
     pub fn loopback() -> Self {
+        let slab_size = 64 << 20;
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            capacity: 4 << 30,
-            slab_size: 64 << 20,
+            capacity: default_capacity(slab_size),
+            slab_size,
             lease: Duration::from_secs(30),
             provider: ProviderKind::Shim,
             max_connections: 4096,
+            max_connections_per_peer: 1024,
+            quota: None,
+            overcommit: false,
+            handshake_timeout: Duration::from_secs(10),
             device: None,
         }
+    }
+
+    /// A lender embedded in a borrowing process (`coalesce demo|run|bench|stress`), asked for
+    /// `wanted` bytes: the [`ServerConfig::loopback`] defaults with that capacity, capped at three
+    /// quarters of the memory the machine has available (the embedded lender's slabs share the
+    /// machine with the borrower; a borrower that needs more gets "capacity exhausted" and keeps
+    /// pages local, loudly, instead of meeting the OOM killer).
+    pub fn embedded(wanted: u64) -> Self {
+        let base = Self::loopback();
+        let room = available_memory().map_or(wanted, |a| a / 4 * 3);
+        Self { capacity: wanted.min(room).max(base.slab_size), ..base }
     }
 
     /// Checks the settings for consistency.
@@ -140,6 +189,35 @@ impl ServerConfig {
                 ByteSize(MAX_SLAB_SIZE)
             )));
         }
+        if self.max_connections_per_peer == 0 || self.max_connections_per_peer > self.max_connections {
+            return Err(ServerError::Config(format!(
+                "--max-connections-per-peer {} is out of range: it must be between 1 and --max-connections ({})",
+                self.max_connections_per_peer, self.max_connections
+            )));
+        }
+        if let Some(quota) = self.quota.filter(|&q| q < self.slab_size) {
+            return Err(ServerError::Config(format!(
+                "--quota {} is smaller than one slab ({}); raise --quota or lower --slab-size",
+                ByteSize(quota),
+                ByteSize(self.slab_size)
+            )));
+        }
+        if self.handshake_timeout < Duration::from_millis(100) || self.handshake_timeout > Duration::from_secs(600) {
+            return Err(ServerError::Config(format!(
+                "--handshake-timeout {} is out of range: it must be between 100ms and 10min",
+                humantime_like(self.handshake_timeout)
+            )));
+        }
+        if !self.overcommit {
+            if let Some(available) = available_memory().filter(|&a| self.capacity > a) {
+                return Err(ServerError::Config(format!(
+                    "--capacity {} is more than this machine can back ({} available now); lower --capacity, \
+                     or pass --overcommit to offer it anyway (the OOM killer decides when it runs out)",
+                    ByteSize(self.capacity),
+                    ByteSize(available)
+                )));
+            }
+        }
 
         Ok(())
     }
@@ -158,10 +236,26 @@ mod tests {
             (ServerConfig { lease: Duration::from_millis(10), ..ok.clone() }, "--lease"),
             (ServerConfig { max_connections: 0, ..ok.clone() }, "--max-connections"),
             (ServerConfig { slab_size: 8 << 60, capacity: u64::MAX, ..ok.clone() }, "--slab-size"),
+            (ServerConfig { capacity: 100 << 40, ..ok.clone() }, "--overcommit"),
+            (ServerConfig { max_connections_per_peer: 0, ..ok.clone() }, "--max-connections-per-peer"),
+            (ServerConfig { quota: Some(4096), ..ok.clone() }, "--quota"),
+            (ServerConfig { handshake_timeout: Duration::from_secs(86_400), ..ok.clone() }, "--handshake-timeout"),
         ];
         for (config, flag) in cases {
             let err = config.validate().expect_err(flag).to_string();
             assert!(err.contains(flag), "{err}");
+        }
+        let overcommitted = ServerConfig { capacity: 100 << 40, overcommit: true, ..ok.clone() };
+        assert!(overcommitted.validate().is_ok(), "--overcommit accepts it");
+    }
+
+    #[test]
+    fn the_default_capacity_fits_the_machine() {
+        let capacity = default_capacity(64 << 20);
+        assert!((64 << 20..=DEFAULT_CAPACITY).contains(&capacity));
+        assert_eq!(capacity % (64 << 20), 0);
+        if let Some(available) = available_memory() {
+            assert!(capacity <= available.max(64 << 20), "{capacity} > {available}");
         }
     }
 }

@@ -1,5 +1,9 @@
 //! The memory-server's network side: one listening port, a thread per connection that reads the
 //! first frame and becomes either a control session handler or a shim target, and a lease reaper.
+//! Before a connection has proved a session, its first frame is bounded (4 KiB, complete within
+//! the handshake timeout) and its address must be admitted ([`crate::peers`]); afterwards a
+//! control connection is bounded per frame and idle time, and a data connection lives as long
+//! as its session.
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -8,16 +12,21 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rdma::control::{self, ControlRequest, ControlResponse, ErrorCode, ServerStats};
-use rdma::frame::{read_frame, FrameError, ReadFrameError};
+use rdma::control::{self, ControlRequest, ControlResponse, ErrorCode, ServerStats, SessionProof};
+use rdma::frame::{FrameError, ReadFrameError};
+use rdma::ids::short;
 use rdma::shim::target::{self, MemoryRegistry, SessionCheck};
 use rdma::ProviderKind;
 
-use crate::sessions::{Refusal, Sessions};
+use crate::deadline::{is_timeout, read_frame_by, wait_for_data};
+use crate::peers::{Admission, Peers, Refused};
+use crate::sessions::{Limits, Refusal, Sessions};
 use crate::{ServerConfig, ServerError};
 
-/// How long a new connection may take to send its first frame.
-const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest body of a connection's first frame (a HELLO with the longest token is about 1 KiB).
+const MAX_FIRST_BODY: u32 = 4096;
+/// Largest body of a later control request (all are small).
+const MAX_CONTROL_BODY: u32 = 4096;
 
 #[derive(Debug)]
 struct Shared {
@@ -26,9 +35,24 @@ struct Shared {
     sessions: Mutex<Sessions>,
     shutting_down: AtomicBool,
     connections: AtomicUsize,
+    peers: Arc<Peers>,
 }
 
 impl Shared {
+    /// Counts a failed proof by `peer`, and says so once when it goes past the limit.
+    fn failed(&self, peer: SocketAddr, what: &str) {
+        if self.peers.failed(peer.ip(), Instant::now()) {
+            tracing::warn!(
+                %peer,
+                limit = crate::peers::FAILURE_LIMIT,
+                window_s = crate::peers::FAILURE_WINDOW.as_secs(),
+                refused_for_s = crate::peers::PENALTY.as_secs(),
+                last = what,
+                "too many failed attempts from this address: refusing its connections for a while"
+            );
+        }
+    }
+
     fn sessions(&self) -> MutexGuard<'_, Sessions> {
         self.sessions.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -57,6 +81,14 @@ impl Shared {
 impl SessionCheck for Shared {
     fn check(&self, session_id: u64, secret: u64) -> bool {
         self.sessions().check_secret(session_id, secret)
+    }
+
+    fn refused(&self, peer: SocketAddr) {
+        self.failed(peer, "data connection with a wrong session secret");
+    }
+
+    fn idle_check_period(&self) -> Duration {
+        self.config.lease
     }
 }
 
@@ -116,18 +148,22 @@ pub fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         TcpListener::bind(config.listen).map_err(|source| ServerError::Bind { addr: config.listen, source })?;
     let addr = listener.local_addr().map_err(|source| ServerError::Bind { addr: config.listen, source })?;
     let registry = MemoryRegistry::new();
-    let mut sessions = Sessions::new(Arc::clone(&registry), config.capacity, config.slab_size, config.lease);
+    let limits =
+        Limits { capacity: config.capacity, slab_size: config.slab_size, lease: config.lease, quota: config.quota };
+    let mut sessions = Sessions::new(Arc::clone(&registry), limits);
     if config.provider == ProviderKind::Verbs {
         let device = rdma::verbs::VerbsDevice::open(config.device.as_deref()).map_err(ServerError::Verbs)?;
         tracing::info!(device = device.name(), "serving the verbs provider");
         sessions.enable_verbs(device);
     }
+    let peers = Peers::new(config.max_connections_per_peer);
     let shared = Arc::new(Shared {
         config,
         registry,
         sessions: Mutex::new(sessions),
         shutting_down: AtomicBool::new(false),
         connections: AtomicUsize::new(0),
+        peers,
     });
     tracing::info!(
         %addr,
@@ -156,7 +192,7 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
         if shared.shutting_down.load(Ordering::Acquire) {
             return;
         }
-        let (stream, peer) = match accepted {
+        let (mut stream, peer) = match accepted {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
@@ -164,7 +200,23 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
                 continue;
             }
         };
-        let Some(slot) = ConnectionSlot::take(shared) else {
+        let admission = match shared.peers.admit(peer.ip(), Instant::now()) {
+            Ok(a) => a,
+            Err(Refused::Penalised) => {
+                tracing::debug!(%peer, "refusing connection: too many failed attempts from this address");
+                let msg = "too many failed attempts from this address; try again later";
+                send_error(&mut stream, ErrorCode::TooManyFailures, msg);
+                continue;
+            }
+            Err(Refused::TooManyConnections) => {
+                let limit = shared.config.max_connections_per_peer;
+                tracing::warn!(%peer, limit, "refusing connection: this address holds --max-connections-per-peer");
+                let msg = format!("this address holds {limit} connections already (--max-connections-per-peer)");
+                send_error(&mut stream, ErrorCode::BadRequest, &msg);
+                continue;
+            }
+        };
+        let Some(slot) = ConnectionSlot::take(shared, admission) else {
             tracing::warn!(%peer, limit = shared.config.max_connections, "refusing connection: too many open connections");
             continue;
         };
@@ -180,17 +232,18 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
     }
 }
 
-/// One of the `--max-connections` connection slots, held by a connection's thread. Failure
-/// policy of the lender: a panic on a connection thread (a bug: nothing a peer sends may cause
-/// one) ends that connection only; the slot is released as the panic unwinds, the panic message
-/// goes to stderr, and the lender goes on serving everyone else.
+/// One of the `--max-connections` connection slots (and its address's admission), held by a
+/// connection's thread. Failure policy of the lender: a panic on a connection thread (a bug:
+/// nothing a peer sends may cause one) ends that connection only; the slot is released as the
+/// panic unwinds, the panic message goes to stderr, and the lender goes on serving everyone else.
 struct ConnectionSlot {
     shared: Arc<Shared>,
+    _admission: Admission,
 }
 
 impl ConnectionSlot {
     /// Takes a slot, or `None` when all are in use.
-    fn take(shared: &Arc<Shared>) -> Option<Self> {
+    fn take(shared: &Arc<Shared>, admission: Admission) -> Option<Self> {
         let limit = shared.config.max_connections;
         let mut cur = shared.connections.load(Ordering::Acquire);
         loop {
@@ -198,7 +251,7 @@ impl ConnectionSlot {
                 return None;
             }
             match shared.connections.compare_exchange(cur, cur + 1, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => return Some(Self { shared: Arc::clone(shared) }),
+                Ok(_) => return Some(Self { shared: Arc::clone(shared), _admission: admission }),
                 Err(now) => cur = now,
             }
         }
@@ -215,9 +268,10 @@ fn reap_loop(shared: &Shared) {
     let period = (shared.config.lease / 4).clamp(Duration::from_millis(20), Duration::from_secs(1));
     while !shared.shutting_down.load(Ordering::Acquire) {
         std::thread::park_timeout(period);
+        shared.peers.prune(Instant::now());
         for r in shared.sessions().reap(Instant::now()) {
             tracing::info!(
-                client_id = format_args!("{:#018x}", r.client_id),
+                client = %short(r.client_id),
                 slabs = r.slabs,
                 bytes = r.bytes,
                 "lease expired: reclaimed the client's slabs"
@@ -234,10 +288,14 @@ fn send_error(stream: &mut TcpStream, code: ErrorCode, message: &str) {
 
 fn serve(mut stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) {
     let _ = stream.set_nodelay(true);
-    let _ = stream.set_read_timeout(Some(FIRST_FRAME_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(shared.config.handshake_timeout));
     let mut body = Vec::new();
-    let header = match read_frame(&mut stream, &mut body) {
+    let header = match read_frame_by(&stream, &mut body, MAX_FIRST_BODY, shared.config.handshake_timeout) {
         Ok(h) => h,
+        Err(ReadFrameError::Io(e)) if is_timeout(&e) => {
+            tracing::debug!(%peer, error = %e, "closing connection: no complete first frame in time");
+            return;
+        }
         Err(ReadFrameError::Io(e)) => {
             tracing::debug!(%peer, error = %e, "connection closed before its first frame");
             return;
@@ -245,18 +303,14 @@ fn serve(mut stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) {
         Err(ReadFrameError::Frame(e)) => {
             shared.registry.stats.malformed_connections.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%peer, reason = %e, "closing connection: malformed first frame");
-            let code = match e {
-                FrameError::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
-                _ => ErrorCode::BadRequest,
-            };
-            send_error(&mut stream, code, &e.to_string());
+            send_error(&mut stream, error_code(&e), &e.to_string());
             return;
         }
     };
     if header.kind == rdma::wire::KIND_DATA_CONNECT {
         match rdma::wire::decode_request(header.kind, &body) {
             Ok(rdma::wire::DataRequest::Connect { session_id, secret }) => {
-                let _ = stream.set_read_timeout(None);
+                let _ = stream.set_write_timeout(None);
                 target::serve_connection(stream, session_id, secret, &shared.registry, shared.as_ref());
             }
             Ok(_) | Err(_) => {
@@ -267,11 +321,13 @@ fn serve(mut stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) {
         return;
     }
     match control::decode_request(header.kind, &body) {
-        Ok(ControlRequest::Hello { client_id, provider, token }) => {
-            serve_control(stream, peer, shared, client_id, provider, &token);
+        Ok(ControlRequest::Hello { client_id, provider, resume, token }) => {
+            let hello = Hello { client_id, provider, resume, token_bytes: token.len() };
+            serve_control(stream, peer, shared, &hello);
         }
         Ok(other) => {
-            tracing::warn!(%peer, request = ?other, "closing connection: the first request must be HELLO");
+            tracing::warn!(%peer, kind = header.kind, "closing connection: the first request must be HELLO");
+            drop(other);
             send_error(&mut stream, ErrorCode::BadRequest, "send HELLO first");
         }
         Err(e) => {
@@ -282,15 +338,25 @@ fn serve(mut stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) {
     }
 }
 
-fn serve_control(
-    mut stream: TcpStream,
-    peer: SocketAddr,
-    shared: &Shared,
+/// The error code that tells a peer why its frame was refused.
+fn error_code(e: &FrameError) -> ErrorCode {
+    match e {
+        FrameError::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
+        _ => ErrorCode::BadRequest,
+    }
+}
+
+/// What a control connection's HELLO asked for.
+struct Hello {
     client_id: u64,
     provider: ProviderKind,
-    token: &[u8],
-) {
+    resume: Option<SessionProof>,
+    token_bytes: usize,
+}
+
+fn serve_control(mut stream: TcpStream, peer: SocketAddr, shared: &Shared, hello: &Hello) {
     let mut out = Vec::new();
+    let provider = hello.provider;
     if provider != shared.config.provider {
         tracing::warn!(%peer, %provider, "refusing hello: provider not offered");
         let msg = format!(
@@ -300,13 +366,24 @@ fn serve_control(
         send_error(&mut stream, ErrorCode::UnsupportedProvider, &msg);
         return;
     }
-    let grant = shared.sessions().hello(client_id, Instant::now());
+    let client_id = hello.client_id;
+    let grant = match shared.sessions().hello(client_id, hello.resume, Instant::now()) {
+        Ok(g) => g,
+        Err(r) => {
+            if r.code == ErrorCode::SessionInUse {
+                shared.failed(peer, "hello for a live session without its secret");
+            }
+            tracing::warn!(%peer, client = %short(client_id), code = ?r.code, "refusing hello: {}", r.message);
+            send_error(&mut stream, r.code, &r.message);
+            return;
+        }
+    };
     tracing::info!(
         %peer,
-        client_id = format_args!("{client_id:#018x}"),
-        session_id = grant.session_id,
+        client = %short(client_id),
+        session = %short(grant.session_id),
         outcome = ?grant.outcome,
-        token_bytes = token.len(),
+        token_bytes = hello.token_bytes,
         "client hello"
     );
     let lease_ms = u64::try_from(shared.config.lease.as_millis()).unwrap_or(u64::MAX);
@@ -323,12 +400,19 @@ fn serve_control(
     if stream.write_all(&out).is_err() {
         return;
     }
-    // A client that neither heartbeats nor talks for three leases is gone: free the thread.
-    let _ = stream.set_read_timeout(Some((shared.config.lease * 3).max(Duration::from_secs(5))));
+    // A client that neither heartbeats nor talks for three leases is gone: free the thread. A
+    // frame, once started, must arrive complete within the handshake timeout.
+    let idle = (shared.config.lease * 3).max(Duration::from_secs(5));
     let session_id = grant.session_id;
     let mut body = Vec::new();
     loop {
-        let header = match read_frame(&mut stream, &mut body) {
+        let header = match wait_for_data(&stream, idle).map_err(ReadFrameError::Io).and_then(|open| {
+            if open {
+                read_frame_by(&stream, &mut body, MAX_CONTROL_BODY, shared.config.handshake_timeout)
+            } else {
+                Err(ReadFrameError::Io(std::io::ErrorKind::UnexpectedEof.into()))
+            }
+        }) {
             Ok(h) => h,
             Err(ReadFrameError::Io(e)) => {
                 tracing::debug!(%peer, error = %e, "control connection closed");
@@ -337,11 +421,7 @@ fn serve_control(
             Err(ReadFrameError::Frame(e)) => {
                 shared.registry.stats.malformed_connections.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%peer, reason = %e, "closing control connection: malformed frame");
-                let code = match e {
-                    FrameError::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
-                    _ => ErrorCode::BadRequest,
-                };
-                send_error(&mut stream, code, &e.to_string());
+                send_error(&mut stream, error_code(&e), &e.to_string());
                 return;
             }
         };

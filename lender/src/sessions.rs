@@ -1,18 +1,18 @@
-//! Session bookkeeping of the memory-server: who holds which slabs, capacity accounting, and leases
-//! (a session whose client stops renewing is reclaimed; its client id is remembered so that a
-//! returning client learns its slabs are gone instead of trusting stale addresses).
+//! Session bookkeeping of the memory-server: who holds which slabs, capacity and quota accounting,
+//! and leases (a session whose client stops renewing is reclaimed; a client that comes back with
+//! the proof of a session that is gone learns that its slabs are gone, instead of trusting stale
+//! addresses). Session ids and secrets come from the OS CSPRNG; a hello resumes a live session
+//! only with that session's secret.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use memmap2::MmapOptions;
-use rdma::control::{ErrorCode, QpAddress, SessionOutcome, SlabGrant};
+use rdma::control::{ErrorCode, QpAddress, SessionOutcome, SessionProof, SlabGrant};
+use rdma::ids;
 use rdma::shim::target::{MemoryRegistry, RegisteredMemory};
 use rdma::verbs::{VerbsDevice, VerbsDomain, VerbsRegistration};
-
-/// How many expired client ids are remembered.
-const EXPIRED_MEMORY: usize = 65_536;
 
 /// A refused control request: a typed code and a message for the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,9 +29,27 @@ impl Refusal {
     }
 }
 
+impl From<ids::RandomError> for Refusal {
+    fn from(e: ids::RandomError) -> Self {
+        Self::new(ErrorCode::Other(100), e.to_string())
+    }
+}
+
+/// What the sessions of one server may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Bytes handed out to all sessions together.
+    pub capacity: u64,
+    /// Size of each slab.
+    pub slab_size: u64,
+    /// A session not renewed for this long is reclaimed.
+    pub lease: Duration,
+    /// Bytes one session may hold (`None`: up to the capacity).
+    pub quota: Option<u64>,
+}
+
 /// Fields drop in declaration order: verbs registrations before the domain, and both before the
 /// slab mappings they cover.
-#[derive(Debug)]
 struct Session {
     session_id: u64,
     secret: u64,
@@ -41,8 +59,19 @@ struct Session {
     slabs: HashMap<u64, RegisteredMemory>,
 }
 
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("session_id", &ids::short(self.session_id))
+            .field("secret", &"<hidden>")
+            .field("last_seen", &self.last_seen)
+            .field("slabs", &self.slabs.len())
+            .finish_non_exhaustive()
+    }
+}
+
 /// The result of a hello.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct HelloGrant {
     /// Session id.
     pub session_id: u64,
@@ -50,6 +79,16 @@ pub struct HelloGrant {
     pub secret: u64,
     /// What happened to an earlier session.
     pub outcome: SessionOutcome,
+}
+
+impl std::fmt::Debug for HelloGrant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HelloGrant")
+            .field("session_id", &ids::short(self.session_id))
+            .field("secret", &"<hidden>")
+            .field("outcome", &self.outcome)
+            .finish()
+    }
 }
 
 /// A session reclaimed because its lease ran out.
@@ -67,16 +106,11 @@ pub struct Reclaimed {
 #[derive(Debug)]
 pub struct Sessions {
     registry: Arc<MemoryRegistry>,
-    capacity: u64,
-    slab_size: u64,
-    lease: Duration,
+    limits: Limits,
     by_client: HashMap<u64, Session>,
     client_of_session: HashMap<u64, u64>,
-    expired: HashSet<u64>,
-    expired_order: VecDeque<u64>,
     allocated: u64,
     next_slab_id: u64,
-    next_session_id: u64,
     /// Sessions reclaimed since start.
     pub leases_expired: u64,
     /// The RDMA device when the verbs provider is offered.
@@ -84,20 +118,15 @@ pub struct Sessions {
 }
 
 impl Sessions {
-    /// Empty bookkeeping for a server donating `capacity` bytes in slabs of `slab_size`.
-    pub fn new(registry: Arc<MemoryRegistry>, capacity: u64, slab_size: u64, lease: Duration) -> Self {
+    /// Empty bookkeeping for a server donating what `limits` say.
+    pub fn new(registry: Arc<MemoryRegistry>, limits: Limits) -> Self {
         Self {
             registry,
-            capacity,
-            slab_size,
-            lease,
+            limits,
             by_client: HashMap::new(),
             client_of_session: HashMap::new(),
-            expired: HashSet::new(),
-            expired_order: VecDeque::new(),
             allocated: 0,
             next_slab_id: 1,
-            next_session_id: fastrand::u64(1..u64::MAX / 2),
             leases_expired: 0,
             verbs: None,
         }
@@ -139,21 +168,32 @@ impl Sessions {
             .map_err(|e| Refusal::new(ErrorCode::Other(100), format!("cannot connect the queue pair: {e}")))
     }
 
-    /// Opens, resumes or replaces the session of `client_id`.
-    pub fn hello(&mut self, client_id: u64, now: Instant) -> HelloGrant {
+    /// Opens a session for `client_id`, or resumes its live one if `resume` proves it. A hello
+    /// for a live client id without that proof is refused ([`ErrorCode::SessionInUse`]): it would
+    /// otherwise hand the session's secret, and its memory, to whoever names the id. A `resume`
+    /// of a session that is not here (its lease ran out, or the server restarted) gets a new
+    /// session and [`SessionOutcome::Expired`]: the old slabs are gone.
+    pub fn hello(&mut self, client_id: u64, resume: Option<SessionProof>, now: Instant) -> Result<HelloGrant, Refusal> {
         if let Some(s) = self.by_client.get_mut(&client_id) {
+            let proven = resume.is_some_and(|p| p.session_id == s.session_id && ids::secrets_equal(p.secret, s.secret));
+            if !proven {
+                return Err(Refusal::new(
+                    ErrorCode::SessionInUse,
+                    "this client id belongs to a live session and the hello did not carry that session's \
+                     secret; a new client must pick a new random id",
+                ));
+            }
             s.last_seen = now;
-            return HelloGrant { session_id: s.session_id, secret: s.secret, outcome: SessionOutcome::Resumed };
+            return Ok(HelloGrant { session_id: s.session_id, secret: s.secret, outcome: SessionOutcome::Resumed });
         }
-        let outcome = if self.expired.remove(&client_id) {
-            self.expired_order.retain(|&c| c != client_id);
-            SessionOutcome::Expired
-        } else {
-            SessionOutcome::New
+        let outcome = if resume.is_some() { SessionOutcome::Expired } else { SessionOutcome::New };
+        let session_id = loop {
+            let id = ids::random_u64()?;
+            if !self.client_of_session.contains_key(&id) {
+                break id;
+            }
         };
-        let session_id = self.next_session_id;
-        self.next_session_id += 1;
-        let secret = fastrand::u64(..);
+        let secret = ids::random_u64()?;
         self.by_client.insert(
             client_id,
             Session {
@@ -166,7 +206,7 @@ impl Sessions {
             },
         );
         self.client_of_session.insert(session_id, client_id);
-        HelloGrant { session_id, secret, outcome }
+        Ok(HelloGrant { session_id, secret, outcome })
     }
 
     fn session(&mut self, client_id: u64, session_id: u64, now: Instant) -> Result<&mut Session, Refusal> {
@@ -179,7 +219,7 @@ impl Sessions {
                 ErrorCode::SessionExpired,
                 format!(
                     "the session's lease ({} ms) ran out and its slabs were reclaimed; send a new HELLO",
-                    self.lease.as_millis()
+                    self.limits.lease.as_millis()
                 ),
             )),
         }
@@ -192,7 +232,20 @@ impl Sessions {
 
     /// Allocates one slab for a session.
     pub fn alloc(&mut self, client_id: u64, session_id: u64, now: Instant) -> Result<SlabGrant, Refusal> {
-        let (allocated, capacity, slab_size) = (self.allocated, self.capacity, self.slab_size);
+        let Limits { capacity, slab_size, quota, .. } = self.limits;
+        let allocated = self.allocated;
+        if let Some(quota) = quota {
+            let held: u64 = self.session(client_id, session_id, now)?.slabs.values().map(|m| m.len() as u64).sum();
+            if held + slab_size > quota {
+                return Err(Refusal::new(
+                    ErrorCode::CapacityExhausted,
+                    format!(
+                        "quota reached: this client holds {held} bytes and may hold at most {quota} on this \
+                         memory-server (--quota); free slabs or add another memory-server"
+                    ),
+                ));
+            }
+        }
         if allocated + slab_size > capacity {
             // Check the session first so an expired client hears about its lease, not capacity.
             self.session(client_id, session_id, now)?;
@@ -213,7 +266,7 @@ impl Sessions {
         let registry = Arc::clone(&self.registry);
         let device = self.verbs.clone();
         let session = self.session(client_id, session_id, now)?;
-        let registered = registry.register(map, session.session_id);
+        let registered = registry.register(map, session.session_id)?;
         let mut grant = SlabGrant { slab_id, addr: registered.addr(), rkey: registered.rkey(), len: slab_size };
         if device.is_some() {
             let domain = Self::domain(device.as_ref(), session)?;
@@ -246,12 +299,15 @@ impl Sessions {
 
     /// True when `secret` opens live session `session_id`.
     pub fn check_secret(&self, session_id: u64, secret: u64) -> bool {
-        self.client_of_session.get(&session_id).and_then(|c| self.by_client.get(c)).is_some_and(|s| s.secret == secret)
+        self.client_of_session
+            .get(&session_id)
+            .and_then(|c| self.by_client.get(c))
+            .is_some_and(|s| ids::secrets_equal(s.secret, secret))
     }
 
     /// Reclaims every session not renewed within the lease.
     pub fn reap(&mut self, now: Instant) -> Vec<Reclaimed> {
-        let lease = self.lease;
+        let lease = self.limits.lease;
         let stale: Vec<u64> = self
             .by_client
             .iter()
@@ -267,14 +323,6 @@ impl Sessions {
             out.push(Reclaimed { client_id, slabs: session.slabs.len(), bytes });
             drop(session);
             self.leases_expired += 1;
-            if self.expired.insert(client_id) {
-                self.expired_order.push_back(client_id);
-            }
-            while self.expired_order.len() > EXPIRED_MEMORY {
-                if let Some(old) = self.expired_order.pop_front() {
-                    self.expired.remove(&old);
-                }
-            }
         }
         out
     }
@@ -297,15 +345,20 @@ impl Sessions {
 mod tests {
     use super::*;
 
-    fn sessions(capacity: u64) -> Sessions {
-        Sessions::new(MemoryRegistry::new(), capacity, 1 << 20, Duration::from_secs(1))
+    fn sessions(capacity: u64, quota: Option<u64>) -> Sessions {
+        let limits = Limits { capacity, slab_size: 1 << 20, lease: Duration::from_secs(1), quota };
+        Sessions::new(MemoryRegistry::new(), limits)
+    }
+
+    fn proof(h: &HelloGrant) -> Option<SessionProof> {
+        Some(SessionProof { session_id: h.session_id, secret: h.secret })
     }
 
     #[test]
     fn capacity_is_enforced_and_freed_memory_is_reusable() {
-        let mut s = sessions(2 << 20);
+        let mut s = sessions(2 << 20, None);
         let now = Instant::now();
-        let h = s.hello(7, now);
+        let h = s.hello(7, None, now).expect("hello");
         assert_eq!(h.outcome, SessionOutcome::New);
         let a = s.alloc(7, h.session_id, now).expect("first slab");
         s.alloc(7, h.session_id, now).expect("second slab");
@@ -318,10 +371,24 @@ mod tests {
     }
 
     #[test]
-    fn leases_expire_and_the_client_is_told() {
-        let mut s = sessions(4 << 20);
+    fn a_quota_bounds_one_client_and_leaves_room_for_others() {
+        let mut s = sessions(8 << 20, Some(2 << 20));
+        let now = Instant::now();
+        let a = s.hello(1, None, now).expect("hello");
+        s.alloc(1, a.session_id, now).expect("first");
+        s.alloc(1, a.session_id, now).expect("second");
+        let err = s.alloc(1, a.session_id, now).expect_err("over quota");
+        assert_eq!(err.code, ErrorCode::CapacityExhausted);
+        assert!(err.message.contains("--quota"), "{}", err.message);
+        let b = s.hello(2, None, now).expect("hello");
+        s.alloc(2, b.session_id, now).expect("another client still gets room");
+    }
+
+    #[test]
+    fn leases_expire_and_a_returning_client_is_told() {
+        let mut s = sessions(4 << 20, None);
         let t0 = Instant::now();
-        let h = s.hello(9, t0);
+        let h = s.hello(9, None, t0).expect("hello");
         s.alloc(9, h.session_id, t0).expect("slab");
         assert!(s.reap(t0 + Duration::from_millis(500)).is_empty());
         let reclaimed = s.reap(t0 + Duration::from_secs(2));
@@ -329,21 +396,43 @@ mod tests {
         assert_eq!(s.allocated(), 0);
         assert!(!s.check_secret(h.session_id, h.secret));
         assert_eq!(s.alloc(9, h.session_id, t0).expect_err("gone").code, ErrorCode::SessionExpired);
-        let again = s.hello(9, t0 + Duration::from_secs(3));
+        let again = s.hello(9, proof(&h), t0 + Duration::from_secs(3)).expect("hello");
         assert_eq!(again.outcome, SessionOutcome::Expired);
         assert_ne!(again.session_id, h.session_id);
-        assert_eq!(s.hello(9, t0 + Duration::from_secs(3)).outcome, SessionOutcome::Resumed);
+        let resumed = s.hello(9, proof(&again), t0 + Duration::from_secs(3)).expect("resume");
+        assert_eq!(resumed.outcome, SessionOutcome::Resumed);
+        assert_eq!((resumed.session_id, resumed.secret), (again.session_id, again.secret));
     }
 
     #[test]
-    fn sessions_are_isolated() {
-        let mut s = sessions(4 << 20);
+    fn a_live_session_is_resumed_only_with_its_secret() {
+        let mut s = sessions(4 << 20, None);
         let now = Instant::now();
-        let a = s.hello(1, now);
-        let b = s.hello(2, now);
+        let victim = s.hello(42, None, now).expect("hello");
+        let slab = s.alloc(42, victim.session_id, now).expect("slab");
+        // Naming the id alone, or with a wrong secret, or with another session's proof: refused.
+        let wrong = Some(SessionProof { session_id: victim.session_id, secret: victim.secret ^ 1 });
+        let other = s.hello(43, None, now).expect("hello");
+        for attempt in [None, wrong, proof(&other)] {
+            let err = s.hello(42, attempt, now).expect_err("takeover");
+            assert_eq!(err.code, ErrorCode::SessionInUse);
+        }
+        // The victim's session is untouched.
+        assert!(s.check_secret(victim.session_id, victim.secret));
+        s.free(42, victim.session_id, slab.slab_id, now).expect("still the victim's");
+    }
+
+    #[test]
+    fn sessions_are_isolated_and_ids_unpredictable() {
+        let mut s = sessions(4 << 20, None);
+        let now = Instant::now();
+        let a = s.hello(1, None, now).expect("hello");
+        let b = s.hello(2, None, now).expect("hello");
         let slab = s.alloc(1, a.session_id, now).expect("slab");
         assert_eq!(s.free(2, b.session_id, slab.slab_id, now).expect_err("not b's").code, ErrorCode::UnknownSlab);
         assert_eq!(s.alloc(2, a.session_id, now).expect_err("wrong session").code, ErrorCode::SessionExpired);
         assert!(!s.check_secret(a.session_id, b.secret));
+        assert_ne!(b.session_id.wrapping_sub(a.session_id), 1, "session ids are not sequential");
+        assert!(!format!("{a:?} {s:?}").contains(&a.secret.to_string()), "no secret in debug output");
     }
 }

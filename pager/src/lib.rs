@@ -165,8 +165,9 @@ pub struct PagerConfig {
     pub spin: Duration,
     /// Link emulation on every data connection.
     pub link: LinkProfile,
-    /// Client id presented to servers (random by default).
-    pub client_id: u64,
+    /// Client id presented to servers (`None`, the default: a fresh one from the OS CSPRNG for
+    /// every lender).
+    pub client_id: Option<u64>,
     /// Keep a history of this many page-table transitions (0: none, the default). For finding
     /// races: see [`history`] and `coalesce stress`.
     pub history: usize,
@@ -190,7 +191,7 @@ impl PagerConfig {
             fetch_timeout: Duration::from_secs(5),
             spin: Duration::from_micros(50),
             link: LinkProfile::loopback(),
-            client_id: fastrand::u64(..),
+            client_id: None,
             history: 0,
             thread_start: None,
         }

@@ -34,7 +34,7 @@ fn probe() -> &'static str {
 }
 
 fn server() -> lender::ServerHandle {
-    let config = lender::ServerConfig { capacity: 8 << 30, ..lender::ServerConfig::loopback() };
+    let config = lender::ServerConfig::embedded(8 << 30);
     lender::start(config).unwrap()
 }
 

@@ -6,7 +6,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use crate::control::{
-    self, ControlRequest, ControlResponse, ErrorCode, QpAddress, ServerStats, SessionOutcome, SlabGrant,
+    self, ControlRequest, ControlResponse, ErrorCode, QpAddress, ServerStats, SessionOutcome, SessionProof, SlabGrant,
 };
 use crate::frame::{read_frame, FrameError, ReadFrameError};
 use crate::{Endpoint, EndpointOptions, ProviderKind, TransportError};
@@ -69,8 +69,13 @@ pub enum ClientError {
 /// How to open a control session.
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
-    /// Stable id of this client (pick a random one per process); reusing it resumes the session.
-    pub client_id: u64,
+    /// Id of this client at the server (`None`: a fresh one from the OS CSPRNG). An id held by a
+    /// live session is refused unless `resume` proves that session.
+    pub client_id: Option<u64>,
+    /// The session to resume (from [`ControlClient::proof`] of an earlier connection), with the
+    /// same `client_id`. If the server no longer has it, the hello says
+    /// [`SessionOutcome::Expired`]: the session's slabs are gone.
+    pub resume: Option<SessionProof>,
     /// Data-path provider.
     pub provider: ProviderKind,
     /// Authentication token (carried, not yet checked by servers).
@@ -82,7 +87,8 @@ pub struct ClientOptions {
 impl Default for ClientOptions {
     fn default() -> Self {
         Self {
-            client_id: fastrand::u64(..),
+            client_id: None,
+            resume: None,
             provider: ProviderKind::Shim,
             token: Vec::new(),
             timeout: Duration::from_secs(5),
@@ -91,7 +97,7 @@ impl Default for ClientOptions {
 }
 
 /// What the server said at hello.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct SessionInfo {
     /// Session id.
     pub session_id: u64,
@@ -105,6 +111,18 @@ pub struct SessionInfo {
     pub outcome: SessionOutcome,
 }
 
+impl std::fmt::Debug for SessionInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionInfo")
+            .field("session_id", &crate::ids::short(self.session_id))
+            .field("secret", &"<hidden>")
+            .field("slab_size", &self.slab_size)
+            .field("lease", &self.lease)
+            .field("outcome", &self.outcome)
+            .finish()
+    }
+}
+
 /// A control session with one memory-server.
 #[derive(Debug)]
 pub struct ControlClient {
@@ -113,6 +131,7 @@ pub struct ControlClient {
     out: Vec<u8>,
     body: Vec<u8>,
     session: SessionInfo,
+    client_id: u64,
 }
 
 impl ControlClient {
@@ -126,10 +145,17 @@ impl ControlClient {
         stream.set_write_timeout(Some(options.timeout)).map_err(io)?;
         let placeholder =
             SessionInfo { session_id: 0, secret: 0, slab_size: 0, lease: Duration::ZERO, outcome: SessionOutcome::New };
-        let mut client = Self { addr, stream, out: Vec::new(), body: Vec::new(), session: placeholder };
+        let mut client = Self { addr, stream, out: Vec::new(), body: Vec::new(), session: placeholder, client_id: 0 };
+        let client_id = match options.client_id {
+            Some(id) => id,
+            None => crate::ids::random_u64()
+                .map_err(|e| ClientError::Io { addr, source: std::io::Error::other(e.to_string()) })?,
+        };
+        client.client_id = client_id;
         let hello = ControlRequest::Hello {
-            client_id: options.client_id,
+            client_id,
             provider: options.provider,
+            resume: options.resume,
             token: options.token.clone(),
         };
         match client.call(&hello)? {
@@ -150,6 +176,17 @@ impl ControlClient {
     /// The session granted at hello.
     pub fn session(&self) -> &SessionInfo {
         &self.session
+    }
+
+    /// The client id this connection said hello with.
+    pub fn client_id(&self) -> u64 {
+        self.client_id
+    }
+
+    /// What a later connection needs to resume this session ([`ClientOptions::resume`], with
+    /// the same [`ControlClient::client_id`]).
+    pub fn proof(&self) -> SessionProof {
+        SessionProof { session_id: self.session.session_id, secret: self.session.secret }
     }
 
     fn unexpected(&self, resp: &ControlResponse) -> ClientError {

@@ -34,15 +34,35 @@ pub const KIND_VERBS_ACCEPTED: u8 = 0x0C;
 /// Longest token accepted in a hello.
 pub const MAX_TOKEN_LEN: usize = 1024;
 
+/// Proof that a client owns a session: its id and the secret the server granted with it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct SessionProof {
+    /// The session id.
+    pub session_id: u64,
+    /// The session's secret.
+    pub secret: u64,
+}
+
+impl std::fmt::Debug for SessionProof {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the secret, in any log or panic message.
+        write!(f, "SessionProof {{ session_id: {}, secret: <hidden> }}", crate::ids::short(self.session_id))
+    }
+}
+
 /// A request from a client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ControlRequest {
     /// Opens or resumes the session of `client_id`; must be the first frame of a control connection.
     Hello {
-        /// Stable id the client picks (random per process); used to resume after a reconnect.
+        /// Id the client picks (random per process, from the OS CSPRNG). An id held by a live
+        /// session is refused unless `resume` proves the session is the client's.
         client_id: u64,
         /// Data-path provider the client will use.
         provider: ProviderKind,
+        /// The session this client had with the server, to resume it after a reconnect: the
+        /// session id and the secret granted at its hello. `None`: a new session.
+        resume: Option<SessionProof>,
         /// Authentication token (opaque; not checked by this version of the server).
         token: Vec<u8>,
     },
@@ -184,6 +204,10 @@ pub enum ErrorCode {
     UnsupportedProvider,
     /// The server is shutting down.
     ShuttingDown,
+    /// The hello's client id belongs to a live session and the hello did not prove it owns it.
+    SessionInUse,
+    /// The peer failed too many checks (wrong secrets, refused hellos) and is refused for a while.
+    TooManyFailures,
     /// A code this build does not know (sent by a newer peer).
     Other(u16),
 }
@@ -199,6 +223,8 @@ impl ErrorCode {
             ErrorCode::UnsupportedVersion => 5,
             ErrorCode::UnsupportedProvider => 6,
             ErrorCode::ShuttingDown => 7,
+            ErrorCode::SessionInUse => 8,
+            ErrorCode::TooManyFailures => 9,
             ErrorCode::Other(c) => c,
         }
     }
@@ -212,6 +238,8 @@ impl ErrorCode {
             5 => ErrorCode::UnsupportedVersion,
             6 => ErrorCode::UnsupportedProvider,
             7 => ErrorCode::ShuttingDown,
+            8 => ErrorCode::SessionInUse,
+            9 => ErrorCode::TooManyFailures,
             c => ErrorCode::Other(c),
         }
     }
@@ -281,8 +309,13 @@ fn decode_qp(d: &mut Decoder<'_>) -> Result<QpAddress, FrameError> {
 /// Appends a request frame to `out`.
 pub fn encode_request(out: &mut Vec<u8>, req: &ControlRequest) {
     match req {
-        ControlRequest::Hello { client_id, provider, token } => encode_frame(out, KIND_HELLO, |e| {
-            e.u64(*client_id).u8(provider.to_wire()).bytes16(token);
+        ControlRequest::Hello { client_id, provider, resume, token } => encode_frame(out, KIND_HELLO, |e| {
+            e.u64(*client_id).u8(provider.to_wire());
+            match resume {
+                Some(p) => e.u8(1).u64(p.session_id).u64(p.secret),
+                None => e.u8(0),
+            };
+            e.bytes16(token);
         }),
         ControlRequest::AllocSlab => encode_frame(out, KIND_ALLOC_SLAB, |_| {}),
         ControlRequest::FreeSlab { slab_id } => encode_frame(out, KIND_FREE_SLAB, |e| {
@@ -301,6 +334,16 @@ pub fn decode_request(kind: u8, body: &[u8]) -> Result<ControlRequest, FrameErro
         KIND_HELLO => {
             let client_id = d.u64("client id")?;
             let provider = ProviderKind::from_wire(d.u8("provider")?)?;
+            let resume = match d.u8("resume flag")? {
+                0 => None,
+                1 => Some(SessionProof { session_id: d.u64("resumed session id")?, secret: d.u64("resume secret")? }),
+                other => {
+                    return Err(FrameError::Invalid {
+                        field: "resume flag",
+                        reason: format!("{other} is neither 0 nor 1"),
+                    })
+                }
+            };
             let token = d.bytes16("token")?;
             if token.len() > MAX_TOKEN_LEN {
                 return Err(FrameError::Invalid {
@@ -308,7 +351,7 @@ pub fn decode_request(kind: u8, body: &[u8]) -> Result<ControlRequest, FrameErro
                     reason: format!("{} bytes exceeds {MAX_TOKEN_LEN}", token.len()),
                 });
             }
-            ControlRequest::Hello { client_id, provider, token: token.to_vec() }
+            ControlRequest::Hello { client_id, provider, resume, token: token.to_vec() }
         }
         KIND_ALLOC_SLAB => ControlRequest::AllocSlab,
         KIND_FREE_SLAB => ControlRequest::FreeSlab { slab_id: d.u64("slab id")? },
@@ -418,13 +461,18 @@ mod tests {
 
     fn request_strategy() -> impl Strategy<Value = ControlRequest> {
         prop_oneof![
-            (any::<u64>(), any::<bool>(), proptest::collection::vec(any::<u8>(), 0..64)).prop_map(|(c, v, t)| {
-                ControlRequest::Hello {
+            (
+                any::<u64>(),
+                any::<bool>(),
+                proptest::option::of((any::<u64>(), any::<u64>())),
+                proptest::collection::vec(any::<u8>(), 0..64)
+            )
+                .prop_map(|(c, v, r, t)| ControlRequest::Hello {
                     client_id: c,
                     provider: if v { ProviderKind::Verbs } else { ProviderKind::Shim },
+                    resume: r.map(|(session_id, secret)| SessionProof { session_id, secret }),
                     token: t,
-                }
-            }),
+                }),
             Just(ControlRequest::AllocSlab),
             any::<u64>().prop_map(|slab_id| ControlRequest::FreeSlab { slab_id }),
             Just(ControlRequest::Heartbeat),

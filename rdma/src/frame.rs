@@ -2,14 +2,14 @@
 //! (magic, version, kind, flags, body length) and bounds-checked cursors to encode and decode bodies.
 //!
 //! Everything here treats its input as hostile: every read is checked, nothing panics, and a body
-//! length beyond [`MAX_BODY_LEN`] is refused before any memory is allocated for it.
+//! length beyond [`MAX_BODY_LEN`] is refused, and a body's memory grows only as its bytes arrive.
 
 use std::io::{self, Read};
 
 /// Magic number that opens every frame (`b"CLSC"` read as a little-endian `u32`).
 pub const MAGIC: u32 = u32::from_le_bytes(*b"CLSC");
 /// The only protocol version this build speaks.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Size of the frame header in bytes.
 pub const HEADER_LEN: usize = 12;
 /// Largest body accepted: 16 MiB of payload plus room for a full scatter list.
@@ -30,9 +30,15 @@ pub enum FrameError {
     /// Reserved flag bits were set.
     #[error("reserved flags {0:#06x} are set; the frame is malformed")]
     ReservedFlags(u16),
-    /// The declared body length exceeds [`MAX_BODY_LEN`].
-    #[error("declared body length {0} exceeds the limit of {MAX_BODY_LEN} bytes")]
-    TooLong(u32),
+    /// The declared body length exceeds the limit where it was read ([`MAX_BODY_LEN`], or less
+    /// before a connection has proved a session).
+    #[error("declared body length {len} exceeds the limit of {limit} bytes here")]
+    TooLong {
+        /// The declared length.
+        len: u32,
+        /// The limit.
+        limit: u32,
+    },
     /// The frame kind is not one this side accepts here.
     #[error("unexpected frame kind {0:#04x}")]
     UnexpectedKind(u8),
@@ -68,7 +74,7 @@ impl Header {
         out[0..4].copy_from_slice(&MAGIC.to_le_bytes());
         out[4] = VERSION;
         out[5] = kind;
-        // bytes 6..8: flags, zero in version 1
+        // bytes 6..8: flags, zero in versions 1 and 2
         out[8..12].copy_from_slice(&body_len.to_le_bytes());
         out
     }
@@ -88,7 +94,7 @@ impl Header {
         }
         let body_len = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
         if body_len > MAX_BODY_LEN {
-            return Err(FrameError::TooLong(body_len));
+            return Err(FrameError::TooLong { len: body_len, limit: MAX_BODY_LEN });
         }
         Ok(Self { kind: bytes[5], body_len })
     }
@@ -108,13 +114,36 @@ pub enum ReadFrameError {
 /// Reads one frame (header and body) from a blocking stream; the body goes into `body`, whose
 /// allocation is reused across calls.
 pub fn read_frame<R: Read>(stream: &mut R, body: &mut Vec<u8>) -> Result<Header, ReadFrameError> {
+    read_frame_within(stream, body, MAX_BODY_LEN)
+}
+
+/// Reads one frame whose body may be at most `max_body` bytes (a tighter bound than
+/// [`MAX_BODY_LEN`], for connections that have not proved anything yet). The body's memory grows
+/// only as its bytes arrive: a header that announces a large body and sends nothing costs nothing.
+pub fn read_frame_within<R: Read>(stream: &mut R, body: &mut Vec<u8>, max_body: u32) -> Result<Header, ReadFrameError> {
     let mut head = [0u8; HEADER_LEN];
     stream.read_exact(&mut head)?;
     let header = Header::decode(&head)?;
-    body.clear();
-    body.resize(usize_from(header.body_len), 0);
-    stream.read_exact(body)?;
+    if header.body_len > max_body {
+        return Err(FrameError::TooLong { len: header.body_len, limit: max_body.min(MAX_BODY_LEN) }.into());
+    }
+    read_body(stream, body, usize_from(header.body_len))?;
     Ok(header)
+}
+
+/// Reads exactly `len` bytes into `body`: straight into the buffer when an earlier frame already
+/// made it large enough, otherwise growing it with the bytes received.
+fn read_body<R: Read>(stream: &mut R, body: &mut Vec<u8>, len: usize) -> io::Result<()> {
+    body.clear();
+    if body.capacity() >= len {
+        body.resize(len, 0);
+        return stream.read_exact(body);
+    }
+    let got = stream.take(len as u64).read_to_end(body)?;
+    if got < len {
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the frame's body ended early"));
+    }
+    Ok(())
 }
 
 /// Appends a complete frame to `out`: the header is written first with a placeholder length, `fill`
@@ -252,6 +281,25 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
+    fn a_large_declared_body_costs_memory_only_as_it_arrives() {
+        // A header announcing 16 MiB, then 100 bytes and the end of the stream.
+        let mut input = Header::encode(0x21, 16 << 20).to_vec();
+        input.extend_from_slice(&[7u8; 100]);
+        let mut body = Vec::new();
+        let err = read_frame(&mut input.as_slice(), &mut body).expect_err("truncated");
+        assert!(matches!(err, ReadFrameError::Io(ref e) if e.kind() == io::ErrorKind::UnexpectedEof), "{err}");
+        assert!(body.capacity() < 64 * 1024, "allocated {} bytes for 100 received", body.capacity());
+        // Below a tighter limit it is refused before any body byte is read.
+        let err = read_frame_within(&mut input.as_slice(), &mut body, 4096).expect_err("too long");
+        assert!(err.to_string().contains("limit of 4096"), "{err}");
+        // A complete frame still reads, and a reused buffer keeps working.
+        let mut ok = Header::encode(0x21, 3).to_vec();
+        ok.extend_from_slice(b"abc");
+        assert_eq!(read_frame_within(&mut ok.as_slice(), &mut body, 4096).expect("frame").body_len, 3);
+        assert_eq!(body, b"abc");
+    }
+
+    #[test]
     fn header_round_trip() {
         let h = Header::encode(0x21, 4096);
         assert_eq!(Header::decode(&h), Ok(Header { kind: 0x21, body_len: 4096 }));
@@ -270,7 +318,7 @@ mod tests {
         bad[6] = 1;
         assert_eq!(Header::decode(&bad), Err(FrameError::ReservedFlags(1)));
         let bad = Header::encode(1, MAX_BODY_LEN + 1);
-        assert_eq!(Header::decode(&bad), Err(FrameError::TooLong(MAX_BODY_LEN + 1)));
+        assert_eq!(Header::decode(&bad), Err(FrameError::TooLong { len: MAX_BODY_LEN + 1, limit: MAX_BODY_LEN }));
     }
 
     #[test]

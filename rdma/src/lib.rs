@@ -46,13 +46,16 @@
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 4 | magic `b"CLSC"` |
-//! | 4 | 1 | version, `1` |
+//! | 4 | 1 | version, `2` (version 2 added the resume proof to `HELLO`) |
 //! | 5 | 1 | kind (tables below) |
 //! | 6 | 2 | flags, must be `0` |
 //! | 8 | 4 | body length in bytes |
 //!
 //! A connection's first frame says what it is: `HELLO` opens a control connection, `DATA_CONNECT` a
-//! data connection (one queue pair). Both go to the same port.
+//! data connection (one queue pair). Both go to the same port. Before a connection has proved a
+//! session (a first frame), a body may be at most 4 KiB and the whole frame must arrive within the
+//! server's handshake timeout; a body is read as its bytes arrive, never allocated up front from
+//! the declared length.
 //!
 //! ## Data path (shim)
 //!
@@ -74,7 +77,7 @@
 //!
 //! | kind | name | direction | body |
 //! |---|---|---|---|
-//! | `0x01` | HELLO | client -> server | client id u64, provider u8 (1 shim, 2 verbs), token (u16 length + bytes, at most 1024) |
+//! | `0x01` | HELLO | client -> server | client id u64, provider u8 (1 shim, 2 verbs), resume u8 (0 none, 1: followed by session id u64 and its secret u64), token (u16 length + bytes, at most 1024) |
 //! | `0x02` | HELLO_OK | server -> client | session id u64, secret u64, slab size u64, lease ms u64, outcome u8 (0 new, 1 resumed, 2 expired: earlier slabs were reclaimed) |
 //! | `0x03` | ALLOC_SLAB | client -> server | empty |
 //! | `0x04` | SLAB_GRANTED | server -> client | slab id u64, address u64, rkey u32, length u64 |
@@ -86,7 +89,7 @@
 //! | `0x0A` | STATS_REPLY | server -> client | count u16, then that many u64 (see [`control::ServerStats`]; unknown extra fields are ignored) |
 //! | `0x0B` | VERBS_CONNECT | client -> server | queue pair number u32, first PSN u32 (both below 2^24), GID (16 bytes): the client's RC queue pair |
 //! | `0x0C` | VERBS_ACCEPTED | server -> client | the same fields for the server's queue pair, made in the session's protection domain and already connected to the client's |
-//! | `0x0F` | ERROR | server -> client | code u16 (1 capacity exhausted, 2 unknown slab, 3 session expired, 4 bad request, 5 unsupported version, 6 unsupported provider, 7 shutting down), message (u16 length + UTF-8) |
+//! | `0x0F` | ERROR | server -> client | code u16 (1 capacity exhausted, 2 unknown slab, 3 session expired, 4 bad request, 5 unsupported version, 6 unsupported provider, 7 shutting down, 8 session in use: the client id is live and the hello did not prove the session, 9 too many failures: the peer is refused for a while), message (u16 length + UTF-8) |
 //!
 //! Every control request renews the session's lease.
 
@@ -97,6 +100,7 @@ use std::time::Duration;
 pub mod client;
 pub mod control;
 pub mod frame;
+pub mod ids;
 pub mod link;
 pub mod region;
 pub mod shim;

@@ -27,9 +27,18 @@ struct Cli {
     /// Address to listen on for control and data connections (port 0: any free port).
     #[arg(long, default_value = "127.0.0.1:7470")]
     listen: SocketAddr,
-    /// Memory to donate in all, e.g. 4GiB or 512MiB. Reserved lazily, slab by slab.
-    #[arg(long, default_value = "4GiB")]
-    capacity: ByteSize,
+    /// Memory to donate in all, e.g. 4GiB or 512MiB. Reserved lazily, slab by slab. Default: 4GiB,
+    /// or half the memory available now if that is less. More than the machine has available is
+    /// refused unless --overcommit.
+    #[arg(long)]
+    capacity: Option<ByteSize>,
+    /// Offer a --capacity beyond the memory this machine has available (the OOM killer decides
+    /// what happens when clients use it).
+    #[arg(long)]
+    overcommit: bool,
+    /// Most memory one client may hold, e.g. 1GiB (default: no limit below --capacity).
+    #[arg(long)]
+    quota: Option<ByteSize>,
     /// Size of each slab handed to clients (a multiple of 4KiB), e.g. 64MiB.
     #[arg(long, default_value = "64MiB")]
     slab_size: ByteSize,
@@ -42,6 +51,14 @@ struct Cli {
     /// Most connections (control and data) open at once.
     #[arg(long, default_value_t = 4096)]
     max_connections: usize,
+    /// Most connections open at once from one IP address (default: 1024, or --max-connections if
+    /// that is less).
+    #[arg(long)]
+    max_connections_per_peer: Option<usize>,
+    /// How long a new connection may take to send its complete first frame (HELLO or
+    /// DATA_CONNECT), e.g. 10s; also bounds each later control frame once it has started.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    handshake_timeout: Duration,
     /// RDMA device for --provider verbs, e.g. rxe0 or mlx5_0 (default: the first device).
     #[arg(long)]
     device: Option<String>,
@@ -50,13 +67,18 @@ struct Cli {
 impl Cli {
     /// The configuration these flags describe.
     fn config(&self) -> ServerConfig {
+        let slab_size = self.slab_size.as_u64();
         ServerConfig {
             listen: self.listen,
-            capacity: self.capacity.as_u64(),
-            slab_size: self.slab_size.as_u64(),
+            capacity: self.capacity.map_or_else(|| lender::default_capacity(slab_size), |c| c.as_u64()),
+            slab_size,
             lease: self.lease,
             provider: self.provider,
             max_connections: self.max_connections,
+            max_connections_per_peer: self.max_connections_per_peer.unwrap_or(self.max_connections.min(1024)),
+            quota: self.quota.map(|q| q.as_u64()),
+            overcommit: self.overcommit,
+            handshake_timeout: self.handshake_timeout,
             device: self.device.clone(),
         }
     }

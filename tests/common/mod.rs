@@ -19,12 +19,23 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Starts `memory-server --listen 127.0.0.1:0 ARGS` and waits for its `listening on` line.
     pub fn start(args: &[&str]) -> Self {
+        let level = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
+        Self::spawn(args, &level, Stdio::inherit())
+    }
+
+    /// Like [`ServerProcess::start`], logging at debug level into the file `log`.
+    pub fn start_logging_to(args: &[&str], log: &std::path::Path) -> Self {
+        let file = std::fs::File::create(log).expect("log file");
+        Self::spawn(args, "debug", Stdio::from(file))
+    }
+
+    fn spawn(args: &[&str], level: &str, stderr: Stdio) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_memory-server"))
             .args(["--listen", "127.0.0.1:0"])
             .args(args)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .env("RUST_LOG", level)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("spawn memory-server");
         let stdout = child.stdout.take().expect("stdout");
@@ -37,6 +48,14 @@ impl ServerProcess {
             .parse()
             .expect("address");
         Self { child, addr }
+    }
+
+    /// The server's resident memory now (`VmRSS`), in bytes.
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).expect("status");
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS");
+        let kib: u64 = line.split_whitespace().nth(1).expect("value").parse().expect("number");
+        kib * 1024
     }
 
     /// Sends SIGTERM and returns the exit status.

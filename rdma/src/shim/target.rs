@@ -3,10 +3,11 @@
 //! owner and bounds checks, without calling into server application code.
 
 use std::collections::HashMap;
-use std::io::{BufReader, BufWriter, Read, Write};
-use std::net::{Shutdown, TcpStream};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use memmap2::MmapMut;
 
@@ -44,7 +45,6 @@ pub struct TargetStats {
 #[derive(Debug, Default)]
 pub struct MemoryRegistry {
     regions: RwLock<HashMap<u32, RegionEntry>>,
-    next: AtomicU32,
     /// Counters of every connection served against this registry.
     pub stats: TargetStats,
 }
@@ -96,19 +96,19 @@ impl MemoryRegistry {
     }
 
     /// Registers `map` for one-sided access by sessions whose id is `owner`. Each registration gets
-    /// a fresh rkey (an odd-multiplier bijection of a counter: unique for 2^32 registrations).
-    pub fn register(self: &Arc<Self>, map: MmapMut, owner: u64) -> RegisteredMemory {
+    /// a fresh, unguessable rkey from the OS CSPRNG (an rkey alone grants nothing: every access
+    /// is also checked against its owner session).
+    pub fn register(self: &Arc<Self>, map: MmapMut, owner: u64) -> Result<RegisteredMemory, crate::ids::RandomError> {
         let mut regions = self.regions.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         let rkey = loop {
-            let n = self.next.fetch_add(1, Ordering::Relaxed);
-            let candidate = n.wrapping_mul(0x9E37_79B1) ^ 0x5bd1_e995;
-            if candidate != 0 && !regions.contains_key(&candidate) {
+            let candidate = crate::ids::random_u32()?;
+            if !regions.contains_key(&candidate) {
                 break candidate;
             }
         };
         regions.insert(rkey, RegionEntry { base: map.as_ptr() as usize, len: map.len(), owner });
         drop(regions);
-        RegisteredMemory { registry: Arc::clone(self), rkey, map }
+        Ok(RegisteredMemory { registry: Arc::clone(self), rkey, map })
     }
 
     /// Number of live registrations.
@@ -136,10 +136,21 @@ fn resolve(regions: &HashMap<u32, RegionEntry>, owner: u64, segments: &[RemoteSe
         .collect()
 }
 
-/// What a data connection must prove before it may issue work requests.
+/// What a data connection must prove before it may issue work requests, and for how long.
 pub trait SessionCheck: Send + Sync {
     /// True when `secret` is the secret of live session `session_id`.
     fn check(&self, session_id: u64, secret: u64) -> bool;
+
+    /// Called when a data connection from `peer` was refused for a wrong proof (a server counts
+    /// these per peer to rate-limit guessing).
+    fn refused(&self, _peer: SocketAddr) {}
+
+    /// How long a data connection may stay silent before the server checks that its session is
+    /// still alive (a connection does not outlive its session); also the longest pause allowed
+    /// inside a frame.
+    fn idle_check_period(&self) -> Duration {
+        Duration::from_secs(30)
+    }
 }
 
 /// Serves one data connection whose DATA_CONNECT asked for `session_id` with `secret`: replies to
@@ -152,14 +163,17 @@ pub fn serve_connection(
     registry: &MemoryRegistry,
     sessions: &dyn SessionCheck,
 ) {
-    let peer = stream.peer_addr().map_or_else(|_| "unknown peer".to_string(), |a| a.to_string());
+    let Ok(peer) = stream.peer_addr() else { return };
+    let shown_session = crate::ids::short(session_id);
     let _ = stream.set_nodelay(true);
+    let _ = stream.set_read_timeout(Some(sessions.idle_check_period()));
     let Ok(read_half) = stream.try_clone() else { return };
     let mut reader = BufReader::with_capacity(256 * 1024, read_half);
     let mut writer = BufWriter::with_capacity(256 * 1024, stream);
     let mut out = Vec::new();
     if !sessions.check(session_id, secret) {
-        tracing::warn!(%peer, session_id, "refusing data connection: unknown session or wrong secret");
+        sessions.refused(peer);
+        tracing::warn!(%peer, session = %shown_session, "refusing data connection: unknown session or wrong secret");
         crate::frame::encode_frame(&mut out, KIND_DATA_CONNECT_REFUSED, |e| {
             e.bytes16(b"unknown session or wrong secret; send a new hello on the control connection");
         });
@@ -170,18 +184,21 @@ pub fn serve_connection(
     if writer.write_all(&out).and_then(|()| writer.flush()).is_err() {
         return;
     }
-    tracing::debug!(%peer, session_id, "data connection open");
+    tracing::debug!(%peer, session = %shown_session, "data connection open");
     let mut body = Vec::new();
     loop {
+        if !wait_for_frame(&mut reader, peer, session_id, secret, sessions) {
+            break;
+        }
         let header = match read_frame(&mut reader, &mut body) {
             Ok(h) => h,
             Err(ReadFrameError::Io(e)) => {
-                tracing::debug!(%peer, session_id, error = %e, "data connection closed");
+                tracing::debug!(%peer, session = %shown_session, error = %e, "data connection closed");
                 break;
             }
             Err(ReadFrameError::Frame(e)) => {
                 registry.stats.malformed_connections.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%peer, session_id, reason = %e, "closing data connection: malformed frame");
+                tracing::warn!(%peer, session = %shown_session, reason = %e, "closing data connection: malformed frame");
                 break;
             }
         };
@@ -190,7 +207,7 @@ pub fn serve_connection(
             Ok(req) => execute(registry, session_id, &req, &mut out),
             Err(e) => {
                 registry.stats.malformed_connections.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%peer, session_id, kind = header.kind, reason = %e, "closing data connection: malformed request");
+                tracing::warn!(%peer, session = %shown_session, kind = header.kind, reason = %e, "closing data connection: malformed request");
                 break;
             }
         }
@@ -205,6 +222,34 @@ pub fn serve_connection(
     }
     let _ = writer.flush();
     let _ = writer.get_ref().shutdown(Shutdown::Both);
+}
+
+/// Waits until the next frame starts arriving (true), or the connection ends (false): closed by
+/// the peer, broken, or silent for a period after which its session is no longer alive.
+fn wait_for_frame(
+    reader: &mut BufReader<TcpStream>,
+    peer: SocketAddr,
+    session_id: u64,
+    secret: u64,
+    sessions: &dyn SessionCheck,
+) -> bool {
+    loop {
+        if !reader.buffer().is_empty() {
+            return true;
+        }
+        match reader.fill_buf() {
+            Ok([]) => return false,
+            Ok(_) => return true,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                if !sessions.check(session_id, secret) {
+                    tracing::debug!(%peer, session = %crate::ids::short(session_id), "closing idle data connection: its session ended");
+                    return false;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return false,
+        }
+    }
 }
 
 fn execute(registry: &MemoryRegistry, owner: u64, req: &DataRequest<'_>, out: &mut Vec<u8>) {

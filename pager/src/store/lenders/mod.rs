@@ -99,8 +99,8 @@ pub struct LenderStore {
 pub struct LenderStoreOptions {
     /// Data-path provider.
     pub provider: ProviderKind,
-    /// Client id presented to lenders.
-    pub client_id: u64,
+    /// Client id presented to lenders (`None`: a fresh random one per lender).
+    pub client_id: Option<u64>,
     /// Options of every data connection (link emulation, verbs device).
     pub endpoint: EndpointOptions,
     /// A read or write not completed within this time fails.
