@@ -54,6 +54,8 @@ pub struct BenchOptions {
     pub csv: PathBuf,
     /// SVG chart output.
     pub chart: PathBuf,
+    /// Coalesce runs with plaintext pages (no sealing).
+    pub trusted_lenders: bool,
 }
 
 /// Errors of the comparison.
@@ -141,7 +143,14 @@ fn decode(line: &str) -> Option<ModeResult> {
 }
 
 /// The worker side: runs the workload once in this process and prints one `RESULT` line.
-pub fn worker(mode: Mode, size: usize, local: usize, passes: usize, random_reads: usize) -> Result<(), BenchError> {
+pub fn worker(
+    mode: Mode,
+    size: usize,
+    local: usize,
+    passes: usize,
+    random_reads: usize,
+    trusted_lenders: bool,
+) -> Result<(), BenchError> {
     let opts = WorkloadOptions { passes, random_reads, progress: false };
     let setup = |e: &dyn std::fmt::Display| BenchError::Setup(e.to_string());
     let (result, note) = match mode {
@@ -153,7 +162,9 @@ pub fn worker(mode: Mode, size: usize, local: usize, passes: usize, random_reads
         Mode::Coalesce => {
             let config = lender::ServerConfig::embedded((size as u64 * 2).max(256 << 20));
             let server = lender::start(config).map_err(|e| setup(&e))?;
-            let pager = Pager::new(PagerConfig::new(vec![server.addr()], local)).map_err(|e| setup(&e))?;
+            let mut config = PagerConfig::new(vec![server.addr()], local);
+            config.trusted_lenders = trusted_lenders;
+            let pager = Pager::new(config).map_err(|e| setup(&e))?;
             let mut region = pager.map(size, RegionOptions::default()).map_err(|e| setup(&e))?;
             let words: &mut [u64] = bytemuck::cast_slice_mut(region.as_mut_slice());
             let r = workload::run(words, &opts).map_err(|e| setup(&e))?;
@@ -272,9 +283,11 @@ fn spawn_worker(mode: Mode, opts: &BenchOptions, cgroup: Option<&Cgroup>) -> Res
         &opts.passes.to_string(),
         "--random-reads",
         &opts.random_reads.to_string(),
-    ])
-    .stdout(Stdio::piped())
-    .stderr(Stdio::inherit());
+    ]);
+    if opts.trusted_lenders {
+        cmd.arg("--trusted-lenders");
+    }
+    cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
     if let Some(cg) = cgroup {
         use std::os::unix::ffi::OsStrExt;
         let procs = std::ffi::CString::new(cg.procs.as_os_str().as_bytes())

@@ -39,6 +39,8 @@ pub struct DemoOptions {
     pub prefetch_window: usize,
     /// Page-table transitions kept to explain a wrong word (0: none).
     pub history: usize,
+    /// Pages travel and rest in plaintext (no sealing).
+    pub trusted_lenders: bool,
 }
 
 /// Errors of the demo.
@@ -132,6 +134,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
     config.fault_threads = opts.fault_threads;
     config.prefetch_window = opts.prefetch_window;
     config.history = opts.history;
+    config.trusted_lenders = opts.trusted_lenders;
     let pager = Pager::new(config)?;
     let mut region = pager.map(opts.size, RegionOptions::default())?;
     let pages = region.len() / PAGE_SIZE;

@@ -47,6 +47,10 @@ enum Command {
         /// Do not print statistics on exit.
         #[arg(long)]
         quiet: bool,
+        /// Trust the lenders with plaintext pages (faster; by default every page is sealed:
+        /// encrypted and authenticated before it leaves this machine).
+        #[arg(long)]
+        trusted_lenders: bool,
         /// The program and its arguments (after --).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
         command: Vec<std::ffi::OsString>,
@@ -76,6 +80,10 @@ enum Command {
         /// SVG chart output.
         #[arg(long, default_value = "coalesce-bench.svg")]
         chart: PathBuf,
+        /// Trust the lenders with plaintext pages (faster; by default every page is sealed:
+        /// encrypted and authenticated before it leaves this machine).
+        #[arg(long)]
+        trusted_lenders: bool,
     },
     /// Internal: one run of the bench workload (started by `coalesce bench`).
     #[command(hide = true)]
@@ -90,6 +98,8 @@ enum Command {
         passes: usize,
         #[arg(long)]
         random_reads: usize,
+        #[arg(long)]
+        trusted_lenders: bool,
     },
     /// Borrow memory end to end: map a region bigger than the local budget, write a pattern, read it
     /// back sequentially and randomly with verification, and print what the pager did.
@@ -137,6 +147,10 @@ enum Command {
         /// verification (40 bytes each; 0: off).
         #[arg(long, default_value_t = 0)]
         history: usize,
+        /// Trust the lenders with plaintext pages (faster; by default every page is sealed:
+        /// encrypted and authenticated before it leaves this machine).
+        #[arg(long)]
+        trusted_lenders: bool,
     },
     /// The contended stress harness: application threads fill a region bigger than the local
     /// budget, then check and rewrite whole pages at random and in sequential runs, with CPU hogs
@@ -183,6 +197,10 @@ enum Command {
         /// checked page, racing that fault's prefetch window.
         #[arg(long, default_value_t = 10)]
         discards: u32,
+        /// Trust the lenders with plaintext pages (faster; by default every page is sealed:
+        /// encrypted and authenticated before it leaves this machine).
+        #[arg(long)]
+        trusted_lenders: bool,
     },
     /// Measure one-sided READ and WRITE round trips (median, p99), blocking and busy-polling.
     ///
@@ -213,7 +231,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     coalesce::init_logging("warn");
     match cli.command {
-        Command::Run { servers, embedded_server, local, heap_size, provider, quiet, command } => {
+        Command::Run { servers, embedded_server, local, heap_size, provider, quiet, trusted_lenders, command } => {
             let opts = run::RunOptions {
                 servers,
                 embedded_server,
@@ -221,6 +239,7 @@ fn main() -> ExitCode {
                 heap_size: heap_size.as_u64(),
                 provider,
                 stats: !quiet,
+                trusted_lenders,
                 command,
             };
             match run::run(&opts) {
@@ -245,7 +264,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Bench { size, local, passes, random_reads, swapfile, csv, chart } => {
+        Command::Bench { size, local, passes, random_reads, swapfile, csv, chart, trusted_lenders } => {
             let (Ok(size), Ok(local)) = (usize::try_from(size.as_u64()), usize::try_from(local.as_u64())) else {
                 eprintln!("coalesce: --size and --local must fit this machine's address space");
                 return ExitCode::FAILURE;
@@ -254,7 +273,7 @@ fn main() -> ExitCode {
                 eprintln!("coalesce: need 1 MiB <= --local < --size");
                 return ExitCode::FAILURE;
             }
-            let opts = bench::BenchOptions { size, local, passes, random_reads, swapfile, csv, chart };
+            let opts = bench::BenchOptions { size, local, passes, random_reads, swapfile, csv, chart, trusted_lenders };
             match bench::run(&opts) {
                 Ok(results) => {
                     print!("{}", bench::table(&opts, &results));
@@ -276,8 +295,8 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::BenchWorker { mode, size, local, passes, random_reads } => {
-            match bench::worker(mode, size, local, passes, random_reads) {
+        Command::BenchWorker { mode, size, local, passes, random_reads, trusted_lenders } => {
+            match bench::worker(mode, size, local, passes, random_reads, trusted_lenders) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("coalesce bench-worker: {e}");
@@ -299,6 +318,7 @@ fn main() -> ExitCode {
             fault_threads,
             prefetch_window,
             history,
+            trusted_lenders,
         } => {
             let (Ok(size), Ok(local)) = (usize::try_from(size.as_u64()), usize::try_from(local.as_u64())) else {
                 eprintln!("coalesce: --size and --local must fit this machine's address space");
@@ -317,6 +337,7 @@ fn main() -> ExitCode {
                 fault_threads,
                 prefetch_window,
                 history,
+                trusted_lenders,
             };
             let mut result = demo::run(&opts);
             let unavailable = result.as_ref().err().is_some_and(demo::DemoError::is_provider_unavailable);
@@ -352,6 +373,7 @@ fn main() -> ExitCode {
             history,
             prefetch_window,
             discards,
+            trusted_lenders,
         } => {
             let Ok(size) = usize::try_from(size.as_u64()) else {
                 eprintln!("coalesce: --size must fit this machine's address space");
@@ -373,6 +395,7 @@ fn main() -> ExitCode {
                 history,
                 prefetch_window,
                 discard_percent: discards,
+                trusted_lenders,
             };
             match stress::run(&opts) {
                 Ok(Ok(reports)) => {

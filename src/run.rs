@@ -27,6 +27,8 @@ pub struct RunOptions {
     pub provider: ProviderKind,
     /// Print statistics on exit.
     pub stats: bool,
+    /// Pages travel and rest in plaintext (no sealing).
+    pub trusted_lenders: bool,
     /// The program and its arguments.
     pub command: Vec<OsString>,
 }
@@ -120,7 +122,8 @@ pub fn run(opts: &RunOptions) -> Result<RunOutcome, RunError> {
     }
     cmd.env("COALESCE_LOCAL", opts.local.to_string())
         .env("COALESCE_HEAP_SIZE", opts.heap_size.to_string())
-        .env("COALESCE_PROVIDER", opts.provider.to_string());
+        .env("COALESCE_PROVIDER", opts.provider.to_string())
+        .env("COALESCE_TRUSTED_LENDERS", if opts.trusted_lenders { "1" } else { "0" });
     if opts.stats {
         cmd.env("COALESCE_STATS", &stats_file);
     }

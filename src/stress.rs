@@ -43,6 +43,8 @@ pub struct StressOptions {
     pub seed: u64,
     /// memory-servers (empty: an embedded one on 127.0.0.1).
     pub servers: Vec<SocketAddr>,
+    /// Pages travel and rest in plaintext (no sealing).
+    pub trusted_lenders: bool,
     /// Page-table transitions kept in the history log.
     pub history: usize,
     /// Prefetch window in pages.
@@ -360,6 +362,7 @@ fn run_config(
     config.fault_threads = fault_threads;
     config.history = opts.history;
     config.prefetch_window = opts.prefetch_window;
+    config.trusted_lenders = opts.trusted_lenders;
     let pager = Pager::new(config)?;
     let region = pager.map(opts.size, RegionOptions::default())?;
     let pages = region.len() / PAGE_SIZE;

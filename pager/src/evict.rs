@@ -444,10 +444,14 @@ impl Evictor {
         let mut transfers = Vec::new();
         let mut idxs = Vec::new();
         for (i, v) in moved.iter().enumerate() {
-            if let Some(slot) = v.slot.filter(|_| v.needs_write) {
-                transfers.push(PageTransfer { slot, offset: v.staging * PAGE_SIZE });
-                idxs.push(i);
+            let Some(slot) = v.slot.filter(|_| v.needs_write) else { continue };
+            // Each write-out takes a new version (a sealing store binds the copy to it).
+            if v.region.table.next_version(v.page).is_none() {
+                tracing::warn!(page = v.page, "a page used up its 2^32 write-out versions; it stays local");
+                continue;
             }
+            transfers.push(PageTransfer::page(slot, v.staging * PAGE_SIZE, v.region.page_id(v.page)));
+            idxs.push(i);
         }
         if transfers.is_empty() {
             return;

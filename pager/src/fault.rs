@@ -542,7 +542,9 @@ impl Handler {
             .map(|(i, (page, entry))| Fetch { page, entry, staging: i, outcome: Err(TransferError::NoSuchSlot) })
             .collect();
         self.reserve(fetches.len());
-        self.fetch(&mut fetches);
+        self.fetch(region, &mut fetches);
+        let rejected = fetches.iter().filter(|f| f.outcome == Err(TransferError::Corrupt)).count();
+        Counters::add(&self.shared.stats.copies_rejected, rejected as u64);
         let t = &region.table;
         // Failed pages first: the faulting one is poisoned, prefetched ones are simply left remote.
         for (i, f) in fetches.iter().enumerate().filter(|(_, f)| f.outcome.is_err()) {
@@ -586,13 +588,14 @@ impl Handler {
     }
 
     /// Reads every page of `fetches` into its staging slot, in one batch of the store.
-    fn fetch(&mut self, fetches: &mut [Fetch]) {
+    fn fetch(&mut self, region: &RegionState, fetches: &mut [Fetch]) {
         let mut transfers = Vec::with_capacity(fetches.len());
         let mut idxs = Vec::with_capacity(fetches.len());
         for (i, f) in fetches.iter_mut().enumerate() {
             match f.entry.slot() {
                 Some(slot) => {
-                    transfers.push(PageTransfer { slot, offset: f.staging * PAGE_SIZE });
+                    let id = region.page_id(f.page);
+                    transfers.push(PageTransfer::page(slot, f.staging * PAGE_SIZE, id));
                     idxs.push(i);
                 }
                 None => f.outcome = Err(TransferError::NoSuchSlot),

@@ -39,7 +39,7 @@
 //! page (all full or down): the pager then keeps it local (best effort, as the coalescent model
 //! asks) and counts an over-budget event. Fixed overhead beside the budget: the staging buffers
 //! (`(1 + prefetch_window)` pages per handler thread, 64 pages for the evictor) and the metadata
-//! (8 bytes per page of every region, see [`table`]).
+//! (12 bytes per page of every region: its 8-byte entry and a 4-byte write-out version).
 //!
 //! ```
 //! use coalesce_pager::{Pager, PagerConfig, RegionOptions};
@@ -168,6 +168,10 @@ pub struct PagerConfig {
     /// Client id presented to servers (`None`, the default: a fresh one from the OS CSPRNG for
     /// every lender).
     pub client_id: Option<u64>,
+    /// Trust the lenders with plaintext: pages are not sealed (faster; a lender can then read
+    /// every page and change one unnoticed). Default `false`: every page is sealed
+    /// ([`store::SealedStore`]).
+    pub trusted_lenders: bool,
     /// Keep a history of this many page-table transitions (0: none, the default). For finding
     /// races: see [`history`] and `coalesce stress`.
     pub history: usize,
@@ -192,6 +196,7 @@ impl PagerConfig {
             spin: Duration::from_micros(50),
             link: LinkProfile::loopback(),
             client_id: None,
+            trusted_lenders: false,
             history: 0,
             thread_start: None,
         }
@@ -324,6 +329,7 @@ impl Shared {
         s.overshoot_events = self.budget.overshoots();
         s.budget_pages = self.budget.limit() as u64;
         s.remote_pages = self.store.remote_pages();
+        s.sealed = self.store.seals_pages();
         s.metadata_bytes = self.regions.table_bytes() + self.store.bookkeeping_bytes() as u64;
         s
     }
@@ -338,7 +344,8 @@ pub struct Pager {
 
 impl Pager {
     /// Connects to the servers (one copy of each page on `memory-server` lenders, see
-    /// [`store::LenderStore`]) and starts the threads.
+    /// [`store::LenderStore`], sealed unless [`PagerConfig::trusted_lenders`]) and starts the
+    /// threads.
     pub fn new(config: PagerConfig) -> Result<Self, PagerError> {
         config.validate()?;
         // userfaultfd first: without it, nothing is asked of the lenders.
@@ -355,9 +362,15 @@ impl Pager {
             endpoint,
             timeout: config.fetch_timeout,
             spin: config.spin,
+            trailers: !config.trusted_lenders,
         };
-        let store = store::LenderStore::connect(&config.servers, options)?;
-        Self::start(config, Arc::new(store), uffd)
+        let lenders: Arc<dyn store::PageStore> = Arc::new(store::LenderStore::connect(&config.servers, options)?);
+        let store: Arc<dyn store::PageStore> =
+            if config.trusted_lenders { lenders } else { Arc::new(store::SealedStore::new(lenders)?) };
+        if config.trusted_lenders {
+            tracing::info!("lenders are trusted: pages travel and rest in plaintext");
+        }
+        Self::start(config, store, uffd)
     }
 
     /// Starts a pager whose remote pages live in `store` (`config.servers`, `provider`, `link`,

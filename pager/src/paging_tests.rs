@@ -1,11 +1,11 @@
 //! Unit tests of the fault and eviction logic against the in-memory store ([`MemoryStore`]): real
 //! userfaultfd faults and `UFFDIO_MOVE` evictions, no lender and no network, with failures of
-//! the store injected on demand.
+//! the store injected on demand, and sealed pages ([`SealedStore`]) against a store that lies.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use crate::store::{MemoryStore, MemoryStoreFaults, PageStore};
+use crate::store::{MemoryStore, MemoryStoreFaults, PageStore, SealedStore, Slot};
 use crate::{Pager, PagerConfig, Region, RegionOptions, PAGE_SIZE};
 
 const WORDS: usize = PAGE_SIZE / 8;
@@ -198,4 +198,76 @@ fn absurd_configuration_is_refused_with_a_clear_error() {
     config.fetch_timeout = std::time::Duration::from_secs(10_000_000_000_000_000_000);
     let err = Pager::with_store(config, store).expect_err("a timeout of 3e11 years").to_string();
     assert!(err.contains("fetch timeout") && err.contains("at most 1 hour"), "{err}");
+}
+
+fn sealed_pager(budget_pages: usize, store: &Arc<MemoryStore>) -> Pager {
+    let mut config = PagerConfig::new(Vec::new(), budget_pages * PAGE_SIZE);
+    // One fault fetches one page: each lie below is met by exactly one read.
+    config.prefetch = false;
+    let inner: Arc<dyn PageStore> = Arc::clone(store) as Arc<dyn PageStore>;
+    let sealed: Arc<dyn PageStore> = Arc::new(SealedStore::new(inner).expect("a sealing layer"));
+    Pager::with_store(config, sealed).expect("a pager on the sealed in-memory store (needs userfaultfd: run as root)")
+}
+
+/// Pages of `pages` that are remote now, with their slots.
+fn remote_pages(region: &Region<'_>, pages: std::ops::Range<usize>) -> Vec<(usize, Slot)> {
+    pages
+        .filter(|&p| !is_resident(region, p))
+        .filter_map(|p| region.state().table.load(p).slot().map(|s| (p, s)))
+        .collect()
+}
+
+#[test]
+fn sealed_pages_round_trip_and_the_lender_holds_only_ciphertext() {
+    let store = Arc::new(MemoryStore::new(1 << 16));
+    let pager = sealed_pager(64, &store);
+    let mut region = pager.map(256 * PAGE_SIZE, RegionOptions::default()).expect("map");
+    fill(&mut region, 0..256, 1);
+    let remote = remote_pages(&region, 0..256);
+    assert!(remote.len() > 128, "most pages went to the store");
+    for &(page, slot) in &remote {
+        let held = store.page(slot).expect("a copy");
+        let plain: Vec<u8> = (0..WORDS).flat_map(|w| word(1, page, w).to_ne_bytes()).collect();
+        assert_ne!(held, plain, "page {page} rests in plaintext");
+        assert_ne!(held[..8], plain[..8], "page {page}: its first word is readable by the lender");
+    }
+    assert_eq!(first_wrong(&region, 0..256, 1), None);
+    let stats = pager.stats();
+    assert!(stats.sealed && stats.copies_rejected == 0 && stats.remote_faults > 0, "{stats}");
+}
+
+#[test]
+fn a_lender_that_changes_swaps_or_replays_a_page_is_caught_before_the_program_reads_it() {
+    let store = Arc::new(MemoryStore::new(1 << 16));
+    let pager = sealed_pager(64, &store);
+    let mut region = pager.map(256 * PAGE_SIZE, RegionOptions::default()).expect("map");
+    fill(&mut region, 0..256, 1);
+    let remote = remote_pages(&region, 0..128);
+    let [(flipped, flipped_slot), (swapped, swapped_slot), (replayed, _), (donor, donor_slot), ..] = remote[..] else {
+        panic!("too few remote pages: {remote:?}");
+    };
+    // An old version of `replayed`, kept by the lender; then the page is written and evicted again.
+    let old_slot = region.state().table.load(replayed).slot().expect("slot");
+    let old = store.record(old_slot).expect("record");
+    fill(&mut region, replayed..replayed + 1, 2);
+    assert_eq!(region.evict(replayed * PAGE_SIZE, PAGE_SIZE), 1);
+    let replayed_slot = region.state().table.load(replayed).slot().expect("slot");
+
+    // The lies: one flipped bit, another page's copy, the old version.
+    let mut record = store.record(flipped_slot).expect("record");
+    record[100] ^= 0x10;
+    assert!(store.set_record(flipped_slot, &record));
+    assert!(store.set_record(swapped_slot, &store.record(donor_slot).expect("record")));
+    assert!(store.set_record(replayed_slot, &old));
+
+    for page in [flipped, swapped, replayed] {
+        let addr = region.as_ptr().wrapping_add(page * PAGE_SIZE).cast_const();
+        let err = kernel_read(addr).expect_err("a changed copy must never reach the program");
+        assert_eq!(err.raw_os_error(), Some(libc::EFAULT), "page {page}: {err}");
+    }
+    let stats = pager.stats();
+    assert_eq!((stats.copies_rejected, stats.fetch_failures), (3, 3), "{stats}");
+    assert_eq!(store.times_distrusted(), 3);
+    // An untouched copy still opens.
+    assert_eq!(first_wrong(&region, donor..donor + 1, 1), None);
 }

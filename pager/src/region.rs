@@ -105,6 +105,13 @@ impl RegionState {
         self.base + page * PAGE_SIZE
     }
 
+    /// The identity of the current version of a locked page, for the store.
+    pub(crate) fn page_id(&self, page: usize) -> crate::store::PageId {
+        // Regions hold fewer than 2^32 pages (checked when they are made).
+        let index = u32::try_from(page).unwrap_or(u32::MAX);
+        crate::store::PageId { region: self.id, page: index, version: self.table.version(page) }
+    }
+
     /// Enters an operation; `None` once the region is being unmapped.
     pub(crate) fn enter(self: &Arc<Self>) -> Option<ActiveRegion> {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
@@ -152,6 +159,11 @@ impl<'p> Region<'p> {
     pub(crate) fn new(pager: &'p Pager, len: usize, options: RegionOptions) -> Result<Self, PagerError> {
         if len == 0 {
             return Err(PagerError::Config("a region needs at least one byte".into()));
+        }
+        if len / PAGE_SIZE >= u32::MAX as usize {
+            return Err(PagerError::Config(format!(
+                "a region of {len} bytes is too large: at most 16 TiB (pages are numbered in 32 bits)"
+            )));
         }
         let len = len.div_ceil(PAGE_SIZE) * PAGE_SIZE;
         let map_err = |source| PagerError::Map { len, source };

@@ -22,6 +22,7 @@ pub struct Counters {
     pub(crate) bytes_in: AtomicU64,
     pub(crate) bytes_out: AtomicU64,
     pub(crate) fetch_failures: AtomicU64,
+    pub(crate) copies_rejected: AtomicU64,
     pub(crate) removed_pages: AtomicU64,
     pub(crate) remote_freed: AtomicU64,
     pub(crate) writeback_failures: AtomicU64,
@@ -51,6 +52,7 @@ impl Default for Counters {
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
             fetch_failures: AtomicU64::new(0),
+            copies_rejected: AtomicU64::new(0),
             removed_pages: AtomicU64::new(0),
             remote_freed: AtomicU64::new(0),
             writeback_failures: AtomicU64::new(0),
@@ -91,6 +93,7 @@ impl Counters {
             bytes_in: r(&self.bytes_in),
             bytes_out: r(&self.bytes_out),
             fetch_failures: r(&self.fetch_failures),
+            copies_rejected: r(&self.copies_rejected),
             removed_pages: r(&self.removed_pages),
             remote_freed: r(&self.remote_freed),
             writeback_failures: r(&self.writeback_failures),
@@ -137,6 +140,13 @@ pub struct PagerStats {
     pub bytes_out: u64,
     /// Pages that could not be fetched (the access got SIGBUS).
     pub fetch_failures: u64,
+    /// Copies that came back from a lender changed (sealed pages that failed authentication: a
+    /// flipped bit, another page's copy, an older version): refused, never handed to the program.
+    #[serde(default)]
+    pub copies_rejected: u64,
+    /// Pages are sealed (encrypted and authenticated) before they leave the process.
+    #[serde(default)]
+    pub sealed: bool,
     /// Pages discarded by `madvise` in a region.
     pub removed_pages: u64,
     /// Remote copies freed because their page was discarded.
@@ -247,8 +257,12 @@ impl fmt::Display for PagerStats {
         )?;
         write!(
             f,
-            "failures: {} pages could not be fetched; {} page-state violations (bugs, caught and poisoned); {} move miscounts",
-            self.fetch_failures, self.state_violations, self.move_miscounts
+            "failures: {} pages could not be fetched ({} copies refused as changed by their lender; pages {}); {} page-state violations (bugs, caught and poisoned); {} move miscounts",
+            self.fetch_failures,
+            self.copies_rejected,
+            if self.sealed { "sealed" } else { "in plaintext" },
+            self.state_violations,
+            self.move_miscounts
         )
     }
 }

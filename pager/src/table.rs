@@ -9,12 +9,17 @@ use crate::entry::{Entry, BUSY, READER_BITS, REMOVE_UNHANDLED, ZAP_PENDING};
 use crate::history::{History, Transition};
 pub(crate) use crate::sync::backoff;
 use crate::sync::{AtomicU64, Ordering};
+// Versions are only touched by the holder of a page's lock, which orders them: plain atomics.
+use std::sync::atomic::AtomicU32;
 
 /// Bytes of page-table metadata per page.
-pub const BYTES_PER_PAGE: usize = std::mem::size_of::<AtomicU64>();
+pub const BYTES_PER_PAGE: usize = ENTRY_BYTES + VERSION_BYTES;
+const ENTRY_BYTES: usize = std::mem::size_of::<AtomicU64>();
+const VERSION_BYTES: usize = std::mem::size_of::<AtomicU32>();
 
-/// The entries of one region, in their own anonymous mapping: zero pages cost nothing until an
-/// entry in them changes, so a huge, mostly untouched region has a small resident table.
+/// The entries of one region, then their pages' versions (how many times each was written out;
+/// a sealing store binds a copy to it), in their own anonymous mapping: zero pages cost nothing
+/// until an entry in them changes, so a huge, mostly untouched region has a small resident table.
 #[derive(Debug)]
 pub struct PageTable {
     #[cfg(not(coalesce_loom))]
@@ -22,6 +27,8 @@ pub struct PageTable {
     /// Under loom: the model's atomics, on the heap.
     #[cfg(coalesce_loom)]
     map: Box<[AtomicU64]>,
+    #[cfg(coalesce_loom)]
+    versions: Box<[AtomicU32]>,
     len: usize,
     region: u32,
     history: Option<Arc<History>>,
@@ -39,8 +46,16 @@ impl PageTable {
         #[cfg(not(coalesce_loom))]
         let map = memmap2::MmapOptions::new().len((pages * BYTES_PER_PAGE).max(1)).map_anon()?;
         #[cfg(coalesce_loom)]
-        let map = (0..pages).map(|_| AtomicU64::new(0)).collect();
-        Ok(Self { map, len: pages, region, history })
+        let (map, versions) =
+            ((0..pages).map(|_| AtomicU64::new(0)).collect(), (0..pages).map(|_| AtomicU32::new(0)).collect());
+        Ok(Self {
+            map,
+            #[cfg(coalesce_loom)]
+            versions,
+            len: pages,
+            region,
+            history,
+        })
     }
 
     #[cfg(coalesce_loom)]
@@ -48,11 +63,41 @@ impl PageTable {
         &self.map
     }
 
+    #[cfg(coalesce_loom)]
+    fn versions(&self) -> &[AtomicU32] {
+        &self.versions
+    }
+
     #[cfg(not(coalesce_loom))]
     fn entries(&self) -> &[AtomicU64] {
-        // SAFETY: the mapping is page aligned, holds `len` 8-byte slots, lives as long as `self`,
-        // starts zeroed (a valid `AtomicU64` is any bit pattern) and is only accessed atomically.
+        // SAFETY: the mapping is page aligned, holds `len` 8-byte slots first, lives as long as
+        // `self`, starts zeroed (a valid `AtomicU64` is any bit pattern) and is only accessed
+        // atomically.
         unsafe { std::slice::from_raw_parts(self.map.as_ptr().cast::<AtomicU64>(), self.len) }
+    }
+
+    #[cfg(not(coalesce_loom))]
+    fn versions(&self) -> &[AtomicU32] {
+        // SAFETY: after the `len` entries the mapping holds `len` 4-byte slots (4-aligned: they
+        // start at a multiple of 8), zeroed, only accessed atomically, living as long as `self`.
+        unsafe {
+            std::slice::from_raw_parts(self.map.as_ptr().add(self.len * ENTRY_BYTES).cast::<AtomicU32>(), self.len)
+        }
+    }
+
+    /// The version of `page`'s last write-out (0: never written out). Read by the holder of the
+    /// page's lock.
+    pub fn version(&self, page: usize) -> u32 {
+        self.versions()[page].load(Ordering::Relaxed)
+    }
+
+    /// Takes the next version of a locked page for a write-out, and keeps it (whether or not the
+    /// write succeeds: a version is never used twice). `None` when the page has used all 2^32 - 1
+    /// versions: it must stay local.
+    pub fn next_version(&self, page: usize) -> Option<u32> {
+        let next = self.version(page).checked_add(1)?;
+        self.versions()[page].store(next, Ordering::Relaxed);
+        Some(next)
     }
 
     /// Number of pages.
@@ -191,7 +236,10 @@ mod tests {
     #[test]
     fn lock_modify_and_slots() {
         let t = PageTable::new(4).expect("map");
-        assert_eq!(t.bytes(), 32);
+        assert_eq!(t.bytes(), 4 * 12, "8 bytes of entry and 4 of version per page");
+        assert_eq!(t.version(2), 0);
+        assert_eq!((t.next_version(2), t.next_version(2), t.version(2)), (Some(1), Some(2), 2));
+        assert_eq!(t.version(1), 0, "versions are per page");
         let before = t.try_lock(1, |e| !e.is_resident()).expect("free");
         assert_eq!(before, Entry::ZERO);
         assert!(t.try_lock(1, |_| true).is_none(), "already busy");

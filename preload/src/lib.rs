@@ -16,12 +16,13 @@
 //! |---|---|---|
 //! | `COALESCE_SERVERS` | unset | memory servers, `HOST:PORT[,HOST:PORT...]`. Unset or empty: no pager at all; the program runs on plain local memory with mimalloc as its allocator |
 //! | `COALESCE_LOCAL` | `256MiB` | local memory budget of the heap |
-//! | `COALESCE_HEAP_SIZE` | `16GiB` | heap size limit (address space reserved; allocations beyond it fail with `ENOMEM`). Costs 8 bytes of pager metadata per 4 KiB page of it |
+//! | `COALESCE_HEAP_SIZE` | `16GiB` | heap size limit (address space reserved; allocations beyond it fail with `ENOMEM`). Costs 12 bytes of pager metadata per 4 KiB page of it |
 //! | `COALESCE_PROVIDER` | `shim` | data path: `shim` or `verbs` (the library must be built with `--features coalesce-rdma/verbs`) |
 //! | `COALESCE_DEVICE` | first | RDMA device of the verbs provider, e.g. `rxe0` |
 //! | `COALESCE_FETCH_TIMEOUT` | `5s` | a page not fetched in this time raises SIGBUS in the access |
 //! | `COALESCE_PREFETCH` | on | `0` turns prefetch off |
 //! | `COALESCE_FAULT_THREADS` | 1 | fault-handling threads (1 to 64) |
+//! | `COALESCE_TRUSTED_LENDERS` | `0` | `1`: pages travel and rest in plaintext (faster; a lender can read and change them). By default every page is sealed (AES-256-GCM, a key that never leaves the process) |
 //! | `COALESCE_HISTORY` | 0 | page-table transitions kept for a page-state violation's log (40 bytes each) |
 //! | `COALESCE_LOG` | `warn` | log filter (`tracing` syntax), written to stderr |
 //! | `COALESCE_STATS` | unset | `1` or `stderr`: print pager statistics on exit, as text; any other value: a file to write them to, as JSON (a `coalesce_pager::ExitReport`: the pager's statistics and the peak RSS; `coalesce run` reads it) |

@@ -29,6 +29,7 @@ struct Settings {
     fetch_timeout: Duration,
     prefetch: bool,
     fault_threads: usize,
+    trusted_lenders: bool,
     history: usize,
     log: String,
 }
@@ -71,6 +72,11 @@ fn settings() -> Result<Option<Settings>, String> {
             .ok_or_else(|| format!("COALESCE_FAULT_THREADS={n:?} is not a thread count from 1 to 64"))?,
         None => 1,
     };
+    let trusted_lenders = match var("COALESCE_TRUSTED_LENDERS").as_deref().map(str::trim) {
+        None | Some("" | "0" | "off" | "false" | "no") => false,
+        Some("1" | "on" | "true" | "yes") => true,
+        Some(other) => return Err(format!("COALESCE_TRUSTED_LENDERS={other:?} is neither 1 nor 0")),
+    };
     let history = match var("COALESCE_HISTORY") {
         Some(n) => n
             .trim()
@@ -89,6 +95,7 @@ fn settings() -> Result<Option<Settings>, String> {
         fetch_timeout,
         prefetch,
         fault_threads,
+        trusted_lenders,
         history,
         log: var("COALESCE_LOG").unwrap_or_else(|| "warn".into()),
     }))
@@ -131,6 +138,7 @@ pub extern "C" fn init() {
     config.prefetch = settings.prefetch;
     config.fault_threads = settings.fault_threads;
     config.history = settings.history;
+    config.trusted_lenders = settings.trusted_lenders;
     config.thread_start = Some(pager_thread_start);
     let threads = config.fault_threads + 2; // handlers, evictor, heartbeat
     let pager: &'static Pager = match Pager::new(config) {

@@ -1,6 +1,7 @@
-//! A store in this process's memory: every slot is a heap page. For unit tests of the fault and
-//! eviction logic (no lender, no network) and for measuring the pager alone. Failures can be
-//! injected ([`MemoryStoreFaults`]), and the store counts what it was asked to do.
+//! A store in this process's memory: every slot is a heap page (and its trailer). For unit tests
+//! of the fault and eviction logic (no lender, no network) and for measuring the pager alone.
+//! Failures can be injected ([`MemoryStoreFaults`]), a test can play a lying lender by changing
+//! what a slot holds ([`MemoryStore::set_record`]), and the store counts what it was asked to do.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,7 +10,7 @@ use std::time::Duration;
 
 use rdma::LocalRegion;
 
-use super::{LenderInfo, PageIo, PageStore, PageTransfer, Slot, TransferError};
+use super::{LenderInfo, PageIo, PageStore, PageTransfer, Slot, TransferError, TRAILER_LEN};
 use crate::{lock, PagerError, PAGE_SIZE};
 
 /// Failures a [`MemoryStore`] fakes, for tests of the failure paths.
@@ -25,7 +26,7 @@ pub struct MemoryStoreFaults {
 
 #[derive(Debug, Default)]
 struct Pages {
-    /// Slot `i` holds `pages[i]` (`None`: free).
+    /// Slot `i` holds `pages[i]` (`None`: free): the page, then its trailer.
     pages: Vec<Option<Box<[u8]>>>,
     free: Vec<u32>,
     used: u64,
@@ -39,6 +40,7 @@ pub struct MemoryStore {
     faults: Mutex<MemoryStoreFaults>,
     reads: AtomicU64,
     writes: AtomicU64,
+    distrusted: AtomicU64,
 }
 
 impl MemoryStore {
@@ -50,7 +52,42 @@ impl MemoryStore {
             faults: Mutex::new(MemoryStoreFaults::default()),
             reads: AtomicU64::new(0),
             writes: AtomicU64::new(0),
+            distrusted: AtomicU64::new(0),
         }
+    }
+
+    /// Times a layer above said a copy came back changed ([`PageStore::distrust`]).
+    pub fn times_distrusted(&self) -> u64 {
+        self.distrusted.load(Ordering::Relaxed)
+    }
+
+    /// What `slot` holds: the page, then its trailer (`None`: the slot is free).
+    pub fn record(&self, slot: Slot) -> Option<Vec<u8>> {
+        let pages = lock(&self.pages);
+        pages.pages.get(usize::try_from(slot.raw()).ok()?)?.as_ref().map(|p| p.to_vec())
+    }
+
+    /// Replaces what `slot` holds, as a lying lender would (`record` as [`MemoryStore::record`]
+    /// returns it). False when the slot is free or the length is wrong.
+    pub fn set_record(&self, slot: Slot, record: &[u8]) -> bool {
+        let mut pages = lock(&self.pages);
+        let Some(Some(held)) = usize::try_from(slot.raw()).ok().and_then(|i| pages.pages.get_mut(i)) else {
+            return false;
+        };
+        if held.len() != record.len() {
+            return false;
+        }
+        held.copy_from_slice(record);
+        true
+    }
+
+    /// The slots in use.
+    pub fn slots(&self) -> Vec<Slot> {
+        let pages = lock(&self.pages);
+        (0..pages.pages.len())
+            .filter(|&i| pages.pages[i].is_some())
+            .filter_map(|i| u32::try_from(i).ok().map(Slot))
+            .collect()
     }
 
     /// Sets the failures to fake from now on.
@@ -70,8 +107,10 @@ impl MemoryStore {
 
     /// A copy of the page in `slot`, if the slot is in use.
     pub fn page(&self, slot: Slot) -> Option<Vec<u8>> {
-        let pages = lock(&self.pages);
-        pages.pages.get(usize::try_from(slot.raw()).ok()?)?.as_ref().map(|p| p.to_vec())
+        self.record(slot).map(|mut r| {
+            r.truncate(PAGE_SIZE);
+            r
+        })
     }
 
     fn faults(&self) -> MemoryStoreFaults {
@@ -94,7 +133,7 @@ impl MemoryStore {
                 slot
             }
         };
-        p.pages[usize::try_from(slot).ok()?] = Some(vec![0; PAGE_SIZE].into_boxed_slice());
+        p.pages[usize::try_from(slot).ok()?] = Some(vec![0; PAGE_SIZE + TRAILER_LEN].into_boxed_slice());
         p.used += 1;
         Some(Slot(slot))
     }
@@ -122,6 +161,18 @@ impl PageStore for MemoryStore {
 
     fn lender_of(&self, _slot: Slot) -> Option<SocketAddr> {
         None
+    }
+
+    fn trailer_len(&self) -> usize {
+        TRAILER_LEN
+    }
+
+    fn seals_pages(&self) -> bool {
+        false
+    }
+
+    fn distrust(&self, _slot: Slot, _why: &str) {
+        self.distrusted.fetch_add(1, Ordering::Relaxed);
     }
 
     fn maintain(&self) {}
@@ -165,7 +216,7 @@ impl PageIo for MemoryIo {
             out.push(match page {
                 None => Err(TransferError::NoSuchSlot),
                 Some(_) if fail => Err(TransferError::Timeout(Duration::ZERO)),
-                Some(page) => buf.write_at(t.offset, page).map_err(|e| TransferError::Local(e.to_string())),
+                Some(record) => read_record(buf, t, record),
             });
         }
         let ok = out.iter().filter(|r| r.is_ok()).count() as u64;
@@ -186,7 +237,7 @@ impl PageIo for MemoryIo {
             out.push(match page {
                 None => Err(TransferError::NoSuchSlot),
                 Some(_) if fail => Err(TransferError::Refused("injected".into())),
-                Some(page) => buf.read_at(t.offset, page).map_err(|e| TransferError::Local(e.to_string())),
+                Some(record) => write_record(buf, t, record),
             });
         }
         let ok = out.iter().filter(|r| r.is_ok()).count() as u64;
@@ -203,4 +254,25 @@ impl PageIo for MemoryIo {
             _ => self.store.alloc(),
         }
     }
+}
+
+/// Copies a slot's record (page, and trailer if asked for) into `buf`.
+fn read_record(buf: &LocalRegion, t: &PageTransfer, record: &[u8]) -> Result<(), TransferError> {
+    let local = |e: rdma::TransportError| TransferError::Local(e.to_string());
+    buf.write_at(t.offset, &record[..PAGE_SIZE]).map_err(local)?;
+    if let Some(at) = t.trailer {
+        buf.write_at(at, &record[PAGE_SIZE..]).map_err(local)?;
+    }
+    Ok(())
+}
+
+/// Copies a page (and its trailer if given) from `buf` into a slot's record.
+fn write_record(buf: &LocalRegion, t: &PageTransfer, record: &mut [u8]) -> Result<(), TransferError> {
+    let local = |e: rdma::TransportError| TransferError::Local(e.to_string());
+    let (page, trailer) = record.split_at_mut(PAGE_SIZE);
+    buf.read_at(t.offset, page).map_err(local)?;
+    if let Some(at) = t.trailer {
+        buf.read_at(at, trailer).map_err(local)?;
+    }
+    Ok(())
 }

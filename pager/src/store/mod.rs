@@ -15,10 +15,13 @@
 //!   ones), over the shim or verbs provider. The store of wave 1.
 //! - [`MemoryStore`]: pages in this process's memory, with injectable failures; for unit tests
 //!   of the fault and eviction logic and for measuring the pager without a network.
+//! - [`SealedStore`]: a layer over another store that seals every page before it leaves
+//!   (AES-256-GCM, a key that never leaves this process) and opens it when it comes back, so a
+//!   lender can neither read a page nor change, swap or replay one unnoticed.
 //!
-//! Replicated, erasure-coded, sealing and tiered stores are further implementations (or layers
-//! that wrap another store) of the same two traits: a slot then names a group of places, `place`
-//! picks the group, and `read_pages` may decode from the first copies to arrive.
+//! Replicated, erasure-coded and tiered stores are further implementations (or layers that wrap
+//! another store) of the same two traits: a slot then names a group of places, `place` picks the
+//! group, and `read_pages` may decode from the first copies to arrive.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -31,9 +34,28 @@ use crate::PagerError;
 
 mod lenders;
 mod memory;
+mod sealed;
 
 pub use lenders::{LenderStore, LenderStoreOptions};
 pub use memory::{MemoryStore, MemoryStoreFaults};
+pub use sealed::SealedStore;
+
+/// Bytes a store keeps beside each page in its slot when asked to ([`PageStore::trailer_len`]):
+/// room for a sealing layer's authentication tag.
+pub const TRAILER_LEN: usize = 16;
+
+/// Which page a transfer carries, and which version of it: the page table's identity of the
+/// bytes. A sealing layer binds the copy to it (a copy of another page, or an older version of
+/// this one, fails to open); other stores ignore it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PageId {
+    /// The region's id (never reused within a pager).
+    pub region: u32,
+    /// The page's index in the region.
+    pub page: u32,
+    /// How many times the page has been written out (each write-back takes a new one).
+    pub version: u32,
+}
 
 /// The name of the place that holds one page's remote copy, handed out by a store. Its meaning
 /// is private to the store (the page table keeps the 32 bits and gives them back).
@@ -59,6 +81,18 @@ pub struct PageTransfer {
     pub slot: Slot,
     /// Byte offset of the page in the local buffer (a multiple of the page size).
     pub offset: usize,
+    /// Byte offset in the same buffer of the slot's [`TRAILER_LEN`] trailer bytes, moved with
+    /// the page (only for stores made with trailers; `None`: the page alone).
+    pub trailer: Option<usize>,
+    /// The page and version these bytes are.
+    pub id: PageId,
+}
+
+impl PageTransfer {
+    /// A transfer of page `id` between `slot` and offset `offset`, without a trailer.
+    pub fn page(slot: Slot, offset: usize, id: PageId) -> Self {
+        Self { slot, offset, trailer: None, id }
+    }
 }
 
 /// Why one page could not be read or written. The store has already applied its failure policy
@@ -80,6 +114,10 @@ pub enum TransferError {
     /// The lender refused the request (bad key or bounds: its copy is gone).
     #[error("the lender refused the request ({0}): its copy is gone")]
     Refused(String),
+    /// The copy came back changed: it failed authentication (a flipped bit, another page's copy,
+    /// or an older version of this page). The lender is no longer trusted.
+    #[error("the copy failed authentication: the lender changed, swapped or replayed it")]
+    Corrupt,
     /// The request could not be built or posted locally.
     #[error("{0}")]
     Local(String),
@@ -106,6 +144,16 @@ pub trait PageStore: Send + Sync + fmt::Debug {
 
     /// The lender that holds `slot`, for log lines and failure reports.
     fn lender_of(&self, slot: Slot) -> Option<SocketAddr>;
+
+    /// Bytes kept beside each page in its slot for [`PageTransfer::trailer`] (0: none).
+    fn trailer_len(&self) -> usize;
+
+    /// Whether pages are sealed before they reach a lender.
+    fn seals_pages(&self) -> bool;
+
+    /// The copy in `slot` came back changed (see [`TransferError::Corrupt`]): the store stops
+    /// trusting whoever holds it (a lender store marks the lender failed).
+    fn distrust(&self, slot: Slot, why: &str);
 
     /// Periodic upkeep (lease heartbeats); a lender that lost our session is marked failed.
     fn maintain(&self);

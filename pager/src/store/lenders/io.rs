@@ -27,7 +27,7 @@ pub(super) struct LenderIo {
     completions: Vec<Completion>,
 }
 
-/// The pages of one batch that go to one lender.
+/// The pages of one batch that go to one lender (a page with a trailer takes two segments).
 struct Group {
     lender: usize,
     pages: Vec<usize>,
@@ -80,23 +80,41 @@ impl LenderIo {
                 out[i] = Err(TransferError::LenderDown);
                 continue;
             }
-            let local = match LocalSlice::new(buf, p.offset, PAGE_SIZE) {
-                Ok(local) => local,
+            let segments = match self.segments(buf, p, loc) {
+                Ok(segments) => segments,
                 Err(e) => {
-                    out[i] = Err(TransferError::Local(e.to_string()));
+                    out[i] = Err(e);
                     continue;
                 }
             };
-            let segment = Segment { local, remote_addr: loc.addr, rkey: loc.rkey };
             match groups.iter_mut().find(|g| g.lender == loc.lender) {
                 Some(g) => {
                     g.pages.push(i);
-                    g.segments.push(segment);
+                    g.segments.extend(segments);
                 }
-                None => groups.push(Group { lender: loc.lender, pages: vec![i], segments: vec![segment] }),
+                None => groups.push(Group { lender: loc.lender, pages: vec![i], segments }),
             }
         }
         groups
+    }
+
+    /// The segments that move page `p` (and its trailer, if it has one) to or from `loc`.
+    fn segments(
+        &self,
+        buf: &Arc<LocalRegion>,
+        p: &PageTransfer,
+        loc: super::Location,
+    ) -> Result<Vec<Segment>, TransferError> {
+        let local = |offset, len| LocalSlice::new(buf, offset, len).map_err(|e| TransferError::Local(e.to_string()));
+        let mut segments = vec![Segment { local: local(p.offset, PAGE_SIZE)?, remote_addr: loc.addr, rkey: loc.rkey }];
+        if let Some(at) = p.trailer {
+            if self.store.trailer == 0 {
+                return Err(TransferError::Local("this store keeps no trailers".into()));
+            }
+            let remote_addr = loc.addr + PAGE_SIZE as u64;
+            segments.push(Segment { local: local(at, self.store.trailer)?, remote_addr, rkey: loc.rkey });
+        }
+        Ok(segments)
     }
 
     /// Posts one work request per group, then waits for each; every page gets its group's outcome.
@@ -213,9 +231,13 @@ impl LenderIo {
         };
         let mut page = [0u8; PAGE_SIZE];
         for p in pages {
-            if buf.read_at(p.offset, &mut page).is_ok() {
-                if let Err(e) = bounce.write_at(p.offset, &page) {
-                    tracing::error!(error = %e, "copying a page to the send buffer failed");
+            for (at, len) in std::iter::once((p.offset, PAGE_SIZE)).chain(p.trailer.map(|at| (at, self.store.trailer)))
+            {
+                let bytes = &mut page[..len];
+                if buf.read_at(at, bytes).is_ok() {
+                    if let Err(e) = bounce.write_at(at, bytes) {
+                        tracing::error!(error = %e, "copying a page to the send buffer failed");
+                    }
                 }
             }
         }

@@ -3,7 +3,9 @@
 //! live lender (so pages spread over all of them), lease heartbeats; each thread's connections are
 //! in [`io::LenderIo`].
 //!
-//! A slot names one 4 KiB place: `slab index << 20 | page in slab` (4096 slabs of up to 4 GiB).
+//! A slot names one place for a page: `slab index << 20 | record in slab` (4096 slabs of up to
+//! 4 GiB). A record is the page's 4 KiB, followed by a [`TRAILER_LEN`]-byte trailer when the
+//! store keeps trailers (for a sealing layer's tags).
 //! Slots are handed out from each slab with a bump pointer; freed slots go to a per-lender free
 //! list, so the allocator costs nothing per used slot.
 //!
@@ -21,7 +23,7 @@ use std::time::Duration;
 use rdma::client::{ClientError, ClientOptions, ControlClient};
 use rdma::{EndpointOptions, ProviderKind};
 
-use super::{LenderInfo, PageIo, PageStore, Slot};
+use super::{LenderInfo, PageIo, PageStore, Slot, TRAILER_LEN};
 use crate::{PagerError, PAGE_SIZE};
 
 mod io;
@@ -92,6 +94,8 @@ pub struct LenderStore {
     timeout: Duration,
     /// How long a waiting thread busy-polls before it sleeps in the kernel.
     spin: Duration,
+    /// Trailer bytes kept after each page (0 or [`TRAILER_LEN`]).
+    trailer: usize,
 }
 
 /// How a [`LenderStore`] connects and times out.
@@ -107,6 +111,8 @@ pub struct LenderStoreOptions {
     pub timeout: Duration,
     /// How long a waiting thread busy-polls before it sleeps.
     pub spin: Duration,
+    /// Keep a [`TRAILER_LEN`]-byte trailer beside each page (needed by a sealing layer).
+    pub trailers: bool,
 }
 
 impl LenderStore {
@@ -139,6 +145,7 @@ impl LenderStore {
             endpoint_options: options.endpoint,
             timeout: options.timeout,
             spin: options.spin,
+            trailer: if options.trailers { TRAILER_LEN } else { 0 },
         })
     }
 
@@ -206,7 +213,7 @@ impl LenderStore {
                 return None;
             }
         };
-        let pages = u32::try_from(grant.len / PAGE_SIZE as u64).unwrap_or(0).min(1 << SLOT_PAGE_BITS);
+        let pages = u32::try_from(grant.len / self.record_len()).unwrap_or(0).min(1 << SLOT_PAGE_BITS);
         let mut slabs = self.slabs.write().unwrap_or_else(PoisonError::into_inner);
         if slabs.len() >= MAX_SLABS || pages == 0 {
             tracing::warn!(server = %s.addr, "slab table full or empty slab; not using more remote memory");
@@ -226,7 +233,12 @@ impl LenderStore {
         let page = u64::from(slot.0 & ((1 << SLOT_PAGE_BITS) - 1));
         let slabs = self.slabs.read().unwrap_or_else(PoisonError::into_inner);
         let s = slabs.get(slab)?;
-        Some(Location { lender: s.server, addr: s.addr + page * PAGE_SIZE as u64, rkey: s.rkey })
+        Some(Location { lender: s.server, addr: s.addr + page * self.record_len(), rkey: s.rkey })
+    }
+
+    /// Bytes one slot takes in a slab: the page and its trailer.
+    fn record_len(&self) -> u64 {
+        (PAGE_SIZE + self.trailer) as u64
     }
 
     /// The shortest lease over the lenders.
@@ -254,6 +266,20 @@ impl PageStore for LenderStore {
 
     fn lender_of(&self, slot: Slot) -> Option<SocketAddr> {
         self.locate(slot).and_then(|loc| self.lenders.get(loc.lender)).map(|s| s.addr)
+    }
+
+    fn trailer_len(&self) -> usize {
+        self.trailer
+    }
+
+    fn seals_pages(&self) -> bool {
+        false
+    }
+
+    fn distrust(&self, slot: Slot, why: &str) {
+        if let Some(loc) = self.locate(slot) {
+            self.mark_failed(loc.lender, why);
+        }
     }
 
     /// Renews every live lender's lease; a lost session or connection marks the lender failed.

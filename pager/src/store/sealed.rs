@@ -1,0 +1,266 @@
+//! Sealed pages: a store layer that encrypts and authenticates every page before it leaves this
+//! process, and checks it when it comes back. A lender then holds ciphertext it cannot read, and
+//! any change it makes is caught before the program sees a byte: a flipped bit, another page's
+//! copy, or an older version of this page all fail to open, and the read fails
+//! ([`TransferError::Corrupt`]: the page is poisoned, the log names the lender, the lender is no
+//! longer trusted).
+//!
+//! AES-256-GCM (`ring`), with a key drawn from the OS CSPRNG when the store is made; it never
+//! leaves the process (pages do not outlive it). The 96-bit nonce is the page's identity
+//! ([`PageId`]: region, page, version) and is also the associated data. It never repeats under
+//! the key: regions ids are never reused, and every write-back of a page takes a new version
+//! (the page table keeps the last one, 4 bytes per page). The 16-byte tag travels and rests in
+//! the slot's trailer beside the ciphertext, so nothing else is kept locally. Works unchanged
+//! over one-sided verbs: the lender's CPU is not involved.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdma::LocalRegion;
+use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, AES_256_GCM};
+use ring::rand::{SecureRandom, SystemRandom};
+
+use super::{LenderInfo, PageId, PageIo, PageStore, PageTransfer, Slot, TransferError, TRAILER_LEN};
+use crate::{PagerError, PAGE_SIZE};
+
+/// The sealing layer over another store (which must keep [`TRAILER_LEN`]-byte trailers).
+pub struct SealedStore {
+    inner: Arc<dyn PageStore>,
+    key: LessSafeKey,
+    sealed: AtomicU64,
+    rejected: AtomicU64,
+}
+
+impl std::fmt::Debug for SealedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SealedStore").field("inner", &self.inner).field("key", &"<hidden>").finish_non_exhaustive()
+    }
+}
+
+impl SealedStore {
+    /// Seals every page that goes to `inner` with a fresh random key.
+    pub fn new(inner: Arc<dyn PageStore>) -> Result<Self, PagerError> {
+        if inner.trailer_len() < TRAILER_LEN {
+            return Err(PagerError::Config(format!(
+                "sealed pages need a store that keeps {TRAILER_LEN}-byte trailers beside each page"
+            )));
+        }
+        let mut bytes = [0u8; 32];
+        SystemRandom::new()
+            .fill(&mut bytes)
+            .map_err(|_| PagerError::Config("the OS random generator failed; cannot make a sealing key".into()))?;
+        let key = UnboundKey::new(&AES_256_GCM, &bytes)
+            .map_err(|_| PagerError::Config("cannot make an AES-256-GCM key".into()))?;
+        bytes.fill(0);
+        Ok(Self { inner, key: LessSafeKey::new(key), sealed: AtomicU64::new(0), rejected: AtomicU64::new(0) })
+    }
+
+    /// Pages sealed so far.
+    pub fn pages_sealed(&self) -> u64 {
+        self.sealed.load(Ordering::Relaxed)
+    }
+
+    /// Copies that came back changed and were refused.
+    pub fn copies_rejected(&self) -> u64 {
+        self.rejected.load(Ordering::Relaxed)
+    }
+}
+
+/// The nonce (and associated data) of one version of one page.
+fn nonce_bytes(id: PageId) -> [u8; 12] {
+    let mut n = [0u8; 12];
+    n[0..4].copy_from_slice(&id.region.to_le_bytes());
+    n[4..8].copy_from_slice(&id.page.to_le_bytes());
+    n[8..12].copy_from_slice(&id.version.to_le_bytes());
+    n
+}
+
+impl PageStore for SealedStore {
+    fn open_io(self: Arc<Self>) -> Result<Box<dyn PageIo>, PagerError> {
+        let inner = Arc::clone(&self.inner).open_io()?;
+        Ok(Box::new(SealedIo { store: self, inner, wire: None, transfers: Vec::new(), page: vec![0; PAGE_SIZE] }))
+    }
+
+    fn free(&self, slot: Slot) {
+        self.inner.free(slot);
+    }
+
+    fn lender_of(&self, slot: Slot) -> Option<SocketAddr> {
+        self.inner.lender_of(slot)
+    }
+
+    fn trailer_len(&self) -> usize {
+        0
+    }
+
+    fn seals_pages(&self) -> bool {
+        true
+    }
+
+    fn distrust(&self, slot: Slot, why: &str) {
+        self.inner.distrust(slot, why);
+    }
+
+    fn maintain(&self) {
+        self.inner.maintain();
+    }
+
+    fn maintenance_period(&self) -> Duration {
+        self.inner.maintenance_period()
+    }
+
+    fn remote_pages(&self) -> u64 {
+        self.inner.remote_pages()
+    }
+
+    fn bookkeeping_bytes(&self) -> usize {
+        self.inner.bookkeeping_bytes()
+    }
+
+    fn lenders(&self) -> Vec<LenderInfo> {
+        self.inner.lenders()
+    }
+
+    fn release_all(&self) {
+        self.inner.release_all();
+    }
+}
+
+/// One thread's sealed I/O: pages are sealed into (and opened from) this thread's own wire
+/// buffer, never in the caller's buffer (whose plaintext must survive a failed write-back).
+#[derive(Debug)]
+struct SealedIo {
+    store: Arc<SealedStore>,
+    inner: Box<dyn PageIo>,
+    /// Ciphertexts of a batch at `i * PAGE_SIZE`, then their tags.
+    wire: Option<Arc<LocalRegion>>,
+    transfers: Vec<PageTransfer>,
+    page: Vec<u8>,
+}
+
+impl SealedIo {
+    /// The wire buffer, big enough for `n` pages and their trailers, and the transfers of
+    /// `pages` into it.
+    fn prepare(&mut self, pages: &[PageTransfer]) -> Result<Arc<LocalRegion>, TransferError> {
+        let n = pages.len();
+        let need = n * (PAGE_SIZE + TRAILER_LEN);
+        let wire = match &self.wire {
+            Some(w) if w.len() >= need => Arc::clone(w),
+            _ => {
+                let size = need.next_multiple_of(PAGE_SIZE).max(PAGE_SIZE);
+                let w = LocalRegion::new(size).map_err(|e| TransferError::Local(e.to_string()))?;
+                self.wire = Some(Arc::clone(&w));
+                w
+            }
+        };
+        let tags = n * PAGE_SIZE;
+        self.transfers.clear();
+        self.transfers.extend(pages.iter().enumerate().map(|(i, p)| PageTransfer {
+            slot: p.slot,
+            offset: i * PAGE_SIZE,
+            trailer: Some(tags + i * TRAILER_LEN),
+            id: p.id,
+        }));
+        Ok(wire)
+    }
+
+    /// Seals page `i` of the batch from `buf` into the wire buffer.
+    fn seal(&mut self, buf: &LocalRegion, wire: &LocalRegion, i: usize, p: &PageTransfer) -> Result<(), TransferError> {
+        let local = |e: rdma::TransportError| TransferError::Local(e.to_string());
+        buf.read_at(p.offset, &mut self.page).map_err(local)?;
+        let n = nonce_bytes(p.id);
+        let tag = self
+            .store
+            .key
+            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(n), Aad::from(n), &mut self.page)
+            .map_err(|_| TransferError::Local("sealing a page failed".into()))?;
+        let t = &self.transfers[i];
+        wire.write_at(t.offset, &self.page).map_err(local)?;
+        wire.write_at(t.trailer.unwrap_or(0), tag.as_ref()).map_err(local)
+    }
+
+    /// Opens page `i` of the batch from the wire buffer into `buf`.
+    fn open(&mut self, buf: &LocalRegion, wire: &LocalRegion, i: usize, p: &PageTransfer) -> Result<(), TransferError> {
+        let local = |e: rdma::TransportError| TransferError::Local(e.to_string());
+        let t = self.transfers[i];
+        wire.read_at(t.offset, &mut self.page).map_err(local)?;
+        let mut tag = [0u8; TRAILER_LEN];
+        wire.read_at(t.trailer.unwrap_or(0), &mut tag).map_err(local)?;
+        let n = nonce_bytes(p.id);
+        let opened = self.store.key.open_in_place_separate_tag(
+            Nonce::assume_unique_for_key(n),
+            Aad::from(n),
+            Tag::from(tag),
+            &mut self.page,
+            0..,
+        );
+        if opened.is_err() {
+            self.page.fill(0);
+            return Err(TransferError::Corrupt);
+        }
+        buf.write_at(p.offset, &self.page).map_err(local)
+    }
+}
+
+/// Every page of a batch failed for the same local reason.
+fn fail_all(out: &mut Vec<Result<(), TransferError>>, n: usize, e: TransferError) {
+    out.clear();
+    out.resize(n, Err(e));
+}
+
+impl PageIo for SealedIo {
+    fn read_pages(&mut self, buf: &Arc<LocalRegion>, pages: &[PageTransfer], out: &mut Vec<Result<(), TransferError>>) {
+        let wire = match self.prepare(pages) {
+            Ok(w) => w,
+            Err(e) => return fail_all(out, pages.len(), e),
+        };
+        let transfers = std::mem::take(&mut self.transfers);
+        self.inner.read_pages(&wire, &transfers, out);
+        self.transfers = transfers;
+        for (i, p) in pages.iter().enumerate() {
+            if out[i].is_err() {
+                continue;
+            }
+            out[i] = self.open(buf, &wire, i, p);
+            if out[i] == Err(TransferError::Corrupt) {
+                self.store.rejected.fetch_add(1, Ordering::Relaxed);
+                let why = format!(
+                    "the copy of page {} (region {}, version {}) failed authentication",
+                    p.id.page, p.id.region, p.id.version
+                );
+                self.store.distrust(p.slot, &why);
+            }
+        }
+    }
+
+    fn write_pages(
+        &mut self,
+        buf: &Arc<LocalRegion>,
+        pages: &[PageTransfer],
+        out: &mut Vec<Result<(), TransferError>>,
+    ) {
+        let wire = match self.prepare(pages) {
+            Ok(w) => w,
+            Err(e) => return fail_all(out, pages.len(), e),
+        };
+        for (i, p) in pages.iter().enumerate() {
+            if let Err(e) = self.seal(buf, &wire, i, p) {
+                return fail_all(out, pages.len(), e);
+            }
+        }
+        self.store.sealed.fetch_add(pages.len() as u64, Ordering::Relaxed);
+        let transfers = std::mem::take(&mut self.transfers);
+        self.inner.write_pages(&wire, &transfers, out);
+        self.transfers = transfers;
+    }
+
+    fn readable(&self, slot: Slot) -> bool {
+        self.inner.readable(slot)
+    }
+
+    fn place(&mut self, current: Option<Slot>) -> Option<Slot> {
+        self.inner.place(current)
+    }
+}
