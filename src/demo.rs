@@ -41,6 +41,8 @@ pub struct DemoOptions {
     pub history: usize,
     /// Pages travel and rest in plaintext (no sealing).
     pub trusted_lenders: bool,
+    /// The cluster key, for lenders that require one (an embedded lender then does too).
+    pub key: Option<rdma::secure::ClusterKey>,
 }
 
 /// Errors of the demo.
@@ -116,6 +118,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
         let config = lender::ServerConfig {
             provider: opts.provider,
             device: opts.device.clone(),
+            key: opts.key.clone(),
             ..lender::ServerConfig::embedded(capacity)
         };
         Some(lender::start(config)?)
@@ -135,6 +138,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
     config.prefetch_window = opts.prefetch_window;
     config.history = opts.history;
     config.trusted_lenders = opts.trusted_lenders;
+    config.key = opts.key.clone();
     let pager = Pager::new(config)?;
     let mut region = pager.map(opts.size, RegionOptions::default())?;
     let pages = region.len() / PAGE_SIZE;

@@ -51,6 +51,10 @@ enum Command {
         /// encrypted and authenticated before it leaves this machine).
         #[arg(long)]
         trusted_lenders: bool,
+        /// The cluster key file (`coalesce keygen`), for lenders that require one; an embedded
+        /// lender then requires it too.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
         /// The program and its arguments (after --).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
         command: Vec<std::ffi::OsString>,
@@ -151,6 +155,10 @@ enum Command {
         /// encrypted and authenticated before it leaves this machine).
         #[arg(long)]
         trusted_lenders: bool,
+        /// The cluster key file (`coalesce keygen`), for lenders that require one; an embedded
+        /// lender then requires it too.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
     },
     /// The contended stress harness: application threads fill a region bigger than the local
     /// budget, then check and rewrite whole pages at random and in sequential runs, with CPU hogs
@@ -201,6 +209,17 @@ enum Command {
         /// encrypted and authenticated before it leaves this machine).
         #[arg(long)]
         trusted_lenders: bool,
+        /// The cluster key file (`coalesce keygen`), for lenders that require one; an embedded
+        /// lender then requires it too.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+    },
+    /// Make a cluster key: 32 random bytes as 64 hex digits in FILE (mode 600; an existing file is
+    /// never overwritten). Give the same file to every lender (`memory-server --key-file`) and
+    /// borrower (`--key-file`, `COALESCE_KEY_FILE`) of the cluster.
+    Keygen {
+        /// Where to write the key.
+        file: PathBuf,
     },
     /// Measure one-sided READ and WRITE round trips (median, p99), blocking and busy-polling.
     ///
@@ -231,8 +250,19 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     coalesce::init_logging("warn");
     match cli.command {
-        Command::Run { servers, embedded_server, local, heap_size, provider, quiet, trusted_lenders, command } => {
+        Command::Run {
+            servers,
+            embedded_server,
+            local,
+            heap_size,
+            provider,
+            quiet,
+            trusted_lenders,
+            key_file,
+            command,
+        } => {
             let opts = run::RunOptions {
+                key_file,
                 servers,
                 embedded_server,
                 local: local.as_u64(),
@@ -319,7 +349,12 @@ fn main() -> ExitCode {
             prefetch_window,
             history,
             trusted_lenders,
+            key_file,
         } => {
+            let key = match load_key(key_file.as_deref()) {
+                Ok(k) => k,
+                Err(code) => return code,
+            };
             let (Ok(size), Ok(local)) = (usize::try_from(size.as_u64()), usize::try_from(local.as_u64())) else {
                 eprintln!("coalesce: --size and --local must fit this machine's address space");
                 return ExitCode::FAILURE;
@@ -338,6 +373,7 @@ fn main() -> ExitCode {
                 prefetch_window,
                 history,
                 trusted_lenders,
+                key,
             };
             let mut result = demo::run(&opts);
             let unavailable = result.as_ref().err().is_some_and(demo::DemoError::is_provider_unavailable);
@@ -374,7 +410,12 @@ fn main() -> ExitCode {
             prefetch_window,
             discards,
             trusted_lenders,
+            key_file,
         } => {
+            let key = match load_key(key_file.as_deref()) {
+                Ok(k) => k,
+                Err(_) => return ExitCode::from(2),
+            };
             let Ok(size) = usize::try_from(size.as_u64()) else {
                 eprintln!("coalesce: --size must fit this machine's address space");
                 return ExitCode::from(2);
@@ -396,6 +437,7 @@ fn main() -> ExitCode {
                 prefetch_window,
                 discard_percent: discards,
                 trusted_lenders,
+                key,
             };
             match stress::run(&opts) {
                 Ok(Ok(reports)) => {
@@ -413,6 +455,16 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Keygen { file } => match rdma::secure::ClusterKey::write_new(&file) {
+            Ok(_) => {
+                println!("wrote a new cluster key to {} (mode 600)", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("coalesce keygen: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Latency { server, ops, size, link, provider, device } => {
             let Ok(size) = usize::try_from(size.as_u64()) else {
                 eprintln!("coalesce: --size is too large for this machine");
@@ -437,4 +489,12 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Reads `--key-file`, or says why it cannot be used.
+fn load_key(path: Option<&std::path::Path>) -> Result<Option<rdma::secure::ClusterKey>, ExitCode> {
+    path.map(rdma::secure::ClusterKey::from_file).transpose().map_err(|e| {
+        eprintln!("coalesce: {e}");
+        ExitCode::FAILURE
+    })
 }

@@ -29,6 +29,9 @@ pub struct RunOptions {
     pub stats: bool,
     /// Pages travel and rest in plaintext (no sealing).
     pub trusted_lenders: bool,
+    /// The cluster key file, passed to the program (`COALESCE_KEY_FILE`) and used by the
+    /// embedded lender.
+    pub key_file: Option<std::path::PathBuf>,
     /// The program and its arguments.
     pub command: Vec<OsString>,
 }
@@ -58,6 +61,9 @@ pub enum RunError {
     /// The embedded server did not start.
     #[error(transparent)]
     Server(#[from] lender::ServerError),
+    /// The key file cannot be used.
+    #[error(transparent)]
+    Key(#[from] rdma::secure::SecureError),
     /// The program could not be started.
     #[error("cannot start {program}: {source}")]
     Spawn {
@@ -95,7 +101,8 @@ pub fn run(opts: &RunOptions) -> Result<RunOutcome, RunError> {
     let lib = library_path()?;
     let embedded = if opts.embedded_server {
         let capacity = opts.heap_size.max(1 << 30);
-        let config = lender::ServerConfig::embedded(capacity);
+        let key = opts.key_file.as_deref().map(rdma::secure::ClusterKey::from_file).transpose()?;
+        let config = lender::ServerConfig { key, ..lender::ServerConfig::embedded(capacity) };
         Some(lender::start(config)?)
     } else {
         None
@@ -124,6 +131,10 @@ pub fn run(opts: &RunOptions) -> Result<RunOutcome, RunError> {
         .env("COALESCE_HEAP_SIZE", opts.heap_size.to_string())
         .env("COALESCE_PROVIDER", opts.provider.to_string())
         .env("COALESCE_TRUSTED_LENDERS", if opts.trusted_lenders { "1" } else { "0" });
+    match &opts.key_file {
+        Some(path) => cmd.env("COALESCE_KEY_FILE", path),
+        None => cmd.env_remove("COALESCE_KEY_FILE"),
+    };
     if opts.stats {
         cmd.env("COALESCE_STATS", &stats_file);
     }

@@ -45,6 +45,8 @@ pub struct StressOptions {
     pub servers: Vec<SocketAddr>,
     /// Pages travel and rest in plaintext (no sealing).
     pub trusted_lenders: bool,
+    /// The cluster key, for lenders that require one (an embedded lender then does too).
+    pub key: Option<rdma::secure::ClusterKey>,
     /// Page-table transitions kept in the history log.
     pub history: usize,
     /// Prefetch window in pages.
@@ -363,6 +365,7 @@ fn run_config(
     config.history = opts.history;
     config.prefetch_window = opts.prefetch_window;
     config.trusted_lenders = opts.trusted_lenders;
+    config.key = opts.key.clone();
     let pager = Pager::new(config)?;
     let region = pager.map(opts.size, RegionOptions::default())?;
     let pages = region.len() / PAGE_SIZE;
@@ -457,7 +460,7 @@ pub fn run(opts: &StressOptions) -> Result<Result<Vec<ConfigReport>, Box<Mismatc
     }
     let embedded = if opts.servers.is_empty() {
         let capacity = (opts.size as u64 * 2).max(256 << 20);
-        Some(lender::start(lender::ServerConfig::embedded(capacity))?)
+        Some(lender::start(lender::ServerConfig { key: opts.key.clone(), ..lender::ServerConfig::embedded(capacity) })?)
     } else {
         None
     };

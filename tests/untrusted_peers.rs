@@ -207,3 +207,111 @@ fn logs_carry_no_secret_and_no_whole_id() {
         }
     }
 }
+
+/// A new key file made by `coalesce keygen`, and the key in it.
+fn keygen(name: &str) -> (std::path::PathBuf, rdma::secure::ClusterKey) {
+    let path = std::env::temp_dir().join(format!("coalesce-test-key-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_coalesce")).arg("keygen").arg(&path).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let key = rdma::secure::ClusterKey::from_file(&path).unwrap();
+    (path, key)
+}
+
+#[test]
+fn with_a_cluster_key_only_its_holders_get_in() {
+    let (path, key) = keygen("members");
+    let (_, other) = keygen("strangers");
+    let server =
+        ServerProcess::start(&["--key-file", path.to_str().unwrap(), "--capacity", "8MiB", "--slab-size", "1MiB"]);
+    match ControlClient::connect(server.addr, &ClientOptions::default()) {
+        Err(ClientError::Refused { message, .. }) => assert!(message.contains("--key-file"), "{message}"),
+        other => panic!("a client without the key got {other:?}"),
+    }
+    let stranger = ClientOptions { key: Some(other), ..ClientOptions::default() };
+    assert!(matches!(ControlClient::connect(server.addr, &stranger), Err(ClientError::Handshake { .. })));
+
+    let member = ClientOptions { key: Some(key), ..ClientOptions::default() };
+    let mut client = ControlClient::connect(server.addr, &member).unwrap();
+    let slab = client.alloc_slab().unwrap();
+    let ep = client.connect_endpoint(ProviderKind::Shim, &EndpointOptions::default()).unwrap();
+    let buf = LocalRegion::new(4096).unwrap();
+    buf.write_at(0, &pattern(5, 0)).unwrap();
+    let seg = Segment { local: LocalSlice::new(&buf, 0, 4096).unwrap(), remote_addr: slab.addr, rkey: slab.rkey };
+    ep.post(&WorkRequest::write(1, vec![seg.clone()])).unwrap();
+    wait_ok(&ep);
+    buf.write_at(0, &[0u8; 4096]).unwrap();
+    ep.post(&WorkRequest::read(2, vec![seg])).unwrap();
+    wait_ok(&ep);
+    let mut page = vec![0u8; 4096];
+    buf.read_at(0, &mut page).unwrap();
+    assert!(page == pattern(5, 0));
+    // A data connection must authenticate too, even with the right session secret.
+    let session = *client.session();
+    let plain =
+        Endpoint::connect(ProviderKind::Shim, server.addr, session.session_id, session.secret, &Default::default());
+    assert!(plain.is_err(), "a data connection without the key was accepted");
+    let _ = std::fs::remove_file(&path);
+}
+
+/// Forwards one connection at a time to `target`, keeping every byte the server sent.
+fn recording_proxy(target: std::net::SocketAddr) -> (std::net::SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = std::sync::Arc::clone(&seen);
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(mut client) = client else { return };
+            let Ok(mut server) = TcpStream::connect(target) else { return };
+            let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c2, &mut s2);
+            });
+            let log = std::sync::Arc::clone(&log);
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = server.read(&mut buf) {
+                    if n == 0 || client.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    log.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[test]
+fn with_a_cluster_key_the_session_secret_never_crosses_the_wire_in_the_clear() {
+    let (path, key) = keygen("wire");
+    for keyed in [true, false] {
+        let mut args = vec!["--capacity", "8MiB", "--slab-size", "1MiB"];
+        if keyed {
+            args.extend(["--key-file", path.to_str().unwrap()]);
+        }
+        let server = ServerProcess::start(&args);
+        let (proxy, seen) = recording_proxy(server.addr);
+        let options = ClientOptions { key: keyed.then(|| key.clone()), ..ClientOptions::default() };
+        let mut client = ControlClient::connect(proxy, &options).unwrap();
+        client.heartbeat().unwrap();
+        let secret = client.session().secret.to_le_bytes();
+        let wire = seen.lock().unwrap().clone();
+        let visible = wire.windows(8).any(|w| w == secret);
+        // Without a key the secret is plainly there: the check can fail.
+        assert_eq!(visible, !keyed, "keyed={keyed}: the secret {} on the wire", if visible { "is" } else { "is not" });
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+#[test]
+fn without_a_key_the_lender_serves_loopback_only_unless_told_otherwise() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_memory-server"))
+        .args(["--listen", "0.0.0.0:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--key-file") && err.contains("--insecure"), "{err}");
+}

@@ -41,6 +41,11 @@ pub fn is_timeout(e: &io::Error) -> bool {
     matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
 }
 
+/// A reader of `stream` whose reads fail with `TimedOut` once `within` from now has passed.
+pub fn reader(stream: &TcpStream, within: Duration) -> impl Read + '_ {
+    Deadline { stream, until: Instant::now() + within, within }
+}
+
 /// Reads one frame whose body is at most `max_body` bytes and which must arrive complete within
 /// `within` from now.
 pub fn read_frame_by(

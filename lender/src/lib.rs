@@ -116,6 +116,11 @@ pub struct ServerConfig {
     pub overcommit: bool,
     /// How long a new connection may take to send its complete first frame.
     pub handshake_timeout: Duration,
+    /// The cluster key: every connection must authenticate with it, and control frames travel
+    /// sealed ([`rdma::secure`]). `None`: no authentication (loopback only, unless `insecure`).
+    pub key: Option<rdma::secure::ClusterKey>,
+    /// Serve without a cluster key on an address other than loopback.
+    pub insecure: bool,
     /// RDMA device for the verbs provider (`None`: the first one).
     pub device: Option<String>,
 }
@@ -137,6 +142,8 @@ impl ServerConfig {
             quota: None,
             overcommit: false,
             handshake_timeout: Duration::from_secs(10),
+            key: None,
+            insecure: false,
             device: None,
         }
     }
@@ -208,6 +215,14 @@ impl ServerConfig {
                 humantime_like(self.handshake_timeout)
             )));
         }
+        if self.key.is_none() && !self.insecure && !self.listen.ip().is_loopback() {
+            return Err(ServerError::Config(format!(
+                "--listen {} is not a loopback address and there is no --key-file: anyone who can reach it \
+                 could borrow this memory; make a key with `coalesce keygen FILE` and pass --key-file FILE \
+                 (to every lender and borrower), or pass --insecure",
+                self.listen
+            )));
+        }
         if !self.overcommit {
             if let Some(available) = available_memory().filter(|&a| self.capacity > a) {
                 return Err(ServerError::Config(format!(
@@ -240,6 +255,7 @@ mod tests {
             (ServerConfig { max_connections_per_peer: 0, ..ok.clone() }, "--max-connections-per-peer"),
             (ServerConfig { quota: Some(4096), ..ok.clone() }, "--quota"),
             (ServerConfig { handshake_timeout: Duration::from_secs(86_400), ..ok.clone() }, "--handshake-timeout"),
+            (ServerConfig { listen: SocketAddr::from(([0, 0, 0, 0], 7470)), ..ok.clone() }, "--key-file"),
         ];
         for (config, flag) in cases {
             let err = config.validate().expect_err(flag).to_string();
@@ -247,6 +263,8 @@ mod tests {
         }
         let overcommitted = ServerConfig { capacity: 100 << 40, overcommit: true, ..ok.clone() };
         assert!(overcommitted.validate().is_ok(), "--overcommit accepts it");
+        let exposed = ServerConfig { listen: SocketAddr::from(([0, 0, 0, 0], 7470)), insecure: true, ..ok.clone() };
+        assert!(exposed.validate().is_ok(), "--insecure accepts it");
     }
 
     #[test]

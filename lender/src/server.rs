@@ -13,8 +13,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use rdma::control::{self, ControlRequest, ControlResponse, ErrorCode, ServerStats, SessionProof};
-use rdma::frame::{FrameError, ReadFrameError};
+use rdma::frame::{FrameError, Header, ReadFrameError};
 use rdma::ids::short;
+use rdma::secure::{SecureChannel, KIND_NOISE_INIT};
 use rdma::shim::target::{self, MemoryRegistry, SessionCheck};
 use rdma::ProviderKind;
 
@@ -286,11 +287,22 @@ fn send_error(stream: &mut TcpStream, code: ErrorCode, message: &str) {
     let _ = stream.write_all(&out);
 }
 
-fn serve(mut stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) {
+fn serve(stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) {
     let _ = stream.set_nodelay(true);
     let _ = stream.set_write_timeout(Some(shared.config.handshake_timeout));
+    let within = shared.config.handshake_timeout;
+    let mut link = Link { stream, channel: None };
     let mut body = Vec::new();
-    let header = match read_frame_by(&stream, &mut body, MAX_FIRST_BODY, shared.config.handshake_timeout) {
+    let mut first = read_frame_by(&link.stream, &mut body, MAX_FIRST_BODY, within);
+    if let Ok(h) = &first {
+        if h.kind == KIND_NOISE_INIT || shared.config.key.is_some() {
+            if !link.authenticate(h.kind, &body, peer, shared) {
+                return;
+            }
+            first = link.recv(&mut body, MAX_FIRST_BODY, within);
+        }
+    }
+    let header = match first {
         Ok(h) => h,
         Err(ReadFrameError::Io(e)) if is_timeout(&e) => {
             tracing::debug!(%peer, error = %e, "closing connection: no complete first frame in time");
@@ -303,15 +315,24 @@ fn serve(mut stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) {
         Err(ReadFrameError::Frame(e)) => {
             shared.registry.stats.malformed_connections.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%peer, reason = %e, "closing connection: malformed first frame");
-            send_error(&mut stream, error_code(&e), &e.to_string());
+            link.send_error(error_code(&e), &e.to_string());
             return;
         }
     };
     if header.kind == rdma::wire::KIND_DATA_CONNECT {
         match rdma::wire::decode_request(header.kind, &body) {
             Ok(rdma::wire::DataRequest::Connect { session_id, secret }) => {
-                let _ = stream.set_write_timeout(None);
-                target::serve_connection(stream, session_id, secret, &shared.registry, shared.as_ref());
+                let _ = link.stream.set_write_timeout(None);
+                if link.channel.is_none() {
+                    target::serve_connection(link.stream, session_id, secret, &shared.registry, shared.as_ref());
+                    return;
+                }
+                // The reply goes back sealed; the data path itself is plain (pages are sealed by
+                // their owner).
+                let (accepted, reply) = target::connect_reply(session_id, secret, peer, shared.as_ref());
+                if link.send(&reply).is_ok() && accepted {
+                    target::serve_bound_connection(link.stream, session_id, secret, &shared.registry, shared.as_ref());
+                }
             }
             Ok(_) | Err(_) => {
                 shared.registry.stats.malformed_connections.fetch_add(1, Ordering::Relaxed);
@@ -323,17 +344,79 @@ fn serve(mut stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) {
     match control::decode_request(header.kind, &body) {
         Ok(ControlRequest::Hello { client_id, provider, resume, token }) => {
             let hello = Hello { client_id, provider, resume, token_bytes: token.len() };
-            serve_control(stream, peer, shared, &hello);
+            serve_control(link, peer, shared, &hello);
         }
-        Ok(other) => {
+        Ok(_) => {
             tracing::warn!(%peer, kind = header.kind, "closing connection: the first request must be HELLO");
-            drop(other);
-            send_error(&mut stream, ErrorCode::BadRequest, "send HELLO first");
+            link.send_error(ErrorCode::BadRequest, "send HELLO first");
         }
         Err(e) => {
             shared.registry.stats.malformed_connections.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%peer, kind = header.kind, reason = %e, "closing connection: malformed first frame");
-            send_error(&mut stream, ErrorCode::BadRequest, &e.to_string());
+            link.send_error(ErrorCode::BadRequest, &e.to_string());
+        }
+    }
+}
+
+/// A connection's stream and, once it authenticated with the cluster key, its sealed channel
+/// (every control frame then travels sealed).
+struct Link {
+    stream: TcpStream,
+    channel: Option<SecureChannel>,
+}
+
+impl Link {
+    /// Runs the handshake the first frame (of `kind`, body `init`) starts; false (and the
+    /// connection is to be closed) when it is refused: no key on either side where the other has
+    /// one, or a wrong key.
+    fn authenticate(&mut self, kind: u8, init: &[u8], peer: SocketAddr, shared: &Shared) -> bool {
+        let Some(key) = &shared.config.key else {
+            tracing::warn!(%peer, "refusing connection: it authenticates with a cluster key and this lender has none");
+            self.send_error(ErrorCode::BadRequest, "this memory-server has no cluster key; connect without --key-file");
+            return false;
+        };
+        if kind != KIND_NOISE_INIT {
+            tracing::warn!(%peer, "refusing connection: it did not authenticate with the cluster key");
+            let msg = "this memory-server requires the cluster key: connect with --key-file (the file the lender uses)";
+            self.send_error(ErrorCode::BadRequest, msg);
+            return false;
+        }
+        match SecureChannel::accept(&mut &self.stream, key, init) {
+            Ok(channel) => {
+                self.channel = Some(channel);
+                true
+            }
+            Err(e) => {
+                shared.failed(peer, "handshake without the cluster key");
+                tracing::warn!(%peer, error = %e, "refusing connection: the cluster-key handshake failed");
+                self.send_error(
+                    ErrorCode::BadRequest,
+                    "the handshake failed: this memory-server holds another cluster key",
+                );
+                false
+            }
+        }
+    }
+
+    /// Sends one encoded frame (sealed if the connection is).
+    fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        match &mut self.channel {
+            Some(channel) => channel.send(&mut &self.stream, frame),
+            None => (&self.stream).write_all(frame),
+        }
+    }
+
+    fn send_error(&mut self, code: ErrorCode, message: &str) {
+        let mut out = Vec::new();
+        control::encode_response(&mut out, &ControlResponse::Error { code, message: message.into() });
+        let _ = self.send(&out);
+    }
+
+    /// Receives one frame (of at most `max_body` bytes) that must arrive complete within `within`.
+    fn recv(&mut self, body: &mut Vec<u8>, max_body: u32, within: Duration) -> Result<Header, ReadFrameError> {
+        match &mut self.channel {
+            Some(channel) => channel.recv(&mut crate::deadline::reader(&self.stream, within), body),
+            None => read_frame_by(&self.stream, body, max_body, within),
         }
     }
 }
@@ -354,7 +437,7 @@ struct Hello {
     token_bytes: usize,
 }
 
-fn serve_control(mut stream: TcpStream, peer: SocketAddr, shared: &Shared, hello: &Hello) {
+fn serve_control(mut link: Link, peer: SocketAddr, shared: &Shared, hello: &Hello) {
     let mut out = Vec::new();
     let provider = hello.provider;
     if provider != shared.config.provider {
@@ -363,7 +446,7 @@ fn serve_control(mut stream: TcpStream, peer: SocketAddr, shared: &Shared, hello
             "this memory-server offers provider {}, not {provider}; connect with --provider {}",
             shared.config.provider, shared.config.provider
         );
-        send_error(&mut stream, ErrorCode::UnsupportedProvider, &msg);
+        link.send_error(ErrorCode::UnsupportedProvider, &msg);
         return;
     }
     let client_id = hello.client_id;
@@ -374,7 +457,7 @@ fn serve_control(mut stream: TcpStream, peer: SocketAddr, shared: &Shared, hello
                 shared.failed(peer, "hello for a live session without its secret");
             }
             tracing::warn!(%peer, client = %short(client_id), code = ?r.code, "refusing hello: {}", r.message);
-            send_error(&mut stream, r.code, &r.message);
+            link.send_error(r.code, &r.message);
             return;
         }
     };
@@ -397,7 +480,7 @@ fn serve_control(mut stream: TcpStream, peer: SocketAddr, shared: &Shared, hello
             outcome: grant.outcome,
         },
     );
-    if stream.write_all(&out).is_err() {
+    if link.send(&out).is_err() {
         return;
     }
     // A client that neither heartbeats nor talks for three leases is gone: free the thread. A
@@ -406,9 +489,9 @@ fn serve_control(mut stream: TcpStream, peer: SocketAddr, shared: &Shared, hello
     let session_id = grant.session_id;
     let mut body = Vec::new();
     loop {
-        let header = match wait_for_data(&stream, idle).map_err(ReadFrameError::Io).and_then(|open| {
+        let header = match wait_for_data(&link.stream, idle).map_err(ReadFrameError::Io).and_then(|open| {
             if open {
-                read_frame_by(&stream, &mut body, MAX_CONTROL_BODY, shared.config.handshake_timeout)
+                link.recv(&mut body, MAX_CONTROL_BODY, shared.config.handshake_timeout)
             } else {
                 Err(ReadFrameError::Io(std::io::ErrorKind::UnexpectedEof.into()))
             }
@@ -421,7 +504,7 @@ fn serve_control(mut stream: TcpStream, peer: SocketAddr, shared: &Shared, hello
             Err(ReadFrameError::Frame(e)) => {
                 shared.registry.stats.malformed_connections.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%peer, reason = %e, "closing control connection: malformed frame");
-                send_error(&mut stream, error_code(&e), &e.to_string());
+                link.send_error(error_code(&e), &e.to_string());
                 return;
             }
         };
@@ -430,14 +513,14 @@ fn serve_control(mut stream: TcpStream, peer: SocketAddr, shared: &Shared, hello
             Err(e) => {
                 shared.registry.stats.malformed_connections.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%peer, kind = header.kind, reason = %e, "closing control connection: malformed request");
-                send_error(&mut stream, ErrorCode::BadRequest, &e.to_string());
+                link.send_error(ErrorCode::BadRequest, &e.to_string());
                 return;
             }
         };
         let response = handle(shared, client_id, session_id, request, peer);
         out.clear();
         control::encode_response(&mut out, &response);
-        if stream.write_all(&out).is_err() {
+        if link.send(&out).is_err() {
             return;
         }
     }

@@ -172,6 +172,9 @@ pub struct PagerConfig {
     /// every page and change one unnoticed). Default `false`: every page is sealed
     /// ([`store::SealedStore`]).
     pub trusted_lenders: bool,
+    /// The cluster key, for lenders that require one (`coalesce keygen`): connections
+    /// authenticate with it and control traffic is encrypted.
+    pub key: Option<rdma::secure::ClusterKey>,
     /// Keep a history of this many page-table transitions (0: none, the default). For finding
     /// races: see [`history`] and `coalesce stress`.
     pub history: usize,
@@ -197,6 +200,7 @@ impl PagerConfig {
             link: LinkProfile::loopback(),
             client_id: None,
             trusted_lenders: false,
+            key: None,
             history: 0,
             thread_start: None,
         }
@@ -354,6 +358,7 @@ impl Pager {
             link: config.link.clone(),
             max_outstanding: 64,
             device: config.device.clone(),
+            key: config.key.clone(),
             ..EndpointOptions::default()
         };
         let options = store::LenderStoreOptions {

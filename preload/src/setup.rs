@@ -30,6 +30,7 @@ struct Settings {
     prefetch: bool,
     fault_threads: usize,
     trusted_lenders: bool,
+    key: Option<rdma::secure::ClusterKey>,
     history: usize,
     log: String,
 }
@@ -77,6 +78,13 @@ fn settings() -> Result<Option<Settings>, String> {
         Some("1" | "on" | "true" | "yes") => true,
         Some(other) => return Err(format!("COALESCE_TRUSTED_LENDERS={other:?} is neither 1 nor 0")),
     };
+    let key = match var("COALESCE_KEY_FILE") {
+        Some(path) => Some(
+            rdma::secure::ClusterKey::from_file(std::path::Path::new(&path))
+                .map_err(|e| format!("COALESCE_KEY_FILE: {e}"))?,
+        ),
+        None => None,
+    };
     let history = match var("COALESCE_HISTORY") {
         Some(n) => n
             .trim()
@@ -96,6 +104,7 @@ fn settings() -> Result<Option<Settings>, String> {
         prefetch,
         fault_threads,
         trusted_lenders,
+        key,
         history,
         log: var("COALESCE_LOG").unwrap_or_else(|| "warn".into()),
     }))
@@ -139,6 +148,7 @@ pub extern "C" fn init() {
     config.fault_threads = settings.fault_threads;
     config.history = settings.history;
     config.trusted_lenders = settings.trusted_lenders;
+    config.key = settings.key.clone();
     config.thread_start = Some(pager_thread_start);
     let threads = config.fault_threads + 2; // handlers, evictor, heartbeat
     let pager: &'static Pager = match Pager::new(config) {

@@ -9,6 +9,7 @@ use crate::control::{
     self, ControlRequest, ControlResponse, ErrorCode, QpAddress, ServerStats, SessionOutcome, SessionProof, SlabGrant,
 };
 use crate::frame::{read_frame, FrameError, ReadFrameError};
+use crate::secure::{ClusterKey, SecureChannel, SecureError};
 use crate::{Endpoint, EndpointOptions, ProviderKind, TransportError};
 
 /// Errors of the control client. Every variant names the server.
@@ -21,6 +22,14 @@ pub enum ClientError {
         addr: SocketAddr,
         /// Cause.
         source: std::io::Error,
+    },
+    /// The authenticated handshake failed: the lender holds another cluster key (or none).
+    #[error("cannot authenticate with memory-server {addr}: {source}; check that both use the same --key-file")]
+    Handshake {
+        /// The server.
+        addr: SocketAddr,
+        /// Cause.
+        source: SecureError,
     },
     /// The connection failed or timed out.
     #[error("control connection to memory-server {addr} failed: {source}")]
@@ -82,6 +91,9 @@ pub struct ClientOptions {
     pub token: Vec<u8>,
     /// Connect, read and write timeout of the control connection.
     pub timeout: Duration,
+    /// The cluster key, for lenders that require one: the connection is authenticated and every
+    /// control frame sealed ([`crate::secure`]).
+    pub key: Option<ClusterKey>,
 }
 
 impl Default for ClientOptions {
@@ -92,6 +104,7 @@ impl Default for ClientOptions {
             provider: ProviderKind::Shim,
             token: Vec::new(),
             timeout: Duration::from_secs(5),
+            key: None,
         }
     }
 }
@@ -132,6 +145,8 @@ pub struct ControlClient {
     body: Vec<u8>,
     session: SessionInfo,
     client_id: u64,
+    channel: Option<SecureChannel>,
+    key: Option<ClusterKey>,
 }
 
 impl ControlClient {
@@ -145,7 +160,22 @@ impl ControlClient {
         stream.set_write_timeout(Some(options.timeout)).map_err(io)?;
         let placeholder =
             SessionInfo { session_id: 0, secret: 0, slab_size: 0, lease: Duration::ZERO, outcome: SessionOutcome::New };
-        let mut client = Self { addr, stream, out: Vec::new(), body: Vec::new(), session: placeholder, client_id: 0 };
+        let channel = match &options.key {
+            Some(key) => Some(
+                SecureChannel::initiate(&mut &stream, key).map_err(|source| ClientError::Handshake { addr, source })?,
+            ),
+            None => None,
+        };
+        let mut client = Self {
+            addr,
+            stream,
+            out: Vec::new(),
+            body: Vec::new(),
+            session: placeholder,
+            client_id: 0,
+            channel,
+            key: options.key.clone(),
+        };
         let client_id = match options.client_id {
             Some(id) => id,
             None => crate::ids::random_u64()
@@ -197,8 +227,16 @@ impl ControlClient {
         let addr = self.addr;
         self.out.clear();
         control::encode_request(&mut self.out, req);
-        self.stream.write_all(&self.out).map_err(|source| ClientError::Io { addr, source })?;
-        let header = read_frame(&mut self.stream, &mut self.body).map_err(|e| match e {
+        let sent = match &mut self.channel {
+            Some(channel) => channel.send(&mut self.stream, &self.out),
+            None => self.stream.write_all(&self.out),
+        };
+        sent.map_err(|source| ClientError::Io { addr, source })?;
+        let received = match &mut self.channel {
+            Some(channel) => channel.recv(&mut self.stream, &mut self.body),
+            None => read_frame(&mut self.stream, &mut self.body),
+        };
+        let header = received.map_err(|e| match e {
             ReadFrameError::Io(source) => ClientError::Io { addr, source },
             ReadFrameError::Frame(f) => ClientError::Protocol { addr, reason: f.to_string() },
         })?;
@@ -259,7 +297,8 @@ impl ControlClient {
     ) -> Result<Endpoint, TransportError> {
         match provider {
             ProviderKind::Shim => {
-                Endpoint::connect(provider, self.addr, self.session.session_id, self.session.secret, options)
+                let options = EndpointOptions { key: self.key.clone(), ..options.clone() };
+                Endpoint::connect(provider, self.addr, self.session.session_id, self.session.secret, &options)
             }
             ProviderKind::Verbs => {
                 let device = crate::verbs::VerbsDevice::shared(options.device.as_deref())?;

@@ -103,6 +103,7 @@ pub mod frame;
 pub mod ids;
 pub mod link;
 pub mod region;
+pub mod secure;
 pub mod shim;
 #[cfg(feature = "verbs")]
 pub mod verbs;
@@ -335,6 +336,9 @@ pub struct EndpointOptions {
     pub connect_timeout: Duration,
     /// RDMA device of the verbs provider (`None`: the first one).
     pub device: Option<String>,
+    /// The cluster key, for a lender that requires one: the connect (which carries the session
+    /// secret) and its reply travel sealed ([`secure`]).
+    pub key: Option<secure::ClusterKey>,
 }
 
 impl Default for EndpointOptions {
@@ -344,6 +348,7 @@ impl Default for EndpointOptions {
             max_outstanding: 256,
             connect_timeout: Duration::from_secs(5),
             device: None,
+            key: None,
         }
     }
 }

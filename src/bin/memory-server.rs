@@ -59,6 +59,15 @@ struct Cli {
     /// DATA_CONNECT), e.g. 10s; also bounds each later control frame once it has started.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     handshake_timeout: Duration,
+    /// The cluster key (made by `coalesce keygen FILE`; mode 600): every connection must
+    /// authenticate with it and control frames travel encrypted. Without it the server listens on
+    /// loopback only, unless --insecure.
+    #[arg(long)]
+    key_file: Option<std::path::PathBuf>,
+    /// Serve without a cluster key on an address other than loopback (anyone who can reach the
+    /// port can borrow memory).
+    #[arg(long)]
+    insecure: bool,
     /// RDMA device for --provider verbs, e.g. rxe0 or mlx5_0 (default: the first device).
     #[arg(long)]
     device: Option<String>,
@@ -66,9 +75,10 @@ struct Cli {
 
 impl Cli {
     /// The configuration these flags describe.
-    fn config(&self) -> ServerConfig {
+    fn config(&self) -> Result<ServerConfig, rdma::secure::SecureError> {
         let slab_size = self.slab_size.as_u64();
-        ServerConfig {
+        let key = self.key_file.as_deref().map(rdma::secure::ClusterKey::from_file).transpose()?;
+        Ok(ServerConfig {
             listen: self.listen,
             capacity: self.capacity.map_or_else(|| lender::default_capacity(slab_size), |c| c.as_u64()),
             slab_size,
@@ -79,8 +89,10 @@ impl Cli {
             quota: self.quota.map(|q| q.as_u64()),
             overcommit: self.overcommit,
             handshake_timeout: self.handshake_timeout,
+            key,
+            insecure: self.insecure,
             device: self.device.clone(),
-        }
+        })
     }
 }
 
@@ -95,7 +107,14 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-    let handle = match lender::start(cli.config()) {
+    let config = match cli.config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("memory-server: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let handle = match lender::start(config) {
         Ok(h) => h,
         Err(e) => {
             eprintln!("memory-server: {e}");

@@ -84,12 +84,24 @@ impl ShimEndpoint {
             .map_err(|source| TransportError::Connect { addr, source })?;
         let io = |context| move |source| TransportError::Io { context, source };
         stream.set_nodelay(true).map_err(io("setting TCP_NODELAY"))?;
+        stream.set_read_timeout(Some(options.connect_timeout)).map_err(io("setting a read timeout"))?;
         let mut out = Vec::new();
         wire::encode_connect(&mut out, session_id, secret);
-        (&stream).write_all(&out).map_err(io("sending the data connect"))?;
-        stream.set_read_timeout(Some(options.connect_timeout)).map_err(io("setting a read timeout"))?;
         let mut body = Vec::new();
-        let header = read_frame(&mut &stream, &mut body).map_err(|e| match e {
+        let reply = match &options.key {
+            // The connect carries the session secret: with a cluster key it travels sealed.
+            Some(key) => {
+                let mut channel = crate::secure::SecureChannel::initiate(&mut &stream, key)
+                    .map_err(|e| TransportError::Refused(e.to_string()))?;
+                channel.send(&mut &stream, &out).map_err(io("sending the data connect"))?;
+                channel.recv(&mut &stream, &mut body)
+            }
+            None => {
+                (&stream).write_all(&out).map_err(io("sending the data connect"))?;
+                read_frame(&mut &stream, &mut body)
+            }
+        };
+        let header = reply.map_err(|e| match e {
             crate::frame::ReadFrameError::Io(source) => {
                 TransportError::Io { context: "reading the connect reply", source }
             }

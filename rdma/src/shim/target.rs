@@ -164,6 +164,40 @@ pub fn serve_connection(
     sessions: &dyn SessionCheck,
 ) {
     let Ok(peer) = stream.peer_addr() else { return };
+    let (accepted, reply) = connect_reply(session_id, secret, peer, sessions);
+    if (&stream).write_all(&reply).is_err() || !accepted {
+        return;
+    }
+    serve_bound_connection(stream, session_id, secret, registry, sessions);
+}
+
+/// Checks a DATA_CONNECT and encodes the reply frame to send (`DATA_CONNECT_OK`, or
+/// `DATA_CONNECT_REFUSED` with a reason); true when the connection may go on.
+pub fn connect_reply(session_id: u64, secret: u64, peer: SocketAddr, sessions: &dyn SessionCheck) -> (bool, Vec<u8>) {
+    let mut out = Vec::new();
+    if !sessions.check(session_id, secret) {
+        sessions.refused(peer);
+        tracing::warn!(%peer, session = %crate::ids::short(session_id), "refusing data connection: unknown session or wrong secret");
+        crate::frame::encode_frame(&mut out, KIND_DATA_CONNECT_REFUSED, |e| {
+            e.bytes16(b"unknown session or wrong secret; send a new hello on the control connection");
+        });
+        return (false, out);
+    }
+    crate::frame::encode_frame(&mut out, KIND_DATA_CONNECT_OK, |_| {});
+    (true, out)
+}
+
+/// Serves a data connection whose DATA_CONNECT was already accepted and answered: executes
+/// requests until the peer closes, sends a malformed frame, or stays silent after its session
+/// ended.
+pub fn serve_bound_connection(
+    stream: TcpStream,
+    session_id: u64,
+    secret: u64,
+    registry: &MemoryRegistry,
+    sessions: &dyn SessionCheck,
+) {
+    let Ok(peer) = stream.peer_addr() else { return };
     let shown_session = crate::ids::short(session_id);
     let _ = stream.set_nodelay(true);
     let _ = stream.set_read_timeout(Some(sessions.idle_check_period()));
@@ -171,19 +205,6 @@ pub fn serve_connection(
     let mut reader = BufReader::with_capacity(256 * 1024, read_half);
     let mut writer = BufWriter::with_capacity(256 * 1024, stream);
     let mut out = Vec::new();
-    if !sessions.check(session_id, secret) {
-        sessions.refused(peer);
-        tracing::warn!(%peer, session = %shown_session, "refusing data connection: unknown session or wrong secret");
-        crate::frame::encode_frame(&mut out, KIND_DATA_CONNECT_REFUSED, |e| {
-            e.bytes16(b"unknown session or wrong secret; send a new hello on the control connection");
-        });
-        let _ = writer.write_all(&out).and_then(|()| writer.flush());
-        return;
-    }
-    crate::frame::encode_frame(&mut out, KIND_DATA_CONNECT_OK, |_| {});
-    if writer.write_all(&out).and_then(|()| writer.flush()).is_err() {
-        return;
-    }
     tracing::debug!(%peer, session = %shown_session, "data connection open");
     let mut body = Vec::new();
     loop {

@@ -121,8 +121,12 @@ impl LenderStore {
         if addrs.is_empty() {
             return Err(PagerError::Config("no memory servers configured".into()));
         }
-        let client =
-            ClientOptions { client_id: options.client_id, provider: options.provider, ..ClientOptions::default() };
+        let client = ClientOptions {
+            client_id: options.client_id,
+            provider: options.provider,
+            key: options.endpoint.key.clone(),
+            ..ClientOptions::default()
+        };
         let mut lenders = Vec::with_capacity(addrs.len());
         for &addr in addrs {
             let control =

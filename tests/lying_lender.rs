@@ -1,0 +1,137 @@
+//! A lender that lies, end to end (issue #10): a real `memory-server` behind a proxy that flips
+//! one bit in the payload of every READ completion once armed, as a dishonest lender (or anything
+//! on the path) would. A sealed pager (the default) refuses the copy before the program reads a
+//! byte: the access fails (`EFAULT` for a kernel read, SIGBUS for a load), the lender is dropped,
+//! `copies_rejected` counts it. A pager that trusts its lenders reads the flipped bit: that half
+//! shows the lie is real and the test can fail.
+
+#![allow(missing_docs, clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use coalesce_pager::{Pager, PagerConfig, RegionOptions, PAGE_SIZE};
+use common::ServerProcess;
+use rdma::frame::{Header, HEADER_LEN};
+use rdma::wire::KIND_COMPLETION;
+
+/// Forwards connections to `target`; while `lie` is set, flips a bit in every READ payload.
+struct LyingProxy {
+    addr: SocketAddr,
+    lie: Arc<AtomicBool>,
+}
+
+impl LyingProxy {
+    fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let lie = Arc::new(AtomicBool::new(false));
+        let armed = Arc::clone(&lie);
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = TcpStream::connect(target) else { return };
+                let (mut up_from, mut up_to) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut up_from, &mut up_to);
+                    let _ = up_to.shutdown(std::net::Shutdown::Write);
+                });
+                let armed = Arc::clone(&armed);
+                std::thread::spawn(move || relay_replies(server, client, &armed));
+            }
+        });
+        Self { addr, lie }
+    }
+}
+
+/// Copies frames from the lender to the borrower, lying in READ completions when armed.
+fn relay_replies(mut from: TcpStream, mut to: TcpStream, lie: &AtomicBool) {
+    let mut head = [0u8; HEADER_LEN];
+    let mut body = Vec::new();
+    while from.read_exact(&mut head).is_ok() {
+        let Ok(header) = Header::decode(&head) else { return };
+        body.resize(header.body_len as usize, 0);
+        if from.read_exact(&mut body).is_err() {
+            return;
+        }
+        // A completion: wr_id u64, status u8 (0: success), opcode u8 (1: READ), u16, length u32,
+        // then the payload.
+        let read_payload = header.kind == KIND_COMPLETION && body.len() > 16 + 100 && body[8] == 0 && body[9] == 1;
+        if read_payload && lie.load(Ordering::SeqCst) {
+            body[16 + 100] ^= 0x04;
+        }
+        if to.write_all(&head).and_then(|()| to.write_all(&body)).is_err() {
+            return;
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Write);
+}
+
+fn word(p: usize, w: usize) -> u64 {
+    ((p as u64) << 20) | (w as u64 + 1)
+}
+
+/// Reads the page at `addr` from the kernel (into a pipe): a page the pager refuses to serve
+/// gives `EFAULT` instead of killing the test with SIGBUS.
+fn kernel_read(addr: usize) -> std::io::Result<()> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe(2) writes two descriptors into the two-element array.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `addr` is a whole page of a live region; the kernel reads it through userfaultfd
+    // and reports a page the pager poisons as EFAULT.
+    let rc = unsafe { libc::write(fds[1], addr as *const libc::c_void, PAGE_SIZE) };
+    let result = if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) };
+    for fd in fds {
+        // SAFETY: closes the descriptors pipe(2) just made.
+        unsafe { libc::close(fd) };
+    }
+    result
+}
+
+/// Fills a region four times the budget through a lying lender, arms the lie, and reads one page
+/// that went remote. Returns what the read did and the pager.
+fn read_through_a_lie(server: &ServerProcess, trusted: bool) -> (std::io::Result<bool>, Pager) {
+    let proxy = LyingProxy::start(server.addr);
+    let mut config = PagerConfig::new(vec![proxy.addr], 4 << 20);
+    config.trusted_lenders = trusted;
+    config.prefetch = false;
+    let pager = Pager::new(config).unwrap();
+    let mut region = pager.map(16 << 20, RegionOptions::default()).unwrap();
+    let words: &mut [u64] = bytemuck::cast_slice_mut(region.as_mut_slice());
+    for (i, w) in words.iter_mut().enumerate() {
+        *w = word(i / (PAGE_SIZE / 8), i % (PAGE_SIZE / 8));
+    }
+    let base = region.as_ptr() as usize;
+    // The first page was written first: long evicted.
+    assert_eq!(region.evict(0, PAGE_SIZE), 1);
+    proxy.lie.store(true, Ordering::SeqCst);
+    let outcome = kernel_read(base).map(|()| {
+        let words: &[u64] = bytemuck::cast_slice(&region.as_slice()[..PAGE_SIZE]);
+        words.iter().enumerate().all(|(w, &v)| v == word(0, w))
+    });
+    drop(region);
+    (outcome, pager)
+}
+
+#[test]
+fn a_sealed_pager_refuses_a_changed_copy_and_a_trusting_one_reads_it() {
+    let server = ServerProcess::start(&["--capacity", "256MiB", "--slab-size", "16MiB"]);
+
+    let (outcome, pager) = read_through_a_lie(&server, false);
+    let err = outcome.expect_err("a changed copy reached the program");
+    assert_eq!(err.raw_os_error(), Some(libc::EFAULT), "{err}");
+    let stats = pager.stats();
+    assert!(stats.sealed && stats.copies_rejected == 1 && stats.fetch_failures == 1, "{stats}");
+    assert!(pager.server_pages().iter().all(|&(_, _, alive)| !alive), "the lying lender is still trusted");
+    drop(pager);
+
+    let (outcome, pager) = read_through_a_lie(&server, true);
+    assert!(!outcome.expect("a trusting pager serves the copy"), "the lie did not reach the plaintext pager");
+    assert!(!pager.stats().sealed);
+}
