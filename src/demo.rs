@@ -43,6 +43,8 @@ pub struct DemoOptions {
     pub trusted_lenders: bool,
     /// The cluster key, for lenders that require one (an embedded lender then does too).
     pub key: Option<rdma::secure::ClusterKey>,
+    /// Copies of each page (`None`: the pager's default for the number of lenders).
+    pub redundancy: Option<coalesce_pager::store::Redundancy>,
 }
 
 /// Errors of the demo.
@@ -139,6 +141,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
     config.history = opts.history;
     config.trusted_lenders = opts.trusted_lenders;
     config.key = opts.key.clone();
+    config.redundancy = opts.redundancy;
     let pager = Pager::new(config)?;
     let mut region = pager.map(opts.size, RegionOptions::default())?;
     let pages = region.len() / PAGE_SIZE;

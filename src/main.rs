@@ -55,6 +55,10 @@ enum Command {
         /// lender then requires it too.
         #[arg(long)]
         key_file: Option<PathBuf>,
+        /// Copies of each page on distinct lenders: none or replicate:N (default: replicate:2 with
+        /// two or more --servers, else none).
+        #[arg(long)]
+        redundancy: Option<coalesce_pager::store::Redundancy>,
         /// The program and its arguments (after --).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
         command: Vec<std::ffi::OsString>,
@@ -159,6 +163,10 @@ enum Command {
         /// lender then requires it too.
         #[arg(long)]
         key_file: Option<PathBuf>,
+        /// Copies of each page on distinct lenders: none or replicate:N (default: replicate:2 with
+        /// two or more --servers, else none).
+        #[arg(long)]
+        redundancy: Option<coalesce_pager::store::Redundancy>,
     },
     /// The contended stress harness: application threads fill a region bigger than the local
     /// budget, then check and rewrite whole pages at random and in sequential runs, with CPU hogs
@@ -213,6 +221,10 @@ enum Command {
         /// lender then requires it too.
         #[arg(long)]
         key_file: Option<PathBuf>,
+        /// Copies of each page on distinct lenders: none or replicate:N (default: replicate:2 with
+        /// two or more --servers, else none).
+        #[arg(long)]
+        redundancy: Option<coalesce_pager::store::Redundancy>,
     },
     /// Make a cluster key: 32 random bytes as 64 hex digits in FILE (mode 600; an existing file is
     /// never overwritten). Give the same file to every lender (`memory-server --key-file`) and
@@ -259,10 +271,12 @@ fn main() -> ExitCode {
             quiet,
             trusted_lenders,
             key_file,
+            redundancy,
             command,
         } => {
             let opts = run::RunOptions {
                 key_file,
+                redundancy,
                 servers,
                 embedded_server,
                 local: local.as_u64(),
@@ -350,6 +364,7 @@ fn main() -> ExitCode {
             history,
             trusted_lenders,
             key_file,
+            redundancy,
         } => {
             let key = match load_key(key_file.as_deref()) {
                 Ok(k) => k,
@@ -374,6 +389,7 @@ fn main() -> ExitCode {
                 history,
                 trusted_lenders,
                 key,
+                redundancy,
             };
             let mut result = demo::run(&opts);
             let unavailable = result.as_ref().err().is_some_and(demo::DemoError::is_provider_unavailable);
@@ -411,6 +427,7 @@ fn main() -> ExitCode {
             discards,
             trusted_lenders,
             key_file,
+            redundancy,
         } => {
             let key = match load_key(key_file.as_deref()) {
                 Ok(k) => k,
@@ -438,6 +455,7 @@ fn main() -> ExitCode {
                 discard_percent: discards,
                 trusted_lenders,
                 key,
+                redundancy,
             };
             match stress::run(&opts) {
                 Ok(Ok(reports)) => {

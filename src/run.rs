@@ -32,6 +32,8 @@ pub struct RunOptions {
     /// The cluster key file, passed to the program (`COALESCE_KEY_FILE`) and used by the
     /// embedded lender.
     pub key_file: Option<std::path::PathBuf>,
+    /// Copies of each page (`None`: the preload's default for the number of lenders).
+    pub redundancy: Option<coalesce_pager::store::Redundancy>,
     /// The program and its arguments.
     pub command: Vec<OsString>,
 }
@@ -131,6 +133,10 @@ pub fn run(opts: &RunOptions) -> Result<RunOutcome, RunError> {
         .env("COALESCE_HEAP_SIZE", opts.heap_size.to_string())
         .env("COALESCE_PROVIDER", opts.provider.to_string())
         .env("COALESCE_TRUSTED_LENDERS", if opts.trusted_lenders { "1" } else { "0" });
+    match opts.redundancy {
+        Some(r) => cmd.env("COALESCE_REDUNDANCY", r.to_string()),
+        None => cmd.env_remove("COALESCE_REDUNDANCY"),
+    };
     match &opts.key_file {
         Some(path) => cmd.env("COALESCE_KEY_FILE", path),
         None => cmd.env_remove("COALESCE_KEY_FILE"),

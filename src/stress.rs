@@ -47,6 +47,8 @@ pub struct StressOptions {
     pub trusted_lenders: bool,
     /// The cluster key, for lenders that require one (an embedded lender then does too).
     pub key: Option<rdma::secure::ClusterKey>,
+    /// Copies of each page (`None`: the pager's default for the number of lenders).
+    pub redundancy: Option<coalesce_pager::store::Redundancy>,
     /// Page-table transitions kept in the history log.
     pub history: usize,
     /// Prefetch window in pages.
@@ -366,6 +368,7 @@ fn run_config(
     config.prefetch_window = opts.prefetch_window;
     config.trusted_lenders = opts.trusted_lenders;
     config.key = opts.key.clone();
+    config.redundancy = opts.redundancy;
     let pager = Pager::new(config)?;
     let region = pager.map(opts.size, RegionOptions::default())?;
     let pages = region.len() / PAGE_SIZE;

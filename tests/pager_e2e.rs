@@ -203,6 +203,9 @@ fn sigbus_child(servers: &str) -> ! {
     let servers: Vec<_> = servers.split(',').map(|s| s.parse().unwrap()).collect();
     let mut config = PagerConfig::new(servers, 2 * MIB);
     config.fetch_timeout = Duration::from_secs(2);
+    // One copy of each page: the loss of a lender must be loud (tests/survive_lenders.rs has
+    // the replicated side).
+    config.redundancy = Some(coalesce_pager::store::Redundancy::None);
     let pager = Pager::new(config).unwrap();
     let on_failure: coalesce_pager::FailureHandler = std::sync::Arc::new(|f: &coalesce_pager::FetchFailure| {
         eprintln!("failure handler: {} lost {:#x}", f.server, f.addr)

@@ -223,8 +223,8 @@ impl Evictor {
             }
         }
         for v in &mut moved {
-            let copy_readable = v.entry.slot().is_some_and(|slot| self.io.readable(slot));
-            v.needs_write = v.entry.is_dirty() || (v.entry.has_remote_copy() && !copy_readable);
+            let copy_intact = v.entry.slot().is_some_and(|slot| self.io.intact(slot));
+            v.needs_write = v.entry.is_dirty() || (v.entry.has_remote_copy() && !copy_intact);
             if !v.needs_write {
                 continue;
             }

@@ -172,6 +172,9 @@ pub struct PagerConfig {
     /// every page and change one unnoticed). Default `false`: every page is sealed
     /// ([`store::SealedStore`]).
     pub trusted_lenders: bool,
+    /// Copies of each page on distinct lenders (`None`: `replicate:2` from two lenders on, else
+    /// one copy; see [`store::Redundancy`]).
+    pub redundancy: Option<store::Redundancy>,
     /// The cluster key, for lenders that require one (`coalesce keygen`): connections
     /// authenticate with it and control traffic is encrypted.
     pub key: Option<rdma::secure::ClusterKey>,
@@ -200,6 +203,7 @@ impl PagerConfig {
             link: LinkProfile::loopback(),
             client_id: None,
             trusted_lenders: false,
+            redundancy: None,
             key: None,
             history: 0,
             thread_start: None,
@@ -354,6 +358,14 @@ impl Pager {
         config.validate()?;
         // userfaultfd first: without it, nothing is asked of the lenders.
         let uffd = open_userfaultfd()?;
+        let redundancy = config.redundancy.unwrap_or_else(|| store::Redundancy::default_for(config.servers.len()));
+        if redundancy.copies() > config.servers.len() {
+            return Err(PagerError::Config(format!(
+                "redundancy {redundancy} needs {} lenders; {} configured",
+                redundancy.copies(),
+                config.servers.len()
+            )));
+        }
         let endpoint = EndpointOptions {
             link: config.link.clone(),
             max_outstanding: 64,
@@ -368,8 +380,14 @@ impl Pager {
             timeout: config.fetch_timeout,
             spin: config.spin,
             trailers: !config.trusted_lenders,
+            copies: redundancy.copies(),
         };
         let lenders: Arc<dyn store::PageStore> = Arc::new(store::LenderStore::connect(&config.servers, options)?);
+        if redundancy == store::Redundancy::None {
+            tracing::warn!("pages have one copy: losing a lender loses its pages (replicate:2 needs two lenders)");
+        } else {
+            tracing::info!(%redundancy, "every page is kept on distinct lenders");
+        }
         let store: Arc<dyn store::PageStore> =
             if config.trusted_lenders { lenders } else { Arc::new(store::SealedStore::new(lenders)?) };
         if config.trusted_lenders {

@@ -31,6 +31,7 @@ struct Settings {
     fault_threads: usize,
     trusted_lenders: bool,
     key: Option<rdma::secure::ClusterKey>,
+    redundancy: Option<coalesce_pager::store::Redundancy>,
     history: usize,
     log: String,
 }
@@ -85,6 +86,12 @@ fn settings() -> Result<Option<Settings>, String> {
         ),
         None => None,
     };
+    let redundancy = match var("COALESCE_REDUNDANCY") {
+        Some(r) => {
+            Some(r.parse::<coalesce_pager::store::Redundancy>().map_err(|e| format!("COALESCE_REDUNDANCY={e}"))?)
+        }
+        None => None,
+    };
     let history = match var("COALESCE_HISTORY") {
         Some(n) => n
             .trim()
@@ -104,6 +111,7 @@ fn settings() -> Result<Option<Settings>, String> {
         prefetch,
         fault_threads,
         trusted_lenders,
+        redundancy,
         key,
         history,
         log: var("COALESCE_LOG").unwrap_or_else(|| "warn".into()),
@@ -149,6 +157,7 @@ pub extern "C" fn init() {
     config.history = settings.history;
     config.trusted_lenders = settings.trusted_lenders;
     config.key = settings.key.clone();
+    config.redundancy = settings.redundancy;
     config.thread_start = Some(pager_thread_start);
     let threads = config.fault_threads + 2; // handlers, evictor, heartbeat
     let pager: &'static Pager = match Pager::new(config) {

@@ -41,6 +41,8 @@ pub struct MemoryStore {
     reads: AtomicU64,
     writes: AtomicU64,
     distrusted: AtomicU64,
+    /// Slots whose copy came back changed: no longer readable.
+    untrusted: Mutex<std::collections::HashSet<u32>>,
 }
 
 impl MemoryStore {
@@ -53,10 +55,11 @@ impl MemoryStore {
             reads: AtomicU64::new(0),
             writes: AtomicU64::new(0),
             distrusted: AtomicU64::new(0),
+            untrusted: Mutex::new(std::collections::HashSet::new()),
         }
     }
 
-    /// Times a layer above said a copy came back changed ([`PageStore::distrust`]).
+    /// Times a layer above said a copy came back changed ([`PageIo::distrust`]).
     pub fn times_distrusted(&self) -> u64 {
         self.distrusted.load(Ordering::Relaxed)
     }
@@ -155,6 +158,7 @@ impl PageStore for MemoryStore {
             if page.take().is_some() {
                 p.free.push(slot.raw());
                 p.used -= 1;
+                lock(&self.untrusted).remove(&slot.raw());
             }
         }
     }
@@ -169,10 +173,6 @@ impl PageStore for MemoryStore {
 
     fn seals_pages(&self) -> bool {
         false
-    }
-
-    fn distrust(&self, _slot: Slot, _why: &str) {
-        self.distrusted.fetch_add(1, Ordering::Relaxed);
     }
 
     fn maintain(&self) {}
@@ -245,13 +245,26 @@ impl PageIo for MemoryIo {
     }
 
     fn readable(&self, slot: Slot) -> bool {
-        self.store.in_use(slot)
+        self.store.in_use(slot) && !lock(&self.store.untrusted).contains(&slot.raw())
+    }
+
+    fn intact(&self, slot: Slot) -> bool {
+        self.readable(slot)
+    }
+
+    fn distrust(&mut self, slot: Slot, _why: &str) {
+        self.store.distrusted.fetch_add(1, Ordering::Relaxed);
+        lock(&self.store.untrusted).insert(slot.raw());
     }
 
     fn place(&mut self, current: Option<Slot>) -> Option<Slot> {
         match current {
-            Some(slot) if self.store.in_use(slot) => Some(slot),
-            _ => self.store.alloc(),
+            Some(slot) if self.intact(slot) => Some(slot),
+            Some(slot) => {
+                PageStore::free(&*self.store, slot);
+                self.store.alloc()
+            }
+            None => self.store.alloc(),
         }
     }
 }

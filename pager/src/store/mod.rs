@@ -36,9 +36,69 @@ mod lenders;
 mod memory;
 mod sealed;
 
-pub use lenders::{LenderStore, LenderStoreOptions};
+pub use lenders::{LenderStore, LenderStoreOptions, MAX_COPIES};
 pub use memory::{MemoryStore, MemoryStoreFaults};
 pub use sealed::SealedStore;
+
+/// How many copies of each page the lenders hold (`--redundancy`, `COALESCE_REDUNDANCY`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Redundancy {
+    /// One copy: the loss of a lender loses its pages (their accesses get SIGBUS).
+    None,
+    /// `N` copies on `N` distinct lenders (2 to [`MAX_COPIES`]): a page survives the loss of
+    /// `N - 1` of them.
+    Replicate(usize),
+}
+
+impl Redundancy {
+    /// Copies of each page.
+    pub fn copies(self) -> usize {
+        match self {
+            Self::None => 1,
+            Self::Replicate(n) => n,
+        }
+    }
+
+    /// The default for `lenders` configured lenders: `replicate:2` from two lenders on, else
+    /// `none`.
+    pub fn default_for(lenders: usize) -> Self {
+        if lenders >= 2 {
+            Self::Replicate(2)
+        } else {
+            Self::None
+        }
+    }
+}
+
+impl std::str::FromStr for Redundancy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s == "none" {
+            return Ok(Self::None);
+        }
+        if let Some(n) = s.strip_prefix("replicate:") {
+            return match n.parse::<usize>() {
+                Ok(n) if (2..=MAX_COPIES).contains(&n) => Ok(Self::Replicate(n)),
+                _ => Err(format!("{s:?}: replicate:N takes N from 2 to {MAX_COPIES}")),
+            };
+        }
+        if s.starts_with("ec:") {
+            return Err(format!("{s:?}: erasure coding is not available yet; use replicate:N"));
+        }
+        Err(format!("{s:?} is not a redundancy: use none or replicate:N"))
+    }
+}
+
+impl fmt::Display for Redundancy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::None => f.write_str("none"),
+            Self::Replicate(n) => write!(f, "replicate:{n}"),
+        }
+    }
+}
 
 /// Bytes a store keeps beside each page in its slot when asked to ([`PageStore::trailer_len`]):
 /// room for a sealing layer's authentication tag.
@@ -151,10 +211,6 @@ pub trait PageStore: Send + Sync + fmt::Debug {
     /// Whether pages are sealed before they reach a lender.
     fn seals_pages(&self) -> bool;
 
-    /// The copy in `slot` came back changed (see [`TransferError::Corrupt`]): the store stops
-    /// trusting whoever holds it (a lender store marks the lender failed).
-    fn distrust(&self, slot: Slot, why: &str);
-
     /// Periodic upkeep (lease heartbeats); a lender that lost our session is marked failed.
     fn maintain(&self);
 
@@ -184,10 +240,19 @@ pub trait PageIo: Send + fmt::Debug {
     /// `buf` must not change until this returns.
     fn write_pages(&mut self, buf: &Arc<LocalRegion>, pages: &[PageTransfer], out: &mut Vec<Result<(), TransferError>>);
 
-    /// Whether the copy in `slot` can still be read by this thread (its lender is alive and
-    /// reachable). A clean page whose copy is not readable must be written again before it is
-    /// dropped.
+    /// Whether the page in `slot` can still be read by this thread (a copy of it is on a lender
+    /// that is alive and reachable).
     fn readable(&self, slot: Slot) -> bool;
+
+    /// Whether every copy of the page in `slot` is still on a live, reachable lender. A clean
+    /// page whose copy is not intact is written again (to a whole new place) before it is
+    /// dropped: its redundancy is restored as it passes through local memory.
+    fn intact(&self, slot: Slot) -> bool;
+
+    /// The copy of `slot` this thread read last came back changed (see
+    /// [`TransferError::Corrupt`]): the store stops trusting whoever holds it (a lender store
+    /// marks that lender failed; a later read goes to another copy, if there is one).
+    fn distrust(&mut self, slot: Slot, why: &str);
 
     /// Where to write a page whose copy is now in `current` (`None`: it has none): `current` if
     /// it can still be written from this thread, else a new slot (`current` is then freed).

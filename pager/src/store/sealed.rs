@@ -99,10 +99,6 @@ impl PageStore for SealedStore {
         true
     }
 
-    fn distrust(&self, slot: Slot, why: &str) {
-        self.inner.distrust(slot, why);
-    }
-
     fn maintain(&self) {
         self.inner.maintain();
     }
@@ -210,8 +206,15 @@ fn fail_all(out: &mut Vec<Result<(), TransferError>>, n: usize, e: TransferError
     out.resize(n, Err(e));
 }
 
-impl PageIo for SealedIo {
-    fn read_pages(&mut self, buf: &Arc<LocalRegion>, pages: &[PageTransfer], out: &mut Vec<Result<(), TransferError>>) {
+impl SealedIo {
+    /// Reads a batch and opens every copy; a copy that fails to open is counted and its holder
+    /// distrusted.
+    fn read_and_open(
+        &mut self,
+        buf: &Arc<LocalRegion>,
+        pages: &[PageTransfer],
+        out: &mut Vec<Result<(), TransferError>>,
+    ) {
         let wire = match self.prepare(pages) {
             Ok(w) => w,
             Err(e) => return fail_all(out, pages.len(), e),
@@ -230,7 +233,29 @@ impl PageIo for SealedIo {
                     "the copy of page {} (region {}, version {}) failed authentication",
                     p.id.page, p.id.region, p.id.version
                 );
-                self.store.distrust(p.slot, &why);
+                self.inner.distrust(p.slot, &why);
+            }
+        }
+    }
+}
+
+impl PageIo for SealedIo {
+    fn read_pages(&mut self, buf: &Arc<LocalRegion>, pages: &[PageTransfer], out: &mut Vec<Result<(), TransferError>>) {
+        self.read_and_open(buf, pages, out);
+        // A copy that failed to open made its holder distrusted: read those pages again from
+        // another copy, while there is one.
+        for _ in 1..super::lenders::MAX_COPIES {
+            let retry: Vec<usize> = (0..pages.len())
+                .filter(|&i| out[i] == Err(TransferError::Corrupt) && self.inner.readable(pages[i].slot))
+                .collect();
+            if retry.is_empty() {
+                return;
+            }
+            let again: Vec<PageTransfer> = retry.iter().map(|&i| pages[i]).collect();
+            let mut outcomes = Vec::with_capacity(again.len());
+            self.read_and_open(buf, &again, &mut outcomes);
+            for (&i, outcome) in retry.iter().zip(outcomes) {
+                out[i] = outcome;
             }
         }
     }
@@ -258,6 +283,14 @@ impl PageIo for SealedIo {
 
     fn readable(&self, slot: Slot) -> bool {
         self.inner.readable(slot)
+    }
+
+    fn intact(&self, slot: Slot) -> bool {
+        self.inner.intact(slot)
+    }
+
+    fn distrust(&mut self, slot: Slot, why: &str) {
+        self.inner.distrust(slot, why);
     }
 
     fn place(&mut self, current: Option<Slot>) -> Option<Slot> {

@@ -1,6 +1,7 @@
 //! One thread's I/O on the lender store: a data endpoint per lender, request ids, one batched
 //! work request per lender (all posted, then all waited for under one deadline), and the failure
-//! policy applied to every outcome.
+//! policy applied to every outcome. A write goes to every copy of its page; a read to the first
+//! copy on a reachable lender, then, if that fails, to the next.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -25,6 +26,8 @@ pub(super) struct LenderIo {
     /// `madvise`), so with verbs each page is copied here and written from here.
     bounce: Option<Arc<LocalRegion>>,
     completions: Vec<Completion>,
+    /// The lender each slot of the last read batch was read from (for `distrust`).
+    read_from: Vec<(Slot, usize)>,
 }
 
 /// The pages of one batch that go to one lender (a page with a trailer takes two segments).
@@ -55,44 +58,60 @@ impl LenderIo {
                     .map_err(|source| PagerError::Transport { addr: s.addr, source })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Self { store, endpoints, next_wr: 0, bounce: None, completions: Vec::new() })
+        Ok(Self { store, endpoints, next_wr: 0, bounce: None, completions: Vec::new(), read_from: Vec::new() })
     }
 
     fn reachable(&self, lender: usize) -> bool {
         self.store.is_alive(lender) && self.endpoints.get(lender).is_some_and(Option::is_some)
     }
 
-    /// Groups the pages by lender, naming each page's local bytes in `buf`; pages that cannot
-    /// be sent get their outcome in `out` at once.
+    /// Groups the pages by lender, naming each page's local bytes in `buf`: a read goes to the
+    /// first copy on a reachable lender, a write to every copy. Pages that cannot be sent get
+    /// their outcome in `out` at once.
     fn group(
-        &self,
+        &mut self,
+        direction: Direction,
         buf: &Arc<LocalRegion>,
         pages: &[PageTransfer],
         out: &mut [Result<(), TransferError>],
     ) -> Vec<Group> {
         let mut groups: Vec<Group> = Vec::new();
+        if direction == Direction::Read {
+            self.read_from.clear();
+        }
         for (i, p) in pages.iter().enumerate() {
-            let Some(loc) = self.store.locate(p.slot) else {
+            let Some(places) = self.store.locate(p.slot) else {
                 out[i] = Err(TransferError::NoSuchSlot);
                 continue;
             };
-            if !self.reachable(loc.lender) {
+            let targets: Vec<super::Location> = match direction {
+                Direction::Read => {
+                    places.copies().iter().find(|loc| self.reachable(loc.lender)).copied().into_iter().collect()
+                }
+                Direction::Write => places.copies().to_vec(),
+            };
+            if targets.is_empty() || targets.iter().any(|loc| !self.reachable(loc.lender)) {
                 out[i] = Err(TransferError::LenderDown);
                 continue;
             }
-            let segments = match self.segments(buf, p, loc) {
-                Ok(segments) => segments,
-                Err(e) => {
-                    out[i] = Err(e);
-                    continue;
+            for loc in targets {
+                let segments = match self.segments(buf, p, loc) {
+                    Ok(segments) => segments,
+                    Err(e) => {
+                        out[i] = Err(e);
+                        break;
+                    }
+                };
+                if direction == Direction::Read {
+                    self.read_from.push((p.slot, loc.lender));
                 }
-            };
-            match groups.iter_mut().find(|g| g.lender == loc.lender) {
-                Some(g) => {
-                    g.pages.push(i);
-                    g.segments.extend(segments);
+                match groups.iter_mut().find(|g| g.lender == loc.lender) {
+                    Some(g) => {
+                        g.pages.push(i);
+                        g.segments.extend(segments);
+                    }
+                    None => groups.push(Group { lender: loc.lender, pages: vec![i], segments }),
                 }
-                None => groups.push(Group { lender: loc.lender, pages: vec![i], segments }),
             }
         }
         groups
@@ -127,7 +146,7 @@ impl LenderIo {
     ) {
         out.clear();
         out.resize(pages.len(), Ok(()));
-        let groups = self.group(buf, pages, out);
+        let groups = self.group(direction, buf, pages, out);
         let deadline = Instant::now() + self.store.timeout;
         let mut posted = Vec::with_capacity(groups.len());
         for g in groups {
@@ -145,15 +164,16 @@ impl LenderIo {
                     let why = e.to_string();
                     self.fail_lender(g.lender, &why);
                     for i in g.pages {
-                        out[i] = Err(TransferError::ConnectionLost(why.clone()));
+                        keep_first_error(&mut out[i], Err(TransferError::ConnectionLost(why.clone())));
                     }
                 }
             }
         }
+        // A page written to several copies succeeds only if every copy did.
         for (lender, wr_id, idxs) in posted {
             let outcome = self.wait_for(lender, wr_id, deadline, direction);
             for i in idxs {
-                out[i] = outcome.clone();
+                keep_first_error(&mut out[i], outcome.clone());
             }
         }
     }
@@ -248,6 +268,27 @@ impl LenderIo {
 impl PageIo for LenderIo {
     fn read_pages(&mut self, buf: &Arc<LocalRegion>, pages: &[PageTransfer], out: &mut Vec<Result<(), TransferError>>) {
         self.transfer(Direction::Read, buf, pages, out);
+        let mut read_from = std::mem::take(&mut self.read_from);
+        // A failed read marked its lender failed: read those pages from their next copy.
+        for _ in 1..self.store.copies {
+            let retry: Vec<usize> =
+                (0..pages.len()).filter(|&i| out[i].is_err() && self.readable(pages[i].slot)).collect();
+            if retry.is_empty() {
+                break;
+            }
+            let again: Vec<PageTransfer> = retry.iter().map(|&i| pages[i]).collect();
+            let mut outcomes = Vec::with_capacity(again.len());
+            self.transfer(Direction::Read, buf, &again, &mut outcomes);
+            for (&i, outcome) in retry.iter().zip(outcomes) {
+                if outcome.is_ok() {
+                    tracing::debug!(slot = pages[i].slot.raw(), "read a page from another copy");
+                }
+                out[i] = outcome;
+            }
+            // The newest source of each slot wins.
+            read_from.append(&mut self.read_from);
+        }
+        self.read_from = read_from;
     }
 
     fn write_pages(
@@ -261,17 +302,34 @@ impl PageIo for LenderIo {
     }
 
     fn readable(&self, slot: Slot) -> bool {
-        self.store.locate(slot).is_some_and(|loc| self.reachable(loc.lender))
+        self.store.locate(slot).is_some_and(|p| p.copies().iter().any(|loc| self.reachable(loc.lender)))
+    }
+
+    fn intact(&self, slot: Slot) -> bool {
+        self.store.locate(slot).is_some_and(|p| p.copies().iter().all(|loc| self.reachable(loc.lender)))
+    }
+
+    fn distrust(&mut self, slot: Slot, why: &str) {
+        if let Some(&(_, lender)) = self.read_from.iter().rev().find(|(s, _)| *s == slot) {
+            self.fail_lender(lender, why);
+        }
     }
 
     fn place(&mut self, current: Option<Slot>) -> Option<Slot> {
         if let Some(slot) = current {
-            if self.readable(slot) {
+            if self.intact(slot) {
                 return Some(slot);
             }
             crate::store::PageStore::free(&*self.store, slot);
         }
         let endpoints = &self.endpoints;
         self.store.alloc_slot(|lender| endpoints.get(lender).is_some_and(Option::is_some))
+    }
+}
+
+/// Records `outcome` in `slot` unless an earlier copy of the same page already failed.
+fn keep_first_error(slot: &mut Result<(), TransferError>, outcome: Result<(), TransferError>) {
+    if slot.is_ok() {
+        *slot = outcome;
     }
 }

@@ -1,11 +1,20 @@
-//! The lender store: one copy of each page on `memory-server` lenders, over the shim or verbs
-//! provider. Control sessions, slabs allocated on demand, slots handed out round-robin over every
-//! live lender (so pages spread over all of them), lease heartbeats; each thread's connections are
-//! in [`io::LenderIo`].
+//! The lender store: each page on `memory-server` lenders, in one copy or replicated on several
+//! distinct lenders ([`LenderStoreOptions::copies`]), over the shim or verbs provider. Control
+//! sessions, slabs allocated on demand, slots handed out round-robin over every live lender (so
+//! pages spread over all of them), lease heartbeats; each thread's connections are in
+//! [`io::LenderIo`].
 //!
-//! A slot names one place for a page: `slab index << 20 | record in slab` (4096 slabs of up to
-//! 4 GiB). A record is the page's 4 KiB, followed by a [`TRAILER_LEN`]-byte trailer when the
-//! store keeps trailers (for a sealing layer's tags).
+//! Slabs come in groups: a group is one slab on each of `copies` distinct lenders, and record `r`
+//! of a group is record `r` of each of its slabs. A slot names a record of a group: `group index
+//! << 20 | record` (4096 groups of up to 4 GiB per copy), so the page table keeps 4 bytes per
+//! page whatever the number of copies. A record is the page's 4 KiB, followed by a
+//! [`TRAILER_LEN`]-byte trailer when the store keeps trailers (for a sealing layer's tags).
+//!
+//! Replicas: a write goes to every copy (posted together) and succeeds when all have
+//! acknowledged; a read goes to the first copy on a live lender, and when it fails (the lender is
+//! then marked failed) to the next. A clean page whose group lost a copy is written again, to a
+//! whole group, when it is next evicted. When fewer live lenders than `copies` have room, new
+//! groups have fewer copies (said once in the log) rather than none.
 //! Slots are handed out from each slab with a bump pointer; freed slots go to a per-lender free
 //! list, so the allocator costs nothing per used slot.
 //!
@@ -35,20 +44,37 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Most copies of a page.
+pub const MAX_COPIES: usize = 4;
+
 /// One slab granted by a server.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 struct Slab {
     server: usize,
     slab_id: u64,
     addr: u64,
     rkey: u32,
-    pages: u32,
+}
+
+/// One slab on each of up to [`MAX_COPIES`] distinct lenders; record `r` of the group is record
+/// `r` of every slab.
+#[derive(Debug, Clone, Copy)]
+struct Group {
+    copies: [Slab; MAX_COPIES],
+    len: usize,
+    records: u32,
+}
+
+impl Group {
+    fn slabs(&self) -> &[Slab] {
+        &self.copies[..self.len]
+    }
 }
 
 #[derive(Debug, Default)]
 struct ServerSlots {
     free: Vec<u32>,
-    /// (slab index, next unused page) of the slab being filled.
+    /// (group index, next unused record) of the group being filled, led by this lender.
     bump: Option<(usize, u32)>,
 }
 
@@ -71,8 +97,8 @@ impl Lender {
     }
 }
 
-/// Where a slot lives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where one copy of a slot lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 struct Location {
     /// Index of the lender.
     lender: usize,
@@ -82,11 +108,28 @@ struct Location {
     rkey: u32,
 }
 
-/// The lender store: every lender, its slabs, and the slot allocator.
+/// Where every copy of a slot lives.
+#[derive(Debug, Clone, Copy)]
+struct Places {
+    at: [Location; MAX_COPIES],
+    len: usize,
+}
+
+impl Places {
+    fn copies(&self) -> &[Location] {
+        &self.at[..self.len]
+    }
+}
+
+/// The lender store: every lender, its slab groups, and the slot allocator.
 #[derive(Debug)]
 pub struct LenderStore {
     lenders: Vec<Lender>,
-    slabs: RwLock<Vec<Slab>>,
+    groups: RwLock<Vec<Group>>,
+    /// Copies of each page (1..=MAX_COPIES).
+    copies: usize,
+    /// Set once a group was made with fewer copies than asked (said once in the log).
+    degraded: AtomicBool,
     next_lender: AtomicUsize,
     provider: ProviderKind,
     endpoint_options: EndpointOptions,
@@ -113,6 +156,9 @@ pub struct LenderStoreOptions {
     pub spin: Duration,
     /// Keep a [`TRAILER_LEN`]-byte trailer beside each page (needed by a sealing layer).
     pub trailers: bool,
+    /// Copies of each page, on distinct lenders (1 to [`MAX_COPIES`], and at most the number of
+    /// lenders).
+    pub copies: usize,
 }
 
 impl LenderStore {
@@ -120,6 +166,13 @@ impl LenderStore {
     pub fn connect(addrs: &[SocketAddr], options: LenderStoreOptions) -> Result<Self, PagerError> {
         if addrs.is_empty() {
             return Err(PagerError::Config("no memory servers configured".into()));
+        }
+        if options.copies == 0 || options.copies > MAX_COPIES.min(addrs.len()) {
+            return Err(PagerError::Config(format!(
+                "{} copies of each page need as many distinct lenders (at most {MAX_COPIES}); {} configured",
+                options.copies,
+                addrs.len()
+            )));
         }
         let client = ClientOptions {
             client_id: options.client_id,
@@ -143,7 +196,9 @@ impl LenderStore {
         }
         Ok(Self {
             lenders,
-            slabs: RwLock::new(Vec::new()),
+            groups: RwLock::new(Vec::new()),
+            copies: options.copies,
+            degraded: AtomicBool::new(false),
             next_lender: AtomicUsize::new(0),
             provider: options.provider,
             endpoint_options: options.endpoint,
@@ -161,11 +216,20 @@ impl LenderStore {
     fn mark_failed(&self, lender: usize, why: &str) {
         if let Some(s) = self.lenders.get(lender) {
             if s.alive.swap(false, Ordering::AcqRel) {
-                tracing::error!(
-                    server = %s.addr,
-                    pages = s.pages.load(Ordering::Relaxed),
-                    "memory-server failed ({why}); its pages cannot be fetched and will raise SIGBUS"
-                );
+                let pages = s.pages.load(Ordering::Relaxed);
+                if self.copies > 1 {
+                    tracing::error!(
+                        server = %s.addr,
+                        pages,
+                        "memory-server failed ({why}); its pages are read from their other copies"
+                    );
+                } else {
+                    tracing::error!(
+                        server = %s.addr,
+                        pages,
+                        "memory-server failed ({why}); its pages cannot be fetched and will raise SIGBUS"
+                    );
+                }
             }
         }
     }
@@ -181,7 +245,11 @@ impl LenderStore {
                 continue;
             }
             if let Some(slot) = self.slot_from(i) {
-                s.pages.fetch_add(1, Ordering::Relaxed);
+                if let Some(places) = self.locate(slot) {
+                    for loc in places.copies() {
+                        self.lenders[loc.lender].pages.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
                 return Some(slot);
             }
         }
@@ -194,50 +262,99 @@ impl LenderStore {
         if let Some(slot) = slots.free.pop() {
             return Some(Slot(slot));
         }
-        if let Some((slab, next)) = slots.bump {
-            let pages = self.slabs.read().unwrap_or_else(PoisonError::into_inner)[slab].pages;
-            if next < pages {
-                slots.bump = Some((slab, next + 1));
-                return Some(make_slot(slab, next));
+        if let Some((group, next)) = slots.bump {
+            let records = self.groups.read().unwrap_or_else(PoisonError::into_inner)[group].records;
+            if next < records {
+                slots.bump = Some((group, next + 1));
+                return Some(make_slot(group, next));
             }
         }
         if s.full.load(Ordering::Acquire) {
             return None;
         }
-        let grant = match lock(&s.control).alloc_slab() {
-            Ok(g) => g,
-            Err(ClientError::CapacityExhausted { message, .. }) => {
-                s.full.store(true, Ordering::Release);
-                tracing::warn!(server = %s.addr, "memory-server is full: {message}");
-                return None;
-            }
-            Err(e) => {
-                drop(slots);
-                self.mark_failed(i, &e.to_string());
-                return None;
-            }
-        };
-        let pages = u32::try_from(grant.len / self.record_len()).unwrap_or(0).min(1 << SLOT_PAGE_BITS);
-        let mut slabs = self.slabs.write().unwrap_or_else(PoisonError::into_inner);
-        if slabs.len() >= MAX_SLABS || pages == 0 {
-            tracing::warn!(server = %s.addr, "slab table full or empty slab; not using more remote memory");
-            s.full.store(true, Ordering::Release);
-            return None;
-        }
-        let index = slabs.len();
-        slabs.push(Slab { server: i, slab_id: grant.slab_id, addr: grant.addr, rkey: grant.rkey, pages });
-        tracing::debug!(server = %s.addr, slab = grant.slab_id, pages, "slab allocated");
-        slots.bump = Some((index, 1));
-        Some(make_slot(index, 0))
+        let group = self.new_group(i)?;
+        slots.bump = Some((group, 1));
+        Some(make_slot(group, 0))
     }
 
-    /// Where a slot lives.
-    fn locate(&self, slot: Slot) -> Option<Location> {
-        let slab = usize::try_from(slot.0 >> SLOT_PAGE_BITS).ok()?;
-        let page = u64::from(slot.0 & ((1 << SLOT_PAGE_BITS) - 1));
-        let slabs = self.slabs.read().unwrap_or_else(PoisonError::into_inner);
-        let s = slabs.get(slab)?;
-        Some(Location { lender: s.server, addr: s.addr + page * self.record_len(), rkey: s.rkey })
+    /// Makes a group led by lender `leader`: a slab on it and on the next live lenders with room,
+    /// up to `copies` of them. `None` when the leader has no room (or fails).
+    fn new_group(&self, leader: usize) -> Option<usize> {
+        let n = self.lenders.len();
+        let mut group = Group { copies: [Slab::default(); MAX_COPIES], len: 0, records: u32::MAX };
+        for k in 0..n {
+            if group.len == self.copies {
+                break;
+            }
+            let j = (leader + k) % n;
+            let s = &self.lenders[j];
+            if !s.is_alive() || s.full.load(Ordering::Acquire) {
+                if k == 0 {
+                    return None;
+                }
+                continue;
+            }
+            let grant = match lock(&s.control).alloc_slab() {
+                Ok(g) => g,
+                Err(ClientError::CapacityExhausted { message, .. }) => {
+                    s.full.store(true, Ordering::Release);
+                    tracing::warn!(server = %s.addr, "memory-server is full: {message}");
+                    if k == 0 {
+                        return None;
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    self.mark_failed(j, &e.to_string());
+                    if k == 0 {
+                        return None;
+                    }
+                    continue;
+                }
+            };
+            let records = u32::try_from(grant.len / self.record_len()).unwrap_or(0).min(1 << SLOT_PAGE_BITS);
+            group.records = group.records.min(records);
+            group.copies[group.len] = Slab { server: j, slab_id: grant.slab_id, addr: grant.addr, rkey: grant.rkey };
+            group.len += 1;
+            tracing::debug!(server = %s.addr, slab = grant.slab_id, records, "slab allocated");
+        }
+        let mut groups = self.groups.write().unwrap_or_else(PoisonError::into_inner);
+        if group.len == 0 || group.records == 0 || groups.len() >= MAX_SLABS {
+            drop(groups);
+            self.give_back(&group);
+            tracing::warn!(server = %self.lenders[leader].addr, "no slab group could be made; not using more remote memory there");
+            self.lenders[leader].full.store(true, Ordering::Release);
+            return None;
+        }
+        if group.len < self.copies && !self.degraded.swap(true, Ordering::AcqRel) {
+            tracing::warn!(
+                copies = group.len,
+                wanted = self.copies,
+                "fewer live lenders with room than copies asked for: new pages have fewer copies"
+            );
+        }
+        groups.push(group);
+        Some(groups.len() - 1)
+    }
+
+    /// Frees the slabs of a group that will not be used.
+    fn give_back(&self, group: &Group) {
+        for slab in group.slabs() {
+            let _ = lock(&self.lenders[slab.server].control).free_slab(slab.slab_id);
+        }
+    }
+
+    /// Where every copy of a slot lives.
+    fn locate(&self, slot: Slot) -> Option<Places> {
+        let group = usize::try_from(slot.0 >> SLOT_PAGE_BITS).ok()?;
+        let record = u64::from(slot.0 & ((1 << SLOT_PAGE_BITS) - 1));
+        let groups = self.groups.read().unwrap_or_else(PoisonError::into_inner);
+        let g = groups.get(group)?;
+        let mut places = Places { at: [Location::default(); MAX_COPIES], len: g.len };
+        for (at, slab) in places.at.iter_mut().zip(g.slabs()) {
+            *at = Location { lender: slab.server, addr: slab.addr + record * self.record_len(), rkey: slab.rkey };
+        }
+        Some(places)
     }
 
     /// Bytes one slot takes in a slab: the page and its trailer.
@@ -257,19 +374,20 @@ impl PageStore for LenderStore {
     }
 
     fn free(&self, slot: Slot) {
-        let slab = usize::try_from(slot.0 >> SLOT_PAGE_BITS).unwrap_or(usize::MAX);
-        let server = self.slabs.read().unwrap_or_else(PoisonError::into_inner).get(slab).map(|s| s.server);
-        if let Some(i) = server {
-            let s = &self.lenders[i];
-            s.pages.fetch_sub(1, Ordering::Relaxed);
-            if s.is_alive() {
-                lock(&s.slots).free.push(slot.0);
-            }
+        let Some(places) = self.locate(slot) else { return };
+        for loc in places.copies() {
+            self.lenders[loc.lender].pages.fetch_sub(1, Ordering::Relaxed);
+        }
+        // The slot is reused only while every copy of its group can be written.
+        if places.copies().iter().all(|loc| self.is_alive(loc.lender)) {
+            lock(&self.lenders[places.copies()[0].lender].slots).free.push(slot.0);
         }
     }
 
     fn lender_of(&self, slot: Slot) -> Option<SocketAddr> {
-        self.locate(slot).and_then(|loc| self.lenders.get(loc.lender)).map(|s| s.addr)
+        let places = self.locate(slot)?;
+        let first = places.copies().iter().find(|loc| self.is_alive(loc.lender)).or(places.copies().first())?;
+        self.lenders.get(first.lender).map(|s| s.addr)
     }
 
     fn trailer_len(&self) -> usize {
@@ -278,12 +396,6 @@ impl PageStore for LenderStore {
 
     fn seals_pages(&self) -> bool {
         false
-    }
-
-    fn distrust(&self, slot: Slot, why: &str) {
-        if let Some(loc) = self.locate(slot) {
-            self.mark_failed(loc.lender, why);
-        }
     }
 
     /// Renews every live lender's lease; a lost session or connection marks the lender failed.
@@ -312,7 +424,7 @@ impl PageStore for LenderStore {
     }
 
     fn bookkeeping_bytes(&self) -> usize {
-        let slabs = self.slabs.read().unwrap_or_else(PoisonError::into_inner).len() * std::mem::size_of::<Slab>();
+        let slabs = self.groups.read().unwrap_or_else(PoisonError::into_inner).len() * std::mem::size_of::<Group>();
         let free: usize = self.lenders.iter().map(|s| lock(&s.slots).free.capacity() * 4).sum();
         slabs + free
     }
@@ -325,8 +437,8 @@ impl PageStore for LenderStore {
     }
 
     fn release_all(&self) {
-        let slabs = self.slabs.read().unwrap_or_else(PoisonError::into_inner).clone();
-        for slab in slabs {
+        let groups = self.groups.read().unwrap_or_else(PoisonError::into_inner).clone();
+        for slab in groups.iter().flat_map(Group::slabs) {
             let s = &self.lenders[slab.server];
             if s.is_alive() {
                 let _ = lock(&s.control).free_slab(slab.slab_id);
@@ -335,6 +447,6 @@ impl PageStore for LenderStore {
     }
 }
 
-fn make_slot(slab: usize, page: u32) -> Slot {
-    Slot((u32::try_from(slab).unwrap_or(u32::MAX) << SLOT_PAGE_BITS) | page)
+fn make_slot(group: usize, record: u32) -> Slot {
+    Slot((u32::try_from(group).unwrap_or(u32::MAX) << SLOT_PAGE_BITS) | record)
 }
