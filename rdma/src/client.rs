@@ -208,6 +208,14 @@ impl ControlClient {
         &self.session
     }
 
+    /// Sets how long a request may wait for its reply (and its bytes to be sent) from now on.
+    pub fn set_timeout(&mut self, timeout: Duration) -> Result<(), ClientError> {
+        let addr = self.addr;
+        let io = |source| ClientError::Io { addr, source };
+        self.stream.set_read_timeout(Some(timeout)).map_err(io)?;
+        self.stream.set_write_timeout(Some(timeout)).map_err(io)
+    }
+
     /// The client id this connection said hello with.
     pub fn client_id(&self) -> u64 {
         self.client_id

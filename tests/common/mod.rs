@@ -19,19 +19,31 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Starts `memory-server --listen 127.0.0.1:0 ARGS` and waits for its `listening on` line.
     pub fn start(args: &[&str]) -> Self {
+        Self::start_at("127.0.0.1:0", args)
+    }
+
+    /// Starts `memory-server --listen LISTEN ARGS` (a fixed port, to restart a lender where it was).
+    pub fn start_at(listen: &str, args: &[&str]) -> Self {
         let level = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
-        Self::spawn(args, &level, Stdio::inherit())
+        Self::spawn_at(listen, args, &level, Stdio::inherit())
+    }
+
+    /// Sends `signal` (SIGSTOP, SIGCONT, ...) to the server.
+    pub fn signal(&self, signal: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.child.id()).unwrap();
+        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+        unsafe { libc::kill(pid, signal) };
     }
 
     /// Like [`ServerProcess::start`], logging at debug level into the file `log`.
     pub fn start_logging_to(args: &[&str], log: &std::path::Path) -> Self {
         let file = std::fs::File::create(log).expect("log file");
-        Self::spawn(args, "debug", Stdio::from(file))
+        Self::spawn_at("127.0.0.1:0", args, "debug", Stdio::from(file))
     }
 
-    fn spawn(args: &[&str], level: &str, stderr: Stdio) -> Self {
+    fn spawn_at(listen: &str, args: &[&str], level: &str, stderr: Stdio) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_memory-server"))
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", listen])
             .args(args)
             .env("RUST_LOG", level)
             .stdout(Stdio::piped())

@@ -28,6 +28,10 @@ pub(super) struct LenderIo {
     completions: Vec<Completion>,
     /// The lender each slot of the last read batch was read from (for `distrust`).
     read_from: Vec<(Slot, usize)>,
+    /// Segments of one page, reused.
+    scratch: Vec<Segment>,
+    /// How many comebacks of each lender this thread has reconnected after.
+    revivals_seen: Vec<u64>,
 }
 
 /// The pages of one batch that go to one lender (a page with a trailer takes two segments).
@@ -58,11 +62,46 @@ impl LenderIo {
                     .map_err(|source| PagerError::Transport { addr: s.addr, source })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Self { store, endpoints, next_wr: 0, bounce: None, completions: Vec::new(), read_from: Vec::new() })
+        let revivals_seen = (0..endpoints.len()).map(|i| store.revivals(i)).collect();
+        Ok(Self {
+            store,
+            endpoints,
+            next_wr: 0,
+            bounce: None,
+            completions: Vec::new(),
+            read_from: Vec::new(),
+            scratch: Vec::new(),
+            revivals_seen,
+        })
     }
 
     fn reachable(&self, lender: usize) -> bool {
         self.store.is_alive(lender) && self.endpoints.get(lender).is_some_and(Option::is_some)
+    }
+
+    /// True when the copy at `loc` exists and this thread can reach it.
+    fn usable(&self, loc: &super::Location) -> bool {
+        self.store.copy_valid(loc) && self.reachable(loc.lender)
+    }
+
+    /// Reconnects to lenders that came back since this thread last looked.
+    fn refresh(&mut self) {
+        for i in 0..self.endpoints.len() {
+            let revivals = self.store.revivals(i);
+            if revivals == self.revivals_seen[i] {
+                continue;
+            }
+            self.revivals_seen[i] = revivals;
+            if !self.store.is_alive(i) {
+                continue;
+            }
+            let s = &self.store.lenders[i];
+            let endpoint = super::lock(&s.control).connect_endpoint(self.store.provider, &self.store.endpoint_options);
+            match endpoint {
+                Ok(ep) => self.endpoints[i] = Some(ep),
+                Err(e) => self.fail_lender(i, &format!("reconnecting after it came back: {e}")),
+            }
+        }
     }
 
     /// Groups the pages by lender, naming each page's local bytes in `buf`: a read goes to the
@@ -84,56 +123,71 @@ impl LenderIo {
                 out[i] = Err(TransferError::NoSuchSlot);
                 continue;
             };
-            let targets: Vec<super::Location> = match direction {
-                Direction::Read => {
-                    places.copies().iter().find(|loc| self.reachable(loc.lender)).copied().into_iter().collect()
-                }
-                Direction::Write => places.copies().to_vec(),
+            let copies = places.copies();
+            let targets: &[super::Location] = match direction {
+                Direction::Read => match copies.iter().position(|loc| self.usable(loc)) {
+                    Some(k) => &copies[k..=k],
+                    None => &[],
+                },
+                Direction::Write => copies,
             };
-            if targets.is_empty() || targets.iter().any(|loc| !self.reachable(loc.lender)) {
+            if targets.is_empty() || targets.iter().any(|loc| !self.usable(loc)) {
                 out[i] = Err(TransferError::LenderDown);
                 continue;
             }
-            for loc in targets {
-                let segments = match self.segments(buf, p, loc) {
-                    Ok(segments) => segments,
-                    Err(e) => {
-                        out[i] = Err(e);
-                        break;
-                    }
-                };
-                if direction == Direction::Read {
-                    self.read_from.push((p.slot, loc.lender));
+            for &loc in targets {
+                let mut segments = std::mem::take(&mut self.scratch);
+                segments.clear();
+                if let Err(e) = self.add_segments(&mut segments, buf, p, loc) {
+                    self.scratch = segments;
+                    out[i] = Err(e);
+                    break;
                 }
                 match groups.iter_mut().find(|g| g.lender == loc.lender) {
                     Some(g) => {
                         g.pages.push(i);
-                        g.segments.extend(segments);
+                        g.segments.append(&mut segments);
                     }
-                    None => groups.push(Group { lender: loc.lender, pages: vec![i], segments }),
+                    None => {
+                        let mut g =
+                            Group { lender: loc.lender, pages: vec![i], segments: Vec::with_capacity(2 * pages.len()) };
+                        g.segments.append(&mut segments);
+                        groups.push(g);
+                    }
+                }
+                self.scratch = segments;
+                if direction == Direction::Read {
+                    self.read_from.push((p.slot, loc.lender));
                 }
             }
         }
         groups
     }
 
-    /// The segments that move page `p` (and its trailer, if it has one) to or from `loc`.
-    fn segments(
+    /// Appends the segments that move page `p` (and its trailer, if it has one) to or from `loc`.
+    fn add_segments(
         &self,
+        segments: &mut Vec<Segment>,
         buf: &Arc<LocalRegion>,
         p: &PageTransfer,
         loc: super::Location,
-    ) -> Result<Vec<Segment>, TransferError> {
+    ) -> Result<(), TransferError> {
         let local = |offset, len| LocalSlice::new(buf, offset, len).map_err(|e| TransferError::Local(e.to_string()));
-        let mut segments = vec![Segment { local: local(p.offset, PAGE_SIZE)?, remote_addr: loc.addr, rkey: loc.rkey }];
-        if let Some(at) = p.trailer {
-            if self.store.trailer == 0 {
+        let page = Segment { local: local(p.offset, PAGE_SIZE)?, remote_addr: loc.addr, rkey: loc.rkey };
+        let trailer = match p.trailer {
+            Some(_) if self.store.trailer == 0 => {
                 return Err(TransferError::Local("this store keeps no trailers".into()));
             }
-            let remote_addr = loc.addr + PAGE_SIZE as u64;
-            segments.push(Segment { local: local(at, self.store.trailer)?, remote_addr, rkey: loc.rkey });
-        }
-        Ok(segments)
+            Some(at) => Some(Segment {
+                local: local(at, self.store.trailer)?,
+                remote_addr: loc.addr + PAGE_SIZE as u64,
+                rkey: loc.rkey,
+            }),
+            None => None,
+        };
+        segments.push(page);
+        segments.extend(trailer);
+        Ok(())
     }
 
     /// Posts one work request per group, then waits for each; every page gets its group's outcome.
@@ -146,6 +200,7 @@ impl LenderIo {
     ) {
         out.clear();
         out.resize(pages.len(), Ok(()));
+        self.refresh();
         let groups = self.group(direction, buf, pages, out);
         let deadline = Instant::now() + self.store.timeout;
         let mut posted = Vec::with_capacity(groups.len());
@@ -194,34 +249,46 @@ impl LenderIo {
                 return Err(TransferError::ConnectionLost("connection closed".into()));
             };
             let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                let timeout = self.store.timeout;
-                let what = if direction == Direction::Read { "read" } else { "write-back" };
-                self.fail_lender(lender, &format!("{what}: no reply within {timeout:?}"));
-                return Err(TransferError::Timeout(timeout));
-            }
             self.completions.clear();
-            match ep.wait(&mut self.completions, 16, left, PollMode::SpinThenBlock(spin)) {
+            let waited = if left.is_zero() {
+                // The deadline may have passed while another lender of the batch was waited
+                // for: a reply that is already here still counts.
+                Ok(ep.poll(&mut self.completions, 16))
+            } else {
+                ep.wait(&mut self.completions, 16, left, PollMode::SpinThenBlock(spin))
+            };
+            match waited {
                 Ok(_) => {
-                    let Some(c) = self.completions.iter().find(|c| c.wr_id == wr_id) else { continue };
-                    let status = c.status;
-                    return match status {
-                        CompletionStatus::Success => Ok(()),
-                        CompletionStatus::Flushed => {
-                            self.fail_lender(lender, "connection lost");
-                            Err(TransferError::ConnectionLost("the request was flushed".into()))
-                        }
-                        other => {
-                            self.fail_lender(lender, &format!("it refused a request ({other:?})"));
-                            Err(TransferError::Refused(format!("{other:?}")))
-                        }
-                    };
+                    if let Some(status) = self.completions.iter().find(|c| c.wr_id == wr_id).map(|c| c.status) {
+                        return self.outcome(lender, status);
+                    }
+                    if left.is_zero() {
+                        let timeout = self.store.timeout;
+                        let what = if direction == Direction::Read { "read" } else { "write-back" };
+                        self.fail_lender(lender, &format!("{what}: no reply within {timeout:?}"));
+                        return Err(TransferError::Timeout(timeout));
+                    }
                 }
                 Err(e) => {
                     let why = e.to_string();
                     self.fail_lender(lender, &why);
                     return Err(TransferError::ConnectionLost(why));
                 }
+            }
+        }
+    }
+
+    /// What a completion's status means for the page, with the failure policy applied.
+    fn outcome(&mut self, lender: usize, status: CompletionStatus) -> Result<(), TransferError> {
+        match status {
+            CompletionStatus::Success => Ok(()),
+            CompletionStatus::Flushed => {
+                self.fail_lender(lender, "connection lost");
+                Err(TransferError::ConnectionLost("the request was flushed".into()))
+            }
+            other => {
+                self.fail_lender(lender, &format!("it refused a request ({other:?})"));
+                Err(TransferError::Refused(format!("{other:?}")))
             }
         }
     }
@@ -302,11 +369,11 @@ impl PageIo for LenderIo {
     }
 
     fn readable(&self, slot: Slot) -> bool {
-        self.store.locate(slot).is_some_and(|p| p.copies().iter().any(|loc| self.reachable(loc.lender)))
+        self.store.locate(slot).is_some_and(|p| p.copies().iter().any(|loc| self.usable(loc)))
     }
 
     fn intact(&self, slot: Slot) -> bool {
-        self.store.locate(slot).is_some_and(|p| p.copies().iter().all(|loc| self.reachable(loc.lender)))
+        self.store.locate(slot).is_some_and(|p| self.store.healthy(&p) && p.copies().iter().all(|loc| self.usable(loc)))
     }
 
     fn distrust(&mut self, slot: Slot, why: &str) {
@@ -316,6 +383,7 @@ impl PageIo for LenderIo {
     }
 
     fn place(&mut self, current: Option<Slot>) -> Option<Slot> {
+        self.refresh();
         if let Some(slot) = current {
             if self.intact(slot) {
                 return Some(slot);

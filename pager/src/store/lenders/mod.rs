@@ -10,6 +10,11 @@
 //! page whatever the number of copies. A record is the page's 4 KiB, followed by a
 //! [`TRAILER_LEN`]-byte trailer when the store keeps trailers (for a sealing layer's tags).
 //!
+//! A failed lender is tried again now and then (every [`REVIVE_INTERVAL`], from the upkeep
+//! thread): if its session is still there (a stall shorter than the lease) it is trusted again
+//! with its copies; if not (it restarted, or the lease ran out) it gets a new session, its old
+//! copies count as gone, and new pages go to it again.
+//!
 //! Replicas: a write goes to every copy (posted together) and succeeds when all have
 //! acknowledged; a read goes to the first copy on a live lender, and when it fails (the lender is
 //! then marked failed) to the next. A clean page whose group lost a copy is written again, to a
@@ -27,9 +32,10 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdma::client::{ClientError, ClientOptions, ControlClient};
+use rdma::control::SessionOutcome;
 use rdma::{EndpointOptions, ProviderKind};
 
 use super::{LenderInfo, PageIo, PageStore, Slot, TRAILER_LEN};
@@ -47,10 +53,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Most copies of a page.
 pub const MAX_COPIES: usize = 4;
 
+/// How often a failed lender is tried again.
+pub const REVIVE_INTERVAL: Duration = Duration::from_secs(1);
+
 /// One slab granted by a server.
 #[derive(Debug, Clone, Copy, Default)]
 struct Slab {
     server: usize,
+    /// The lender's session generation the slab was granted in.
+    generation: u64,
     slab_id: u64,
     addr: u64,
     rkey: u32,
@@ -88,6 +99,11 @@ struct Lender {
     /// Slots currently holding (or reserved for) pages.
     pages: AtomicU64,
     slots: Mutex<ServerSlots>,
+    /// Bumped when the lender comes back with a new session: slabs of older generations are gone.
+    generation: AtomicU64,
+    /// Bumped whenever the lender comes back: threads then reconnect their endpoints.
+    revivals: AtomicU64,
+    last_attempt: Mutex<Option<Instant>>,
 }
 
 impl Lender {
@@ -102,6 +118,8 @@ impl Lender {
 struct Location {
     /// Index of the lender.
     lender: usize,
+    /// The lender's session generation of the copy's slab.
+    generation: u64,
     /// Remote address of the page.
     addr: u64,
     /// Key of its slab.
@@ -130,6 +148,8 @@ pub struct LenderStore {
     copies: usize,
     /// Set once a group was made with fewer copies than asked (said once in the log).
     degraded: AtomicBool,
+    /// How control sessions are opened (again, when a failed lender is tried again).
+    client_options: ClientOptions,
     next_lender: AtomicUsize,
     provider: ProviderKind,
     endpoint_options: EndpointOptions,
@@ -182,8 +202,11 @@ impl LenderStore {
         };
         let mut lenders = Vec::with_capacity(addrs.len());
         for &addr in addrs {
-            let control =
+            let mut control =
                 ControlClient::connect(addr, &client).map_err(|source| PagerError::Server { addr, source })?;
+            // A stalled lender must not hold up the heartbeats of the others past their lease.
+            let timeout = control_timeout(control.session().lease);
+            control.set_timeout(timeout).map_err(|source| PagerError::Server { addr, source })?;
             tracing::info!(%addr, lease = ?control.session().lease, "connected to memory-server");
             lenders.push(Lender {
                 addr,
@@ -192,6 +215,9 @@ impl LenderStore {
                 full: AtomicBool::new(false),
                 pages: AtomicU64::new(0),
                 slots: Mutex::new(ServerSlots::default()),
+                generation: AtomicU64::new(0),
+                revivals: AtomicU64::new(0),
+                last_attempt: Mutex::new(None),
             });
         }
         Ok(Self {
@@ -199,6 +225,7 @@ impl LenderStore {
             groups: RwLock::new(Vec::new()),
             copies: options.copies,
             degraded: AtomicBool::new(false),
+            client_options: client,
             next_lender: AtomicUsize::new(0),
             provider: options.provider,
             endpoint_options: options.endpoint,
@@ -210,6 +237,74 @@ impl LenderStore {
 
     fn is_alive(&self, lender: usize) -> bool {
         self.lenders.get(lender).is_some_and(Lender::is_alive)
+    }
+
+    /// True when the copy at `loc` still exists: its lender is alive, in the session that
+    /// granted the copy's slab.
+    fn copy_valid(&self, loc: &Location) -> bool {
+        self.lenders
+            .get(loc.lender)
+            .is_some_and(|s| s.is_alive() && s.generation.load(Ordering::Acquire) == loc.generation)
+    }
+
+    /// True when every copy of `places` still exists, and there are as many as the live lenders
+    /// allow (a group made with fewer copies while lenders were down is not healthy once they
+    /// are back: its pages are written again to a whole group as they pass through).
+    fn healthy(&self, places: &Places) -> bool {
+        let live = self.lenders.iter().filter(|s| s.is_alive()).count();
+        places.len >= self.copies.min(live) && places.copies().iter().all(|loc| self.copy_valid(loc))
+    }
+
+    /// Times lender `i` came back (threads reconnect their endpoints when this moves).
+    fn revivals(&self, i: usize) -> u64 {
+        self.lenders.get(i).map_or(0, |s| s.revivals.load(Ordering::Acquire))
+    }
+
+    /// Tries a failed lender again (at most every [`REVIVE_INTERVAL`]): resumes its session if it
+    /// is still there, else opens a new one (its old copies are then gone).
+    fn revive(&self, i: usize) {
+        let s = &self.lenders[i];
+        {
+            let mut last = lock(&s.last_attempt);
+            if last.is_some_and(|t| t.elapsed() < REVIVE_INTERVAL) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        let (client_id, proof) = {
+            let c = lock(&s.control);
+            (c.client_id(), c.proof())
+        };
+        let options = ClientOptions {
+            client_id: Some(client_id),
+            resume: Some(proof),
+            timeout: control_timeout(self.min_lease()).min(REVIVE_INTERVAL),
+            ..self.client_options.clone()
+        };
+        let Ok(mut control) = ControlClient::connect(s.addr, &options) else { return };
+        if control.set_timeout(control_timeout(control.session().lease)).is_err() {
+            return;
+        }
+        let resumed = control.session().outcome == SessionOutcome::Resumed;
+        if !resumed {
+            let mut slots = lock(&s.slots);
+            slots.free.clear();
+            slots.bump = None;
+            s.generation.fetch_add(1, Ordering::AcqRel);
+            s.pages.store(0, Ordering::Relaxed);
+        }
+        *lock(&s.control) = control;
+        s.full.store(false, Ordering::Release);
+        s.revivals.fetch_add(1, Ordering::AcqRel);
+        s.alive.store(true, Ordering::Release);
+        if resumed {
+            tracing::warn!(server = %s.addr, "memory-server is back with our session: its copies are used again");
+        } else {
+            tracing::warn!(
+                server = %s.addr,
+                "memory-server is back with a new session: its old copies are gone; new pages go to it again"
+            );
+        }
     }
 
     /// Marks a lender failed; its pages can no longer be fetched.
@@ -259,14 +354,18 @@ impl LenderStore {
     fn slot_from(&self, i: usize) -> Option<Slot> {
         let s = &self.lenders[i];
         let mut slots = lock(&s.slots);
-        if let Some(slot) = slots.free.pop() {
-            return Some(Slot(slot));
+        // Free slots and the group being filled are used only while all their copies exist.
+        while let Some(slot) = slots.free.pop() {
+            if self.locate(Slot(slot)).is_some_and(|p| self.healthy(&p)) {
+                return Some(Slot(slot));
+            }
         }
         if let Some((group, next)) = slots.bump {
             let records = self.groups.read().unwrap_or_else(PoisonError::into_inner)[group].records;
-            if next < records {
+            let slot = make_slot(group, next);
+            if next < records && self.locate(slot).is_some_and(|p| self.healthy(&p)) {
                 slots.bump = Some((group, next + 1));
-                return Some(make_slot(group, next));
+                return Some(slot);
             }
         }
         if s.full.load(Ordering::Acquire) {
@@ -314,7 +413,9 @@ impl LenderStore {
             };
             let records = u32::try_from(grant.len / self.record_len()).unwrap_or(0).min(1 << SLOT_PAGE_BITS);
             group.records = group.records.min(records);
-            group.copies[group.len] = Slab { server: j, slab_id: grant.slab_id, addr: grant.addr, rkey: grant.rkey };
+            let generation = s.generation.load(Ordering::Acquire);
+            group.copies[group.len] =
+                Slab { server: j, generation, slab_id: grant.slab_id, addr: grant.addr, rkey: grant.rkey };
             group.len += 1;
             tracing::debug!(server = %s.addr, slab = grant.slab_id, records, "slab allocated");
         }
@@ -352,7 +453,12 @@ impl LenderStore {
         let g = groups.get(group)?;
         let mut places = Places { at: [Location::default(); MAX_COPIES], len: g.len };
         for (at, slab) in places.at.iter_mut().zip(g.slabs()) {
-            *at = Location { lender: slab.server, addr: slab.addr + record * self.record_len(), rkey: slab.rkey };
+            *at = Location {
+                lender: slab.server,
+                generation: slab.generation,
+                addr: slab.addr + record * self.record_len(),
+                rkey: slab.rkey,
+            };
         }
         Some(places)
     }
@@ -375,11 +481,12 @@ impl PageStore for LenderStore {
 
     fn free(&self, slot: Slot) {
         let Some(places) = self.locate(slot) else { return };
-        for loc in places.copies() {
-            self.lenders[loc.lender].pages.fetch_sub(1, Ordering::Relaxed);
+        for loc in places.copies().iter().filter(|loc| self.copy_valid(loc)) {
+            let pages = &self.lenders[loc.lender].pages;
+            let _ = pages.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
         }
         // The slot is reused only while every copy of its group can be written.
-        if places.copies().iter().all(|loc| self.is_alive(loc.lender)) {
+        if self.healthy(&places) {
             lock(&self.lenders[places.copies()[0].lender].slots).free.push(slot.0);
         }
     }
@@ -398,7 +505,8 @@ impl PageStore for LenderStore {
         false
     }
 
-    /// Renews every live lender's lease; a lost session or connection marks the lender failed.
+    /// Renews every live lender's lease (a lost session or connection marks the lender failed)
+    /// and tries failed lenders again.
     fn maintain(&self) {
         for (i, s) in self.lenders.iter().enumerate() {
             if !s.is_alive() {
@@ -411,6 +519,12 @@ impl PageStore for LenderStore {
                     self.mark_failed(i, "its lease expired and our slabs were reclaimed")
                 }
                 Err(e) => self.mark_failed(i, &e.to_string()),
+            }
+        }
+        // Then, with every live lease renewed, try the failed lenders again.
+        for (i, s) in self.lenders.iter().enumerate() {
+            if !s.is_alive() {
+                self.revive(i);
             }
         }
     }
@@ -445,6 +559,12 @@ impl PageStore for LenderStore {
             }
         }
     }
+}
+
+/// How long a control request may take: a quarter of the lease (100 ms to 5 s), so that the
+/// heartbeats of every lender fit in a lease even when one of them stalls.
+fn control_timeout(lease: Duration) -> Duration {
+    (lease / 4).clamp(Duration::from_millis(100), Duration::from_secs(5))
 }
 
 fn make_slot(group: usize, record: u32) -> Slot {
