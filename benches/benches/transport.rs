@@ -1,5 +1,6 @@
 //! Transport round trips through the shim on loopback: 4 KiB READ and WRITE, blocking and
-//! busy-polling, and a 64-page scattered batch.
+//! busy-polling, and a 64-page scattered batch; and the cost of opening a control session, in
+//! the clear and with the cluster-key handshake.
 
 #![allow(missing_docs, clippy::unwrap_used)]
 
@@ -59,5 +60,39 @@ fn transport(c: &mut Criterion) {
     server.shutdown();
 }
 
-criterion_group!(benches, transport);
+/// Opening a control session (connect, HELLO, reply), without a cluster key and with one (the
+/// Noise handshake first, then the HELLO sealed).
+fn connect(c: &mut Criterion) {
+    let tails = Tails::default();
+    let key = rdma::secure::ClusterKey::generate().unwrap();
+    let mut g = c.benchmark_group("connect");
+    for (name, key) in [("control_session_plain", None), ("control_session_cluster_key", Some(key))] {
+        let config = lender::ServerConfig {
+            key: key.clone(),
+            max_connections_per_peer: 4096,
+            ..lender::ServerConfig::embedded(256 << 20)
+        };
+        let server = lender::start(config).unwrap();
+        let options = ClientOptions { key, ..ClientOptions::default() };
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let t = Instant::now();
+                    let client = ControlClient::connect(server.addr(), &options).unwrap();
+                    let d = t.elapsed();
+                    drop(client);
+                    tails.record(&format!("connect/{name}"), d);
+                    total += d;
+                }
+                total
+            });
+        });
+        server.shutdown();
+    }
+    g.finish();
+    tails.report();
+}
+
+criterion_group!(benches, transport, connect);
 criterion_main!(benches);
