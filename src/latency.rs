@@ -26,6 +26,8 @@ pub struct LatencyOptions {
     pub provider: rdma::ProviderKind,
     /// RDMA device for the verbs provider (`None`: the first one).
     pub device: Option<String>,
+    /// The cluster key, for a lender that requires one (an embedded lender then does too).
+    pub key: Option<rdma::secure::ClusterKey>,
 }
 
 /// Figures of one measurement.
@@ -88,6 +90,7 @@ pub fn run(opts: &LatencyOptions) -> Result<Vec<LatencyReport>, LatencyError> {
         None => Some(lender::start(lender::ServerConfig {
             provider: opts.provider,
             device: opts.device.clone(),
+            key: opts.key.clone(),
             ..lender::ServerConfig::loopback()
         })?),
     };
@@ -95,8 +98,8 @@ pub fn run(opts: &LatencyOptions) -> Result<Vec<LatencyReport>, LatencyError> {
         // Unreachable: one of the two is set above.
         SocketAddr::from(([127, 0, 0, 1], 7470))
     });
-    let mut client =
-        ControlClient::connect(addr, &ClientOptions { provider: opts.provider, ..ClientOptions::default() })?;
+    let options = ClientOptions { provider: opts.provider, key: opts.key.clone(), ..ClientOptions::default() };
+    let mut client = ControlClient::connect(addr, &options)?;
     let slab = client.alloc_slab()?;
     let ep = client.connect_endpoint(
         opts.provider,

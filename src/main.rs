@@ -255,6 +255,10 @@ enum Command {
         /// RDMA device for --provider verbs, e.g. rxe0 (default: the first device).
         #[arg(long)]
         device: Option<String>,
+        /// The cluster key file (`coalesce keygen`), for a lender that requires one; an embedded
+        /// lender then requires it too.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
     },
 }
 
@@ -483,7 +487,11 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Latency { server, ops, size, link, provider, device } => {
+        Command::Latency { server, ops, size, link, provider, device, key_file } => {
+            let key = match load_key(key_file.as_deref()) {
+                Ok(k) => k,
+                Err(code) => return code,
+            };
             let Ok(size) = usize::try_from(size.as_u64()) else {
                 eprintln!("coalesce: --size is too large for this machine");
                 return ExitCode::FAILURE;
@@ -493,7 +501,7 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
             println!("link: {link}");
-            match latency::run(&LatencyOptions { server, ops: ops.max(1), size, link, provider, device }) {
+            match latency::run(&LatencyOptions { server, ops: ops.max(1), size, link, provider, device, key }) {
                 Ok(reports) => {
                     for r in reports {
                         println!("{r}");
