@@ -29,6 +29,7 @@ use bytesize::ByteSize;
 use rdma::ProviderKind;
 
 mod deadline;
+mod link;
 pub mod peers;
 mod server;
 pub mod sessions;

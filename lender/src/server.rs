@@ -13,13 +13,14 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use rdma::control::{self, ControlRequest, ControlResponse, ErrorCode, ServerStats, SessionProof};
-use rdma::frame::{FrameError, Header, ReadFrameError};
+use rdma::frame::{FrameError, ReadFrameError};
 use rdma::ids::short;
-use rdma::secure::{SecureChannel, KIND_NOISE_INIT};
+use rdma::secure::KIND_NOISE_INIT;
 use rdma::shim::target::{self, MemoryRegistry, SessionCheck};
 use rdma::ProviderKind;
 
 use crate::deadline::{is_timeout, read_frame_by, wait_for_data};
+use crate::link::Link;
 use crate::peers::{Admission, Peers, Refused};
 use crate::sessions::{Limits, Refusal, Sessions};
 use crate::{ServerConfig, ServerError};
@@ -30,8 +31,8 @@ const MAX_FIRST_BODY: u32 = 4096;
 const MAX_CONTROL_BODY: u32 = 4096;
 
 #[derive(Debug)]
-struct Shared {
-    config: ServerConfig,
+pub(crate) struct Shared {
+    pub(crate) config: ServerConfig,
     registry: Arc<MemoryRegistry>,
     sessions: Mutex<Sessions>,
     shutting_down: AtomicBool,
@@ -41,7 +42,7 @@ struct Shared {
 
 impl Shared {
     /// Counts a failed proof by `peer`, and says so once when it goes past the limit.
-    fn failed(&self, peer: SocketAddr, what: &str) {
+    pub(crate) fn failed(&self, peer: SocketAddr, what: &str) {
         if self.peers.failed(peer.ip(), Instant::now()) {
             tracing::warn!(
                 %peer,
@@ -354,69 +355,6 @@ fn serve(stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) {
             shared.registry.stats.malformed_connections.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%peer, kind = header.kind, reason = %e, "closing connection: malformed first frame");
             link.send_error(ErrorCode::BadRequest, &e.to_string());
-        }
-    }
-}
-
-/// A connection's stream and, once it authenticated with the cluster key, its sealed channel
-/// (every control frame then travels sealed).
-struct Link {
-    stream: TcpStream,
-    channel: Option<SecureChannel>,
-}
-
-impl Link {
-    /// Runs the handshake the first frame (of `kind`, body `init`) starts; false (and the
-    /// connection is to be closed) when it is refused: no key on either side where the other has
-    /// one, or a wrong key.
-    fn authenticate(&mut self, kind: u8, init: &[u8], peer: SocketAddr, shared: &Shared) -> bool {
-        let Some(key) = &shared.config.key else {
-            tracing::warn!(%peer, "refusing connection: it authenticates with a cluster key and this lender has none");
-            self.send_error(ErrorCode::BadRequest, "this memory-server has no cluster key; connect without --key-file");
-            return false;
-        };
-        if kind != KIND_NOISE_INIT {
-            tracing::warn!(%peer, "refusing connection: it did not authenticate with the cluster key");
-            let msg = "this memory-server requires the cluster key: connect with --key-file (the file the lender uses)";
-            self.send_error(ErrorCode::BadRequest, msg);
-            return false;
-        }
-        match SecureChannel::accept(&mut &self.stream, key, init) {
-            Ok(channel) => {
-                self.channel = Some(channel);
-                true
-            }
-            Err(e) => {
-                shared.failed(peer, "handshake without the cluster key");
-                tracing::warn!(%peer, error = %e, "refusing connection: the cluster-key handshake failed");
-                self.send_error(
-                    ErrorCode::BadRequest,
-                    "the handshake failed: this memory-server holds another cluster key",
-                );
-                false
-            }
-        }
-    }
-
-    /// Sends one encoded frame (sealed if the connection is).
-    fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
-        match &mut self.channel {
-            Some(channel) => channel.send(&mut &self.stream, frame),
-            None => (&self.stream).write_all(frame),
-        }
-    }
-
-    fn send_error(&mut self, code: ErrorCode, message: &str) {
-        let mut out = Vec::new();
-        control::encode_response(&mut out, &ControlResponse::Error { code, message: message.into() });
-        let _ = self.send(&out);
-    }
-
-    /// Receives one frame (of at most `max_body` bytes) that must arrive complete within `within`.
-    fn recv(&mut self, body: &mut Vec<u8>, max_body: u32, within: Duration) -> Result<Header, ReadFrameError> {
-        match &mut self.channel {
-            Some(channel) => channel.recv(&mut crate::deadline::reader(&self.stream, within), body),
-            None => read_frame_by(&self.stream, body, max_body, within),
         }
     }
 }

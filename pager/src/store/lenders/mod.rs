@@ -35,13 +35,13 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use rdma::client::{ClientError, ClientOptions, ControlClient};
-use rdma::control::SessionOutcome;
 use rdma::{EndpointOptions, ProviderKind};
 
 use super::{LenderInfo, PageIo, PageStore, Slot, TRAILER_LEN};
 use crate::{PagerError, PAGE_SIZE};
 
 mod io;
+mod revive;
 
 const SLOT_PAGE_BITS: u32 = 20;
 const MAX_SLABS: usize = 1 << (32 - SLOT_PAGE_BITS);
@@ -258,53 +258,6 @@ impl LenderStore {
     /// Times lender `i` came back (threads reconnect their endpoints when this moves).
     fn revivals(&self, i: usize) -> u64 {
         self.lenders.get(i).map_or(0, |s| s.revivals.load(Ordering::Acquire))
-    }
-
-    /// Tries a failed lender again (at most every [`REVIVE_INTERVAL`]): resumes its session if it
-    /// is still there, else opens a new one (its old copies are then gone).
-    fn revive(&self, i: usize) {
-        let s = &self.lenders[i];
-        {
-            let mut last = lock(&s.last_attempt);
-            if last.is_some_and(|t| t.elapsed() < REVIVE_INTERVAL) {
-                return;
-            }
-            *last = Some(Instant::now());
-        }
-        let (client_id, proof) = {
-            let c = lock(&s.control);
-            (c.client_id(), c.proof())
-        };
-        let options = ClientOptions {
-            client_id: Some(client_id),
-            resume: Some(proof),
-            timeout: control_timeout(self.min_lease()).min(REVIVE_INTERVAL),
-            ..self.client_options.clone()
-        };
-        let Ok(mut control) = ControlClient::connect(s.addr, &options) else { return };
-        if control.set_timeout(control_timeout(control.session().lease)).is_err() {
-            return;
-        }
-        let resumed = control.session().outcome == SessionOutcome::Resumed;
-        if !resumed {
-            let mut slots = lock(&s.slots);
-            slots.free.clear();
-            slots.bump = None;
-            s.generation.fetch_add(1, Ordering::AcqRel);
-            s.pages.store(0, Ordering::Relaxed);
-        }
-        *lock(&s.control) = control;
-        s.full.store(false, Ordering::Release);
-        s.revivals.fetch_add(1, Ordering::AcqRel);
-        s.alive.store(true, Ordering::Release);
-        if resumed {
-            tracing::warn!(server = %s.addr, "memory-server is back with our session: its copies are used again");
-        } else {
-            tracing::warn!(
-                server = %s.addr,
-                "memory-server is back with a new session: its old copies are gone; new pages go to it again"
-            );
-        }
     }
 
     /// Marks a lender failed; its pages can no longer be fetched.
