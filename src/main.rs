@@ -47,18 +47,8 @@ enum Command {
         /// Do not print statistics on exit.
         #[arg(long)]
         quiet: bool,
-        /// Trust the lenders with plaintext pages (faster; by default every page is sealed:
-        /// encrypted and authenticated before it leaves this machine).
-        #[arg(long)]
-        trusted_lenders: bool,
-        /// The cluster key file (`coalesce keygen`), for lenders that require one; an embedded
-        /// lender then requires it too.
-        #[arg(long)]
-        key_file: Option<PathBuf>,
-        /// Copies of each page on distinct lenders: none or replicate:N (default: replicate:2 with
-        /// two or more --servers, else none).
-        #[arg(long)]
-        redundancy: Option<coalesce_pager::store::Redundancy>,
+        #[command(flatten)]
+        lenders: LenderChoices,
         /// The program and its arguments (after --).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
         command: Vec<std::ffi::OsString>,
@@ -155,18 +145,8 @@ enum Command {
         /// verification (40 bytes each; 0: off).
         #[arg(long, default_value_t = 0)]
         history: usize,
-        /// Trust the lenders with plaintext pages (faster; by default every page is sealed:
-        /// encrypted and authenticated before it leaves this machine).
-        #[arg(long)]
-        trusted_lenders: bool,
-        /// The cluster key file (`coalesce keygen`), for lenders that require one; an embedded
-        /// lender then requires it too.
-        #[arg(long)]
-        key_file: Option<PathBuf>,
-        /// Copies of each page on distinct lenders: none or replicate:N (default: replicate:2 with
-        /// two or more --servers, else none).
-        #[arg(long)]
-        redundancy: Option<coalesce_pager::store::Redundancy>,
+        #[command(flatten)]
+        lenders: LenderChoices,
     },
     /// The contended stress harness: application threads fill a region bigger than the local
     /// budget, then check and rewrite whole pages at random and in sequential runs, with CPU hogs
@@ -213,18 +193,8 @@ enum Command {
         /// checked page, racing that fault's prefetch window.
         #[arg(long, default_value_t = 10)]
         discards: u32,
-        /// Trust the lenders with plaintext pages (faster; by default every page is sealed:
-        /// encrypted and authenticated before it leaves this machine).
-        #[arg(long)]
-        trusted_lenders: bool,
-        /// The cluster key file (`coalesce keygen`), for lenders that require one; an embedded
-        /// lender then requires it too.
-        #[arg(long)]
-        key_file: Option<PathBuf>,
-        /// Copies of each page on distinct lenders: none or replicate:N (default: replicate:2 with
-        /// two or more --servers, else none).
-        #[arg(long)]
-        redundancy: Option<coalesce_pager::store::Redundancy>,
+        #[command(flatten)]
+        lenders: LenderChoices,
     },
     /// Make a cluster key: 32 random bytes as 64 hex digits in FILE (mode 600; an existing file is
     /// never overwritten). Give the same file to every lender (`memory-server --key-file`) and
@@ -262,6 +232,23 @@ enum Command {
     },
 }
 
+/// How a borrowing command treats its lenders (shared by `run`, `demo` and `stress`).
+#[derive(Debug, clap::Args)]
+struct LenderChoices {
+    /// Trust the lenders with plaintext pages (faster; by default every page is sealed:
+    /// encrypted and authenticated before it leaves this machine).
+    #[arg(long)]
+    trusted_lenders: bool,
+    /// The cluster key file (`coalesce keygen`), for lenders that require one; an embedded
+    /// lender then requires it too.
+    #[arg(long)]
+    key_file: Option<PathBuf>,
+    /// Copies of each page on distinct lenders: none or replicate:N (default: replicate:2 with
+    /// two or more --servers, else none).
+    #[arg(long)]
+    redundancy: Option<coalesce_pager::store::Redundancy>,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     coalesce::init_logging("warn");
@@ -273,9 +260,7 @@ fn main() -> ExitCode {
             heap_size,
             provider,
             quiet,
-            trusted_lenders,
-            key_file,
-            redundancy,
+            lenders: LenderChoices { trusted_lenders, key_file, redundancy },
             command,
         } => {
             let opts = run::RunOptions {
@@ -366,9 +351,7 @@ fn main() -> ExitCode {
             fault_threads,
             prefetch_window,
             history,
-            trusted_lenders,
-            key_file,
-            redundancy,
+            lenders: LenderChoices { trusted_lenders, key_file, redundancy },
         } => {
             let key = match load_key(key_file.as_deref()) {
                 Ok(k) => k,
@@ -429,9 +412,7 @@ fn main() -> ExitCode {
             history,
             prefetch_window,
             discards,
-            trusted_lenders,
-            key_file,
-            redundancy,
+            lenders: LenderChoices { trusted_lenders, key_file, redundancy },
         } => {
             let key = match load_key(key_file.as_deref()) {
                 Ok(k) => k,
