@@ -19,6 +19,8 @@ pub struct DemoOptions {
     pub size: usize,
     /// Local budget in bytes.
     pub local: usize,
+    /// How far past the budget pages may stay local when no lender takes them.
+    pub local_max: coalesce_pager::LocalMax,
     /// Servers; empty starts an embedded one on 127.0.0.1.
     pub servers: Vec<SocketAddr>,
     /// Data-path provider.
@@ -132,6 +134,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
         None => opts.servers.clone(),
     };
     let mut config = PagerConfig::new(servers, opts.local);
+    config.local_max = opts.local_max;
     config.provider = opts.provider;
     config.device = opts.device.clone();
     config.link = opts.link.clone();

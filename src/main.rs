@@ -38,6 +38,10 @@ enum Command {
         /// Local memory budget of the program's heap.
         #[arg(long, default_value = "256MiB")]
         local: ByteSize,
+        /// When no lender can take a page (all full or down), pages stay local past the budget up
+        /// to this size and no further (a size, `default`: twice the budget, or `unlimited`).
+        #[arg(long, default_value = "default")]
+        local_max: coalesce_pager::LocalMax,
         /// Heap size limit (allocations beyond it fail with ENOMEM).
         #[arg(long, default_value = "16GiB")]
         heap_size: ByteSize,
@@ -110,6 +114,10 @@ enum Command {
         /// Local memory budget.
         #[arg(long, default_value = "128MiB")]
         local: ByteSize,
+        /// When no lender can take a page (all full or down), pages stay local past the budget up
+        /// to this size and no further (a size, `default`: twice the budget, or `unlimited`).
+        #[arg(long, default_value = "default")]
+        local_max: coalesce_pager::LocalMax,
         /// memory-servers to use, comma-separated (default: an embedded one on loopback).
         #[arg(long, value_delimiter = ',')]
         servers: Vec<SocketAddr>,
@@ -257,6 +265,7 @@ fn main() -> ExitCode {
             servers,
             embedded_server,
             local,
+            local_max,
             heap_size,
             provider,
             quiet,
@@ -269,6 +278,7 @@ fn main() -> ExitCode {
                 servers,
                 embedded_server,
                 local: local.as_u64(),
+                local_max,
                 heap_size: heap_size.as_u64(),
                 provider,
                 stats: !quiet,
@@ -340,6 +350,7 @@ fn main() -> ExitCode {
         Command::Demo {
             size,
             local,
+            local_max,
             servers,
             provider,
             device,
@@ -364,6 +375,7 @@ fn main() -> ExitCode {
             let mut opts = DemoOptions {
                 size,
                 local,
+                local_max,
                 servers,
                 provider,
                 device,

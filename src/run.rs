@@ -21,6 +21,8 @@ pub struct RunOptions {
     pub embedded_server: bool,
     /// Local budget in bytes.
     pub local: u64,
+    /// How far past the budget the heap may stay local when no lender takes pages.
+    pub local_max: coalesce_pager::LocalMax,
     /// Heap size limit in bytes.
     pub heap_size: u64,
     /// Data-path provider.
@@ -130,6 +132,7 @@ pub fn run(opts: &RunOptions) -> Result<RunOutcome, RunError> {
         cmd.env("COALESCE_SERVERS", list.join(","));
     }
     cmd.env("COALESCE_LOCAL", opts.local.to_string())
+        .env("COALESCE_LOCAL_MAX", opts.local_max.to_string())
         .env("COALESCE_HEAP_SIZE", opts.heap_size.to_string())
         .env("COALESCE_PROVIDER", opts.provider.to_string())
         .env("COALESCE_TRUSTED_LENDERS", if opts.trusted_lenders { "1" } else { "0" });

@@ -119,6 +119,7 @@ impl Evictor {
             while !shared.shutdown.load(Ordering::Acquire) && !shared.budget.is_held() {
                 let resident = shared.budget.resident();
                 if resident <= low {
+                    shared.budget.back_within();
                     break;
                 }
                 let (evicted, no_room) = self.evict_batch((resident - low).min(BATCH));
@@ -129,10 +130,13 @@ impl Evictor {
                     continue;
                 }
                 if no_room {
-                    if !shared.budget.set_stuck(true) {
+                    if shared.budget.set_stuck(true) {
                         tracing::warn!(
+                            budget_pages = shared.budget.limit(),
+                            local_max_pages = shared.budget.max(),
                             "cannot evict: no memory-server can take more pages (all full or down), or pages \
-                             stay busy (pinned, or shared and not unsharable); keeping them local beyond the budget"
+                             stay busy (pinned, or shared and not unsharable); keeping them local beyond the \
+                             budget, up to the local maximum"
                         );
                     }
                     break;

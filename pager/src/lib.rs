@@ -37,7 +37,9 @@
 //! Budget and slack: an install first reserves room (`resident + n <= budget`), so the pages the
 //! pager has mapped never exceed the budget. The only exception is when no server can take a dirty
 //! page (all full or down): the pager then keeps it local (best effort, as the coalescent model
-//! asks) and counts an over-budget event. Fixed overhead beside the budget: the staging buffers
+//! asks) and counts an over-budget event, up to the local maximum ([`LocalMax`]) and no further:
+//! there [`Pager::may_allocate`] says no and an access that needs another local page waits up to
+//! the fetch timeout, then gets SIGBUS. Fixed overhead beside the budget: the staging buffers
 //! (`(1 + prefetch_window)` pages per handler thread, 64 pages for the evictor) and the metadata
 //! (12 bytes per page of every region: its 8-byte entry and a 4-byte write-out version).
 //!
@@ -67,9 +69,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use rdma::{EndpointOptions, LinkProfile, ProviderKind};
+use rdma::EndpointOptions;
 
 mod budget;
+mod config;
 mod entry;
 mod evict;
 mod fault;
@@ -90,6 +93,7 @@ mod sync;
 mod table;
 mod uffd;
 
+pub use config::{LocalMax, PagerConfig, MAX_FETCH_TIMEOUT};
 pub use entry::{Entry as PageEntry, PageState};
 pub use region::{FailureHandler, FetchFailure, Region, RegionOptions, RemoteVec};
 pub use stats::{ExitReport, PagerStats};
@@ -97,9 +101,6 @@ pub use uffd::OpenError as UserfaultfdError;
 
 /// The page size the pager works in.
 pub const PAGE_SIZE: usize = 4096;
-
-/// The longest fetch timeout accepted (a longer one is a typo, and deadlines must not overflow).
-pub const MAX_FETCH_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// Pager errors; each message says what to do.
 #[derive(Debug, thiserror::Error)]
@@ -142,104 +143,15 @@ pub enum PagerError {
     Buffer(rdma::TransportError),
 }
 
-/// Pager settings.
-#[derive(Debug, Clone)]
-pub struct PagerConfig {
-    /// Memory servers; pages are spread over all of them.
-    pub servers: Vec<SocketAddr>,
-    /// Data-path provider.
-    pub provider: ProviderKind,
-    /// RDMA device of the verbs provider (`None`: the first one).
-    pub device: Option<String>,
-    /// Local memory budget in bytes (resident pages of all regions together).
-    pub local_budget: usize,
-    /// Fault-handling threads.
-    pub fault_threads: usize,
-    /// Prefetch along detected trends.
-    pub prefetch: bool,
-    /// Pages fetched ahead along a trend, in the same request as the faulting page (1..=256).
-    pub prefetch_window: usize,
-    /// A fetch not completed within this time fails (the access gets SIGBUS).
-    pub fetch_timeout: Duration,
-    /// How long an idle handler thread busy-polls before it sleeps in the kernel.
-    pub spin: Duration,
-    /// Link emulation on every data connection.
-    pub link: LinkProfile,
-    /// Client id presented to servers (`None`, the default: a fresh one from the OS CSPRNG for
-    /// every lender).
-    pub client_id: Option<u64>,
-    /// Trust the lenders with plaintext: pages are not sealed (faster; a lender can then read
-    /// every page and change one unnoticed). Default `false`: every page is sealed
-    /// ([`store::SealedStore`]).
-    pub trusted_lenders: bool,
-    /// Copies of each page on distinct lenders (`None`: `replicate:2` from two lenders on, else
-    /// one copy; see [`store::Redundancy`]).
-    pub redundancy: Option<store::Redundancy>,
-    /// The cluster key, for lenders that require one (`coalesce keygen`): connections
-    /// authenticate with it and control traffic is encrypted.
-    pub key: Option<rdma::secure::ClusterKey>,
-    /// Keep a history of this many page-table transitions (0: none, the default). For finding
-    /// races: see [`history`] and `coalesce stress`.
-    pub history: usize,
-    /// Called first thing on every thread the pager starts (the LD_PRELOAD allocator uses it to
-    /// route those threads' allocations away from the heap the pager serves).
-    pub thread_start: Option<fn()>,
-}
-
-impl PagerConfig {
-    /// Defaults for `servers` and a budget: one fault thread, prefetch on with a 64-page window,
-    /// 5 s fetch timeout, 50 us spin, shim provider, no link emulation.
-    pub fn new(servers: Vec<SocketAddr>, local_budget: usize) -> Self {
-        Self {
-            servers,
-            provider: ProviderKind::Shim,
-            device: None,
-            local_budget,
-            fault_threads: 1,
-            prefetch: true,
-            prefetch_window: 64,
-            fetch_timeout: Duration::from_secs(5),
-            spin: Duration::from_micros(50),
-            link: LinkProfile::loopback(),
-            client_id: None,
-            trusted_lenders: false,
-            redundancy: None,
-            key: None,
-            history: 0,
-            thread_start: None,
-        }
-    }
-
-    fn validate(&self) -> Result<(), PagerError> {
-        if self.local_budget < 16 * PAGE_SIZE {
-            return Err(PagerError::Config(format!(
-                "local budget {} bytes is below the minimum of 16 pages (64 KiB)",
-                self.local_budget
-            )));
-        }
-        if self.fault_threads == 0 || self.fault_threads > 64 {
-            return Err(PagerError::Config("fault_threads must be between 1 and 64".into()));
-        }
-        if self.prefetch_window == 0 || self.prefetch_window > 256 {
-            return Err(PagerError::Config("prefetch_window must be between 1 and 256 pages".into()));
-        }
-        if self.history > 1 << 24 {
-            return Err(PagerError::Config(format!(
-                "history of {} records is above the maximum of 16,777,216 (40 bytes each)",
-                self.history
-            )));
-        }
-        if self.fetch_timeout.is_zero() || self.fetch_timeout > MAX_FETCH_TIMEOUT {
-            return Err(PagerError::Config(format!(
-                "fetch timeout {:?} is out of range: it must be positive and at most 1 hour",
-                self.fetch_timeout
-            )));
-        }
-        if self.spin > Duration::from_secs(1) {
-            return Err(PagerError::Config(format!("spin {:?} is above the maximum of 1 s", self.spin)));
-        }
-        Ok(())
-    }
+/// What [`Shared::try_reserve`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reservation {
+    /// Room reserved.
+    Made,
+    /// No room yet: call again.
+    Wait,
+    /// The local maximum has no room and none was made within the fetch timeout.
+    Refused,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -284,30 +196,72 @@ impl Shared {
     }
 
     /// Tries to reserve room for `n` more resident pages; on failure kicks the evictor and waits
-    /// up to a millisecond for room. Once the caller has been waiting (`waited`) for 2 s, or when
-    /// the evictor is stuck (no server can take a dirty page), reserves anyway and counts an
-    /// over-budget event. While the budget is held (around `fork`), reserves without counting.
-    pub(crate) fn try_reserve(&self, n: usize, waited: Duration) -> bool {
+    /// up to a millisecond for room ([`Reservation::Wait`]: call again). Once the caller has been
+    /// waiting (`waited`) for 2 s, or when the evictor is stuck (no lender can take a dirty page),
+    /// reserves past the budget, up to the local maximum, counting an over-budget event. At the
+    /// maximum, when no lender takes pages, it keeps waiting for room until `waited` reaches the
+    /// fetch timeout, then refuses.
+    /// While the budget is held (around `fork`) or the pager shuts down, reserves without bound.
+    pub(crate) fn try_reserve(&self, n: usize, waited: Duration) -> Reservation {
         if self.budget.take(n) {
             self.kick_if_low();
-            return true;
+            return Reservation::Made;
         }
-        if self.budget.is_held() {
-            self.budget.take_anyway(n, false);
-            return true;
+        if self.budget.is_held() || self.shutdown.load(Ordering::Acquire) {
+            self.budget.take_held(n);
+            return Reservation::Made;
         }
         let too_long = waited > Duration::from_secs(2);
-        if self.budget.is_stuck() || self.shutdown.load(Ordering::Acquire) || too_long {
-            self.budget.take_anyway(n, true);
-            if too_long {
-                tracing::warn!("the evictor made no room for 2 s; exceeding the local budget");
+        if self.budget.is_stuck() || too_long {
+            if self.budget.take_over(n) {
+                if too_long {
+                    tracing::warn!("the evictor made no room for 2 s; exceeding the local budget");
+                }
+                self.kick_if_low();
+                return Reservation::Made;
             }
-            self.kick_if_low();
-            return true;
+            // At the maximum. Refused only when no lender takes pages: past the maximum after a
+            // hold (`fork`), the evictor is making room and the fault waits for it.
+            if self.budget.stuck_lately() {
+                if waited >= self.config.fetch_timeout {
+                    self.budget.refused();
+                    return Reservation::Refused;
+                }
+                self.report_at_max();
+            }
         }
         self.queue.kick();
         self.budget.wait_for_room(Duration::from_millis(1));
+        Reservation::Wait
+    }
+
+    /// True if `bytes` more of resident memory may be promised now. False only when the evictor
+    /// found no lender to take a page since the resident set was last within the budget, and the
+    /// bytes, plus the evictor's headroom (for allocator metadata and prefetch windows), would
+    /// take the resident set past the local maximum. Counts a refusal.
+    pub(crate) fn may_grow(&self, bytes: usize) -> bool {
+        let b = &self.budget;
+        if !b.stuck_lately() || b.is_held() || !b.would_pass_max(bytes.div_ceil(PAGE_SIZE).saturating_add(b.headroom()))
+        {
+            return true;
+        }
+        b.refused();
+        self.report_at_max();
         false
+    }
+
+    /// Says once per episode over the budget that the local maximum was reached.
+    fn report_at_max(&self) {
+        if self.budget.first_at_max() {
+            tracing::error!(
+                local_max_pages = self.budget.max(),
+                budget_pages = self.budget.limit(),
+                "local memory is at its maximum (--local-max, COALESCE_LOCAL_MAX) and no lender can take a page: \
+                 allocations fail with ENOMEM, and accesses that need another local page wait up to the fetch \
+                 timeout ({:?}), then fail with SIGBUS",
+                self.config.fetch_timeout
+            );
+        }
     }
 
     fn kick_if_low(&self) {
@@ -335,6 +289,8 @@ impl Shared {
         s.resident_pages = self.budget.resident() as u64;
         s.peak_resident_pages = self.budget.peak();
         s.overshoot_events = self.budget.overshoots();
+        s.local_max_pages = self.budget.max() as u64;
+        s.local_max_refusals = self.budget.refusals();
         s.budget_pages = self.budget.limit() as u64;
         s.remote_pages = self.store.remote_pages();
         s.sealed = self.store.seals_pages();
@@ -407,7 +363,8 @@ impl Pager {
     fn start(config: PagerConfig, store: Arc<dyn store::PageStore>, uffd: uffd::Uffd) -> Result<Self, PagerError> {
         let limit = config.local_budget / PAGE_SIZE;
         let window = config.prefetch_window.min(limit / 8).max(1);
-        let budget = budget::Budget::new(limit, budget::Budget::headroom_for(limit, 1 + window, config.fault_threads));
+        let headroom = budget::Budget::headroom_for(limit, 1 + window, config.fault_threads);
+        let budget = budget::Budget::new(limit, headroom, config.local_max.pages(limit));
         let shared = Arc::new(Shared {
             uffd,
             store,
@@ -474,6 +431,15 @@ impl Pager {
     pub fn hold_resident(&self, hold: bool) {
         self.shared.budget.set_held(hold);
         self.shared.queue.kick();
+    }
+
+    /// True if an allocation of `bytes` may be served now. False only when no lender can take a
+    /// page (the evictor is stuck) and the allocation would take the resident set past the local
+    /// maximum ([`PagerConfig::local_max`]): an allocator should then fail it (`ENOMEM`) rather
+    /// than hand out memory whose first touch would have to fail. Counted in
+    /// [`PagerStats::local_max_refusals`].
+    pub fn may_allocate(&self, bytes: usize) -> bool {
+        self.shared.may_grow(bytes)
     }
 
     /// Test hook, not for production: while `true`, the evictor drops dirty pages as if they

@@ -64,7 +64,7 @@ fn loom_remove_marks_survive_a_concurrent_unlock() {
 #[test]
 fn loom_reservations_never_exceed_the_budget() {
     loom::model(|| {
-        let b = Arc::new(Budget::new(3, 1));
+        let b = Arc::new(Budget::new(3, 1, 3));
         let handles: Vec<_> = (0..2)
             .map(|_| {
                 let b = Arc::clone(&b);

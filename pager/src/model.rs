@@ -1,7 +1,7 @@
 //! An exhaustive model check of the page state machine: one page, one application thread that
 //! writes and reads it, two fault-handling threads and the evictor, every interleaving of their
 //! atomic steps (page-table compare-and-swaps and userfaultfd ioctls) explored by depth-first
-//! search. The steps mirror `fault.rs` and `evict.rs` and change the entry with the same
+//! search. The steps mirror `fault/` and `evict.rs` and change the entry with the same
 //! [`Entry`] transitions; the checked property is the pager's
 //! promise: every read returns the last value written, or the access gets SIGBUS. A stale fault
 //! event (the application re-faulting after a wake) is part of the model.

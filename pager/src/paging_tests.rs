@@ -59,6 +59,29 @@ fn kernel_read(addr: *const u8) -> std::io::Result<()> {
     result
 }
 
+/// Writes one page of `byte` at `addr` from the kernel (a `read` from a pipe into it), so that a
+/// page that cannot be made resident gives `EFAULT` instead of killing the test with SIGBUS.
+fn kernel_write(addr: *mut u8, byte: u8) -> std::io::Result<()> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe(2) writes two descriptors into the two-element array.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let page = [byte; PAGE_SIZE];
+    // SAFETY: writes a whole local page into the pipe (its buffer holds 16 pages), then reads it
+    // into the page at `addr` of a live region; a page the pager fails is reported as EFAULT.
+    let rc = unsafe {
+        libc::write(fds[1], page.as_ptr().cast(), PAGE_SIZE);
+        libc::read(fds[0], addr.cast(), PAGE_SIZE)
+    };
+    let result = if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) };
+    for fd in fds {
+        // SAFETY: closes the descriptors pipe(2) just made.
+        unsafe { libc::close(fd) };
+    }
+    result
+}
+
 #[test]
 fn first_touch_is_a_zero_page_and_needs_no_store() {
     let store = Arc::new(MemoryStore::new(1 << 16));
@@ -143,13 +166,38 @@ fn a_failed_write_back_puts_the_page_back_and_loses_nothing() {
 #[test]
 fn with_no_room_anywhere_dirty_pages_stay_local_over_the_budget() {
     let store = Arc::new(MemoryStore::new(0));
-    let pager = pager(64, &store);
+    let mut config = PagerConfig::new(Vec::new(), 64 * PAGE_SIZE);
+    config.local_max = crate::LocalMax::Unlimited;
+    let pager = Pager::with_store(config, Arc::clone(&store) as Arc<dyn PageStore>).expect("pager");
     let mut region = pager.map(256 * PAGE_SIZE, RegionOptions::default()).expect("map");
     fill(&mut region, 0..256, 1);
     assert_eq!(first_wrong(&region, 0..256, 1), None);
     let stats = pager.stats();
     assert!(stats.overshoot_events > 0 && stats.peak_resident_pages > stats.budget_pages, "{stats}");
     assert_eq!((stats.remote_pages, store.pages_written()), (0, 0));
+}
+
+#[test]
+fn with_no_room_anywhere_the_local_maximum_holds_and_the_access_past_it_fails() {
+    let store = Arc::new(MemoryStore::new(0));
+    let mut config = PagerConfig::new(Vec::new(), 64 * PAGE_SIZE);
+    config.local_max = crate::LocalMax::Bytes(96 * PAGE_SIZE);
+    config.fetch_timeout = std::time::Duration::from_millis(200);
+    let pager = Pager::with_store(config, Arc::clone(&store) as Arc<dyn PageStore>).expect("pager");
+    let mut region = pager.map(256 * PAGE_SIZE, RegionOptions::default()).expect("map");
+    assert!(pager.may_allocate(200 * PAGE_SIZE), "nothing presses on the budget yet");
+    fill(&mut region, 0..80, 1);
+    let base = region.as_ptr();
+    let failed = (80..256).find(|&p| kernel_write(base.wrapping_add(p * PAGE_SIZE), 7).is_err());
+    let stats = pager.stats();
+    let failed = failed.unwrap_or_else(|| panic!("every page was made resident past the maximum\n{stats}"));
+    assert!((90..=96).contains(&failed), "failed at page {failed}\n{stats}");
+    assert_eq!(stats.local_max_pages, 96);
+    assert!(stats.peak_resident_pages <= 96 && stats.local_max_refusals >= 1, "{stats}");
+    assert!(!pager.may_allocate(16 * PAGE_SIZE), "an allocation past the maximum is refused");
+    assert_eq!(first_wrong(&region, 0..80, 1), None, "the pages kept local are intact");
+    let words: &[u64] = bytemuck::cast_slice(region.as_slice());
+    assert!((80..failed).all(|p| words[p * WORDS] == 0x0707_0707_0707_0707));
 }
 
 #[test]

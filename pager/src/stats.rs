@@ -162,6 +162,12 @@ pub struct PagerStats {
     /// Times the budget was exceeded: no server could take a dirty page, or the evictor made no
     /// room for 2 s.
     pub overshoot_events: u64,
+    /// The local maximum in pages (see `PagerConfig::local_max`; `u64::MAX`: unlimited).
+    #[serde(default)]
+    pub local_max_pages: u64,
+    /// Accesses failed (SIGBUS) and allocations refused (ENOMEM) at the local maximum.
+    #[serde(default)]
+    pub local_max_refusals: u64,
     /// Pages the evictor had to unshare (copy-on-write shared with a forked child) before it
     /// could evict them; each was then written back as dirty.
     pub unshared_pages: u64,
@@ -236,6 +242,13 @@ impl fmt::Display for PagerStats {
             "resident: {} pages now, peak {} of a {}-page budget; {} over-budget events",
             self.resident_pages, self.peak_resident_pages, self.budget_pages, self.overshoot_events
         )?;
+        if self.local_max_refusals > 0 {
+            writeln!(
+                f,
+                "local maximum: {} pages; {} accesses or allocations refused there",
+                self.local_max_pages, self.local_max_refusals
+            )?;
+        }
         writeln!(
             f,
             "remote fault service time: p50 {:.1} us, p99 {:.1} us, max {:.1} us",

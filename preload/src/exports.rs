@@ -15,6 +15,7 @@ use std::ffi::{c_int, c_void};
 use libmimalloc_sys as mi;
 
 use crate::heap::{app_heap, glibc, is_app_block, is_internal_thread};
+use crate::setup::may_allocate;
 
 const PAGE: usize = 4096;
 
@@ -23,11 +24,13 @@ fn set_errno(e: c_int) {
     unsafe { *libc::__errno_location() = e };
 }
 
-/// Allocates from the calling thread's heap: glibc on internal threads, else the thread's
-/// mimalloc heap in the pager region (mimalloc's default heap before set-up or without a pager).
-/// Sets `ENOMEM` on failure.
+/// Allocates `size` bytes from the calling thread's heap: glibc on internal threads, else the
+/// thread's mimalloc heap in the pager region (mimalloc's default heap before set-up or without a
+/// pager). Sets `ENOMEM` on failure, and fails when the pager is at its local maximum with no
+/// lender to take pages (`may_allocate`).
 #[inline]
 fn allocate(
+    size: usize,
     internal: impl FnOnce() -> *mut c_void,
     default: impl FnOnce() -> *mut c_void,
     in_heap: impl FnOnce(*mut mi::mi_heap_t) -> *mut c_void,
@@ -38,8 +41,10 @@ fn allocate(
         let h = app_heap();
         if h.is_null() {
             default()
-        } else {
+        } else if may_allocate(size) {
             in_heap(h)
+        } else {
+            std::ptr::null_mut()
         }
     };
     if p.is_null() {
@@ -51,6 +56,7 @@ fn allocate(
 #[inline]
 unsafe fn alloc(size: usize) -> *mut c_void {
     allocate(
+        size,
         // SAFETY: a plain allocation call; the arguments are the caller's, checked by it.
         || unsafe { glibc::__libc_malloc(size) },
         // SAFETY: a plain allocation call; the arguments are the caller's, checked by it.
@@ -64,6 +70,7 @@ unsafe fn alloc(size: usize) -> *mut c_void {
 unsafe fn alloc_aligned(align: usize, size: usize) -> *mut c_void {
     // `align` is a power of two (checked by callers).
     allocate(
+        size,
         // SAFETY: a plain allocation call; the arguments are the caller's, checked by it.
         || unsafe { glibc::__libc_memalign(align, size) },
         // SAFETY: a plain allocation call; the arguments are the caller's, checked by it.
@@ -113,6 +120,7 @@ pub unsafe extern "C" fn calloc(n: usize, size: usize) -> *mut c_void {
     };
     // Both allocators return zeroed memory.
     allocate(
+        total,
         // SAFETY: a plain allocation call; the arguments are the caller's, checked by it.
         || unsafe { glibc::__libc_calloc(n, size) },
         // SAFETY: a plain allocation call; the arguments are the caller's, checked by it.
@@ -153,8 +161,10 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
             let h = app_heap();
             if h.is_null() {
                 mi::mi_realloc(p, size)
-            } else {
+            } else if may_allocate(size.saturating_sub(mi::mi_usable_size(p))) {
                 mi::mi_heap_realloc(h, p, size)
+            } else {
+                std::ptr::null_mut()
             }
         }
     };

@@ -16,6 +16,7 @@
 //! |---|---|---|
 //! | `COALESCE_SERVERS` | unset | memory servers, `HOST:PORT[,HOST:PORT...]`. Unset or empty: no pager at all; the program runs on plain local memory with mimalloc as its allocator |
 //! | `COALESCE_LOCAL` | `256MiB` | local memory budget of the heap |
+//! | `COALESCE_LOCAL_MAX` | twice `COALESCE_LOCAL` | when no lender can take a page (all full or down), the heap stays local past its budget up to this size (or `unlimited`); there, `malloc` fails with `ENOMEM` and an access that needs another local page waits up to the fetch timeout, then gets SIGBUS |
 //! | `COALESCE_HEAP_SIZE` | `16GiB` | heap size limit (address space reserved; allocations beyond it fail with `ENOMEM`). Costs 12 bytes of pager metadata per 4 KiB page of it |
 //! | `COALESCE_PROVIDER` | `shim` | data path: `shim` or `verbs` (the library must be built with `--features coalesce-rdma/verbs`) |
 //! | `COALESCE_DEVICE` | first | RDMA device of the verbs provider, e.g. `rxe0` |

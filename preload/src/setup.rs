@@ -23,6 +23,7 @@ static OWNER_PID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::n
 struct Settings {
     servers: Vec<SocketAddr>,
     local: usize,
+    local_max: coalesce_pager::LocalMax,
     heap_size: usize,
     provider: rdma::ProviderKind,
     device: Option<String>,
@@ -104,6 +105,10 @@ fn settings() -> Result<Option<Settings>, String> {
     Ok(Some(Settings {
         servers,
         local: size("COALESCE_LOCAL", "256MiB")?,
+        local_max: match var("COALESCE_LOCAL_MAX") {
+            Some(m) => m.parse().map_err(|e| format!("COALESCE_LOCAL_MAX: {e}"))?,
+            None => coalesce_pager::LocalMax::Default,
+        },
         heap_size: size("COALESCE_HEAP_SIZE", "16GiB")?,
         provider,
         device: var("COALESCE_DEVICE"),
@@ -149,6 +154,7 @@ pub extern "C" fn init() {
     resolve_glibc_usable_size();
     init_logging(&settings.log);
     let mut config = PagerConfig::new(settings.servers.clone(), settings.local);
+    config.local_max = settings.local_max;
     config.provider = settings.provider;
     config.device = settings.device.clone();
     config.fetch_timeout = settings.fetch_timeout;
@@ -266,6 +272,13 @@ fn pager() -> Option<&'static Pager> {
     let p = PAGER.load(Ordering::Acquire);
     // SAFETY: the pager was leaked and is never freed.
     (!p.is_null()).then(|| unsafe { &*p })
+}
+
+/// False when the pager says an allocation of `size` bytes would take the heap past its local
+/// maximum while no lender takes pages (`COALESCE_LOCAL_MAX`): the allocation then fails with
+/// `ENOMEM`. Allocates nothing.
+pub fn may_allocate(size: usize) -> bool {
+    pager().is_none_or(|p| p.may_allocate(size))
 }
 
 fn region() -> Option<&'static Region<'static>> {

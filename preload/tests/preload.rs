@@ -180,6 +180,27 @@ fn allocator_purges_become_discards() {
 }
 
 #[test]
+fn a_full_lender_never_lets_the_heap_exceed_local_max_and_malloc_fails_with_enomem() {
+    let mut config = lender::ServerConfig::embedded(16 * MIB);
+    config.capacity = 16 * MIB;
+    config.slab_size = MIB;
+    let server = lender::start(config).unwrap();
+    let mut c = cmd(probe(), &["until-enomem", "512"]);
+    c.env("COALESCE_LOCAL_MAX", "64MiB");
+    let out = run(c, Some((&server, 32 * MIB)), b"");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status, 0, "{stdout}\n{}", out.stderr);
+    assert!(stdout.contains("refused: true"), "malloc never failed: {stdout}");
+    assert!(out.stderr.contains("local memory is at its maximum"), "not reported: {}", out.stderr);
+    let stats = out.stats.unwrap();
+    eprintln!("{stdout}peak RSS {:.1} MiB\n{stats}", out.max_rss as f64 / MIB as f64);
+    let p = &stats.pager;
+    assert_eq!(p.local_max_pages, 64 * MIB / 4096);
+    assert!(p.peak_resident_pages <= p.local_max_pages && p.local_max_refusals >= 1, "{stats}");
+    assert!(out.max_rss < 64 * MIB + FIXED_OVERHEAD, "peak RSS {} past the maximum", out.max_rss);
+}
+
+#[test]
 fn without_servers_the_program_runs_on_plain_local_memory() {
     let mut cmd = Command::new(probe());
     cmd.arg("threads").env("LD_PRELOAD", library()).env_remove("COALESCE_SERVERS").env("COALESCE_STATS", "stderr");
@@ -197,6 +218,8 @@ fn misconfiguration_prints_one_line_and_exits_125() {
         ("COALESCE_PROVIDER", "carrier-pigeon", "COALESCE_PROVIDER"),
         ("COALESCE_FETCH_TIMEOUT", "1e30", "COALESCE_FETCH_TIMEOUT"),
         ("COALESCE_FETCH_TIMEOUT", "1e19s", "fetch timeout"),
+        ("COALESCE_LOCAL_MAX", "lots", "COALESCE_LOCAL_MAX"),
+        ("COALESCE_LOCAL_MAX", "1MiB", "below the local budget"),
     ] {
         let mut cmd = Command::new(probe());
         cmd.arg("hello").env("LD_PRELOAD", library()).env("COALESCE_SERVERS", "127.0.0.1:7").env(var, value);

@@ -1,6 +1,6 @@
 //! A program that exercises the hazards of an LD_PRELOAD heap: threads allocating and freeing
 //! across threads, read(2) into a paged-out buffer, allocator purges, fork without exec, fork+exec
-//! and posix_spawn. Run it under `libcoalesce.so`; each mode prints `OK <mode>` or exits non-zero.
+//! and posix_spawn, and allocating until `malloc` fails. Run it under `libcoalesce.so`; each mode prints `OK <mode>` or exits non-zero.
 //! It uses only the C allocator (Rust's default global allocator is malloc), so every allocation
 //! goes through the preloaded library.
 
@@ -200,6 +200,52 @@ fn spawn() {
     println!("OK spawn");
 }
 
+/// Allocates 1 MiB blocks (up to `limit_mib`) and writes each, until `malloc` fails with
+/// `ENOMEM`; then checks every block. Prints how far it got. Everything it needs after a refusal
+/// is allocated first.
+fn until_enomem(limit_mib: usize) {
+    let mut blocks: Vec<*mut u8> = Vec::with_capacity(limit_mib);
+    let mut scratch = vec![0u8; MIB];
+    let mut stdout = std::io::stdout().lock();
+    let mut refused = false;
+    for i in 0..limit_mib {
+        // SAFETY: a plain allocation; the block is used only while live, below.
+        let p = unsafe { libc::malloc(MIB) }.cast::<u8>();
+        if p.is_null() {
+            if std::io::Error::last_os_error().raw_os_error() != Some(libc::ENOMEM) {
+                fail("malloc failed without ENOMEM");
+            }
+            refused = true;
+            break;
+        }
+        fill_pattern(i as u64, &mut scratch);
+        // SAFETY: `p` holds MIB writable bytes.
+        unsafe { p.copy_from_nonoverlapping(scratch.as_ptr(), MIB) };
+        blocks.push(p);
+    }
+    for (i, &p) in blocks.iter().enumerate() {
+        fill_pattern(i as u64, &mut scratch);
+        // SAFETY: `p` is a live block of MIB bytes written above.
+        if unsafe { std::slice::from_raw_parts(p, MIB) } != scratch.as_slice() {
+            fail(&format!("block {i} came back changed"));
+        }
+        // SAFETY: a live block from malloc, freed once.
+        unsafe { libc::free(p.cast()) };
+    }
+    writeln!(stdout, "OK until-enomem {} MiB, refused: {refused}", blocks.len()).unwrap();
+}
+
+/// `pattern(seed, buf.len())` written into `buf`, without allocating.
+fn fill_pattern(seed: u64, buf: &mut [u8]) {
+    let mut x = seed | 1;
+    for chunk in buf.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+}
+
 fn main() {
     let mode = std::env::args().nth(1).unwrap_or_default();
     match mode.as_str() {
@@ -210,6 +256,7 @@ fn main() {
         "fork-exec" => fork_exec(),
         "spawn" => spawn(),
         "hello" => println!("OK hello"),
+        "until-enomem" => until_enomem(std::env::args().nth(2).and_then(|n| n.parse().ok()).unwrap_or(1024)),
         other => fail(&format!("unknown mode {other:?}")),
     }
 }

@@ -16,11 +16,17 @@ use rdma::LocalRegion;
 
 use crate::entry::{Entry, PageState};
 use crate::history::Transition;
-use crate::region::{ActiveRegion as RegionState, FetchFailure};
+use crate::region::ActiveRegion as RegionState;
 use crate::stats::Counters;
 use crate::store::{PageIo, PageTransfer, TransferError};
 use crate::uffd::{Event, Scratch, MSG_SIZE};
-use crate::{PagerError, Shared, PAGE_SIZE};
+use crate::{PagerError, Reservation, Shared, PAGE_SIZE};
+
+mod failure;
+mod install;
+
+pub(crate) use failure::{report_violation, POISONED_NOTE};
+use install::Install;
 
 /// One fault-handling thread.
 #[derive(Debug)]
@@ -34,18 +40,6 @@ pub(crate) struct Handler {
     zero: Vec<u8>,
     deferred: VecDeque<Event>,
     outcomes: Vec<Result<(), TransferError>>,
-}
-
-/// What became of a page a handler tried to install.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Install {
-    /// Installed: the caller unlocks it with its new state.
-    Done,
-    /// Not installed (already mapped, or the ioctl failed): the caller unlocks it unchanged.
-    NotDone,
-    /// Not installed because a remove event read meanwhile covers it: the discard was applied
-    /// instead; already unlocked.
-    Discarded,
 }
 
 /// A page taken for one fetch.
@@ -175,17 +169,28 @@ impl Handler {
 
     /// Reserves room for `n` resident pages; while waiting for the evictor, keeps reading events so
     /// that an `madvise` blocking on its remove event (and an eviction blocked on that) can finish.
-    fn reserve(&mut self, n: usize) {
+    /// Reserves room for `n` pages, waiting (and handling events) while the evictor makes room.
+    /// False at the local maximum when no room came within the fetch timeout.
+    fn reserve(&mut self, n: usize) -> bool {
         // The clock is read only once there was no room at the first try.
-        if self.shared.try_reserve(n, Duration::ZERO) {
-            return;
-        }
+        let mut outcome = self.shared.try_reserve(n, Duration::ZERO);
         let start = Instant::now();
-        loop {
+        while outcome == Reservation::Wait {
             self.drain_events();
-            if self.shared.try_reserve(n, start.elapsed()) {
-                return;
-            }
+            outcome = self.shared.try_reserve(n, start.elapsed());
+        }
+        outcome == Reservation::Made
+    }
+
+    /// Reserves room for a fault's `n` pages (the faulting page and its window): all of them, or
+    /// at the local maximum the faulting page alone. Returns how many were reserved (0: none).
+    fn reserve_window(&mut self, n: usize) -> usize {
+        if self.reserve(n) {
+            n
+        } else if n > 1 && self.shared.try_reserve(1, self.shared.config.fetch_timeout) == Reservation::Made {
+            1
+        } else {
+            0
         }
     }
 
@@ -286,20 +291,6 @@ impl Handler {
         }
     }
 
-    /// Poisons a locked, unmapped page whose state breaks an invariant, instead of serving it.
-    fn state_violation(&mut self, region: &RegionState, page: usize, e: Entry, what: &str) {
-        self.report_violation(region, page, e, &format!("{what}; {POISONED_NOTE}"));
-        let addr = region.page_addr(page);
-        region.table.unlock(page, e.poisoned(), Transition::Poisoned);
-        if let Err(err) = self.retry(|h| h.shared.uffd.poison(addr, PAGE_SIZE)) {
-            tracing::error!(error = %err, "UFFDIO_POISON failed; the faulting thread stays blocked");
-        }
-    }
-
-    fn report_violation(&self, region: &RegionState, page: usize, e: Entry, what: &str) {
-        report_violation(&self.shared, region, page, e, what);
-    }
-
     /// First touch of a never-written page: a zero page, no network. Along a trend, the next
     /// never-written pages of the window are installed too (a sequential first-touch stream then
     /// costs one fault per window, not one per page); along a write trend they are installed
@@ -312,7 +303,10 @@ impl Handler {
                 self.lock_window(region, page, stride, |e| e.state() == PageState::Absent && !e.remove_unhandled()),
             );
         }
-        self.reserve(pages.len());
+        match self.reserve_window(pages.len()) {
+            0 => return self.fail_at_max(region, &pages),
+            k => pages.drain(k..).for_each(|(p, e)| region.table.unlock(p, e, Transition::NotInstalled)),
+        }
         let zero = self.zero.as_ptr();
         let wp = !write;
         // The zero buffer holds 1 + window pages, one per page here.
@@ -332,97 +326,6 @@ impl Handler {
         }
         self.shared.unreserve(pages.len() - n);
         Counters::add(&self.shared.stats.zero_faults, n as u64);
-    }
-
-    /// Installs pages (locked by the caller, sorted: the faulting page first, then the window),
-    /// merging runs of consecutive pages with consecutive sources and the same protection into
-    /// one `UFFDIO_COPY`. `EEXIST` (someone mapped the page) wakes instead.
-    ///
-    /// Never installs into a page that a remove event read since it was locked covers: the
-    /// kernel zaps such a page at a moment the pager cannot see, and an install after the zap
-    /// would stay mapped after the `madvise` returned, showing old data where the program
-    /// expects zeros. Each copy is issued under the install gate (shared), after checking the
-    /// pages' marks; readers read and mark under the gate (exclusive); so a copy either comes
-    /// before the event is read (and before the zap, which then wins) or sees its mark. A marked
-    /// page gets the discard applied instead (`Install::Discarded`: unlocked, zero from now on,
-    /// its waiter woken to fault again).
-    fn install_runs(
-        &mut self,
-        region: &RegionState,
-        pages: &[(usize, Entry)],
-        src_of: impl Fn(usize) -> *const u8,
-        wp_of: impl Fn(usize) -> bool,
-    ) -> Vec<Install> {
-        let mut out = vec![Install::NotDone; pages.len()];
-        let mut i = 0;
-        while i < pages.len() {
-            let mut j = i + 1;
-            while j < pages.len()
-                && pages[j].0 == pages[j - 1].0 + 1
-                && wp_of(j) == wp_of(i)
-                && src_of(j) as usize == src_of(j - 1) as usize + PAGE_SIZE
-            {
-                j += 1;
-            }
-            self.install_run(region, &pages[i..j], i, &src_of, wp_of(i), &mut out[i..j]);
-            i = j;
-        }
-        out
-    }
-
-    /// Installs one run of `install_runs` (`first` is its index there, for `src_of`).
-    fn install_run(
-        &mut self,
-        region: &RegionState,
-        run: &[(usize, Entry)],
-        first: usize,
-        src_of: &impl Fn(usize) -> *const u8,
-        wp: bool,
-        out: &mut [Install],
-    ) {
-        let mut k = 0;
-        while k < run.len() {
-            let gate = self.shared.install_gate.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-            let end = (k..run.len()).find(|&m| region.table.load(run[m].0).remove_unhandled()).unwrap_or(run.len());
-            if end == k {
-                drop(gate);
-                out[k] = self.discard_locked(region, run[k].0, run[k].1);
-                k += 1;
-                continue;
-            }
-            let addr = region.page_addr(run[k].0);
-            let result = self.shared.uffd.copy_run(addr, src_of(first + k), (end - k) * PAGE_SIZE, wp);
-            drop(gate);
-            let n = match &result {
-                Ok(()) => end - k,
-                Err((_, bytes)) => bytes / PAGE_SIZE,
-            };
-            out[k..k + n].fill(Install::Done);
-            k += n;
-            match result {
-                Ok(()) => {}
-                Err((e, _)) if e.raw_os_error() == Some(libc::EAGAIN) => self.drain_events(),
-                Err((e, _)) => {
-                    // The page at `k` was not installed: EEXIST (mapped meanwhile) or a failure.
-                    let addr = region.page_addr(run[k].0);
-                    if e.raw_os_error() != Some(libc::EEXIST) {
-                        tracing::error!(addr = format_args!("{addr:#x}"), error = %e, "UFFDIO_COPY failed");
-                    }
-                    let _ = self.shared.uffd.wake(addr, PAGE_SIZE);
-                    k += 1;
-                }
-            }
-        }
-    }
-
-    /// Applies the pending discard to a page locked (with entry `e`) for an install, instead of
-    /// installing it, and wakes a thread waiting on it (it faults again and gets the zero page).
-    fn discard_locked(&mut self, region: &RegionState, page: usize, e: Entry) -> Install {
-        let freed = apply_remove(&self.shared, region, page, e);
-        self.shared.unreserve(freed);
-        Counters::add(&self.shared.stats.installs_skipped, 1);
-        let _ = self.shared.uffd.wake(region.page_addr(page), PAGE_SIZE);
-        Install::Discarded
     }
 
     fn write_fault(&mut self, region: &RegionState, page: usize) {
@@ -541,7 +444,13 @@ impl Handler {
             .enumerate()
             .map(|(i, (page, entry))| Fetch { page, entry, staging: i, outcome: Err(TransferError::NoSuchSlot) })
             .collect();
-        self.reserve(fetches.len());
+        match self.reserve_window(fetches.len()) {
+            0 => {
+                let pages: Vec<(usize, Entry)> = fetches.iter().map(|f| (f.page, f.entry)).collect();
+                return self.fail_at_max(region, &pages);
+            }
+            k => fetches.drain(k..).for_each(|f| region.table.unlock(f.page, f.entry, Transition::NotInstalled)),
+        }
         self.fetch(region, &mut fetches);
         let rejected = fetches.iter().filter(|f| f.outcome == Err(TransferError::Corrupt)).count();
         Counters::add(&self.shared.stats.copies_rejected, rejected as u64);
@@ -607,31 +516,6 @@ impl Handler {
         }
     }
 
-    fn fail_page(&mut self, region: &RegionState, f: &Fetch) {
-        let addr = region.page_addr(f.page);
-        let server = f
-            .entry
-            .slot()
-            .and_then(|slot| self.shared.store.lender_of(slot))
-            .unwrap_or(std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
-        let reason = f.outcome.as_ref().err().map_or_else(|| "unknown".into(), ToString::to_string);
-        tracing::error!(
-            server = %server,
-            addr = format_args!("{addr:#x}"),
-            reason = %reason,
-            "cannot fetch page from memory-server; the access gets SIGBUS (never zeros)"
-        );
-        Counters::add(&self.shared.stats.fetch_failures, 1);
-        region.failures.fetch_add(1, Ordering::Relaxed);
-        if let Some(handler) = &region.options.on_failure {
-            handler(&FetchFailure { addr, offset: addr - region.base, server, reason });
-        }
-        region.table.unlock(f.page, f.entry.poisoned(), Transition::Poisoned);
-        if let Err(e) = self.retry(|h| h.shared.uffd.poison(addr, PAGE_SIZE)) {
-            tracing::error!(error = %e, "UFFDIO_POISON failed; the faulting thread stays blocked");
-        }
-    }
-
     /// Handles a remove event: the pages read as zeros from now on; remote copies are freed.
     /// A page to which a fault already applied it is left alone: its state is newer than the
     /// discard.
@@ -668,28 +552,4 @@ pub(crate) fn apply_remove(shared: &Shared, region: &RegionState, page: usize, e
     Counters::add(&shared.stats.removed_pages, 1);
     region.table.unlock_removed(page);
     freed
-}
-
-/// What a caller that poisons a page after a violation adds to the log line.
-pub(crate) const POISONED_NOTE: &str = "the page is poisoned (SIGBUS on access), never served as zeros";
-
-/// Logs and counts a broken page-state invariant: a bug in Coalesce, made loud. The caller
-/// poisons the page, so the program gets SIGBUS on it instead of wrong data.
-pub(crate) fn report_violation(shared: &Shared, region: &RegionState, page: usize, e: Entry, what: &str) {
-    let addr = region.page_addr(page);
-    let server =
-        e.slot().and_then(|slot| shared.store.lender_of(slot)).map_or_else(|| "none".into(), |a| a.to_string());
-    tracing::error!(
-        addr = format_args!("{addr:#x}"),
-        page,
-        entry = %e,
-        lender = %server,
-        "page-state violation (a bug in Coalesce): {what}"
-    );
-    Counters::add(&shared.stats.state_violations, 1);
-    if let Some(history) = &shared.history {
-        for record in history.of_page(region.id, page) {
-            tracing::error!("  page {page} history: {record}");
-        }
-    }
 }

@@ -1,0 +1,199 @@
+//! Pager settings ([`PagerConfig`]), their defaults and the ranges they are checked against.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use rdma::{LinkProfile, ProviderKind};
+
+use crate::{store, PagerError, PAGE_SIZE};
+
+/// The longest fetch timeout accepted (a longer one is a typo, and deadlines must not overflow).
+pub const MAX_FETCH_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Pager settings.
+#[derive(Debug, Clone)]
+pub struct PagerConfig {
+    /// Memory servers; pages are spread over all of them.
+    pub servers: Vec<SocketAddr>,
+    /// Data-path provider.
+    pub provider: ProviderKind,
+    /// RDMA device of the verbs provider (`None`: the first one).
+    pub device: Option<String>,
+    /// Local memory budget in bytes (resident pages of all regions together).
+    pub local_budget: usize,
+    /// How far past the budget pages may stay local when no lender can take them (see
+    /// [`LocalMax`]; default: twice the budget).
+    pub local_max: LocalMax,
+    /// Fault-handling threads.
+    pub fault_threads: usize,
+    /// Prefetch along detected trends.
+    pub prefetch: bool,
+    /// Pages fetched ahead along a trend, in the same request as the faulting page (1..=256).
+    pub prefetch_window: usize,
+    /// A fetch not completed within this time fails (the access gets SIGBUS).
+    pub fetch_timeout: Duration,
+    /// How long an idle handler thread busy-polls before it sleeps in the kernel.
+    pub spin: Duration,
+    /// Link emulation on every data connection.
+    pub link: LinkProfile,
+    /// Client id presented to servers (`None`, the default: a fresh one from the OS CSPRNG for
+    /// every lender).
+    pub client_id: Option<u64>,
+    /// Trust the lenders with plaintext: pages are not sealed (faster; a lender can then read
+    /// every page and change one unnoticed). Default `false`: every page is sealed
+    /// ([`store::SealedStore`]).
+    pub trusted_lenders: bool,
+    /// Copies of each page on distinct lenders (`None`: `replicate:2` from two lenders on, else
+    /// one copy; see [`store::Redundancy`]).
+    pub redundancy: Option<store::Redundancy>,
+    /// The cluster key, for lenders that require one (`coalesce keygen`): connections
+    /// authenticate with it and control traffic is encrypted.
+    pub key: Option<rdma::secure::ClusterKey>,
+    /// Keep a history of this many page-table transitions (0: none, the default). For finding
+    /// races: see [`history`] and `coalesce stress`.
+    pub history: usize,
+    /// Called first thing on every thread the pager starts (the LD_PRELOAD allocator uses it to
+    /// route those threads' allocations away from the heap the pager serves).
+    pub thread_start: Option<fn()>,
+}
+
+impl PagerConfig {
+    /// Defaults for `servers` and a budget: one fault thread, prefetch on with a 64-page window,
+    /// 5 s fetch timeout, 50 us spin, shim provider, no link emulation.
+    pub fn new(servers: Vec<SocketAddr>, local_budget: usize) -> Self {
+        Self {
+            servers,
+            provider: ProviderKind::Shim,
+            device: None,
+            local_budget,
+            local_max: LocalMax::default(),
+            fault_threads: 1,
+            prefetch: true,
+            prefetch_window: 64,
+            fetch_timeout: Duration::from_secs(5),
+            spin: Duration::from_micros(50),
+            link: LinkProfile::loopback(),
+            client_id: None,
+            trusted_lenders: false,
+            redundancy: None,
+            key: None,
+            history: 0,
+            thread_start: None,
+        }
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), PagerError> {
+        if self.local_budget < 16 * PAGE_SIZE {
+            return Err(PagerError::Config(format!(
+                "local budget {} bytes is below the minimum of 16 pages (64 KiB)",
+                self.local_budget
+            )));
+        }
+        if let LocalMax::Bytes(max) = self.local_max {
+            if max < self.local_budget {
+                return Err(PagerError::Config(format!(
+                    "local maximum {max} bytes is below the local budget of {} bytes: it must be at least the budget",
+                    self.local_budget
+                )));
+            }
+        }
+        if self.fault_threads == 0 || self.fault_threads > 64 {
+            return Err(PagerError::Config("fault_threads must be between 1 and 64".into()));
+        }
+        if self.prefetch_window == 0 || self.prefetch_window > 256 {
+            return Err(PagerError::Config("prefetch_window must be between 1 and 256 pages".into()));
+        }
+        if self.history > 1 << 24 {
+            return Err(PagerError::Config(format!(
+                "history of {} records is above the maximum of 16,777,216 (40 bytes each)",
+                self.history
+            )));
+        }
+        if self.fetch_timeout.is_zero() || self.fetch_timeout > MAX_FETCH_TIMEOUT {
+            return Err(PagerError::Config(format!(
+                "fetch timeout {:?} is out of range: it must be positive and at most 1 hour",
+                self.fetch_timeout
+            )));
+        }
+        if self.spin > Duration::from_secs(1) {
+            return Err(PagerError::Config(format!("spin {:?} is above the maximum of 1 s", self.spin)));
+        }
+        Ok(())
+    }
+}
+
+/// How many bytes may stay resident, at most, when no lender can take a page (all full or
+/// down): the budget is then exceeded, best effort, up to this bound and no further. At the bound
+/// an access that needs a new local page waits for room (a lender that frees space or comes back)
+/// for up to the fetch timeout, then fails with SIGBUS and a log line; under the LD_PRELOAD
+/// allocator, `malloc` fails with `ENOMEM` first.
+///
+/// Parsed from `unlimited`, `default` or a size such as `512MiB`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LocalMax {
+    /// Twice the local budget.
+    #[default]
+    Default,
+    /// This many bytes (at least the budget).
+    Bytes(usize),
+    /// No bound: pages stay local as long as no lender takes them (the OOM killer decides).
+    Unlimited,
+}
+
+impl LocalMax {
+    /// The bound in pages for a budget of `budget` pages.
+    pub fn pages(self, budget: usize) -> usize {
+        match self {
+            Self::Default => budget.saturating_mul(2),
+            Self::Bytes(b) => (b / PAGE_SIZE).max(budget),
+            Self::Unlimited => usize::MAX,
+        }
+    }
+}
+
+impl std::str::FromStr for LocalMax {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "unlimited" => Ok(Self::Unlimited),
+            "default" => Ok(Self::Default),
+            other => {
+                let bytes: bytesize::ByteSize = other.parse().map_err(|e| {
+                    format!("{other:?} is not a size like 512MiB, nor \"unlimited\" or \"default\": {e}")
+                })?;
+                usize::try_from(bytes.as_u64())
+                    .map(Self::Bytes)
+                    .map_err(|_| format!("{other:?} does not fit this machine's address space"))
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for LocalMax {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Default => f.write_str("default"),
+            Self::Bytes(b) => write!(f, "{b}"),
+            Self::Unlimited => f.write_str("unlimited"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_max_parses_and_bounds() {
+        assert_eq!("unlimited".parse::<LocalMax>(), Ok(LocalMax::Unlimited));
+        assert_eq!("1MiB".parse::<LocalMax>(), Ok(LocalMax::Bytes(1 << 20)));
+        assert!("lots".parse::<LocalMax>().expect_err("not a size").contains("not a size"));
+        assert_eq!(LocalMax::Default.pages(100), 200);
+        assert_eq!(LocalMax::Bytes(1 << 20).pages(100), 256);
+        assert_eq!(LocalMax::Bytes(4096).pages(100), 100);
+        let mut c = PagerConfig::new(Vec::new(), 1 << 20);
+        c.local_max = LocalMax::Bytes(1 << 19);
+        assert!(c.validate().expect_err("below the budget").to_string().contains("below the local budget"));
+    }
+}
