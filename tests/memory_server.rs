@@ -120,12 +120,46 @@ fn a_provider_the_server_does_not_offer_is_refused_with_a_clear_message() {
 }
 
 #[test]
-fn sigterm_stops_the_server_cleanly() {
-    let server = ServerProcess::start(&[]);
+fn sigterm_drains_the_server_which_exits_once_its_clients_freed_their_slabs() {
+    let server = ServerProcess::start(&["--drain-timeout", "20s"]);
+    let mut client = ControlClient::connect(server.addr, &ClientOptions::default()).unwrap();
+    let slab = client.alloc_slab().unwrap();
+    server.signal(libc::SIGTERM);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let leaving_in = loop {
+        if let Some(d) = client.heartbeat().unwrap().leaving_in {
+            break d;
+        }
+        assert!(std::time::Instant::now() < deadline, "the heartbeats never said the server is leaving");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(leaving_in <= Duration::from_secs(20) && leaving_in > Duration::from_secs(5), "{leaving_in:?}");
+    match client.alloc_slab() {
+        Err(ClientError::Refused { code: ErrorCode::ShuttingDown, message, .. }) => {
+            assert!(message.contains("draining"), "{message}");
+        }
+        other => panic!("a draining server must refuse new slabs, got {other:?}"),
+    }
+    match ControlClient::connect(server.addr, &ClientOptions::default()) {
+        Err(ClientError::Refused { code: ErrorCode::ShuttingDown, .. }) => {}
+        other => panic!("a draining server must refuse new clients, got {:?}", other.map(|_| ())),
+    }
+    // Still serving: the slab is freed, and the server leaves at once (long before its deadline).
+    let freed = std::time::Instant::now();
+    client.free_slab(slab.slab_id).unwrap();
+    let status = server.wait();
+    assert!(status.success(), "exit status {status:?}");
+    assert!(freed.elapsed() < Duration::from_secs(5), "left {:?} after the last slab was freed", freed.elapsed());
+}
+
+#[test]
+fn with_drain_timeout_zero_sigterm_exits_at_once() {
+    let server = ServerProcess::start(&["--drain-timeout", "0s"]);
     let mut client = ControlClient::connect(server.addr, &ClientOptions::default()).unwrap();
     client.alloc_slab().unwrap();
+    let start = std::time::Instant::now();
     let status = server.terminate();
-    assert!(status.success(), "exit status {status:?}");
+    assert!(status.success() && start.elapsed() < Duration::from_secs(5), "{status:?} after {:?}", start.elapsed());
 }
 
 #[test]

@@ -175,3 +175,112 @@ fn a_lender_stalled_past_the_fetch_timeout_is_survived_and_trusted_again() {
     check(&region, 2, "rewritten after b resumed");
     assert_eq!(pager.stats().fetch_failures, 0, "{}", pager.stats());
 }
+
+/// Waits until `done` holds for the pager's statistics (at most 30 s).
+fn wait_stats(pager: &Pager, what: &str, done: impl Fn(&coalesce_pager::PagerStats) -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let stats = pager.stats();
+        if done(&stats) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what} never happened:\n{stats}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn copies_lost_with_a_lender_are_rebuilt_in_the_background_so_a_second_loss_is_survived() {
+    coalesce::init_logging("warn");
+    let mut servers: Vec<ServerProcess> = (0..3).map(|_| ServerProcess::start(&ARGS)).collect();
+    let mut config = PagerConfig::new(servers.iter().map(|s| s.addr).collect(), 4 * MIB);
+    config.redundancy = Some(Redundancy::Replicate(2));
+    config.fetch_timeout = Duration::from_secs(1);
+    let pager = Pager::new(config).unwrap();
+    let mut region = pager.map(48 * MIB, RegionOptions::default()).unwrap();
+    fill(&mut region, 1);
+    assert_eq!(pager.stats().rereplication_pending_pages, 0, "nothing is missing yet");
+
+    // The pages stay remote, untouched: only the background repair can give them new copies.
+    let first = servers.remove(0);
+    let first_addr = first.addr;
+    drop(first); // SIGKILL
+    wait_stats(&pager, "noticing the loss", |_| {
+        pager.server_pages().iter().any(|&(a, _, alive)| a == first_addr && !alive)
+    });
+    wait_stats(&pager, "re-replication", |s| s.rereplicated_pages > 0 && s.rereplication_pending_pages == 0);
+    let stats = pager.stats();
+    assert!(stats.rereplicated_pages >= 1000, "{stats}");
+
+    drop(servers.remove(0)); // the second loss: every page still has its copy on the third
+    check(&region, 1, "after losing two of three lenders");
+    let stats = pager.stats();
+    assert_eq!(stats.fetch_failures, 0, "{stats}");
+    eprintln!("{stats}");
+}
+
+#[test]
+fn a_draining_lender_is_emptied_before_it_leaves_and_no_page_is_lost() {
+    coalesce::init_logging("warn");
+    let args = ["--capacity", "256MiB", "--slab-size", "16MiB", "--lease", "5s", "--drain-timeout", "30s"];
+    let a = ServerProcess::start(&args);
+    let b = ServerProcess::start(&args);
+    let b_addr = b.addr;
+    let mut config = PagerConfig::new(vec![a.addr, b.addr], 4 * MIB);
+    // One copy of each page: only moving b's pages before it leaves can keep them.
+    config.redundancy = Some(Redundancy::None);
+    let pager = Pager::new(config).unwrap();
+    let mut region = pager.map(48 * MIB, RegionOptions::default()).unwrap();
+    fill(&mut region, 1);
+    let on_b = pager.server_pages().iter().find(|&&(addr, _, _)| addr == b_addr).map(|&(_, n, _)| n).unwrap();
+    assert!(on_b > 1000, "b holds pages: {:?}", pager.server_pages());
+
+    b.signal(libc::SIGTERM);
+    let start = std::time::Instant::now();
+    let status = b.wait();
+    let took = start.elapsed();
+    assert!(status.success(), "{status:?}");
+    assert!(took < Duration::from_secs(20), "b left only after {took:?}, near its 30 s deadline");
+    check(&region, 1, "after b drained and left");
+    let stats = pager.stats();
+    assert_eq!(stats.fetch_failures, 0, "{stats}");
+    assert!(stats.rereplicated_pages >= on_b, "{stats}");
+    eprintln!("b drained in {took:?}\n{stats}");
+}
+
+#[test]
+fn python3_under_the_preload_survives_the_loss_of_one_of_three_lenders() {
+    let python = "/usr/bin/python3";
+    if !std::path::Path::new(python).is_file() {
+        assert!(std::env::var_os("COALESCE_REQUIRE_PROGRAMS").is_none(), "{python} is required but missing");
+        eprintln!("skipped: {python} is not installed (apt-get install python3)");
+        return;
+    }
+    // 100 MB of objects above pymalloc's size limit (so they come from malloc: the paged heap),
+    // hashed twice over: the loss lands while pages move both ways.
+    let script = "import hashlib\n\
+        objs = [bytes([i % 251]) * 4000 + str(i).encode() for i in range(25000)]\n\
+        h = hashlib.sha256()\n\
+        for p in range(2):\n    for o in objs: h.update(o)\n\
+        print(len(objs), h.hexdigest())\n";
+    let plain = std::process::Command::new(python).args(["-c", script]).output().unwrap();
+    assert!(plain.status.success(), "{}", String::from_utf8_lossy(&plain.stderr));
+
+    let mut servers: Vec<ServerProcess> = (0..3).map(|_| ServerProcess::start(&ARGS)).collect();
+    let list: Vec<String> = servers.iter().map(|s| s.addr.to_string()).collect();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_coalesce"))
+        .args(["run", "--servers", &list.join(","), "--local", "32MiB", "--", python, "-c", script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    drop(servers.remove(1)); // SIGKILL, mid-run
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "python3 under coalesce run failed: {stderr}");
+    assert_eq!(out.stdout, plain.stdout, "the output differs from a plain run: {stderr}");
+    assert!(stderr.contains("failures: 0 pages could not be fetched"), "{stderr}");
+    assert!(stderr.contains("memory-server failed"), "the loss happened after the run: {stderr}");
+    eprintln!("{stderr}");
+}

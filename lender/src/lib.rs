@@ -10,7 +10,10 @@
 //!
 //! - [`start`] runs a lender in this process (`memory-server`, and `coalesce demo|run|bench`'s
 //!   embedded lender);
-//! - [`ServerConfig`] says what it donates and how.
+//! - [`ServerConfig`] says what it donates and how;
+//! - [`ServerHandle::drain`] makes it leave on purpose: no new clients or slabs, clients told in
+//!   their heartbeats how long they have to move their pages, and [`ServerHandle::wait_drained`]
+//!   returns once they have freed every slab (or at the deadline).
 //!
 //! ```no_run
 //! use rdma::client::{ClientOptions, ControlClient};

@@ -36,6 +36,8 @@ pub(crate) struct Shared {
     registry: Arc<MemoryRegistry>,
     sessions: Mutex<Sessions>,
     shutting_down: AtomicBool,
+    /// Set while draining: the moment the server leaves (see [`ServerHandle::drain`]).
+    leaving_at: Mutex<Option<Instant>>,
     connections: AtomicUsize,
     peers: Arc<Peers>,
 }
@@ -53,6 +55,12 @@ impl Shared {
                 "too many failed attempts from this address: refusing its connections for a while"
             );
         }
+    }
+
+    /// When draining: how long until the server leaves.
+    fn leaving_in(&self, now: Instant) -> Option<Duration> {
+        let at = *self.leaving_at.lock().unwrap_or_else(PoisonError::into_inner);
+        at.map(|at| at.saturating_duration_since(now))
     }
 
     fn sessions(&self) -> MutexGuard<'_, Sessions> {
@@ -114,6 +122,42 @@ impl ServerHandle {
         self.shared.stats()
     }
 
+    /// Starts a drain: the server is leaving within `timeout`. It refuses new sessions and new
+    /// slabs from now on, tells its clients (in every heartbeat reply) how long they have to move
+    /// their pages elsewhere, and keeps serving their reads, writes and frees meanwhile. See
+    /// [`ServerHandle::wait_drained`].
+    pub fn drain(&self, timeout: Duration) {
+        let now = Instant::now();
+        let at = now.checked_add(timeout).unwrap_or(now + Duration::from_secs(86_400));
+        *self.shared.leaving_at.lock().unwrap_or_else(PoisonError::into_inner) = Some(at);
+        let s = self.shared.stats();
+        tracing::info!(
+            slabs = s.slabs,
+            sessions = s.sessions,
+            timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+            "draining: clients are moving their pages elsewhere; leaving when no slab is left or at the deadline"
+        );
+    }
+
+    /// Waits until a drain is over: every slab was freed (true), or the deadline passed, or
+    /// `stop` became true (false). Without a drain, returns at once whether no slab is held.
+    pub fn wait_drained(&self, stop: &AtomicBool) -> bool {
+        loop {
+            let slabs = self.shared.sessions().slab_count();
+            if slabs == 0 {
+                return true;
+            }
+            let left = self.shared.leaving_in(Instant::now());
+            if left.is_none_or(|d| d.is_zero()) || stop.load(Ordering::Acquire) {
+                if left.is_some() {
+                    tracing::warn!(slabs, "drain deadline reached with slabs still held: their pages are lost to clients without another copy");
+                }
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Stops accepting connections and stops the reaper. Open connections are closed when the
     /// process exits.
     pub fn shutdown(mut self) {
@@ -164,6 +208,7 @@ pub fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         registry,
         sessions: Mutex::new(sessions),
         shutting_down: AtomicBool::new(false),
+        leaving_at: Mutex::new(None),
         connections: AtomicUsize::new(0),
         peers,
     });
@@ -388,6 +433,11 @@ fn serve_control(mut link: Link, peer: SocketAddr, shared: &Shared, hello: &Hell
         return;
     }
     let client_id = hello.client_id;
+    if hello.resume.is_none() && shared.leaving_in(Instant::now()).is_some() {
+        tracing::info!(%peer, "refusing hello: draining");
+        link.send_error(ErrorCode::ShuttingDown, "this memory-server is leaving (draining); use another one");
+        return;
+    }
     let grant = match shared.sessions().hello(client_id, hello.resume, Instant::now()) {
         Ok(g) => g,
         Err(r) => {
@@ -481,6 +531,10 @@ fn handle(shared: &Shared, client_id: u64, session_id: u64, req: ControlRequest,
             code: ErrorCode::BadRequest,
             message: "HELLO was already sent on this connection".into(),
         },
+        ControlRequest::AllocSlab if shared.leaving_in(now).is_some() => refusal(Refusal {
+            code: ErrorCode::ShuttingDown,
+            message: "this memory-server is leaving (draining): no new slabs; allocate elsewhere".into(),
+        }),
         ControlRequest::AllocSlab => match shared.sessions().alloc(client_id, session_id, now) {
             Ok(g) => {
                 tracing::debug!(%peer, slab_id = g.slab_id, rkey = g.rkey, "slab allocated");
@@ -498,6 +552,7 @@ fn handle(shared: &Shared, client_id: u64, session_id: u64, req: ControlRequest,
         ControlRequest::Heartbeat => match shared.sessions().touch(client_id, session_id, now) {
             Ok(()) => ControlResponse::HeartbeatAck {
                 lease_ms: u64::try_from(shared.config.lease.as_millis()).unwrap_or(u64::MAX),
+                leaving_in_ms: shared.leaving_in(now).map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)),
             },
             Err(r) => refusal(r),
         },

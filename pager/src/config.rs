@@ -10,6 +10,9 @@ use crate::{store, PagerError, PAGE_SIZE};
 /// The longest fetch timeout accepted (a longer one is a typo, and deadlines must not overflow).
 pub const MAX_FETCH_TIMEOUT: Duration = Duration::from_secs(3600);
 
+/// The highest background re-replication rate accepted, in bytes per second.
+pub const MAX_REPAIR_RATE: usize = 64 << 30;
+
 /// Pager settings.
 #[derive(Debug, Clone)]
 pub struct PagerConfig {
@@ -49,6 +52,10 @@ pub struct PagerConfig {
     /// The cluster key, for lenders that require one (`coalesce keygen`): connections
     /// authenticate with it and control traffic is encrypted.
     pub key: Option<rdma::secure::ClusterKey>,
+    /// Bytes per second copied in the background to give pages back the copies a lost lender
+    /// held (0: no background re-replication; pages of a group that lost a copy then get a new
+    /// copy only as they pass through local memory). Default 256 MiB/s.
+    pub repair_rate: usize,
     /// Keep a history of this many page-table transitions (0: none, the default). For finding
     /// races: see [`history`] and `coalesce stress`.
     pub history: usize,
@@ -77,6 +84,7 @@ impl PagerConfig {
             trusted_lenders: false,
             redundancy: None,
             key: None,
+            repair_rate: 256 << 20,
             history: 0,
             thread_start: None,
         }
@@ -113,6 +121,12 @@ impl PagerConfig {
             return Err(PagerError::Config(format!(
                 "fetch timeout {:?} is out of range: it must be positive and at most 1 hour",
                 self.fetch_timeout
+            )));
+        }
+        if self.repair_rate > MAX_REPAIR_RATE {
+            return Err(PagerError::Config(format!(
+                "repair rate {} bytes/s is above the maximum of {MAX_REPAIR_RATE} (64 GiB/s); 0 turns it off",
+                self.repair_rate
             )));
         }
         if self.spin > Duration::from_secs(1) {

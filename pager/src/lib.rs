@@ -293,6 +293,7 @@ impl Shared {
         s.local_max_refusals = self.budget.refusals();
         s.budget_pages = self.budget.limit() as u64;
         s.remote_pages = self.store.remote_pages();
+        s.rereplication_pending_pages = self.store.repair_pending();
         s.sealed = self.store.seals_pages();
         s.metadata_bytes = self.regions.table_bytes() + self.store.bookkeeping_bytes() as u64;
         s
@@ -395,6 +396,12 @@ impl Pager {
         })?;
         let s = Arc::clone(&shared);
         pager.spawn("heartbeat".into(), move || heartbeat_loop(&s))?;
+        if shared.config.repair_rate > 0 {
+            if let Some(repair) = Arc::clone(&shared.store).open_repair()? {
+                let s = Arc::clone(&shared);
+                pager.spawn("repair".into(), move || repair_loop(&s, repair))?;
+            }
+        }
         Ok(pager)
     }
 
@@ -497,6 +504,20 @@ fn heartbeat_loop(shared: &Shared) {
             shared.store.maintain();
             last = std::time::Instant::now();
         }
+    }
+}
+
+/// Restores redundancy in the background, at most `repair_rate` bytes per second.
+fn repair_loop(shared: &Shared, mut repair: Box<dyn store::PageRepair>) {
+    let rate = shared.config.repair_rate.max(PAGE_SIZE) as f64;
+    while !shared.shutdown.load(Ordering::Acquire) {
+        let copied = repair.repair(64);
+        if copied == 0 {
+            std::thread::park_timeout(Duration::from_millis(200));
+            continue;
+        }
+        stats::Counters::add(&shared.stats.rereplicated, copied as u64);
+        std::thread::park_timeout(Duration::from_secs_f64((copied * PAGE_SIZE) as f64 / rate));
     }
 }
 

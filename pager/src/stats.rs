@@ -32,6 +32,7 @@ pub struct Counters {
     pub(crate) installs_skipped: AtomicU64,
     pub(crate) state_violations: AtomicU64,
     pub(crate) move_miscounts: AtomicU64,
+    pub(crate) rereplicated: AtomicU64,
     remote_latency: Mutex<Histogram<u64>>,
 }
 
@@ -62,6 +63,7 @@ impl Default for Counters {
             installs_skipped: AtomicU64::new(0),
             state_violations: AtomicU64::new(0),
             move_miscounts: AtomicU64::new(0),
+            rereplicated: AtomicU64::new(0),
             remote_latency: Mutex::new(hist),
         }
     }
@@ -103,6 +105,7 @@ impl Counters {
             installs_skipped: r(&self.installs_skipped),
             state_violations: r(&self.state_violations),
             move_miscounts: r(&self.move_miscounts),
+            rereplicated_pages: r(&self.rereplicated),
             remote_fault_p50: q(0.5),
             remote_fault_p99: q(0.99),
             remote_fault_max: if h.is_empty() { Duration::ZERO } else { Duration::from_nanos(h.max()) },
@@ -198,6 +201,13 @@ pub struct PagerStats {
     pub remote_fault_max: Duration,
     /// Bytes of pager metadata (page tables, slab table, free lists).
     pub metadata_bytes: u64,
+    /// Pages copied to another lender in the background to restore their redundancy after a
+    /// lender was lost.
+    #[serde(default)]
+    pub rereplicated_pages: u64,
+    /// Remote pages with fewer copies than asked for that are waiting for a new copy.
+    #[serde(default)]
+    pub rereplication_pending_pages: u64,
 }
 
 impl PagerStats {
@@ -263,6 +273,13 @@ impl fmt::Display for PagerStats {
             self.metadata_bytes,
             self.metadata_per_remote_page()
         )?;
+        if self.rereplicated_pages > 0 || self.rereplication_pending_pages > 0 {
+            writeln!(
+                f,
+                "re-replication: {} pages copied to restore their redundancy, {} waiting",
+                self.rereplicated_pages, self.rereplication_pending_pages
+            )?;
+        }
         writeln!(
             f,
             "discards: {} pages by madvise ({} remote copies freed); {} refilled and {} found unmapped before their remove event; {} installs skipped",

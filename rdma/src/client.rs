@@ -12,6 +12,15 @@ use crate::frame::{read_frame, FrameError, ReadFrameError};
 use crate::secure::{ClusterKey, SecureChannel, SecureError};
 use crate::{Endpoint, EndpointOptions, ProviderKind, TransportError};
 
+/// A heartbeat's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Heartbeat {
+    /// The lease, renewed from now.
+    pub lease: Duration,
+    /// The server is draining and leaves after this long: move pages elsewhere before then.
+    pub leaving_in: Option<Duration>,
+}
+
 /// Errors of the control client. Every variant names the server.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -278,10 +287,13 @@ impl ControlClient {
         }
     }
 
-    /// Renews the lease; returns its length.
-    pub fn heartbeat(&mut self) -> Result<Duration, ClientError> {
+    /// Renews the lease; returns its length, and whether the server is leaving.
+    pub fn heartbeat(&mut self) -> Result<Heartbeat, ClientError> {
         match self.call(&ControlRequest::Heartbeat)? {
-            ControlResponse::HeartbeatAck { lease_ms } => Ok(Duration::from_millis(lease_ms)),
+            ControlResponse::HeartbeatAck { lease_ms, leaving_in_ms } => Ok(Heartbeat {
+                lease: Duration::from_millis(lease_ms),
+                leaving_in: leaving_in_ms.map(Duration::from_millis),
+            }),
             other => Err(self.unexpected(&other)),
         }
     }

@@ -272,6 +272,9 @@ pub enum ControlResponse {
     HeartbeatAck {
         /// Lease length in milliseconds from now.
         lease_ms: u64,
+        /// The server is draining: it leaves in this many milliseconds (at least 1), and the
+        /// client should move its pages elsewhere before then. `None`: not leaving.
+        leaving_in_ms: Option<u64>,
     },
     /// Statistics.
     Stats(ServerStats),
@@ -383,8 +386,8 @@ pub fn encode_response(out: &mut Vec<u8>, resp: &ControlResponse) {
         ControlResponse::SlabFreed { slab_id } => encode_frame(out, KIND_SLAB_FREED, |e| {
             e.u64(*slab_id);
         }),
-        ControlResponse::HeartbeatAck { lease_ms } => encode_frame(out, KIND_HEARTBEAT_ACK, |e| {
-            e.u64(*lease_ms);
+        ControlResponse::HeartbeatAck { lease_ms, leaving_in_ms } => encode_frame(out, KIND_HEARTBEAT_ACK, |e| {
+            e.u64(*lease_ms).u64(leaving_in_ms.unwrap_or(0));
         }),
         ControlResponse::Stats(s) => encode_frame(out, KIND_STATS_REPLY, |e| {
             let fields = s.fields();
@@ -426,7 +429,11 @@ pub fn decode_response(kind: u8, body: &[u8]) -> Result<ControlResponse, FrameEr
             len: d.u64("slab length")?,
         }),
         KIND_SLAB_FREED => ControlResponse::SlabFreed { slab_id: d.u64("slab id")? },
-        KIND_HEARTBEAT_ACK => ControlResponse::HeartbeatAck { lease_ms: d.u64("lease")? },
+        KIND_HEARTBEAT_ACK => {
+            let lease_ms = d.u64("lease")?;
+            let leaving = d.u64("leaving in")?;
+            ControlResponse::HeartbeatAck { lease_ms, leaving_in_ms: (leaving > 0).then_some(leaving) }
+        }
         KIND_VERBS_ACCEPTED => ControlResponse::VerbsAccepted { qp: decode_qp(&mut d)? },
         KIND_STATS_REPLY => {
             let n = usize::from(d.u16("stats count")?);
@@ -497,7 +504,8 @@ mod tests {
                 ControlResponse::SlabGranted(SlabGrant { slab_id, addr, rkey, len })
             }),
             any::<u64>().prop_map(|slab_id| ControlResponse::SlabFreed { slab_id }),
-            any::<u64>().prop_map(|lease_ms| ControlResponse::HeartbeatAck { lease_ms }),
+            (any::<u64>(), proptest::option::of(1..u64::MAX))
+                .prop_map(|(lease_ms, leaving_in_ms)| ControlResponse::HeartbeatAck { lease_ms, leaving_in_ms }),
             (0u32..1 << 24, 0u32..1 << 24, any::<[u8; 16]>())
                 .prop_map(|(qpn, psn, gid)| ControlResponse::VerbsAccepted { qp: QpAddress { qpn, psn, gid } }),
             proptest::array::uniform12(any::<u64>()).prop_map(|f| ControlResponse::Stats(ServerStats::from_fields(&f))),

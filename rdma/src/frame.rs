@@ -9,7 +9,7 @@ use std::io::{self, Read};
 /// Magic number that opens every frame (`b"CLSC"` read as a little-endian `u32`).
 pub const MAGIC: u32 = u32::from_le_bytes(*b"CLSC");
 /// The only protocol version this build speaks.
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 /// Size of the frame header in bytes.
 pub const HEADER_LEN: usize = 12;
 /// Largest body accepted: 16 MiB of payload plus room for a full scatter list.

@@ -46,7 +46,7 @@
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 4 | magic `b"CLSC"` |
-//! | 4 | 1 | version, `2` (version 2 added the resume proof to `HELLO`) |
+//! | 4 | 1 | version, `3` (version 2 added the resume proof to `HELLO`; version 3 the drain notice to `HEARTBEAT_ACK`) |
 //! | 5 | 1 | kind (tables below) |
 //! | 6 | 2 | flags, must be `0` |
 //! | 8 | 4 | body length in bytes |
@@ -84,7 +84,7 @@
 //! | `0x05` | FREE_SLAB | client -> server | slab id u64 |
 //! | `0x06` | SLAB_FREED | server -> client | slab id u64 |
 //! | `0x07` | HEARTBEAT | client -> server | empty |
-//! | `0x08` | HEARTBEAT_ACK | server -> client | lease ms u64 |
+//! | `0x08` | HEARTBEAT_ACK | server -> client | lease ms u64, leaving in ms u64 (0: not leaving; else the server is draining and leaves after this long) |
 //! | `0x09` | STATS | client -> server | empty |
 //! | `0x0A` | STATS_REPLY | server -> client | count u16, then that many u64 (see [`control::ServerStats`]; unknown extra fields are ignored) |
 //! | `0x0B` | VERBS_CONNECT | client -> server | queue pair number u32, first PSN u32 (both below 2^24), GID (16 bytes): the client's RC queue pair |

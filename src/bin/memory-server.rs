@@ -20,8 +20,11 @@ use rdma::ProviderKind;
         Clients say hello on the control protocol, receive slabs (address + rkey) and then read and \
         write pages one-sided, without this daemon's application code in the data path. Slabs of a \
         client whose heartbeats stop are reclaimed after the lease. Logs go to stderr (RUST_LOG=debug \
-        for more); the bound address is printed on stdout as `listening on ADDR`. SIGINT or SIGTERM \
-        stops the server cleanly."
+        for more); the bound address is printed on stdout as `listening on ADDR`.\n\n\
+        SIGTERM or SIGINT drains the server: it refuses new clients and slabs, tells its clients \
+        (within a second, in their heartbeats) that it is leaving, keeps serving them while they move \
+        their pages to other lenders, and exits once no slab is left or at --drain-timeout. A second \
+        signal exits at once."
 )]
 struct Cli {
     /// Address to listen on for control and data connections (port 0: any free port).
@@ -71,6 +74,10 @@ struct Cli {
     /// RDMA device for --provider verbs, e.g. rxe0 or mlx5_0 (default: the first device).
     #[arg(long)]
     device: Option<String>,
+    /// On SIGTERM or SIGINT, how long clients get to move their pages elsewhere before the server
+    /// exits (0s: exit at once, as on a crash).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    drain_timeout: Duration,
 }
 
 impl Cli {
@@ -107,6 +114,10 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+    if cli.drain_timeout > Duration::from_secs(86_400) {
+        eprintln!("memory-server: --drain-timeout {:?} is out of range: it must be at most 24h", cli.drain_timeout);
+        return ExitCode::FAILURE;
+    }
     let config = match cli.config() {
         Ok(c) => c,
         Err(e) => {
@@ -123,8 +134,24 @@ fn main() -> ExitCode {
     };
     println!("listening on {}", handle.addr());
     let _ = std::io::Write::flush(&mut std::io::stdout());
-    if let Some(sig) = signals.forever().next() {
-        tracing::info!(signal = sig, "shutting down");
+    let first = signals.forever().next();
+    if let Some(sig) = first {
+        if cli.drain_timeout.is_zero() {
+            tracing::info!(signal = sig, "shutting down (--drain-timeout 0s)");
+        } else {
+            handle.drain(cli.drain_timeout);
+            // A second signal ends the drain at once.
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let flag = std::sync::Arc::clone(&stop);
+            std::thread::spawn(move || {
+                if signals.forever().next().is_some() {
+                    flag.store(true, std::sync::atomic::Ordering::Release);
+                }
+            });
+            if handle.wait_drained(&stop) {
+                tracing::info!("drained: every client moved its pages elsewhere");
+            }
+        }
     }
     handle.shutdown();
     ExitCode::SUCCESS

@@ -70,6 +70,13 @@ impl ServerProcess {
         kib * 1024
     }
 
+    /// Waits for the server to exit (after a signal sent with [`ServerProcess::signal`]).
+    pub fn wait(mut self) -> std::process::ExitStatus {
+        let status = self.child.wait().expect("wait");
+        std::mem::forget(self);
+        status
+    }
+
     /// Sends SIGTERM and returns the exit status.
     pub fn terminate(mut self) -> std::process::ExitStatus {
         let pid = libc::pid_t::try_from(self.child.id()).unwrap();

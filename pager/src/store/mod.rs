@@ -228,6 +228,25 @@ pub trait PageStore: Send + Sync + fmt::Debug {
 
     /// Gives every remote allocation back (at shutdown).
     fn release_all(&self);
+
+    /// Opens the background repair of this store's redundancy (see [`PageRepair`]), run by the
+    /// pager's repair thread; `None` (the default) when the store has nothing to repair.
+    fn open_repair(self: Arc<Self>) -> Result<Option<Box<dyn PageRepair>>, PagerError> {
+        Ok(None)
+    }
+
+    /// Remote pages that have fewer copies than asked for and can still be given them.
+    fn repair_pending(&self) -> u64 {
+        0
+    }
+}
+
+/// Background re-replication: after a lender is lost, the pages it held a copy of get a new copy
+/// on another lender, so that a later loss is survived too.
+pub trait PageRepair: Send + fmt::Debug {
+    /// Does up to `max_pages` pages of repair work; returns the pages copied (0: nothing to do
+    /// now, or no lender to copy to).
+    fn repair(&mut self, max_pages: usize) -> usize;
 }
 
 /// One thread's I/O on a store: batched reads and writes, each page with its own outcome.

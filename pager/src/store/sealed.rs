@@ -122,6 +122,15 @@ impl PageStore for SealedStore {
     fn release_all(&self) {
         self.inner.release_all();
     }
+
+    /// Records are copied as they are (ciphertext and tag): a sealed page opens wherever it is.
+    fn open_repair(self: Arc<Self>) -> Result<Option<Box<dyn super::PageRepair>>, PagerError> {
+        Arc::clone(&self.inner).open_repair()
+    }
+
+    fn repair_pending(&self) -> u64 {
+        self.inner.repair_pending()
+    }
 }
 
 /// One thread's sealed I/O: pages are sealed into (and opened from) this thread's own wire

@@ -293,6 +293,50 @@ impl LenderIo {
         }
     }
 
+    /// Moves `len` bytes between `buf` (from offset 0) and lender `lender`'s memory at
+    /// (`remote_addr`, `rkey`), in one work request, waiting up to the store's timeout. For
+    /// whole runs of records (the repair of a group); pages go through `read_pages`/`write_pages`.
+    pub(super) fn move_bytes(
+        &mut self,
+        write: bool,
+        buf: &Arc<LocalRegion>,
+        len: usize,
+        lender: usize,
+        remote_addr: u64,
+        rkey: u32,
+    ) -> Result<(), TransferError> {
+        self.refresh();
+        if !self.reachable(lender) {
+            return Err(TransferError::LenderDown);
+        }
+        let local = LocalSlice::new(buf, 0, len).map_err(|e| TransferError::Local(e.to_string()))?;
+        let segments = vec![Segment { local, remote_addr, rkey }];
+        self.next_wr += 1;
+        let wr_id = self.next_wr;
+        let (wr, direction) = if write {
+            (WorkRequest::write(wr_id, segments), Direction::Write)
+        } else {
+            (WorkRequest::read(wr_id, segments), Direction::Read)
+        };
+        let posted = match self.endpoints[lender].as_ref() {
+            Some(ep) => ep.post(&wr),
+            None => return Err(TransferError::LenderDown),
+        };
+        if let Err(e) = posted {
+            let why = e.to_string();
+            self.fail_lender(lender, &why);
+            return Err(TransferError::ConnectionLost(why));
+        }
+        let deadline = Instant::now() + self.store.timeout;
+        self.wait_for(lender, wr_id, deadline, direction)
+    }
+
+    /// True when this thread can reach lender `lender` now.
+    pub(super) fn can_reach(&mut self, lender: usize) -> bool {
+        self.refresh();
+        self.reachable(lender)
+    }
+
     fn fail_lender(&mut self, lender: usize, why: &str) {
         self.endpoints[lender] = None;
         self.store.mark_failed(lender, why);

@@ -17,8 +17,9 @@
 //!
 //! Replicas: a write goes to every copy (posted together) and succeeds when all have
 //! acknowledged; a read goes to the first copy on a live lender, and when it fails (the lender is
-//! then marked failed) to the next. A clean page whose group lost a copy is written again, to a
-//! whole group, when it is next evicted. When fewer live lenders than `copies` have room, new
+//! then marked failed) to the next. A group that lost a copy is made whole again in the
+//! background (`repair.rs`: a new slab on another lender, filled from a surviving copy); a clean
+//! page of such a group evicted before that is written again, to a whole group. When fewer live lenders than `copies` have room, new
 //! groups have fewer copies (said once in the log) rather than none.
 //! Slots are handed out from each slab with a bump pointer; freed slots go to a per-lender free
 //! list, so the allocator costs nothing per used slot.
@@ -41,6 +42,7 @@ use super::{LenderInfo, PageIo, PageStore, Slot, TRAILER_LEN};
 use crate::{PagerError, PAGE_SIZE};
 
 mod io;
+mod repair;
 mod revive;
 
 const SLOT_PAGE_BITS: u32 = 20;
@@ -96,6 +98,8 @@ struct Lender {
     control: Mutex<ControlClient>,
     alive: AtomicBool,
     full: AtomicBool,
+    /// The lender is draining (leaving on purpose): its copies are read but moved elsewhere.
+    leaving: AtomicBool,
     /// Slots currently holding (or reserved for) pages.
     pages: AtomicU64,
     slots: Mutex<ServerSlots>,
@@ -213,6 +217,7 @@ impl LenderStore {
                 control: Mutex::new(control),
                 alive: AtomicBool::new(true),
                 full: AtomicBool::new(false),
+                leaving: AtomicBool::new(false),
                 pages: AtomicU64::new(0),
                 slots: Mutex::new(ServerSlots::default()),
                 generation: AtomicU64::new(0),
@@ -247,12 +252,34 @@ impl LenderStore {
             .is_some_and(|s| s.is_alive() && s.generation.load(Ordering::Acquire) == loc.generation)
     }
 
-    /// True when every copy of `places` still exists, and there are as many as the live lenders
-    /// allow (a group made with fewer copies while lenders were down is not healthy once they
-    /// are back: its pages are written again to a whole group as they pass through).
+    /// True when the copy at `loc` exists and stays: its lender is not leaving.
+    fn copy_whole(&self, loc: &Location) -> bool {
+        self.copy_valid(loc) && !self.lenders[loc.lender].leaving.load(Ordering::Acquire)
+    }
+
+    /// True when every copy of `places` still exists on a lender that stays, and there are as
+    /// many as the live lenders allow (a group made with fewer copies while lenders were down is
+    /// not healthy once they are back). Pages are written only to healthy groups; the others are
+    /// made whole in the background (`repair.rs`), and their pages are written again to a whole
+    /// group as they pass through local memory.
     fn healthy(&self, places: &Places) -> bool {
-        let live = self.lenders.iter().filter(|s| s.is_alive()).count();
-        places.len >= self.copies.min(live) && places.copies().iter().all(|loc| self.copy_valid(loc))
+        let live = self.lenders.iter().filter(|s| s.is_alive() && !s.leaving.load(Ordering::Acquire)).count();
+        places.len >= self.copies.min(live) && places.copies().iter().all(|loc| self.copy_whole(loc))
+    }
+
+    /// Marks a lender leaving (it is draining): no new slabs there, and its copies move to the
+    /// other lenders in the background while it still serves them.
+    fn mark_leaving(&self, lender: usize, leaving_in: Option<Duration>) {
+        let s = &self.lenders[lender];
+        s.full.store(true, Ordering::Release);
+        if !s.leaving.swap(true, Ordering::AcqRel) {
+            tracing::warn!(
+                server = %s.addr,
+                pages = s.pages.load(Ordering::Relaxed),
+                leaving_in = ?leaving_in,
+                "memory-server is leaving (draining): moving its pages to the other lenders"
+            );
+        }
     }
 
     /// Times lender `i` came back (threads reconnect their endpoints when this moves).
@@ -265,7 +292,9 @@ impl LenderStore {
         if let Some(s) = self.lenders.get(lender) {
             if s.alive.swap(false, Ordering::AcqRel) {
                 let pages = s.pages.load(Ordering::Relaxed);
-                if self.copies > 1 {
+                if s.leaving.load(Ordering::Acquire) && self.pending_repair() == 0 {
+                    tracing::info!(server = %s.addr, "memory-server left after draining ({why})");
+                } else if self.copies > 1 {
                     tracing::error!(
                         server = %s.addr,
                         pages,
@@ -351,6 +380,13 @@ impl LenderStore {
                 Err(ClientError::CapacityExhausted { message, .. }) => {
                     s.full.store(true, Ordering::Release);
                     tracing::warn!(server = %s.addr, "memory-server is full: {message}");
+                    if k == 0 {
+                        return None;
+                    }
+                    continue;
+                }
+                Err(ClientError::Refused { code: rdma::control::ErrorCode::ShuttingDown, .. }) => {
+                    self.mark_leaving(j, None);
                     if k == 0 {
                         return None;
                     }
@@ -467,7 +503,11 @@ impl PageStore for LenderStore {
             }
             let result = lock(&s.control).heartbeat();
             match result {
-                Ok(_) => {}
+                Ok(hb) => {
+                    if hb.leaving_in.is_some() {
+                        self.mark_leaving(i, hb.leaving_in);
+                    }
+                }
                 Err(ClientError::SessionExpired { .. }) => {
                     self.mark_failed(i, "its lease expired and our slabs were reclaimed")
                 }
@@ -482,8 +522,10 @@ impl PageStore for LenderStore {
         }
     }
 
+    /// A third of the shortest lease, at most a second (a lender's drain notice or death is
+    /// noticed within it, even when no page moves).
     fn maintenance_period(&self) -> Duration {
-        (self.min_lease() / 3).max(Duration::from_millis(50))
+        (self.min_lease() / 3).clamp(Duration::from_millis(50), Duration::from_secs(1))
     }
 
     fn remote_pages(&self) -> u64 {
@@ -501,6 +543,14 @@ impl PageStore for LenderStore {
             .iter()
             .map(|s| LenderInfo { addr: s.addr, pages: s.pages.load(Ordering::Relaxed), alive: s.is_alive() })
             .collect()
+    }
+
+    fn open_repair(self: Arc<Self>) -> Result<Option<Box<dyn crate::store::PageRepair>>, PagerError> {
+        Ok(Some(Box::new(repair::Repairer::open(self)?)))
+    }
+
+    fn repair_pending(&self) -> u64 {
+        self.pending_repair()
     }
 
     fn release_all(&self) {

@@ -42,6 +42,8 @@ impl LenderStore {
             slots.bump = None;
             s.generation.fetch_add(1, Ordering::AcqRel);
             s.pages.store(0, Ordering::Relaxed);
+            // A draining lender takes no new session: this is a new process, staying.
+            s.leaving.store(false, Ordering::Release);
         }
         *lock(&s.control) = control;
         s.full.store(false, Ordering::Release);

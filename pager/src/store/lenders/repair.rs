@@ -1,0 +1,253 @@
+//! Re-replication and drain: a slab group that lost a copy (its lender failed, or came back with
+//! a new session), has a copy on a lender that is leaving (draining), or was made with fewer
+//! copies than asked gets a new slab on another live lender, filled from a surviving copy, in the
+//! background; then the new slab takes the lost (or leaving) copy's place in the group, and a
+//! leaving lender's slab is freed (it exits once it holds none). The page table does not change: a slot names a record of a group, wherever the
+//! group's slabs are.
+//!
+//! Why copying a group is safe while the program runs: no page is written to a group that is
+//! not whole (`place` moves a page out of such a group to a whole one, and free slots of such a
+//! group are not handed out), so its records only get read or freed while they are copied. A
+//! write that was in flight when the lender failed fails as a whole and leaves its page dirty,
+//! to be written elsewhere. The new slab joins the group only if, at that moment, the copy it
+//! was filled from still exists, the new slab's lender is still in the session that granted it,
+//! and the place it takes is still empty; otherwise the work is dropped and the slab freed.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError};
+
+use rdma::LocalRegion;
+
+use super::io::LenderIo;
+use super::{lock, Group, LenderStore, Location, Slab};
+use crate::store::PageRepair;
+use crate::PagerError;
+
+/// Records copied per work request.
+const CHUNK_RECORDS: u64 = 64;
+
+/// The location of a slab's first record (for validity checks).
+fn location(slab: &Slab) -> Location {
+    Location { lender: slab.server, generation: slab.generation, addr: slab.addr, rkey: slab.rkey }
+}
+
+/// One group being repaired.
+#[derive(Debug, Clone, Copy)]
+struct Job {
+    group: usize,
+    /// Where the new slab goes in the group: the index of a lost copy, or the group's length
+    /// (one more copy).
+    at: usize,
+    /// The group's length when the job began.
+    len_before: usize,
+    /// The copy read from.
+    source: Location,
+    /// The new slab.
+    target: Slab,
+    /// Records in use (copied).
+    used: u64,
+    /// Next record to copy.
+    next: u64,
+}
+
+/// The repair thread's state: its own connections, a copy buffer and the job in progress.
+#[derive(Debug)]
+pub(super) struct Repairer {
+    store: Arc<LenderStore>,
+    io: LenderIo,
+    buf: Arc<LocalRegion>,
+    job: Option<Job>,
+}
+
+impl Repairer {
+    pub(super) fn open(store: Arc<LenderStore>) -> Result<Self, PagerError> {
+        let io = LenderIo::open(Arc::clone(&store))?;
+        let len = usize::try_from(CHUNK_RECORDS * store.record_len()).unwrap_or(usize::MAX);
+        let buf = LocalRegion::new(len).map_err(PagerError::Buffer)?;
+        Ok(Self { store, io, buf, job: None })
+    }
+
+    /// Starts the next job: the first group that is not whole, has a surviving copy, and a
+    /// lender this thread can reach that has room and holds no copy of it.
+    fn start(&mut self) -> Option<Job> {
+        let count = self.store.groups.read().unwrap_or_else(PoisonError::into_inner).len();
+        for group in 0..count {
+            let Some((g, at, source)) = self.store.repairable(group) else { continue };
+            let used = self.store.records_used(group, &g);
+            if used == 0 {
+                continue;
+            }
+            // A lender whose copy was lost (it came back with a new session) may take the new one.
+            let holders: Vec<usize> =
+                g.slabs().iter().filter(|s| self.store.copy_valid(&location(s))).map(|s| s.server).collect();
+            let Some(target) = self.new_slab(&holders, used) else { continue };
+            tracing::debug!(group, records = used, to = %self.store.lenders[target.server].addr, "re-replicating a slab group");
+            return Some(Job { group, at, len_before: g.len, source, target, used, next: 0 });
+        }
+        None
+    }
+
+    /// A slab of at least `used` records on a live, reachable lender with room that is not one
+    /// of `holders`.
+    fn new_slab(&mut self, holders: &[usize], used: u64) -> Option<Slab> {
+        let store = Arc::clone(&self.store);
+        for (j, s) in store.lenders.iter().enumerate() {
+            let unusable = !s.is_alive() || s.full.load(Ordering::Acquire) || s.leaving.load(Ordering::Acquire);
+            if holders.contains(&j) || unusable || !self.io.can_reach(j) {
+                continue;
+            }
+            let generation = s.generation.load(Ordering::Acquire);
+            let grant = match lock(&s.control).alloc_slab() {
+                Ok(g) => g,
+                Err(rdma::client::ClientError::CapacityExhausted { message, .. }) => {
+                    s.full.store(true, Ordering::Release);
+                    tracing::warn!(server = %s.addr, "memory-server is full: {message}");
+                    continue;
+                }
+                Err(e) => {
+                    store.mark_failed(j, &e.to_string());
+                    continue;
+                }
+            };
+            let slab = Slab { server: j, generation, slab_id: grant.slab_id, addr: grant.addr, rkey: grant.rkey };
+            if grant.len / store.record_len() < used {
+                // Its slabs are smaller than this group's: no use for this group.
+                let _ = lock(&s.control).free_slab(grant.slab_id);
+                continue;
+            }
+            return Some(slab);
+        }
+        None
+    }
+
+    /// Copies the next chunk of `job`; true when the chunk was copied.
+    fn copy_chunk(&mut self, job: &mut Job) -> bool {
+        let record = self.store.record_len();
+        let n = CHUNK_RECORDS.min(job.used - job.next);
+        let Ok(len) = usize::try_from(n * record) else { return false };
+        let offset = job.next * record;
+        let read =
+            self.io.move_bytes(false, &self.buf, len, job.source.lender, job.source.addr + offset, job.source.rkey);
+        if read.is_err() || !self.store.copy_valid(&job.source) {
+            return false;
+        }
+        let (server, addr, rkey) = (job.target.server, job.target.addr + offset, job.target.rkey);
+        if self.io.move_bytes(true, &self.buf, len, server, addr, rkey).is_err() {
+            return false;
+        }
+        job.next += n;
+        true
+    }
+
+    /// Drops a job: its new slab is freed (if its lender is still there).
+    fn abandon(&self, job: &Job, why: &str) {
+        tracing::debug!(group = job.group, why, "re-replication of a slab group dropped");
+        let s = &self.store.lenders[job.target.server];
+        if s.is_alive() && s.generation.load(Ordering::Acquire) == job.target.generation {
+            let _ = lock(&s.control).free_slab(job.target.slab_id);
+        }
+    }
+}
+
+impl PageRepair for Repairer {
+    fn repair(&mut self, max_pages: usize) -> usize {
+        let mut job = match self.job.take() {
+            Some(job) => job,
+            None => match self.start() {
+                Some(job) => job,
+                None => return 0,
+            },
+        };
+        let mut copied = 0;
+        while job.next < job.used && copied < max_pages {
+            let before = job.next;
+            if !self.copy_chunk(&mut job) {
+                self.abandon(&job, "a copy failed, or the copy read from is gone");
+                return copied;
+            }
+            copied += usize::try_from(job.next - before).unwrap_or(0);
+        }
+        if job.next < job.used {
+            self.job = Some(job);
+        } else if let Err(why) = self.store.complete(&job) {
+            self.abandon(&job, why);
+        }
+        copied
+    }
+}
+
+impl LenderStore {
+    /// If group `group` is not whole but can be made whole: the group, where a new copy goes,
+    /// and a surviving copy to fill it from.
+    fn repairable(&self, group: usize) -> Option<(Group, usize, Location)> {
+        let g = *self.groups.read().unwrap_or_else(PoisonError::into_inner).get(group)?;
+        let places = self.locate(super::make_slot(group, 0))?;
+        if self.healthy(&places) {
+            return None;
+        }
+        // Read from a copy that stays, else from the leaving one.
+        let copies = places.copies();
+        let source = *copies
+            .iter()
+            .find(|loc| self.copy_whole(loc))
+            .or_else(|| copies.iter().find(|loc| self.copy_valid(loc)))?;
+        let at = match copies.iter().position(|loc| !self.copy_whole(loc)) {
+            Some(lost) => lost,
+            None if g.len < self.copies => g.len,
+            None => return None,
+        };
+        // `locate` of record 0 gives the slabs' base addresses.
+        Some((g, at, source))
+    }
+
+    /// Records of group `group` that may hold pages: up to the bump pointer of the group being
+    /// filled, else all of them.
+    fn records_used(&self, group: usize, g: &Group) -> u64 {
+        let bump = self.lenders.iter().find_map(|s| lock(&s.slots).bump.filter(|&(gi, _)| gi == group).map(|(_, n)| n));
+        u64::from(bump.unwrap_or(g.records).min(g.records))
+    }
+
+    /// Puts a filled slab into its group, if the group is still as the job found it.
+    fn complete(&self, job: &Job) -> Result<(), &'static str> {
+        let target = &self.lenders[job.target.server];
+        let mut groups = self.groups.write().unwrap_or_else(PoisonError::into_inner);
+        let Some(g) = groups.get_mut(job.group) else { return Err("the group is gone") };
+        if !self.copy_valid(&job.source) {
+            return Err("the copy read from is gone");
+        }
+        if !target.is_alive() || target.generation.load(Ordering::Acquire) != job.target.generation {
+            return Err("the lender copied to is gone");
+        }
+        let mut replaced = None;
+        if job.at < job.len_before {
+            let old = g.copies[job.at];
+            if self.copy_whole(&location(&old)) {
+                return Err("the lost copy came back");
+            }
+            g.copies[job.at] = job.target;
+            // A leaving lender's copy still exists: free it, so the lender can leave.
+            replaced = self.copy_valid(&location(&old)).then_some(old);
+        } else {
+            if g.len != job.len_before || g.len >= super::MAX_COPIES {
+                return Err("the group changed");
+            }
+            g.copies[g.len] = job.target;
+            g.len += 1;
+        }
+        target.pages.fetch_add(job.used, Ordering::Relaxed);
+        drop(groups);
+        if let Some(old) = replaced {
+            let s = &self.lenders[old.server];
+            let _ = s.pages.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(job.used)));
+            let _ = lock(&s.control).free_slab(old.slab_id);
+        }
+        tracing::info!(group = job.group, pages = job.used, to = %target.addr, "slab group whole again");
+        Ok(())
+    }
+
+    /// Pages in groups that are not whole and can still be made whole.
+    pub(super) fn pending_repair(&self) -> u64 {
+        let count = self.groups.read().unwrap_or_else(PoisonError::into_inner).len();
+        (0..count).filter_map(|group| self.repairable(group).map(|(g, _, _)| self.records_used(group, &g))).sum()
+    }
+}
