@@ -93,8 +93,8 @@ pub struct ModeResult {
     pub random: Duration,
     /// (quantile, latency) points of all random reads.
     pub latency_cdf: Vec<(f64, Duration)>,
-    /// p50 and p99 of random reads that faulted, and how many did.
-    pub faulted: (Duration, Duration, u64),
+    /// p50, p99 and p99.9 of random reads that faulted, and how many did.
+    pub faulted: (Duration, Duration, Duration, u64),
     /// Extra facts (pager stats line, swap device).
     pub note: String,
 }
@@ -108,15 +108,17 @@ fn encode(r: &WorkloadResult, note: &str) -> String {
     let passes: Vec<String> = r.passes.iter().map(|d| d.as_nanos().to_string()).collect();
     let cdf: Vec<String> = QUANTILES.iter().map(|&q| format!("{q}:{}", r.latency.value_at_quantile(q))).collect();
     let f = &r.faulted;
-    let (p50, p99) = if f.is_empty() { (0, 0) } else { (f.value_at_quantile(0.5), f.value_at_quantile(0.99)) };
+    let q = |x: f64| if f.is_empty() { 0 } else { f.value_at_quantile(x) };
+    let (p50, p99, p999) = (q(0.5), q(0.99), q(0.999));
     format!(
-        "RESULT {} {} {} {} {} {} {} {}",
+        "RESULT {} {} {} {} {} {} {} {} {}",
         r.fill.as_nanos(),
         if passes.is_empty() { "-".into() } else { passes.join(",") },
         r.random.as_nanos(),
         cdf.join(";"),
         p50,
         p99,
+        p999,
         f.len(),
         note.replace(' ', "_")
     )
@@ -137,7 +139,7 @@ fn decode(line: &str) -> Option<ModeResult> {
             Some((q.parse().ok()?, ns(v)?))
         })
         .collect::<Option<Vec<_>>>()?;
-    let faulted = (ns(it.next()?)?, ns(it.next()?)?, it.next()?.parse().ok()?);
+    let faulted = (ns(it.next()?)?, ns(it.next()?)?, ns(it.next()?)?, it.next()?.parse().ok()?);
     let note = it.next().unwrap_or("").replace('_', " ");
     Some(ModeResult { fill, passes, random, latency_cdf, faulted, note })
 }
@@ -410,9 +412,10 @@ pub fn table(opts: &BenchOptions, results: &[(Mode, Result<ModeResult, String>)]
     row("random reads (s)".into(), &|r| secs(r.random));
     row("faulted read p50 (us)".into(), &|r| secs(r.faulted.0) * 1e6);
     row("faulted read p99 (us)".into(), &|r| secs(r.faulted.1) * 1e6);
+    row("faulted read p99.9 (us)".into(), &|r| secs(r.faulted.2) * 1e6);
     row("reads that faulted".into(), &|r| {
         #[allow(clippy::cast_precision_loss)]
-        let n = r.faulted.2 as f64;
+        let n = r.faulted.3 as f64;
         n
     });
     for (m, r) in results {
@@ -442,6 +445,7 @@ pub fn write_csv(opts: &BenchOptions, results: &[(Mode, Result<ModeResult, Strin
         let _ = writeln!(s, "{},random_s,{}", m.name(), secs(r.random));
         let _ = writeln!(s, "{},faulted_p50_us,{}", m.name(), secs(r.faulted.0) * 1e6);
         let _ = writeln!(s, "{},faulted_p99_us,{}", m.name(), secs(r.faulted.1) * 1e6);
+        let _ = writeln!(s, "{},faulted_p999_us,{}", m.name(), secs(r.faulted.2) * 1e6);
         for (q, v) in &r.latency_cdf {
             let _ = writeln!(s, "{},read_latency_q{q}_us,{}", m.name(), secs(*v) * 1e6);
         }

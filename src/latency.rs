@@ -39,6 +39,8 @@ pub struct LatencyReport {
     pub p50: Duration,
     /// 99th percentile.
     pub p99: Duration,
+    /// 99.9th percentile.
+    pub p999: Duration,
     /// Mean.
     pub mean: Duration,
     /// Largest.
@@ -51,11 +53,12 @@ impl std::fmt::Display for LatencyReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{:<28} n={:<7} median {:>8.1} us   p99 {:>8.1} us   mean {:>8.1} us   max {:>9.1} us",
+            "{:<28} n={:<7} median {:>8.1} us   p99 {:>8.1} us   p99.9 {:>8.1} us   mean {:>8.1} us   max {:>9.1} us",
             self.label,
             self.ops,
             self.p50.as_secs_f64() * 1e6,
             self.p99.as_secs_f64() * 1e6,
+            self.p999.as_secs_f64() * 1e6,
             self.mean.as_secs_f64() * 1e6,
             self.max.as_secs_f64() * 1e6
         )
@@ -169,6 +172,7 @@ fn measure(
         label,
         p50: d(hist.value_at_quantile(0.5)),
         p99: d(hist.value_at_quantile(0.99)),
+        p999: d(hist.value_at_quantile(0.999)),
         // Rounding the mean to whole nanoseconds is intended.
         #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
         mean: d(hist.mean() as u64),

@@ -108,6 +108,7 @@ impl Counters {
             rereplicated_pages: r(&self.rereplicated),
             remote_fault_p50: q(0.5),
             remote_fault_p99: q(0.99),
+            remote_fault_p999: q(0.999),
             remote_fault_max: if h.is_empty() { Duration::ZERO } else { Duration::from_nanos(h.max()) },
             ..PagerStats::default()
         }
@@ -197,6 +198,9 @@ pub struct PagerStats {
     pub remote_fault_p50: Duration,
     /// 99th percentile of the same.
     pub remote_fault_p99: Duration,
+    /// 99.9th percentile of the same.
+    #[serde(default)]
+    pub remote_fault_p999: Duration,
     /// Largest.
     pub remote_fault_max: Duration,
     /// Bytes of pager metadata (page tables, slab table, free lists).
@@ -261,9 +265,10 @@ impl fmt::Display for PagerStats {
         }
         writeln!(
             f,
-            "remote fault service time: p50 {:.1} us, p99 {:.1} us, max {:.1} us",
+            "remote fault service time: p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us, max {:.1} us",
             us(self.remote_fault_p50),
             us(self.remote_fault_p99),
+            us(self.remote_fault_p999),
             us(self.remote_fault_max)
         )?;
         writeln!(
