@@ -15,6 +15,7 @@ pub mod bench;
 pub mod demo;
 pub mod latency;
 pub mod run;
+pub mod signals;
 pub mod stress;
 pub mod workload;
 

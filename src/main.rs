@@ -295,8 +295,18 @@ fn main() -> ExitCode {
                             outcome.max_rss as f64 / 1048576.0,
                             opts.local as f64 / 1048576.0
                         );
-                        if let Some(s) = outcome.stats {
-                            eprint!("{s}");
+                        match &outcome.stats {
+                            Some(s) => eprint!("{s}"),
+                            None => eprintln!(
+                                "no statistics from the program itself (it did not borrow memory, or left with \
+                                 _exit, as shells do); peak resident memory is the largest of its process tree"
+                            ),
+                        }
+                        if !outcome.others.is_empty() {
+                            eprintln!("other processes under the preload:");
+                            for r in &outcome.others {
+                                eprintln!("  {}", r.summary());
+                            }
                         }
                     }
                     ExitCode::from(u8::try_from(outcome.code).unwrap_or(1))

@@ -51,6 +51,9 @@ pub struct RunOutcome {
     pub max_rss: u64,
     /// The statistics the program's pager reported at exit.
     pub stats: Option<ExitReport>,
+    /// The reports of the other processes it started under the preload (a pipeline's, a shell's
+    /// children), by pid.
+    pub others: Vec<ExitReport>,
 }
 
 /// Errors of `coalesce run`.
@@ -68,6 +71,9 @@ pub enum RunError {
     /// The key file cannot be used.
     #[error(transparent)]
     Key(#[from] rdma::secure::SecureError),
+    /// The statistics directory could not be made.
+    #[error("cannot make the statistics directory {0}: {1}; set TMPDIR to a writable directory, or use --quiet")]
+    Stats(PathBuf, std::io::Error),
     /// The program could not be started.
     #[error("cannot start {program}: {source}")]
     Spawn {
@@ -115,7 +121,11 @@ pub fn run(opts: &RunOptions) -> Result<RunOutcome, RunError> {
     if let Some(s) = &embedded {
         servers.push(s.addr());
     }
-    let stats_file = std::env::temp_dir().join(format!("coalesce-run-stats-{}", std::process::id()));
+    // Every process under the preload writes its own report into this directory.
+    let stats_dir = std::env::temp_dir().join(format!("coalesce-run-stats-{}", std::process::id()));
+    if opts.stats {
+        std::fs::create_dir_all(&stats_dir).map_err(|e| RunError::Stats(stats_dir.clone(), e))?;
+    }
     let mut cmd = Command::new(program);
     cmd.args(args);
     let mut preload = lib.into_os_string();
@@ -145,35 +155,66 @@ pub fn run(opts: &RunOptions) -> Result<RunOutcome, RunError> {
         None => cmd.env_remove("COALESCE_KEY_FILE"),
     };
     if opts.stats {
-        cmd.env("COALESCE_STATS", &stats_file);
+        cmd.env("COALESCE_STATS", &stats_dir);
     }
     let start = Instant::now();
     let child =
         cmd.spawn().map_err(|source| RunError::Spawn { program: program.to_string_lossy().into_owned(), source })?;
     let pid = libc::pid_t::try_from(child.id()).unwrap_or(-1);
+    let forwarding = crate::signals::forward_to(pid);
+    // Stop forwarding once the program has exited, before it is reaped (its pid is then free).
+    wait_exited(pid);
+    if let Ok(handle) = forwarding {
+        handle.close();
+    }
     let (code, max_rss) = wait(pid);
     // The child has been reaped by wait4; `Child` must not wait again.
     std::mem::forget(child);
     let elapsed = start.elapsed();
-    let stats = read_report(&stats_file);
-    let _ = std::fs::remove_file(&stats_file);
+    let (stats, others) = read_reports(&stats_dir, child_pid(pid));
+    let _ = std::fs::remove_dir_all(&stats_dir);
     // The program's own high-water mark, as the preload read it at exit, is exact; `ru_maxrss`
     // also counts this process's address space, which a spawned child shares until exec.
     let max_rss = stats.as_ref().map(|s| s.peak_rss_bytes).filter(|&b| b > 0).unwrap_or(max_rss);
     if let Some(s) = embedded {
         s.shutdown();
     }
-    Ok(RunOutcome { code, elapsed, max_rss, stats })
+    Ok(RunOutcome { code, elapsed, max_rss, stats, others })
 }
 
-/// The exit report the preload wrote (JSON), if the program wrote one.
-fn read_report(path: &std::path::Path) -> Option<ExitReport> {
-    let text = std::fs::read_to_string(path).ok()?;
-    match serde_json::from_str(&text) {
-        Ok(report) => Some(report),
-        Err(e) => {
-            tracing::warn!(error = %e, "the program's statistics are unreadable");
-            None
+fn child_pid(pid: libc::pid_t) -> u32 {
+    u32::try_from(pid).unwrap_or(0)
+}
+
+/// The reports the preloaded processes wrote into `dir`: the program's own (pid `main`), and the
+/// others by pid.
+fn read_reports(dir: &std::path::Path, main: u32) -> (Option<ExitReport>, Vec<ExitReport>) {
+    let mut reports: Vec<ExitReport> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let text = std::fs::read_to_string(entry.path()).ok()?;
+            serde_json::from_str(&text)
+                .map_err(|e| tracing::warn!(file = %entry.path().display(), error = %e, "unreadable statistics"))
+                .ok()
+        })
+        .collect();
+    reports.sort_by_key(|r| r.pid);
+    let own = reports.iter().position(|r| r.pid == main).map(|i| reports.remove(i));
+    (own, reports)
+}
+
+/// Waits until `pid` has exited, without reaping it.
+fn wait_exited(pid: libc::pid_t) {
+    let Ok(id) = libc::id_t::try_from(pid) else { return };
+    loop {
+        // SAFETY: zeroed siginfo is a valid value to be overwritten.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waiting (without reaping) for our own child with a valid out-pointer.
+        let rc = unsafe { libc::waitid(libc::P_PID, id, &mut info, libc::WEXITED | libc::WNOWAIT) };
+        if rc == 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return;
         }
     }
 }

@@ -209,6 +209,9 @@ impl Shared {
         }
         if self.budget.is_held() || self.shutdown.load(Ordering::Acquire) {
             self.budget.take_held(n);
+            if self.budget.is_held() {
+                stats::Counters::add(&self.stats.held_pages, n as u64);
+            }
             return Reservation::Made;
         }
         let too_long = waited > Duration::from_secs(2);

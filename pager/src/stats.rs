@@ -33,6 +33,7 @@ pub struct Counters {
     pub(crate) state_violations: AtomicU64,
     pub(crate) move_miscounts: AtomicU64,
     pub(crate) rereplicated: AtomicU64,
+    pub(crate) held_pages: AtomicU64,
     remote_latency: Mutex<Histogram<u64>>,
 }
 
@@ -64,6 +65,7 @@ impl Default for Counters {
             state_violations: AtomicU64::new(0),
             move_miscounts: AtomicU64::new(0),
             rereplicated: AtomicU64::new(0),
+            held_pages: AtomicU64::new(0),
             remote_latency: Mutex::new(hist),
         }
     }
@@ -106,6 +108,7 @@ impl Counters {
             state_violations: r(&self.state_violations),
             move_miscounts: r(&self.move_miscounts),
             rereplicated_pages: r(&self.rereplicated),
+            held_pages: r(&self.held_pages),
             remote_fault_p50: q(0.5),
             remote_fault_p99: q(0.99),
             remote_fault_p999: q(0.999),
@@ -212,6 +215,10 @@ pub struct PagerStats {
     /// Remote pages with fewer copies than asked for that are waiting for a new copy.
     #[serde(default)]
     pub rereplication_pending_pages: u64,
+    /// Pages made resident while eviction was held (around `fork`, which must see the whole
+    /// heap locally): the budget does not apply to them, and they are not over-budget events.
+    #[serde(default)]
+    pub held_pages: u64,
 }
 
 impl PagerStats {
@@ -256,6 +263,13 @@ impl fmt::Display for PagerStats {
             "resident: {} pages now, peak {} of a {}-page budget; {} over-budget events",
             self.resident_pages, self.peak_resident_pages, self.budget_pages, self.overshoot_events
         )?;
+        if self.held_pages > 0 {
+            writeln!(
+                f,
+                "held: {} pages brought local while eviction was held (fork), outside the budget",
+                self.held_pages
+            )?;
+        }
         if self.local_max_refusals > 0 {
             writeln!(
                 f,
@@ -310,6 +324,25 @@ pub struct ExitReport {
     pub pager: PagerStats,
     /// The process's peak resident set (`VmHWM`) in bytes, 0 if unknown.
     pub peak_rss_bytes: u64,
+    /// The process id (0 if unknown).
+    #[serde(default)]
+    pub pid: u32,
+    /// The program's name (`/proc/self/comm`; empty if unknown).
+    #[serde(default)]
+    pub program: String,
+}
+
+impl ExitReport {
+    /// One line: the process, its peak resident set and what its pager did.
+    pub fn summary(&self) -> String {
+        #[allow(clippy::cast_precision_loss)]
+        let mib = self.peak_rss_bytes as f64 / 1048576.0;
+        let p = &self.pager;
+        format!(
+            "pid {} ({}): peak RSS {mib:.1} MiB, {} remote faults, {} pages written back, {} pages could not be fetched",
+            self.pid, self.program, p.remote_faults, p.evictions_dirty, p.fetch_failures
+        )
+    }
 }
 
 impl fmt::Display for ExitReport {

@@ -28,7 +28,7 @@
 //! | `COALESCE_TRUSTED_LENDERS` | `0` | `1`: pages travel and rest in plaintext (faster; a lender can read and change them). By default every page is sealed (AES-256-GCM, a key that never leaves the process) |
 //! | `COALESCE_HISTORY` | 0 | page-table transitions kept for a page-state violation's log (40 bytes each) |
 //! | `COALESCE_LOG` | `warn` | log filter (`tracing` syntax), written to stderr |
-//! | `COALESCE_STATS` | unset | `1` or `stderr`: print pager statistics on exit, as text; any other value: a file to write them to, as JSON (a `coalesce_pager::ExitReport`: the pager's statistics and the peak RSS; `coalesce run` reads it) |
+//! | `COALESCE_STATS` | unset | `1` or `stderr`: print pager statistics on exit, as text; a directory: every process writes `coalesce-stats-PID.json` in it (a `coalesce_pager::ExitReport`: the pager's statistics, the peak RSS, the pid and program name; `coalesce run` reads them); any other value: a file to write the report to, as JSON (the last process to exit wins) |
 //!
 //! Misconfiguration (an unparsable value, an unreachable server, no userfaultfd privilege, a kernel
 //! without the needed userfaultfd features) prints one line on stderr and exits with status 125

@@ -246,15 +246,23 @@ extern "C" fn at_exit() {
     }
     let Some(dest) = var("COALESCE_STATS") else { return };
     heap::mark_internal_thread();
-    let report = ExitReport { pager: pager.stats(), peak_rss_bytes: peak_rss_bytes().unwrap_or(0) };
+    let report = ExitReport {
+        pager: pager.stats(),
+        peak_rss_bytes: peak_rss_bytes().unwrap_or(0),
+        pid: std::process::id(),
+        program: std::fs::read_to_string("/proc/self/comm").map(|c| c.trim().to_owned()).unwrap_or_default(),
+    };
     if dest == "1" || dest == "stderr" {
         eprint!("{report}");
     } else {
+        // A directory gets one report per process (every process of a pipeline reports).
+        let path = std::path::PathBuf::from(&dest);
+        let path = if path.is_dir() { path.join(format!("coalesce-stats-{}.json", report.pid)) } else { path };
         let written = serde_json::to_string_pretty(&report)
             .map_err(std::io::Error::other)
-            .and_then(|json| std::fs::write(&dest, json + "\n"));
+            .and_then(|json| std::fs::write(&path, json + "\n"));
         if let Err(e) = written {
-            eprintln!("coalesce: cannot write statistics to {dest}: {e}");
+            eprintln!("coalesce: cannot write statistics to {}: {e}", path.display());
         }
     }
     heap::unmark_internal_thread();
@@ -316,13 +324,29 @@ pub unsafe extern "C" fn fork() -> libc::pid_t {
     pager.hold_resident(true);
     // Pages the evictor was moving out when the hold began become remote a moment later: repeat
     // until a pass finds nothing to fetch twice in a row.
+    let mut fetched = 0;
     loop {
-        if region.fetch_all() == 0 {
+        let n = region.fetch_all();
+        fetched += n;
+        if n == 0 {
             std::thread::sleep(Duration::from_millis(1));
-            if region.fetch_all() == 0 {
+            let again = region.fetch_all();
+            fetched += again;
+            if again == 0 {
                 break;
             }
         }
+    }
+    if fetched > 0 {
+        let stats = pager.stats();
+        tracing::warn!(
+            fetched_pages = fetched,
+            resident_pages = stats.resident_pages,
+            budget_pages = stats.budget_pages,
+            "fork: the child needs the whole heap locally; brought {} MiB back from the lenders, past the local \
+             budget until the parent evicts again (use posix_spawn or vfork+exec to avoid it)",
+            fetched * 4096 / (1 << 20)
+        );
     }
     // SAFETY: calling glibc's fork.
     let pid = unsafe { real() };

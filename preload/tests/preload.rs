@@ -131,18 +131,19 @@ fn run(mut cmd: Command, preload: Option<(&lender::ServerHandle, u64)>, stdin: &
     }
 }
 
-fn probe_mode(mode: &str) {
+fn probe_mode(mode: &str) -> Outcome {
     let server = server();
     let out = run(cmd(probe(), &[mode]), Some((&server, 32 * MIB)), b"");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status, 0, "probe {mode}: {stdout}\n{}", out.stderr);
     assert!(stdout.contains(&format!("OK {mode}")), "{stdout}");
-    let stats = out.stats.expect("statistics were written");
+    let stats = out.stats.as_ref().expect("statistics were written");
     eprintln!(
         "probe {mode}: {:.2} s, peak RSS {:.1} MiB\n{stats}",
         out.elapsed.as_secs_f64(),
         out.max_rss as f64 / MIB as f64
     );
+    out
 }
 
 #[test]
@@ -157,7 +158,11 @@ fn read_syscall_into_a_paged_out_buffer() {
 
 #[test]
 fn fork_without_exec_sees_the_heap_as_it_was() {
-    probe_mode("fork");
+    let out = probe_mode("fork");
+    // Pulling the heap local for the child is said and counted, not hidden.
+    assert!(out.stderr.contains("fork: the child needs the whole heap"), "{}", out.stderr);
+    let stats = out.stats.unwrap();
+    assert!(stats.pager.held_pages > 0, "{stats}");
 }
 
 #[test]
