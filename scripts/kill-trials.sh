@@ -16,28 +16,9 @@ BASE_PORT=${BASE_PORT:-17470}
 WORK=${WORK:-$(mktemp -d /tmp/coalesce-kill-trials.XXXXXX)}
 PORTS=("$BASE_PORT" "$((BASE_PORT + 1))" "$((BASE_PORT + 2))")
 SERVERS="127.0.0.1:${PORTS[0]},127.0.0.1:${PORTS[1]},127.0.0.1:${PORTS[2]}"
-declare -a PIDS
-
-start_lender() {
-  local i=$1 out="$WORK/lender-$1.out"
-  : >"$out"
-  "$BIN/memory-server" --listen "127.0.0.1:${PORTS[$i]}" --capacity 512MiB --slab-size 16MiB --lease 5s \
-    >"$out" 2>>"$WORK/lender-$i.log" &
-  PIDS[$i]=$!
-  for _ in $(seq 200); do
-    grep -q "listening on" "$out" && return 0
-    kill -0 "${PIDS[$i]}" 2>/dev/null || break
-    sleep 0.05
-  done
-  echo "kill-trials: lender $i did not start on port ${PORTS[$i]} (see $WORK/lender-$i.log)" >&2
-  exit 2
-}
-
-stop_all() {
-  for pid in "${PIDS[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-}
-trap stop_all EXIT
+LENDER_ARGS=(--capacity 512MiB --slab-size 16MiB --lease 5s)
+# shellcheck source=scripts/lenders.sh
+source "$(dirname "$0")/lenders.sh"
 
 for i in 0 1 2; do start_lender "$i"; done
 

@@ -18,23 +18,9 @@ REPEAT=${REPEAT:-2}
 KILL_AT=${KILL_AT:-12}
 BASE_PORT=${BASE_PORT:-17480}
 WORK=$(mktemp -d /tmp/coalesce-redundancy-bench.XXXXXX)
-declare -a PIDS
-PORTS=("$BASE_PORT" "$((BASE_PORT + 1))" "$((BASE_PORT + 2))")
-SERVERS="127.0.0.1:${PORTS[0]},127.0.0.1:${PORTS[1]},127.0.0.1:${PORTS[2]}"
-
-start_lender() {
-  local i=$1 out="$WORK/lender-$1.out"
-  "$BIN/memory-server" --listen "127.0.0.1:${PORTS[$i]}" --capacity 4GiB --slab-size 64MiB >"$out" 2>/dev/null &
-  PIDS[$i]=$!
-  for _ in $(seq 200); do grep -q "listening on" "$out" && return 0; sleep 0.05; done
-  echo "lender $i did not start" >&2
-  exit 2
-}
-stop_all() {
-  for pid in "${PIDS[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-}
-trap stop_all EXIT
+LENDER_ARGS=(--capacity 4GiB --slab-size 64MiB)
+# shellcheck source=scripts/lenders.sh
+source "$(dirname "$0")/lenders.sh"
 
 # Prints: fill_s seq_s random_s p50_us p99_us p999_us remote_pages
 summarize() {
