@@ -47,6 +47,8 @@ pub struct DemoOptions {
     pub key: Option<rdma::secure::ClusterKey>,
     /// Copies of each page (`None`: the pager's default for the number of lenders).
     pub redundancy: Option<coalesce_pager::store::Redundancy>,
+    /// Background re-replication rate in bytes per second (0: off).
+    pub repair_rate: usize,
 }
 
 /// Errors of the demo.
@@ -145,6 +147,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
     config.trusted_lenders = opts.trusted_lenders;
     config.key = opts.key.clone();
     config.redundancy = opts.redundancy;
+    config.repair_rate = opts.repair_rate;
     let pager = Pager::new(config)?;
     let mut region = pager.map(opts.size, RegionOptions::default())?;
     let pages = region.len() / PAGE_SIZE;

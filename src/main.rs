@@ -255,6 +255,11 @@ struct LenderChoices {
     /// two or more --servers, else none).
     #[arg(long)]
     redundancy: Option<coalesce_pager::store::Redundancy>,
+    /// How fast copies lost with a lender (or on a leaving one) are rebuilt on the others in the
+    /// background, per second (0: not in the background; pages then get new copies only as they
+    /// pass through local memory).
+    #[arg(long, default_value = "256MiB")]
+    repair_rate: ByteSize,
 }
 
 fn main() -> ExitCode {
@@ -269,12 +274,13 @@ fn main() -> ExitCode {
             heap_size,
             provider,
             quiet,
-            lenders: LenderChoices { trusted_lenders, key_file, redundancy },
+            lenders: LenderChoices { trusted_lenders, key_file, redundancy, repair_rate },
             command,
         } => {
             let opts = run::RunOptions {
                 key_file,
                 redundancy,
+                repair_rate: repair_rate.as_u64(),
                 servers,
                 embedded_server,
                 local: local.as_u64(),
@@ -372,7 +378,7 @@ fn main() -> ExitCode {
             fault_threads,
             prefetch_window,
             history,
-            lenders: LenderChoices { trusted_lenders, key_file, redundancy },
+            lenders: LenderChoices { trusted_lenders, key_file, redundancy, repair_rate },
         } => {
             let key = match load_key(key_file.as_deref()) {
                 Ok(k) => k,
@@ -399,6 +405,7 @@ fn main() -> ExitCode {
                 trusted_lenders,
                 key,
                 redundancy,
+                repair_rate: usize::try_from(repair_rate.as_u64()).unwrap_or(usize::MAX),
             };
             let mut result = demo::run(&opts);
             let unavailable = result.as_ref().err().is_some_and(demo::DemoError::is_provider_unavailable);
@@ -434,7 +441,7 @@ fn main() -> ExitCode {
             history,
             prefetch_window,
             discards,
-            lenders: LenderChoices { trusted_lenders, key_file, redundancy },
+            lenders: LenderChoices { trusted_lenders, key_file, redundancy, repair_rate },
         } => {
             let key = match load_key(key_file.as_deref()) {
                 Ok(k) => k,
@@ -463,6 +470,7 @@ fn main() -> ExitCode {
                 trusted_lenders,
                 key,
                 redundancy,
+                repair_rate: usize::try_from(repair_rate.as_u64()).unwrap_or(usize::MAX),
             };
             match stress::run(&opts) {
                 Ok(Ok(reports)) => {

@@ -36,6 +36,8 @@ pub struct RunOptions {
     pub key_file: Option<std::path::PathBuf>,
     /// Copies of each page (`None`: the preload's default for the number of lenders).
     pub redundancy: Option<coalesce_pager::store::Redundancy>,
+    /// Background re-replication rate in bytes per second (0: off).
+    pub repair_rate: u64,
     /// The program and its arguments.
     pub command: Vec<OsString>,
 }
@@ -146,6 +148,7 @@ pub fn run(opts: &RunOptions) -> Result<RunOutcome, RunError> {
         .env("COALESCE_HEAP_SIZE", opts.heap_size.to_string())
         .env("COALESCE_PROVIDER", opts.provider.to_string())
         .env("COALESCE_TRUSTED_LENDERS", if opts.trusted_lenders { "1" } else { "0" });
+    cmd.env("COALESCE_REPAIR_RATE", opts.repair_rate.to_string());
     match opts.redundancy {
         Some(r) => cmd.env("COALESCE_REDUNDANCY", r.to_string()),
         None => cmd.env_remove("COALESCE_REDUNDANCY"),

@@ -49,6 +49,8 @@ pub struct StressOptions {
     pub key: Option<rdma::secure::ClusterKey>,
     /// Copies of each page (`None`: the pager's default for the number of lenders).
     pub redundancy: Option<coalesce_pager::store::Redundancy>,
+    /// Background re-replication rate in bytes per second (0: off).
+    pub repair_rate: usize,
     /// Page-table transitions kept in the history log.
     pub history: usize,
     /// Prefetch window in pages.
@@ -369,6 +371,7 @@ fn run_config(
     config.trusted_lenders = opts.trusted_lenders;
     config.key = opts.key.clone();
     config.redundancy = opts.redundancy;
+    config.repair_rate = opts.repair_rate;
     let pager = Pager::new(config)?;
     let region = pager.map(opts.size, RegionOptions::default())?;
     let pages = region.len() / PAGE_SIZE;

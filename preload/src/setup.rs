@@ -33,6 +33,7 @@ struct Settings {
     trusted_lenders: bool,
     key: Option<rdma::secure::ClusterKey>,
     redundancy: Option<coalesce_pager::store::Redundancy>,
+    repair_rate: usize,
     history: usize,
     log: String,
 }
@@ -117,6 +118,10 @@ fn settings() -> Result<Option<Settings>, String> {
         fault_threads,
         trusted_lenders,
         redundancy,
+        repair_rate: match var("COALESCE_REPAIR_RATE") {
+            Some(_) => size("COALESCE_REPAIR_RATE", "0")?,
+            None => coalesce_pager::PagerConfig::new(Vec::new(), 0).repair_rate,
+        },
         key,
         history,
         log: var("COALESCE_LOG").unwrap_or_else(|| "warn".into()),
@@ -164,6 +169,7 @@ pub extern "C" fn init() {
     config.trusted_lenders = settings.trusted_lenders;
     config.key = settings.key.clone();
     config.redundancy = settings.redundancy;
+    config.repair_rate = settings.repair_rate;
     config.thread_start = Some(pager_thread_start);
     let threads = config.fault_threads + 2; // handlers, evictor, heartbeat
     let pager: &'static Pager = match Pager::new(config) {

@@ -225,6 +225,8 @@ fn misconfiguration_prints_one_line_and_exits_125() {
         ("COALESCE_FETCH_TIMEOUT", "1e19s", "fetch timeout"),
         ("COALESCE_LOCAL_MAX", "lots", "COALESCE_LOCAL_MAX"),
         ("COALESCE_LOCAL_MAX", "1MiB", "below the local budget"),
+        ("COALESCE_REPAIR_RATE", "fast", "COALESCE_REPAIR_RATE"),
+        ("COALESCE_REPAIR_RATE", "100GiB", "repair rate"),
     ] {
         let mut cmd = Command::new(probe());
         cmd.arg("hello").env("LD_PRELOAD", library()).env("COALESCE_SERVERS", "127.0.0.1:7").env(var, value);

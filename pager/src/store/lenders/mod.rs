@@ -148,6 +148,8 @@ impl Places {
 pub struct LenderStore {
     lenders: Vec<Lender>,
     groups: RwLock<Vec<Group>>,
+    /// Slots freed while their group was not whole: handed out again once it is (`unpark`).
+    parked: Mutex<Vec<u32>>,
     /// Copies of each page (1..=MAX_COPIES).
     copies: usize,
     /// Set once a group was made with fewer copies than asked (said once in the log).
@@ -228,6 +230,7 @@ impl LenderStore {
         Ok(Self {
             lenders,
             groups: RwLock::new(Vec::new()),
+            parked: Mutex::new(Vec::new()),
             copies: options.copies,
             degraded: AtomicBool::new(false),
             client_options: client,
@@ -434,6 +437,20 @@ impl LenderStore {
         }
     }
 
+    /// Hands out again the parked slots whose group is whole now (after a repair or a revival).
+    fn unpark(&self) {
+        let mut parked = lock(&self.parked);
+        let mut waiting = Vec::new();
+        for slot in parked.drain(..) {
+            match self.locate(Slot(slot)) {
+                Some(p) if self.healthy(&p) => lock(&self.lenders[p.copies()[0].lender].slots).free.push(slot),
+                Some(_) => waiting.push(slot),
+                None => {}
+            }
+        }
+        *parked = waiting;
+    }
+
     /// Where every copy of a slot lives.
     fn locate(&self, slot: Slot) -> Option<Places> {
         let group = usize::try_from(slot.0 >> SLOT_PAGE_BITS).ok()?;
@@ -474,9 +491,12 @@ impl PageStore for LenderStore {
             let pages = &self.lenders[loc.lender].pages;
             let _ = pages.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
         }
-        // The slot is reused only while every copy of its group can be written.
+        // The slot is reused only while every copy of its group can be written; until its
+        // group is whole again, it waits.
         if self.healthy(&places) {
             lock(&self.lenders[places.copies()[0].lender].slots).free.push(slot.0);
+        } else {
+            lock(&self.parked).push(slot.0);
         }
     }
 
@@ -535,7 +555,7 @@ impl PageStore for LenderStore {
     fn bookkeeping_bytes(&self) -> usize {
         let slabs = self.groups.read().unwrap_or_else(PoisonError::into_inner).len() * std::mem::size_of::<Group>();
         let free: usize = self.lenders.iter().map(|s| lock(&s.slots).free.capacity() * 4).sum();
-        slabs + free
+        slabs + free + lock(&self.parked).capacity() * 4
     }
 
     fn lenders(&self) -> Vec<LenderInfo> {

@@ -242,6 +242,7 @@ impl LenderStore {
             let _ = lock(&s.control).free_slab(old.slab_id);
         }
         tracing::info!(group = job.group, pages = job.used, to = %target.addr, "slab group whole again");
+        self.unpark();
         Ok(())
     }
 

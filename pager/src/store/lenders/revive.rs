@@ -50,6 +50,7 @@ impl LenderStore {
         s.revivals.fetch_add(1, Ordering::AcqRel);
         s.alive.store(true, Ordering::Release);
         if resumed {
+            self.unpark();
             tracing::warn!(server = %s.addr, "memory-server is back with our session: its copies are used again");
         } else {
             tracing::warn!(
