@@ -295,7 +295,8 @@ impl LenderStore {
         if let Some(s) = self.lenders.get(lender) {
             if s.alive.swap(false, Ordering::AcqRel) {
                 let pages = s.pages.load(Ordering::Relaxed);
-                if s.leaving.load(Ordering::Acquire) && self.pending_repair() == 0 {
+                // (No lock taken here: callers may hold a lender's slot lock.)
+                if s.leaving.load(Ordering::Acquire) && pages == 0 {
                     tracing::info!(server = %s.addr, "memory-server left after draining ({why})");
                 } else if self.copies > 1 {
                     tracing::error!(
