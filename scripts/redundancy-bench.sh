@@ -18,6 +18,8 @@ REPEAT=${REPEAT:-2}
 KILL_AT=${KILL_AT:-12}
 BASE_PORT=${BASE_PORT:-17480}
 WORK=$(mktemp -d /tmp/coalesce-redundancy-bench.XXXXXX)
+PORTS=("$BASE_PORT" "$((BASE_PORT + 1))" "$((BASE_PORT + 2))")
+SERVERS="127.0.0.1:${PORTS[0]},127.0.0.1:${PORTS[1]},127.0.0.1:${PORTS[2]}"
 LENDER_ARGS=(--capacity 4GiB --slab-size 64MiB)
 # shellcheck source=scripts/lenders.sh
 source "$(dirname "$0")/lenders.sh"
