@@ -287,3 +287,30 @@ fn python3_under_the_preload_survives_the_loss_of_one_of_three_lenders() {
     assert!(stderr.contains("memory-server failed"), "the loss happened after the run: {stderr}");
     eprintln!("{stderr}");
 }
+
+#[test]
+fn a_stalled_lender_costs_a_failover_not_the_fetch_timeout_when_every_page_has_another_copy() {
+    coalesce::init_logging("warn");
+    let a = ServerProcess::start(&ARGS);
+    let b = ServerProcess::start(&ARGS);
+    let mut config = PagerConfig::new(vec![a.addr, b.addr], 4 * MIB);
+    config.redundancy = Some(Redundancy::Replicate(2));
+    // A stalled lender would hold a read for 20 s; with a second copy it holds it 250 ms.
+    config.fetch_timeout = Duration::from_secs(20);
+    config.failover_timeout = Duration::from_millis(250);
+    let pager = Pager::new(config).unwrap();
+    let mut region = pager.map(32 * MIB, RegionOptions::default()).unwrap();
+    fill(&mut region, 1);
+
+    b.signal(libc::SIGSTOP);
+    let start = std::time::Instant::now();
+    check(&region, 1, "while b is stopped");
+    let took = start.elapsed();
+    b.signal(libc::SIGCONT);
+    eprintln!("check pass with b stopped: {took:?}");
+    assert!(took < Duration::from_secs(10), "a read waited for the stalled lender: {took:?}");
+    assert!(pager.server_pages().iter().any(|&(addr, _, alive)| addr == b.addr && !alive), "b was not failed over");
+    assert_eq!(pager.stats().fetch_failures, 0, "{}", pager.stats());
+    wait_alive(&pager, b.addr);
+    check(&region, 1, "after b resumed");
+}

@@ -35,6 +35,12 @@ pub struct PagerConfig {
     pub prefetch_window: usize,
     /// A fetch not completed within this time fails (the access gets SIGBUS).
     pub fetch_timeout: Duration,
+    /// With copies on several lenders: a read whose pages all have another copy on a reachable
+    /// lender waits this long (at most the fetch timeout) for a stalled lender, then reads the
+    /// other copies, and a write-back waits this long, then keeps its pages local to write them
+    /// to the lenders that answer. The stalled lender is tried again a second later and trusted
+    /// again if it kept its session. Default 500 ms.
+    pub failover_timeout: Duration,
     /// How long an idle handler thread busy-polls before it sleeps in the kernel.
     pub spin: Duration,
     /// Link emulation on every data connection.
@@ -78,6 +84,7 @@ impl PagerConfig {
             prefetch: true,
             prefetch_window: 64,
             fetch_timeout: Duration::from_secs(5),
+            failover_timeout: Duration::from_millis(500),
             spin: Duration::from_micros(50),
             link: LinkProfile::loopback(),
             client_id: None,
@@ -121,6 +128,12 @@ impl PagerConfig {
             return Err(PagerError::Config(format!(
                 "fetch timeout {:?} is out of range: it must be positive and at most 1 hour",
                 self.fetch_timeout
+            )));
+        }
+        if self.failover_timeout.is_zero() || self.failover_timeout > MAX_FETCH_TIMEOUT {
+            return Err(PagerError::Config(format!(
+                "failover timeout {:?} is out of range: it must be positive and at most 1 hour",
+                self.failover_timeout
             )));
         }
         if self.repair_rate > MAX_REPAIR_RATE {

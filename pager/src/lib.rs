@@ -338,6 +338,7 @@ impl Pager {
             client_id: config.client_id,
             endpoint,
             timeout: config.fetch_timeout,
+            failover: config.failover_timeout,
             spin: config.spin,
             trailers: !config.trusted_lenders,
             copies: redundancy.copies(),

@@ -79,6 +79,11 @@ impl LenderIo {
         self.store.is_alive(lender) && self.endpoints.get(lender).is_some_and(Option::is_some)
     }
 
+    /// How many copies of `slot` exist on lenders this thread can reach.
+    fn usable_copies(&self, slot: Slot) -> usize {
+        self.store.locate(slot).map_or(0, |p| p.copies().iter().filter(|loc| self.usable(loc)).count())
+    }
+
     /// True when the copy at `loc` exists and this thread can reach it.
     fn usable(&self, loc: &super::Location) -> bool {
         self.store.copy_valid(loc) && self.reachable(loc.lender)
@@ -202,7 +207,15 @@ impl LenderIo {
         out.resize(pages.len(), Ok(()));
         self.refresh();
         let groups = self.group(direction, buf, pages, out);
-        let deadline = Instant::now() + self.store.timeout;
+        // With copies on several lenders, a stalled lender is not waited for the full timeout: a
+        // read whose every page has a second usable copy fails over to those copies, and a
+        // replicated write fails (its pages stay local, to be written to lenders that answer).
+        let spare = match direction {
+            Direction::Read => pages.iter().zip(out.iter()).all(|(p, o)| o.is_err() || self.usable_copies(p.slot) >= 2),
+            Direction::Write => self.store.copies > 1,
+        };
+        let limit = if spare { self.store.failover } else { self.store.timeout };
+        let deadline = Instant::now() + limit;
         let mut posted = Vec::with_capacity(groups.len());
         for g in groups {
             self.next_wr += 1;
@@ -226,7 +239,7 @@ impl LenderIo {
         }
         // A page written to several copies succeeds only if every copy did.
         for (lender, wr_id, idxs) in posted {
-            let outcome = self.wait_for(lender, wr_id, deadline, direction);
+            let outcome = self.wait_for(lender, wr_id, deadline, limit, direction);
             for i in idxs {
                 keep_first_error(&mut out[i], outcome.clone());
             }
@@ -241,6 +254,7 @@ impl LenderIo {
         lender: usize,
         wr_id: u64,
         deadline: Instant,
+        limit: std::time::Duration,
         direction: Direction,
     ) -> Result<(), TransferError> {
         let spin = self.store.spin;
@@ -263,10 +277,9 @@ impl LenderIo {
                         return self.outcome(lender, status);
                     }
                     if left.is_zero() {
-                        let timeout = self.store.timeout;
                         let what = if direction == Direction::Read { "read" } else { "write-back" };
-                        self.fail_lender(lender, &format!("{what}: no reply within {timeout:?}"));
-                        return Err(TransferError::Timeout(timeout));
+                        self.fail_lender(lender, &format!("{what}: no reply within {limit:?}"));
+                        return Err(TransferError::Timeout(limit));
                     }
                 }
                 Err(e) => {
@@ -328,7 +341,7 @@ impl LenderIo {
             return Err(TransferError::ConnectionLost(why));
         }
         let deadline = Instant::now() + self.store.timeout;
-        self.wait_for(lender, wr_id, deadline, direction)
+        self.wait_for(lender, wr_id, deadline, self.store.timeout, direction)
     }
 
     /// True when this thread can reach lender `lender` now.

@@ -150,6 +150,9 @@ pub struct LenderStore {
     groups: RwLock<Vec<Group>>,
     /// Slots freed while their group was not whole: handed out again once it is (`unpark`).
     parked: Mutex<Vec<u32>>,
+    /// Slabs a repair replaced while their lender was unreachable: freed if it comes back with
+    /// the same session (lender, generation, slab id).
+    orphans: Mutex<Vec<(usize, u64, u64)>>,
     /// Copies of each page (1..=MAX_COPIES).
     copies: usize,
     /// Set once a group was made with fewer copies than asked (said once in the log).
@@ -161,6 +164,10 @@ pub struct LenderStore {
     endpoint_options: EndpointOptions,
     /// A request not completed within this time fails and marks its lender failed.
     timeout: Duration,
+    /// With several copies: a read not completed within this time, when every page it carries
+    /// has another usable copy, fails over to those copies, and a write fails (its lender is
+    /// marked failed and tried again later).
+    failover: Duration,
     /// How long a waiting thread busy-polls before it sleeps in the kernel.
     spin: Duration,
     /// Trailer bytes kept after each page (0 or [`TRAILER_LEN`]).
@@ -178,6 +185,9 @@ pub struct LenderStoreOptions {
     pub endpoint: EndpointOptions,
     /// A read or write not completed within this time fails.
     pub timeout: Duration,
+    /// With several copies, reads (whose pages all have another usable copy) and writes give up
+    /// on a stalled lender after this long (capped by `timeout`).
+    pub failover: Duration,
     /// How long a waiting thread busy-polls before it sleeps.
     pub spin: Duration,
     /// Keep a [`TRAILER_LEN`]-byte trailer beside each page (needed by a sealing layer).
@@ -231,6 +241,7 @@ impl LenderStore {
             lenders,
             groups: RwLock::new(Vec::new()),
             parked: Mutex::new(Vec::new()),
+            orphans: Mutex::new(Vec::new()),
             copies: options.copies,
             degraded: AtomicBool::new(false),
             client_options: client,
@@ -238,6 +249,7 @@ impl LenderStore {
             provider: options.provider,
             endpoint_options: options.endpoint,
             timeout: options.timeout,
+            failover: options.failover.min(options.timeout),
             spin: options.spin,
             trailer: if options.trailers { TRAILER_LEN } else { 0 },
         })

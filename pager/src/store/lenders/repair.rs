@@ -225,8 +225,13 @@ impl LenderStore {
                 return Err("the lost copy came back");
             }
             g.copies[job.at] = job.target;
-            // A leaving lender's copy still exists: free it, so the lender can leave.
-            replaced = self.copy_valid(&location(&old)).then_some(old);
+            // A leaving lender's copy still exists: free it, so the lender can leave. A copy on
+            // a lender that failed is freed if the lender comes back in the same session.
+            if self.copy_valid(&location(&old)) {
+                replaced = Some(old);
+            } else {
+                lock(&self.orphans).push((old.server, old.generation, old.slab_id));
+            }
         } else {
             if g.len != job.len_before || g.len >= super::MAX_COPIES {
                 return Err("the group changed");

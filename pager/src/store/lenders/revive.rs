@@ -10,6 +10,26 @@ use rdma::control::SessionOutcome;
 use super::{control_timeout, lock, LenderStore, REVIVE_INTERVAL};
 
 impl LenderStore {
+    /// Frees the slabs of lender `i` that repairs replaced while it was away, if it kept its
+    /// session (`resumed`); with a new session they are gone already.
+    fn free_orphans(&self, i: usize, resumed: bool) {
+        let generation = self.lenders[i].generation.load(Ordering::Acquire);
+        let mine: Vec<u64> = {
+            let mut orphans = lock(&self.orphans);
+            let (mine, rest): (Vec<_>, Vec<_>) = orphans.drain(..).partition(|&(l, _, _)| l == i);
+            *orphans = rest;
+            mine.into_iter().filter(|&(_, g, _)| resumed && g == generation).map(|(_, _, id)| id).collect()
+        };
+        if mine.is_empty() {
+            return;
+        }
+        let mut control = lock(&self.lenders[i].control);
+        for slab in &mine {
+            let _ = control.free_slab(*slab);
+        }
+        tracing::debug!(server = %self.lenders[i].addr, slabs = mine.len(), "freed slabs replaced while it was away");
+    }
+
     /// Tries a failed lender again (at most every [`REVIVE_INTERVAL`]): resumes its session if it
     /// is still there, else opens a new one (its old copies are then gone).
     pub(super) fn revive(&self, i: usize) {
@@ -49,6 +69,7 @@ impl LenderStore {
         s.full.store(false, Ordering::Release);
         s.revivals.fetch_add(1, Ordering::AcqRel);
         s.alive.store(true, Ordering::Release);
+        self.free_orphans(i, resumed);
         if resumed {
             self.unpark();
             tracing::warn!(server = %s.addr, "memory-server is back with our session: its copies are used again");
