@@ -57,6 +57,8 @@ pub(super) struct Repairer {
     io: LenderIo,
     buf: Arc<LocalRegion>,
     job: Option<Job>,
+    /// Set once "no lender has room" was said, until a job starts again.
+    told_no_room: bool,
 }
 
 impl Repairer {
@@ -64,13 +66,14 @@ impl Repairer {
         let io = LenderIo::open(Arc::clone(&store))?;
         let len = usize::try_from(CHUNK_RECORDS * store.record_len()).unwrap_or(usize::MAX);
         let buf = LocalRegion::new(len).map_err(PagerError::Buffer)?;
-        Ok(Self { store, io, buf, job: None })
+        Ok(Self { store, io, buf, job: None, told_no_room: false })
     }
 
     /// Starts the next job: the first group that is not whole, has a surviving copy, and a
     /// lender this thread can reach that has room and holds no copy of it.
     fn start(&mut self) -> Option<Job> {
         let count = self.store.groups.read().unwrap_or_else(PoisonError::into_inner).len();
+        let mut stuck = false;
         for group in 0..count {
             let Some((g, at, source)) = self.store.repairable(group) else { continue };
             let used = self.store.records_used(group, &g);
@@ -80,9 +83,22 @@ impl Repairer {
             // A lender whose copy was lost (it came back with a new session) may take the new one.
             let holders: Vec<usize> =
                 g.slabs().iter().filter(|s| self.store.copy_valid(&location(s))).map(|s| s.server).collect();
-            let Some(target) = self.new_slab(&holders, used) else { continue };
+            let Some(target) = self.new_slab(&holders, used) else {
+                stuck = true;
+                continue;
+            };
+            self.told_no_room = false;
             tracing::debug!(group, records = used, to = %self.store.lenders[target.server].addr, "re-replicating a slab group");
             return Some(Job { group, at, len_before: g.len, source, target, used, next: 0 });
+        }
+        if stuck && !self.told_no_room {
+            self.told_no_room = true;
+            tracing::warn!(
+                pages = self.store.pending_repair(),
+                "pages have fewer copies than asked for (a lender was lost or is leaving, or the lenders were \
+                 full when the pages were written) and no other lender has room for another; they stay as \
+                 they are until one has"
+            );
         }
         None
     }
