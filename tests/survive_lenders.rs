@@ -27,8 +27,7 @@ fn lenders(n: usize) -> Vec<ServerProcess> {
 fn two_copies_survive_a_lender_killed_during_a_read_pass() {
     coalesce::init_logging("warn");
     let mut servers = lenders(3);
-    let mut config = PagerConfig::new(servers.iter().map(|s| s.addr).collect(), 4 * MIB);
-    config.redundancy = Some(Redundancy::Replicate(2));
+    let mut config = replicated(servers.iter().map(|s| s.addr).collect());
     config.fault_threads = 2;
     let pager = Pager::new(config).unwrap();
     let mut region = pager.map(48 * MIB, RegionOptions::default()).unwrap();
@@ -121,6 +120,13 @@ fn check(region: &coalesce_pager::Region<'_>, seed: u64, what: &str) {
     }
 }
 
+/// Two copies of every page on `addrs`, 4 MiB of local memory.
+fn replicated(addrs: Vec<std::net::SocketAddr>) -> PagerConfig {
+    let mut config = PagerConfig::new(addrs, 4 * MIB);
+    config.redundancy = Some(Redundancy::Replicate(2));
+    config
+}
+
 const ARGS: [&str; 6] = ["--capacity", "256MiB", "--slab-size", "16MiB", "--lease", "5s"];
 
 #[test]
@@ -130,8 +136,7 @@ fn a_restarted_lender_is_taken_back_and_a_second_loss_is_survived() {
     let b_listen = free_port();
     let b = ServerProcess::start_at(&b_listen, &ARGS);
     let b_addr = b.addr;
-    let mut config = PagerConfig::new(vec![a.addr, b.addr], 4 * MIB);
-    config.redundancy = Some(Redundancy::Replicate(2));
+    let mut config = replicated(vec![a.addr, b.addr]);
     config.fetch_timeout = Duration::from_secs(1);
     let pager = Pager::new(config).unwrap();
     let mut region = pager.map(32 * MIB, RegionOptions::default()).unwrap();
@@ -158,8 +163,7 @@ fn a_lender_stalled_past_the_fetch_timeout_is_survived_and_trusted_again() {
     coalesce::init_logging("warn");
     let a = ServerProcess::start(&ARGS);
     let b = ServerProcess::start(&ARGS);
-    let mut config = PagerConfig::new(vec![a.addr, b.addr], 4 * MIB);
-    config.redundancy = Some(Redundancy::Replicate(2));
+    let mut config = replicated(vec![a.addr, b.addr]);
     config.fetch_timeout = Duration::from_millis(500);
     let pager = Pager::new(config).unwrap();
     let mut region = pager.map(32 * MIB, RegionOptions::default()).unwrap();
@@ -193,8 +197,7 @@ fn wait_stats(pager: &Pager, what: &str, done: impl Fn(&coalesce_pager::PagerSta
 fn copies_lost_with_a_lender_are_rebuilt_in_the_background_so_a_second_loss_is_survived() {
     coalesce::init_logging("warn");
     let mut servers: Vec<ServerProcess> = (0..3).map(|_| ServerProcess::start(&ARGS)).collect();
-    let mut config = PagerConfig::new(servers.iter().map(|s| s.addr).collect(), 4 * MIB);
-    config.redundancy = Some(Redundancy::Replicate(2));
+    let mut config = replicated(servers.iter().map(|s| s.addr).collect());
     config.fetch_timeout = Duration::from_secs(1);
     let pager = Pager::new(config).unwrap();
     let mut region = pager.map(48 * MIB, RegionOptions::default()).unwrap();
@@ -293,8 +296,7 @@ fn a_stalled_lender_costs_a_failover_not_the_fetch_timeout_when_every_page_has_a
     coalesce::init_logging("warn");
     let a = ServerProcess::start(&ARGS);
     let b = ServerProcess::start(&ARGS);
-    let mut config = PagerConfig::new(vec![a.addr, b.addr], 4 * MIB);
-    config.redundancy = Some(Redundancy::Replicate(2));
+    let mut config = replicated(vec![a.addr, b.addr]);
     // A stalled lender would hold a read for 20 s; with a second copy it holds it 250 ms.
     config.fetch_timeout = Duration::from_secs(20);
     config.failover_timeout = Duration::from_millis(250);

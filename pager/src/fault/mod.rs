@@ -169,7 +169,6 @@ impl Handler {
 
     /// Reserves room for `n` resident pages; while waiting for the evictor, keeps reading events so
     /// that an `madvise` blocking on its remove event (and an eviction blocked on that) can finish.
-    /// Reserves room for `n` pages, waiting (and handling events) while the evictor makes room.
     /// False at the local maximum when no room came within the fetch timeout.
     fn reserve(&mut self, n: usize) -> bool {
         // The clock is read only once there was no room at the first try.

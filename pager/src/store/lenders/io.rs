@@ -79,11 +79,6 @@ impl LenderIo {
         self.store.is_alive(lender) && self.endpoints.get(lender).is_some_and(Option::is_some)
     }
 
-    /// How many copies of `slot` exist on lenders this thread can reach.
-    fn usable_copies(&self, slot: Slot) -> usize {
-        self.store.locate(slot).map_or(0, |p| p.copies().iter().filter(|loc| self.usable(loc)).count())
-    }
-
     /// True when the copy at `loc` exists and this thread can reach it.
     fn usable(&self, loc: &super::Location) -> bool {
         self.store.copy_valid(loc) && self.reachable(loc.lender)
@@ -111,15 +106,17 @@ impl LenderIo {
 
     /// Groups the pages by lender, naming each page's local bytes in `buf`: a read goes to the
     /// first copy on a reachable lender, a write to every copy. Pages that cannot be sent get
-    /// their outcome in `out` at once.
+    /// their outcome in `out` at once. Also says whether every page read has a second usable
+    /// copy to fail over to.
     fn group(
         &mut self,
         direction: Direction,
         buf: &Arc<LocalRegion>,
         pages: &[PageTransfer],
         out: &mut [Result<(), TransferError>],
-    ) -> Vec<Group> {
+    ) -> (Vec<Group>, bool) {
         let mut groups: Vec<Group> = Vec::new();
+        let mut all_spare = true;
         if direction == Direction::Read {
             self.read_from.clear();
         }
@@ -130,10 +127,16 @@ impl LenderIo {
             };
             let copies = places.copies();
             let targets: &[super::Location] = match direction {
-                Direction::Read => match copies.iter().position(|loc| self.usable(loc)) {
-                    Some(k) => &copies[k..=k],
-                    None => &[],
-                },
+                Direction::Read => {
+                    let mut usable = (0..copies.len()).filter(|&k| self.usable(&copies[k]));
+                    match usable.next() {
+                        Some(k) => {
+                            all_spare &= usable.next().is_some();
+                            &copies[k..=k]
+                        }
+                        None => &[],
+                    }
+                }
                 Direction::Write => copies,
             };
             if targets.is_empty() || targets.iter().any(|loc| !self.usable(loc)) {
@@ -166,7 +169,7 @@ impl LenderIo {
                 }
             }
         }
-        groups
+        (groups, all_spare)
     }
 
     /// Appends the segments that move page `p` (and its trailer, if it has one) to or from `loc`.
@@ -206,33 +209,23 @@ impl LenderIo {
         out.clear();
         out.resize(pages.len(), Ok(()));
         self.refresh();
-        let groups = self.group(direction, buf, pages, out);
+        let (groups, all_spare) = self.group(direction, buf, pages, out);
         // With copies on several lenders, a stalled lender is not waited for the full timeout: a
         // read whose every page has a second usable copy fails over to those copies, and a
         // replicated write fails (its pages stay local, to be written to lenders that answer).
         let spare = match direction {
-            Direction::Read => pages.iter().zip(out.iter()).all(|(p, o)| o.is_err() || self.usable_copies(p.slot) >= 2),
+            Direction::Read => all_spare,
             Direction::Write => self.store.copies > 1,
         };
         let limit = if spare { self.store.failover } else { self.store.timeout };
         let deadline = Instant::now() + limit;
         let mut posted = Vec::with_capacity(groups.len());
         for g in groups {
-            self.next_wr += 1;
-            let wr_id = self.next_wr;
-            let segments = g.segments;
-            let wr = match direction {
-                Direction::Read => WorkRequest::read(wr_id, segments),
-                Direction::Write => WorkRequest::write(wr_id, segments),
-            };
-            let Some(ep) = self.endpoints[g.lender].as_ref() else { continue };
-            match ep.post(&wr) {
-                Ok(()) => posted.push((g.lender, wr_id, g.pages)),
+            match self.post(direction, g.lender, g.segments) {
+                Ok(wr_id) => posted.push((g.lender, wr_id, g.pages)),
                 Err(e) => {
-                    let why = e.to_string();
-                    self.fail_lender(g.lender, &why);
                     for i in g.pages {
-                        keep_first_error(&mut out[i], Err(TransferError::ConnectionLost(why.clone())));
+                        keep_first_error(&mut out[i], Err(e.clone()));
                     }
                 }
             }
@@ -323,25 +316,30 @@ impl LenderIo {
             return Err(TransferError::LenderDown);
         }
         let local = LocalSlice::new(buf, 0, len).map_err(|e| TransferError::Local(e.to_string()))?;
-        let segments = vec![Segment { local, remote_addr, rkey }];
-        self.next_wr += 1;
-        let wr_id = self.next_wr;
-        let (wr, direction) = if write {
-            (WorkRequest::write(wr_id, segments), Direction::Write)
-        } else {
-            (WorkRequest::read(wr_id, segments), Direction::Read)
-        };
-        let posted = match self.endpoints[lender].as_ref() {
-            Some(ep) => ep.post(&wr),
-            None => return Err(TransferError::LenderDown),
-        };
-        if let Err(e) = posted {
-            let why = e.to_string();
-            self.fail_lender(lender, &why);
-            return Err(TransferError::ConnectionLost(why));
-        }
+        let direction = if write { Direction::Write } else { Direction::Read };
+        let wr_id = self.post(direction, lender, vec![Segment { local, remote_addr, rkey }])?;
         let deadline = Instant::now() + self.store.timeout;
         self.wait_for(lender, wr_id, deadline, self.store.timeout, direction)
+    }
+
+    /// Posts one work request of `segments` to `lender`; returns its id. A failed post marks
+    /// the lender failed.
+    fn post(&mut self, direction: Direction, lender: usize, segments: Vec<Segment>) -> Result<u64, TransferError> {
+        self.next_wr += 1;
+        let wr_id = self.next_wr;
+        let wr = match direction {
+            Direction::Read => WorkRequest::read(wr_id, segments),
+            Direction::Write => WorkRequest::write(wr_id, segments),
+        };
+        let Some(ep) = self.endpoints[lender].as_ref() else { return Err(TransferError::LenderDown) };
+        match ep.post(&wr) {
+            Ok(()) => Ok(wr_id),
+            Err(e) => {
+                let why = e.to_string();
+                self.fail_lender(lender, &why);
+                Err(TransferError::ConnectionLost(why))
+            }
+        }
     }
 
     /// True when this thread can reach lender `lender` now.
