@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use coalesce_pager::store::Redundancy;
 use coalesce_pager::{Pager, PagerConfig, RegionOptions};
 use memmap2::MmapOptions;
 
@@ -56,6 +57,25 @@ pub struct BenchOptions {
     pub chart: PathBuf,
     /// Coalesce runs with plaintext pages (no sealing).
     pub trusted_lenders: bool,
+    /// How the Coalesce run keeps pages (as many embedded lenders as it needs).
+    pub redundancy: Redundancy,
+}
+
+/// What one bench worker runs.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerOptions {
+    /// Working set in bytes.
+    pub size: usize,
+    /// Local memory budget in bytes.
+    pub local: usize,
+    /// Sequential passes.
+    pub passes: usize,
+    /// Random 8-byte reads.
+    pub random_reads: usize,
+    /// Coalesce runs with plaintext pages.
+    pub trusted_lenders: bool,
+    /// How the Coalesce run keeps pages.
+    pub redundancy: Redundancy,
 }
 
 /// Errors of the comparison.
@@ -145,14 +165,8 @@ fn decode(line: &str) -> Option<ModeResult> {
 }
 
 /// The worker side: runs the workload once in this process and prints one `RESULT` line.
-pub fn worker(
-    mode: Mode,
-    size: usize,
-    local: usize,
-    passes: usize,
-    random_reads: usize,
-    trusted_lenders: bool,
-) -> Result<(), BenchError> {
+pub fn worker(mode: Mode, w: &WorkerOptions) -> Result<(), BenchError> {
+    let WorkerOptions { size, local, passes, random_reads, trusted_lenders, redundancy } = *w;
     let opts = WorkloadOptions { passes, random_reads, progress: false };
     let setup = |e: &dyn std::fmt::Display| BenchError::Setup(e.to_string());
     let (result, note) = match mode {
@@ -162,10 +176,14 @@ pub fn worker(
             (workload::run(words, &opts).map_err(|e| setup(&e))?, String::new())
         }
         Mode::Coalesce => {
-            let config = lender::ServerConfig::embedded((size as u64 * 2).max(256 << 20));
-            let server = lender::start(config).map_err(|e| setup(&e))?;
-            let mut config = PagerConfig::new(vec![server.addr()], local);
+            // Each lender holds its share of every page (a copy, or a shard), with room to spare.
+            let capacity = (size as u64 * 2).max(256 << 20);
+            let servers = (0..redundancy.lenders())
+                .map(|_| lender::start(lender::ServerConfig::embedded(capacity)).map_err(|e| setup(&e)))
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut config = PagerConfig::new(servers.iter().map(lender::ServerHandle::addr).collect(), local);
             config.trusted_lenders = trusted_lenders;
+            config.redundancy = Some(redundancy);
             let pager = Pager::new(config).map_err(|e| setup(&e))?;
             let mut region = pager.map(size, RegionOptions::default()).map_err(|e| setup(&e))?;
             let words: &mut [u64] = bytemuck::cast_slice_mut(region.as_mut_slice());
@@ -183,7 +201,7 @@ pub fn worker(
             );
             drop(region);
             drop(pager);
-            server.shutdown();
+            servers.into_iter().for_each(lender::ServerHandle::shutdown);
             (r, note)
         }
     };
@@ -289,6 +307,7 @@ fn spawn_worker(mode: Mode, opts: &BenchOptions, cgroup: Option<&Cgroup>) -> Res
     if opts.trusted_lenders {
         cmd.arg("--trusted-lenders");
     }
+    cmd.args(["--redundancy", &opts.redundancy.to_string()]);
     cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
     if let Some(cg) = cgroup {
         use std::os::unix::ffi::OsStrExt;
@@ -380,6 +399,13 @@ pub fn table(opts: &BenchOptions, results: &[(Mode, Result<ModeResult, String>)]
         opts.size / opts.local.max(1),
         opts.passes,
         opts.random_reads
+    );
+    let _ = writeln!(
+        out,
+        "coalesce: redundancy {} over {} embedded lender(s) on 127.0.0.1, pages {}",
+        opts.redundancy,
+        opts.redundancy.lenders(),
+        if opts.trusted_lenders { "in plaintext" } else { "sealed" }
     );
     let _ = writeln!(
         out,

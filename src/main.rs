@@ -86,6 +86,10 @@ enum Command {
         /// encrypted and authenticated before it leaves this machine).
         #[arg(long)]
         trusted_lenders: bool,
+        /// How the Coalesce run keeps pages: none, replicate:N or ec:K+M; it starts as many
+        /// embedded lenders on 127.0.0.1 as the choice needs (one for none).
+        #[arg(long, default_value = "none")]
+        redundancy: coalesce_pager::store::Redundancy,
     },
     /// Internal: one run of the bench workload (started by `coalesce bench`).
     #[command(hide = true)]
@@ -102,6 +106,8 @@ enum Command {
         random_reads: usize,
         #[arg(long)]
         trusted_lenders: bool,
+        #[arg(long, default_value = "none")]
+        redundancy: coalesce_pager::store::Redundancy,
     },
     /// Borrow memory end to end: map a region bigger than the local budget, write a pattern, read it
     /// back sequentially and randomly with verification, and print what the pager did.
@@ -251,8 +257,9 @@ struct LenderChoices {
     /// lender then requires it too.
     #[arg(long)]
     key_file: Option<PathBuf>,
-    /// Copies of each page on distinct lenders: none or replicate:N (default: replicate:2 with
-    /// two or more --servers, else none).
+    /// How pages are kept on distinct lenders: none, replicate:N (N copies) or ec:K+M (K data
+    /// plus M parity shards, Reed-Solomon: survives M lost lenders at (K+M)/K the memory).
+    /// Default: replicate:2 with two or more --servers, else none.
     #[arg(long)]
     redundancy: Option<coalesce_pager::store::Redundancy>,
     /// How fast copies lost with a lender (or on a leaving one) are rebuilt on the others in the
@@ -323,7 +330,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Bench { size, local, passes, random_reads, swapfile, csv, chart, trusted_lenders } => {
+        Command::Bench { size, local, passes, random_reads, swapfile, csv, chart, trusted_lenders, redundancy } => {
             let (Ok(size), Ok(local)) = (usize::try_from(size.as_u64()), usize::try_from(local.as_u64())) else {
                 eprintln!("coalesce: --size and --local must fit this machine's address space");
                 return ExitCode::FAILURE;
@@ -332,7 +339,17 @@ fn main() -> ExitCode {
                 eprintln!("coalesce: need 1 MiB <= --local < --size");
                 return ExitCode::FAILURE;
             }
-            let opts = bench::BenchOptions { size, local, passes, random_reads, swapfile, csv, chart, trusted_lenders };
+            let opts = bench::BenchOptions {
+                size,
+                local,
+                passes,
+                random_reads,
+                swapfile,
+                csv,
+                chart,
+                trusted_lenders,
+                redundancy,
+            };
             match bench::run(&opts) {
                 Ok(results) => {
                     print!("{}", bench::table(&opts, &results));
@@ -354,8 +371,9 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::BenchWorker { mode, size, local, passes, random_reads, trusted_lenders } => {
-            match bench::worker(mode, size, local, passes, random_reads, trusted_lenders) {
+        Command::BenchWorker { mode, size, local, passes, random_reads, trusted_lenders, redundancy } => {
+            let opts = bench::WorkerOptions { size, local, passes, random_reads, trusted_lenders, redundancy };
+            match bench::worker(mode, &opts) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("coalesce bench-worker: {e}");

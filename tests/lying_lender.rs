@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use coalesce_pager::{Pager, PagerConfig, RegionOptions, PAGE_SIZE};
-use common::ServerProcess;
+use common::{kernel_read, ServerProcess};
 use rdma::frame::{Header, HEADER_LEN};
 use rdma::wire::KIND_COMPLETION;
 
@@ -75,25 +75,6 @@ fn word(p: usize, w: usize) -> u64 {
     ((p as u64) << 20) | (w as u64 + 1)
 }
 
-/// Reads the page at `addr` from the kernel (into a pipe): a page the pager refuses to serve
-/// gives `EFAULT` instead of killing the test with SIGBUS.
-fn kernel_read(addr: usize) -> std::io::Result<()> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe(2) writes two descriptors into the two-element array.
-    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `addr` is a whole page of a live region; the kernel reads it through userfaultfd
-    // and reports a page the pager poisons as EFAULT.
-    let rc = unsafe { libc::write(fds[1], addr as *const libc::c_void, PAGE_SIZE) };
-    let result = if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) };
-    for fd in fds {
-        // SAFETY: closes the descriptors pipe(2) just made.
-        unsafe { libc::close(fd) };
-    }
-    result
-}
-
 /// Fills a region four times the budget through a lying lender, arms the lie, and reads one page
 /// that went remote. Returns what the read did and the pager.
 fn read_through_a_lie(server: &ServerProcess, trusted: bool) -> (std::io::Result<bool>, Pager) {
@@ -134,4 +115,49 @@ fn a_sealed_pager_refuses_a_changed_copy_and_a_trusting_one_reads_it() {
     let (outcome, pager) = read_through_a_lie(&server, true);
     assert!(!outcome.expect("a trusting pager serves the copy"), "the lie did not reach the plaintext pager");
     assert!(!pager.stats().sealed);
+}
+
+#[test]
+fn an_erasure_coded_page_is_rebuilt_around_a_lying_lender_and_the_liar_is_dropped() {
+    coalesce::init_logging("error");
+    let servers: Vec<ServerProcess> =
+        (0..4).map(|_| ServerProcess::start(&["--capacity", "256MiB", "--slab-size", "8MiB"])).collect();
+    let proxy = LyingProxy::start(servers[0].addr);
+    let addrs = vec![proxy.addr, servers[1].addr, servers[2].addr, servers[3].addr];
+    let mut config = PagerConfig::new(addrs, 4 << 20);
+    config.redundancy = Some(coalesce_pager::store::Redundancy::Erasure { data: 2, parity: 2 });
+    // Without late binding the lying lender's shards are used whenever they are data shards (with
+    // it, the slower proxied lender's shard tends to arrive last and go unused).
+    config.extra_shard_reads = 0;
+    config.prefetch = false;
+    let pager = Pager::new(config).unwrap();
+    let mut region = pager.map(16 << 20, RegionOptions::default()).unwrap();
+    let words: &mut [u64] = bytemuck::cast_slice_mut(region.as_mut_slice());
+    for (i, w) in words.iter_mut().enumerate() {
+        *w = word(i / (PAGE_SIZE / 8), i % (PAGE_SIZE / 8));
+    }
+    proxy.lie.store(true, Ordering::SeqCst);
+    // Every page comes back right (the kernel reads it: a refused page would be EFAULT here).
+    let base = region.as_ptr() as usize;
+    for p in 0..region.len() / PAGE_SIZE {
+        kernel_read(base + p * PAGE_SIZE).unwrap_or_else(|e| panic!("page {p}: {e}"));
+    }
+    let words: &[u64] = bytemuck::cast_slice(region.as_slice());
+    for (i, &w) in words.iter().enumerate() {
+        assert_eq!(w, word(i / (PAGE_SIZE / 8), i % (PAGE_SIZE / 8)), "word {i}");
+    }
+    let stats = pager.stats();
+    assert!(
+        stats.copies_rejected >= 1,
+        "no changed shard was ever used: the test proves nothing\n{stats}\n{:?}",
+        pager.server_pages()
+    );
+    assert_eq!(stats.fetch_failures, 0, "{stats}");
+    let alive: Vec<bool> = pager.server_pages().iter().map(|&(_, _, alive)| alive).collect();
+    assert_eq!(alive, vec![false, true, true, true], "only the lying lender is dropped");
+    // Failed lenders are tried again every second and taken back if they kept their session; a
+    // liar never is.
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let alive: Vec<bool> = pager.server_pages().iter().map(|&(_, _, alive)| alive).collect();
+    assert_eq!(alive, vec![false, true, true, true], "the lying lender was taken back");
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use coalesce_pager::store::Redundancy;
 use coalesce_pager::{Pager, PagerConfig, RegionOptions, PAGE_SIZE};
-use common::ServerProcess;
+use common::{wait_stats, ServerProcess};
 
 const MIB: usize = 1 << 20;
 const WORDS: usize = PAGE_SIZE / 8;
@@ -85,10 +85,17 @@ fn with_one_copy_the_default_for_one_lender_and_an_explicit_choice_is_honoured()
     config.redundancy = Some(Redundancy::Replicate(3));
     let err = Pager::new(config).expect_err("three copies on two lenders").to_string();
     assert!(err.contains("replicate:3") && err.contains("2 configured"), "{err}");
-    for bad in ["replicate:1", "replicate:9", "ec:4+2", "mirror"] {
-        assert!(bad.parse::<Redundancy>().is_err(), "{bad} was accepted");
+    for bad in ["replicate:1", "replicate:9", "ec:1+1", "ec:4+0", "ec:9+2", "ec:4+5", "ec:4", "ec:a+b", "mirror"] {
+        let err = bad.parse::<Redundancy>().expect_err(bad);
+        assert!(err.contains(bad), "{err}");
     }
     assert_eq!("replicate:2".parse::<Redundancy>(), Ok(Redundancy::Replicate(2)));
+    assert_eq!("ec:4+2".parse::<Redundancy>(), Ok(Redundancy::Erasure { data: 4, parity: 2 }));
+    assert_eq!(Redundancy::Erasure { data: 4, parity: 2 }.to_string(), "ec:4+2");
+    let mut config = PagerConfig::new(addrs, 2 * MIB);
+    config.redundancy = Some(Redundancy::Erasure { data: 2, parity: 1 });
+    let err = Pager::new(config).expect_err("ec:2+1 on two lenders").to_string();
+    assert!(err.contains("ec:2+1 needs 3 distinct lenders"), "{err}");
 }
 
 /// A free port on 127.0.0.1 (bound and released).
@@ -178,19 +185,6 @@ fn a_lender_stalled_past_the_fetch_timeout_is_survived_and_trusted_again() {
     fill(&mut region, 2);
     check(&region, 2, "rewritten after b resumed");
     assert_eq!(pager.stats().fetch_failures, 0, "{}", pager.stats());
-}
-
-/// Waits until `done` holds for the pager's statistics (at most 30 s).
-fn wait_stats(pager: &Pager, what: &str, done: impl Fn(&coalesce_pager::PagerStats) -> bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let stats = pager.stats();
-        if done(&stats) {
-            return;
-        }
-        assert!(std::time::Instant::now() < deadline, "{what} never happened:\n{stats}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]

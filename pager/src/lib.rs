@@ -298,6 +298,9 @@ impl Shared {
         s.remote_pages = self.store.remote_pages();
         s.rereplication_pending_pages = self.store.repair_pending();
         s.sealed = self.store.seals_pages();
+        if let Some(rejected) = self.store.copies_rejected() {
+            s.copies_rejected = rejected;
+        }
         s.metadata_bytes = self.regions.table_bytes() + self.store.bookkeeping_bytes() as u64;
         s
     }
@@ -319,10 +322,10 @@ impl Pager {
         // userfaultfd first: without it, nothing is asked of the lenders.
         let uffd = open_userfaultfd()?;
         let redundancy = config.redundancy.unwrap_or_else(|| store::Redundancy::default_for(config.servers.len()));
-        if redundancy.copies() > config.servers.len() {
+        if redundancy.lenders() > config.servers.len() {
             return Err(PagerError::Config(format!(
-                "redundancy {redundancy} needs {} lenders; {} configured",
-                redundancy.copies(),
+                "redundancy {redundancy} needs {} distinct lenders; {} configured",
+                redundancy.lenders(),
                 config.servers.len()
             )));
         }
@@ -341,13 +344,20 @@ impl Pager {
             failover: config.failover_timeout,
             spin: config.spin,
             trailers: !config.trusted_lenders,
-            copies: redundancy.copies(),
+            redundancy,
+            extra_shard_reads: config.extra_shard_reads,
         };
         let lenders: Arc<dyn store::PageStore> = Arc::new(store::LenderStore::connect(&config.servers, options)?);
         if redundancy == store::Redundancy::None {
             tracing::warn!("pages have one copy: losing a lender loses its pages (replicate:2 needs two lenders)");
         } else {
-            tracing::info!(%redundancy, "every page is kept on distinct lenders");
+            tracing::info!(
+                %redundancy,
+                lenders = redundancy.lenders(),
+                survives_losing = redundancy.tolerates(),
+                remote_memory_per_page = redundancy.memory_factor(),
+                "every page is kept on distinct lenders"
+            );
         }
         let store: Arc<dyn store::PageStore> =
             if config.trusted_lenders { lenders } else { Arc::new(store::SealedStore::new(lenders)?) };

@@ -147,8 +147,9 @@ pub struct PagerStats {
     pub bytes_out: u64,
     /// Pages that could not be fetched (the access got SIGBUS).
     pub fetch_failures: u64,
-    /// Copies that came back from a lender changed (sealed pages that failed authentication: a
-    /// flipped bit, another page's copy, an older version): refused, never handed to the program.
+    /// Pages whose copy came back from a lender changed (sealed pages that failed
+    /// authentication: a flipped bit, another page's copy, an older version): refused, never
+    /// handed to the program; read from another copy when there is one, else failed.
     #[serde(default)]
     pub copies_rejected: u64,
     /// Pages are sealed (encrypted and authenticated) before they leave the process.
@@ -195,7 +196,8 @@ pub struct PagerStats {
     /// Times `UFFDIO_MOVE` moved other pages than it reported (the evictor trusts what it finds
     /// in its staging buffer instead): a kernel quirk, counted to make it visible.
     pub move_miscounts: u64,
-    /// Pages held by memory servers.
+    /// Records held by memory servers: one per copy of each remote page (with `ec:K+M`, one per
+    /// shard).
     pub remote_pages: u64,
     /// Median service time of a remote fault (event read to page installed).
     pub remote_fault_p50: Duration,
@@ -208,11 +210,11 @@ pub struct PagerStats {
     pub remote_fault_max: Duration,
     /// Bytes of pager metadata (page tables, slab table, free lists).
     pub metadata_bytes: u64,
-    /// Pages copied to another lender in the background to restore their redundancy after a
-    /// lender was lost.
+    /// Records (page copies, or shards rebuilt with `ec:K+M`) written to another lender in the
+    /// background to restore their redundancy after a lender was lost or left.
     #[serde(default)]
     pub rereplicated_pages: u64,
-    /// Remote pages with fewer copies than asked for that are waiting for a new copy.
+    /// Remote pages with fewer copies (or shards) than asked for that are waiting for them.
     #[serde(default)]
     pub rereplication_pending_pages: u64,
     /// Pages made resident while eviction was held (around `fork`, which must see the whole

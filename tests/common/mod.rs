@@ -114,3 +114,35 @@ pub fn wait_ok(ep: &Endpoint) -> Completion {
 pub fn pattern(seed: u64, page: u64) -> Vec<u8> {
     (0..512u64).flat_map(|w| (seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (page << 16) ^ w).to_le_bytes()).collect()
 }
+
+/// Reads the page at `addr` from the kernel (into a pipe): a page the pager refuses to serve
+/// gives `EFAULT` instead of killing the test with SIGBUS.
+pub fn kernel_read(addr: usize) -> std::io::Result<()> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe(2) writes two descriptors into the two-element array.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `addr` is a whole page of a live region; the kernel reads it through userfaultfd
+    // and reports a page the pager poisons as EFAULT.
+    let rc = unsafe { libc::write(fds[1], addr as *const libc::c_void, coalesce_pager::PAGE_SIZE) };
+    let result = if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) };
+    for fd in fds {
+        // SAFETY: closes the descriptors pipe(2) just made.
+        unsafe { libc::close(fd) };
+    }
+    result
+}
+
+/// Waits until `done` holds for the pager's statistics (panics after 60 s, naming `what`).
+pub fn wait_stats(pager: &coalesce_pager::Pager, what: &str, done: impl Fn(&coalesce_pager::PagerStats) -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let stats = pager.stats();
+        if done(&stats) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what} never happened:\n{stats}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

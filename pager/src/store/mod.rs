@@ -19,9 +19,9 @@
 //!   (AES-256-GCM, a key that never leaves this process) and opens it when it comes back, so a
 //!   lender can neither read a page nor change, swap or replay one unnoticed.
 //!
-//! Replicated, erasure-coded and tiered stores are further implementations (or layers that wrap
-//! another store) of the same two traits: a slot then names a group of places, `place` picks the
-//! group, and `read_pages` may decode from the first copies to arrive.
+//! The lender store keeps each page in one copy, replicated, or erasure-coded ([`Redundancy`]): a
+//! slot names a record of a group of slabs on distinct lenders, `place` picks the group, and
+//! `read_pages` of a coded page decodes from the first shards to arrive.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -40,7 +40,8 @@ pub use lenders::{LenderStore, LenderStoreOptions, MAX_COPIES};
 pub use memory::{MemoryStore, MemoryStoreFaults};
 pub use sealed::SealedStore;
 
-/// How many copies of each page the lenders hold (`--redundancy`, `COALESCE_REDUNDANCY`).
+/// How the lenders keep each page so that losing some of them loses nothing (`--redundancy`,
+/// `COALESCE_REDUNDANCY`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Redundancy {
     /// One copy: the loss of a lender loses its pages (their accesses get SIGBUS).
@@ -48,14 +49,47 @@ pub enum Redundancy {
     /// `N` copies on `N` distinct lenders (2 to [`MAX_COPIES`]): a page survives the loss of
     /// `N - 1` of them.
     Replicate(usize),
+    /// Reed-Solomon erasure coding: each page cut into `data` shards plus `parity` shards, each
+    /// on its own lender (`data + parity` of them); any `data` shards rebuild the page, so it
+    /// survives the loss of `parity` lenders, at `(data + parity) / data` times the memory.
+    Erasure {
+        /// Data shards (2 to [`MAX_DATA_SHARDS`]).
+        data: usize,
+        /// Parity shards (1 to [`MAX_PARITY_SHARDS`]).
+        parity: usize,
+    },
 }
 
+/// Most data shards of an erasure-coded page (`ec:K+M`: K).
+pub const MAX_DATA_SHARDS: usize = 8;
+
+/// Most parity shards of an erasure-coded page (`ec:K+M`: M).
+pub const MAX_PARITY_SHARDS: usize = 4;
+
 impl Redundancy {
-    /// Copies of each page.
-    pub fn copies(self) -> usize {
+    /// Distinct lenders each page is spread over (copies, or data plus parity shards).
+    pub fn lenders(self) -> usize {
         match self {
             Self::None => 1,
             Self::Replicate(n) => n,
+            Self::Erasure { data, parity } => data + parity,
+        }
+    }
+
+    /// Lenders that may be lost without losing a page.
+    pub fn tolerates(self) -> usize {
+        match self {
+            Self::None => 0,
+            Self::Replicate(n) => n - 1,
+            Self::Erasure { parity, .. } => parity,
+        }
+    }
+
+    /// Remote bytes kept per byte of page (1.0 for `none`).
+    pub fn memory_factor(self) -> f64 {
+        match self {
+            Self::None | Self::Replicate(_) => self.lenders() as f64,
+            Self::Erasure { data, parity } => (data + parity) as f64 / data as f64,
         }
     }
 
@@ -84,10 +118,22 @@ impl std::str::FromStr for Redundancy {
                 _ => Err(format!("{s:?}: replicate:N takes N from 2 to {MAX_COPIES}")),
             };
         }
-        if s.starts_with("ec:") {
-            return Err(format!("{s:?}: erasure coding is not available yet; use replicate:N"));
+        if let Some(km) = s.strip_prefix("ec:") {
+            let parsed =
+                km.split_once('+').and_then(|(k, m)| Some((k.parse::<usize>().ok()?, m.parse::<usize>().ok()?)));
+            return match parsed {
+                Some((data, parity))
+                    if (2..=MAX_DATA_SHARDS).contains(&data) && (1..=MAX_PARITY_SHARDS).contains(&parity) =>
+                {
+                    Ok(Self::Erasure { data, parity })
+                }
+                _ => Err(format!(
+                    "{s:?}: ec:K+M takes K data shards from 2 to {MAX_DATA_SHARDS} and M parity shards from 1 \
+                     to {MAX_PARITY_SHARDS} (e.g. ec:4+2)"
+                )),
+            };
         }
-        Err(format!("{s:?} is not a redundancy: use none or replicate:N"))
+        Err(format!("{s:?} is not a redundancy: use none, replicate:N or ec:K+M"))
     }
 }
 
@@ -96,6 +142,7 @@ impl fmt::Display for Redundancy {
         match self {
             Self::None => f.write_str("none"),
             Self::Replicate(n) => write!(f, "replicate:{n}"),
+            Self::Erasure { data, parity } => write!(f, "ec:{data}+{parity}"),
         }
     }
 }
@@ -238,6 +285,12 @@ pub trait PageStore: Send + Sync + fmt::Debug {
     /// Remote pages that have fewer copies than asked for and can still be given them.
     fn repair_pending(&self) -> u64 {
         0
+    }
+
+    /// Pages whose copy came back changed and was refused (a sealing layer counts them, even
+    /// when another copy then served the page); `None` when this store does not check copies.
+    fn copies_rejected(&self) -> Option<u64> {
+        None
     }
 }
 

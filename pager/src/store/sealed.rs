@@ -62,7 +62,8 @@ impl SealedStore {
         self.sealed.load(Ordering::Relaxed)
     }
 
-    /// Copies that came back changed and were refused.
+    /// Pages whose copy came back changed and was refused (counted once per read, however
+    /// many of its copies were refused).
     pub fn copies_rejected(&self) -> u64 {
         self.rejected.load(Ordering::Relaxed)
     }
@@ -97,6 +98,10 @@ impl PageStore for SealedStore {
 
     fn seals_pages(&self) -> bool {
         true
+    }
+
+    fn copies_rejected(&self) -> Option<u64> {
+        Some(self.copies_rejected())
     }
 
     fn maintain(&self) {
@@ -237,7 +242,6 @@ impl SealedIo {
             }
             out[i] = self.open(buf, &wire, i, p);
             if out[i] == Err(TransferError::Corrupt) {
-                self.store.rejected.fetch_add(1, Ordering::Relaxed);
                 let why = format!(
                     "the copy of page {} (region {}, version {}) failed authentication",
                     p.id.page, p.id.region, p.id.version
@@ -251,6 +255,7 @@ impl SealedIo {
 impl PageIo for SealedIo {
     fn read_pages(&mut self, buf: &Arc<LocalRegion>, pages: &[PageTransfer], out: &mut Vec<Result<(), TransferError>>) {
         self.read_and_open(buf, pages, out);
+        let mut refused: Vec<bool> = out.iter().map(|o| *o == Err(TransferError::Corrupt)).collect();
         // A copy that failed to open made its holder distrusted: read those pages again from
         // another copy, while there is one.
         for _ in 1..super::lenders::MAX_COPIES {
@@ -258,14 +263,19 @@ impl PageIo for SealedIo {
                 .filter(|&i| out[i] == Err(TransferError::Corrupt) && self.inner.readable(pages[i].slot))
                 .collect();
             if retry.is_empty() {
-                return;
+                break;
             }
             let again: Vec<PageTransfer> = retry.iter().map(|&i| pages[i]).collect();
             let mut outcomes = Vec::with_capacity(again.len());
             self.read_and_open(buf, &again, &mut outcomes);
             for (&i, outcome) in retry.iter().zip(outcomes) {
+                refused[i] |= outcome == Err(TransferError::Corrupt);
                 out[i] = outcome;
             }
+        }
+        let refused = refused.iter().filter(|&&r| r).count() as u64;
+        if refused > 0 {
+            self.store.rejected.fetch_add(refused, Ordering::Relaxed);
         }
     }
 

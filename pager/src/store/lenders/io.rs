@@ -10,6 +10,7 @@ use rdma::{
     Completion, CompletionStatus, Endpoint, LocalRegion, LocalSlice, PollMode, ProviderKind, Segment, WorkRequest,
 };
 
+use super::coded_io::CodedState;
 use super::LenderStore;
 use crate::store::{PageIo, PageTransfer, Slot, TransferError};
 use crate::{PagerError, PAGE_SIZE};
@@ -17,9 +18,11 @@ use crate::{PagerError, PAGE_SIZE};
 /// A thread's connections to every lender (`None` for one that is down or failed).
 #[derive(Debug)]
 pub(super) struct LenderIo {
-    store: Arc<LenderStore>,
+    pub(super) store: Arc<LenderStore>,
     endpoints: Vec<Option<Endpoint>>,
     next_wr: u64,
+    /// Staging of erasure-coded pages, and reads still in flight (`coded_io.rs`).
+    pub(super) coded: CodedState,
     /// Send buffer for verbs writes. An RDMA registration pins the physical pages a buffer had
     /// when it was registered, and callers' buffers may have their pages replaced between
     /// batches (the evictor's staging buffer is filled by moving pages in and emptied with
@@ -35,14 +38,25 @@ pub(super) struct LenderIo {
 }
 
 /// The pages of one batch that go to one lender (a page with a trailer takes two segments).
-struct Group {
-    lender: usize,
-    pages: Vec<usize>,
-    segments: Vec<Segment>,
+pub(super) struct Group {
+    pub(super) lender: usize,
+    pub(super) pages: Vec<usize>,
+    pub(super) segments: Vec<Segment>,
+}
+
+/// Adds page `page`'s `segments` to the work request of `lender` in `groups`.
+pub(super) fn add_to(groups: &mut Vec<Group>, lender: usize, page: usize, segments: &mut Vec<Segment>) {
+    match groups.iter_mut().find(|g| g.lender == lender) {
+        Some(g) => {
+            g.pages.push(page);
+            g.segments.append(segments);
+        }
+        None => groups.push(Group { lender, pages: vec![page], segments: std::mem::take(segments) }),
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Direction {
+pub(super) enum Direction {
     Read,
     Write,
 }
@@ -67,6 +81,7 @@ impl LenderIo {
             store,
             endpoints,
             next_wr: 0,
+            coded: CodedState::default(),
             bounce: None,
             completions: Vec::new(),
             read_from: Vec::new(),
@@ -75,17 +90,25 @@ impl LenderIo {
         })
     }
 
-    fn reachable(&self, lender: usize) -> bool {
+    pub(super) fn reachable(&self, lender: usize) -> bool {
         self.store.is_alive(lender) && self.endpoints.get(lender).is_some_and(Option::is_some)
     }
 
     /// True when the copy at `loc` exists and this thread can reach it.
-    fn usable(&self, loc: &super::Location) -> bool {
+    pub(super) fn usable(&self, loc: &super::Location) -> bool {
         self.store.copy_valid(loc) && self.reachable(loc.lender)
     }
 
+    /// Starts a batch of `n` pages: every outcome success until said otherwise, and connections
+    /// to lenders that came back reopened.
+    pub(super) fn begin(&mut self, out: &mut Vec<Result<(), TransferError>>, n: usize) {
+        out.clear();
+        out.resize(n, Ok(()));
+        self.refresh();
+    }
+
     /// Reconnects to lenders that came back since this thread last looked.
-    fn refresh(&mut self) {
+    pub(super) fn refresh(&mut self) {
         for i in 0..self.endpoints.len() {
             let revivals = self.store.revivals(i);
             if revivals == self.revivals_seen[i] {
@@ -151,18 +174,7 @@ impl LenderIo {
                     out[i] = Err(e);
                     break;
                 }
-                match groups.iter_mut().find(|g| g.lender == loc.lender) {
-                    Some(g) => {
-                        g.pages.push(i);
-                        g.segments.append(&mut segments);
-                    }
-                    None => {
-                        let mut g =
-                            Group { lender: loc.lender, pages: vec![i], segments: Vec::with_capacity(2 * pages.len()) };
-                        g.segments.append(&mut segments);
-                        groups.push(g);
-                    }
-                }
+                add_to(&mut groups, loc.lender, i, &mut segments);
                 self.scratch = segments;
                 if direction == Direction::Read {
                     self.read_from.push((p.slot, loc.lender));
@@ -206,18 +218,28 @@ impl LenderIo {
         pages: &[PageTransfer],
         out: &mut Vec<Result<(), TransferError>>,
     ) {
-        out.clear();
-        out.resize(pages.len(), Ok(()));
-        self.refresh();
+        self.begin(out, pages.len());
         let (groups, all_spare) = self.group(direction, buf, pages, out);
         // With copies on several lenders, a stalled lender is not waited for the full timeout: a
         // read whose every page has a second usable copy fails over to those copies, and a
         // replicated write fails (its pages stay local, to be written to lenders that answer).
         let spare = match direction {
             Direction::Read => all_spare,
-            Direction::Write => self.store.copies > 1,
+            Direction::Write => self.store.width > 1,
         };
         let limit = if spare { self.store.failover } else { self.store.timeout };
+        self.run(direction, groups, limit, out);
+    }
+
+    /// Posts one work request per group, then waits for each until `limit` from now; every page
+    /// gets the first failure of its groups, or success.
+    pub(super) fn run(
+        &mut self,
+        direction: Direction,
+        groups: Vec<Group>,
+        limit: std::time::Duration,
+        out: &mut [Result<(), TransferError>],
+    ) {
         let deadline = Instant::now() + limit;
         let mut posted = Vec::with_capacity(groups.len());
         for g in groups {
@@ -242,7 +264,7 @@ impl LenderIo {
     /// Waits for the completion of `wr_id` on `lender`'s endpoint until `deadline`, applying the
     /// failure policy: anything but success marks the lender failed and drops the connection (so
     /// that a late completion can never land in a reused buffer).
-    fn wait_for(
+    pub(super) fn wait_for(
         &mut self,
         lender: usize,
         wr_id: u64,
@@ -266,6 +288,7 @@ impl LenderIo {
             };
             match waited {
                 Ok(_) => {
+                    self.reap_late(lender);
                     if let Some(status) = self.completions.iter().find(|c| c.wr_id == wr_id).map(|c| c.status) {
                         return self.outcome(lender, status);
                     }
@@ -285,7 +308,7 @@ impl LenderIo {
     }
 
     /// What a completion's status means for the page, with the failure policy applied.
-    fn outcome(&mut self, lender: usize, status: CompletionStatus) -> Result<(), TransferError> {
+    pub(super) fn outcome(&mut self, lender: usize, status: CompletionStatus) -> Result<(), TransferError> {
         match status {
             CompletionStatus::Success => Ok(()),
             CompletionStatus::Flushed => {
@@ -299,13 +322,15 @@ impl LenderIo {
         }
     }
 
-    /// Moves `len` bytes between `buf` (from offset 0) and lender `lender`'s memory at
+    /// Moves `len` bytes between `buf` (from offset `at`) and lender `lender`'s memory at
     /// (`remote_addr`, `rkey`), in one work request, waiting up to the store's timeout. For
     /// whole runs of records (the repair of a group); pages go through `read_pages`/`write_pages`.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn move_bytes(
         &mut self,
         write: bool,
         buf: &Arc<LocalRegion>,
+        at: usize,
         len: usize,
         lender: usize,
         remote_addr: u64,
@@ -315,7 +340,7 @@ impl LenderIo {
         if !self.reachable(lender) {
             return Err(TransferError::LenderDown);
         }
-        let local = LocalSlice::new(buf, 0, len).map_err(|e| TransferError::Local(e.to_string()))?;
+        let local = LocalSlice::new(buf, at, len).map_err(|e| TransferError::Local(e.to_string()))?;
         let direction = if write { Direction::Write } else { Direction::Read };
         let wr_id = self.post(direction, lender, vec![Segment { local, remote_addr, rkey }])?;
         let deadline = Instant::now() + self.store.timeout;
@@ -324,7 +349,12 @@ impl LenderIo {
 
     /// Posts one work request of `segments` to `lender`; returns its id. A failed post marks
     /// the lender failed.
-    fn post(&mut self, direction: Direction, lender: usize, segments: Vec<Segment>) -> Result<u64, TransferError> {
+    pub(super) fn post(
+        &mut self,
+        direction: Direction,
+        lender: usize,
+        segments: Vec<Segment>,
+    ) -> Result<u64, TransferError> {
         self.next_wr += 1;
         let wr_id = self.next_wr;
         let wr = match direction {
@@ -348,9 +378,35 @@ impl LenderIo {
         self.reachable(lender)
     }
 
-    fn fail_lender(&mut self, lender: usize, why: &str) {
+    /// Drops this thread's connection to `lender` (nothing it posted can land after this) and
+    /// marks the lender failed.
+    pub(super) fn fail_lender(&mut self, lender: usize, why: &str) {
         self.endpoints[lender] = None;
+        self.coded.forget_lender(lender);
         self.store.mark_failed(lender, why);
+    }
+
+    /// Drops this thread's connection to `lender` and fails it for good (a copy it served came
+    /// back changed).
+    pub(super) fn distrust_lender(&mut self, lender: usize, why: &str) {
+        self.endpoints[lender] = None;
+        self.coded.forget_lender(lender);
+        self.store.distrust_lender(lender, why);
+    }
+
+    /// This thread's endpoint to `lender`, if it has one.
+    pub(super) fn endpoint(&self, lender: usize) -> Option<&Endpoint> {
+        self.endpoints.get(lender).and_then(Option::as_ref)
+    }
+
+    /// Marks the reads named by the completions just gathered (`self.completions`, from
+    /// `lender`) as landed: their staging areas may be reused.
+    fn reap_late(&mut self, lender: usize) {
+        if !self.coded.late.is_empty() {
+            for c in &self.completions {
+                self.coded.landed(lender, c.wr_id);
+            }
+        }
     }
 
     /// The buffer verbs writes are sent from: `buf`'s pages copied into the bounce buffer.
@@ -389,10 +445,13 @@ impl LenderIo {
 
 impl PageIo for LenderIo {
     fn read_pages(&mut self, buf: &Arc<LocalRegion>, pages: &[PageTransfer], out: &mut Vec<Result<(), TransferError>>) {
+        if self.store.code.is_some() {
+            return self.read_coded(buf, pages, out);
+        }
         self.transfer(Direction::Read, buf, pages, out);
         let mut read_from = std::mem::take(&mut self.read_from);
         // A failed read marked its lender failed: read those pages from their next copy.
-        for _ in 1..self.store.copies {
+        for _ in 1..self.store.width {
             let retry: Vec<usize> =
                 (0..pages.len()).filter(|&i| out[i].is_err() && self.readable(pages[i].slot)).collect();
             if retry.is_empty() {
@@ -419,12 +478,16 @@ impl PageIo for LenderIo {
         pages: &[PageTransfer],
         out: &mut Vec<Result<(), TransferError>>,
     ) {
+        if self.store.code.is_some() {
+            return self.write_coded(buf, pages, out);
+        }
         let source = self.send_buffer(buf, pages);
         self.transfer(Direction::Write, &source, pages, out);
     }
 
     fn readable(&self, slot: Slot) -> bool {
-        self.store.locate(slot).is_some_and(|p| p.copies().iter().any(|loc| self.usable(loc)))
+        let needed = self.store.code.as_ref().map_or(1, super::coding::PageCode::data);
+        self.store.locate(slot).is_some_and(|p| p.copies().iter().filter(|loc| self.usable(loc)).count() >= needed)
     }
 
     fn intact(&self, slot: Slot) -> bool {
@@ -432,8 +495,11 @@ impl PageIo for LenderIo {
     }
 
     fn distrust(&mut self, slot: Slot, why: &str) {
+        if self.store.code.is_some() {
+            return self.find_liar(slot, why);
+        }
         if let Some(&(_, lender)) = self.read_from.iter().rev().find(|(s, _)| *s == slot) {
-            self.fail_lender(lender, why);
+            self.distrust_lender(lender, why);
         }
     }
 

@@ -1,14 +1,17 @@
-//! The lender store: each page on `memory-server` lenders, in one copy or replicated on several
-//! distinct lenders ([`LenderStoreOptions::copies`]), over the shim or verbs provider. Control
+//! The lender store: each page on `memory-server` lenders, in one copy, replicated on several
+//! distinct lenders, or erasure-coded over several ([`LenderStoreOptions::redundancy`]), over
+//! the shim or verbs provider. Control
 //! sessions, slabs allocated on demand, slots handed out round-robin over every live lender (so
 //! pages spread over all of them), lease heartbeats; each thread's connections are in
 //! [`io::LenderIo`].
 //!
-//! Slabs come in groups: a group is one slab on each of `copies` distinct lenders, and record `r`
-//! of a group is record `r` of each of its slabs. A slot names a record of a group: `group index
-//! << 20 | record` (4096 groups of up to 4 GiB per copy), so the page table keeps 4 bytes per
-//! page whatever the number of copies. A record is the page's 4 KiB, followed by a
-//! [`TRAILER_LEN`]-byte trailer when the store keeps trailers (for a sealing layer's tags).
+//! Slabs come in groups: a group is one slab on each of `width` distinct lenders (the copies, or
+//! the K + M shards), and record `r` of a group is record `r` of each of its slabs. A slot names
+//! a record of a group: `group index << 20 | record` (4096 groups of up to 2^20 records), so the
+//! page table keeps 4 bytes per page in every mode. With copies a record is the page's 4 KiB,
+//! followed by a [`TRAILER_LEN`]-byte trailer when the store keeps trailers (for a sealing
+//! layer's tags); erasure-coded, record `r` of slab `s` is shard `s` of the page and trailer
+//! (`coding.rs`), read and written by `coded_io.rs`.
 //!
 //! A failed lender is tried again now and then (every [`REVIVE_INTERVAL`], from the upkeep
 //! thread): if its session is still there (a stall shorter than the lease) it is trusted again
@@ -19,16 +22,19 @@
 //! acknowledged; a read goes to the first copy on a live lender, and when it fails (the lender is
 //! then marked failed) to the next. A group that lost a copy is made whole again in the
 //! background (`repair.rs`: a new slab on another lender, filled from a surviving copy); a clean
-//! page of such a group evicted before that is written again, to a whole group. When fewer live lenders than `copies` have room, new
-//! groups have fewer copies (said once in the log) rather than none.
+//! page of such a group evicted before that is written again, to a whole group. When fewer live
+//! lenders than `width` have room, new groups have fewer copies (or parity shards; never fewer
+//! than K data shards), said once in the log, rather than none.
 //! Slots are handed out from each slab with a bump pointer; freed slots go to a per-lender free
 //! list, so the allocator costs nothing per used slot.
 //!
-//! Failure policy (the same for reads and writes): a lender is marked failed, for good, when its
-//! control session or lease is lost, when a request to it times out, when its connection is lost,
-//! or when it refuses a request (a remote access error: our slabs are gone, and on verbs the queue
-//! pair is in the error state). Its pages then raise SIGBUS when accessed, and pages evicted
-//! later go to the other lenders.
+//! Failure policy (the same for reads and writes): a lender is marked failed when its control
+//! session or lease is lost, when a request to it times out, when its connection is lost, or when
+//! it refuses a request (a remote access error: our slabs are gone, and on verbs the queue pair
+//! is in the error state). Its pages are then read from their other copies or shards (or, with
+//! none left, raise SIGBUS when accessed), pages evicted later go to the other lenders, and it is
+//! tried again as said above. A lender that served a copy which came back changed (a sealing
+//! layer's verdict) is *distrusted*: failed for good, never tried again.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -38,12 +44,16 @@ use std::time::{Duration, Instant};
 use rdma::client::{ClientError, ClientOptions, ControlClient};
 use rdma::{EndpointOptions, ProviderKind};
 
-use super::{LenderInfo, PageIo, PageStore, Slot, TRAILER_LEN};
+use super::{LenderInfo, PageIo, PageStore, Redundancy, Slot, TRAILER_LEN};
 use crate::{PagerError, PAGE_SIZE};
 
+mod coded_io;
+mod coding;
 mod io;
+mod liar;
 mod repair;
 mod revive;
+mod slots;
 
 const SLOT_PAGE_BITS: u32 = 20;
 const MAX_SLABS: usize = 1 << (32 - SLOT_PAGE_BITS);
@@ -54,6 +64,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Most copies of a page.
 pub const MAX_COPIES: usize = 4;
+
+/// Most slabs in a group (copies, or data plus parity shards).
+const MAX_GROUP: usize = crate::store::MAX_DATA_SHARDS + crate::store::MAX_PARITY_SHARDS;
 
 /// How often a failed lender is tried again.
 pub const REVIVE_INTERVAL: Duration = Duration::from_secs(1);
@@ -69,11 +82,11 @@ struct Slab {
     rkey: u32,
 }
 
-/// One slab on each of up to [`MAX_COPIES`] distinct lenders; record `r` of the group is record
-/// `r` of every slab.
+/// One slab on each of up to [`MAX_GROUP`] distinct lenders; record `r` of the group is record
+/// `r` of every slab (with erasure coding, slab `s` holds shard `s`).
 #[derive(Debug, Clone, Copy)]
 struct Group {
-    copies: [Slab; MAX_COPIES],
+    copies: [Slab; MAX_GROUP],
     len: usize,
     records: u32,
 }
@@ -100,6 +113,8 @@ struct Lender {
     full: AtomicBool,
     /// The lender is draining (leaving on purpose): its copies are read but moved elsewhere.
     leaving: AtomicBool,
+    /// A copy it served came back changed: it is failed for good (never tried again).
+    distrusted: AtomicBool,
     /// Slots currently holding (or reserved for) pages.
     pages: AtomicU64,
     slots: Mutex<ServerSlots>,
@@ -133,7 +148,7 @@ struct Location {
 /// Where every copy of a slot lives.
 #[derive(Debug, Clone, Copy)]
 struct Places {
-    at: [Location; MAX_COPIES],
+    at: [Location; MAX_GROUP],
     len: usize,
 }
 
@@ -153,8 +168,12 @@ pub struct LenderStore {
     /// Slabs a repair replaced while their lender was unreachable: freed if it comes back with
     /// the same session (lender, generation, slab id).
     orphans: Mutex<Vec<(usize, u64, u64)>>,
-    /// Copies of each page (1..=MAX_COPIES).
-    copies: usize,
+    /// Slabs in a whole group: copies of each page, or data plus parity shards.
+    width: usize,
+    /// The erasure code, when pages are coded rather than copied.
+    code: Option<coding::PageCode>,
+    /// Shards a coded read posts beyond the K it needs.
+    extra_shard_reads: usize,
     /// Set once a group was made with fewer copies than asked (said once in the log).
     degraded: AtomicBool,
     /// How control sessions are opened (again, when a failed lender is tried again).
@@ -192,9 +211,11 @@ pub struct LenderStoreOptions {
     pub spin: Duration,
     /// Keep a [`TRAILER_LEN`]-byte trailer beside each page (needed by a sealing layer).
     pub trailers: bool,
-    /// Copies of each page, on distinct lenders (1 to [`MAX_COPIES`], and at most the number of
-    /// lenders).
-    pub copies: usize,
+    /// How pages are kept: copies on distinct lenders, or erasure-coded shards on distinct
+    /// lenders; needs at least [`Redundancy::lenders`] lenders.
+    pub redundancy: Redundancy,
+    /// Erasure-coded reads: shards read beyond the K needed (late binding; at most M).
+    pub extra_shard_reads: usize,
 }
 
 impl LenderStore {
@@ -203,13 +224,19 @@ impl LenderStore {
         if addrs.is_empty() {
             return Err(PagerError::Config("no memory servers configured".into()));
         }
-        if options.copies == 0 || options.copies > MAX_COPIES.min(addrs.len()) {
+        let width = options.redundancy.lenders();
+        if width > addrs.len() {
             return Err(PagerError::Config(format!(
-                "{} copies of each page need as many distinct lenders (at most {MAX_COPIES}); {} configured",
-                options.copies,
+                "redundancy {} needs {width} distinct lenders; {} configured",
+                options.redundancy,
                 addrs.len()
             )));
         }
+        let trailer = if options.trailers { TRAILER_LEN } else { 0 };
+        let code = match options.redundancy {
+            Redundancy::Erasure { data, parity } => Some(coding::PageCode::new(data, parity, trailer)?),
+            Redundancy::None | Redundancy::Replicate(_) => None,
+        };
         let client = ClientOptions {
             client_id: options.client_id,
             provider: options.provider,
@@ -230,6 +257,7 @@ impl LenderStore {
                 alive: AtomicBool::new(true),
                 full: AtomicBool::new(false),
                 leaving: AtomicBool::new(false),
+                distrusted: AtomicBool::new(false),
                 pages: AtomicU64::new(0),
                 slots: Mutex::new(ServerSlots::default()),
                 generation: AtomicU64::new(0),
@@ -242,7 +270,9 @@ impl LenderStore {
             groups: RwLock::new(Vec::new()),
             parked: Mutex::new(Vec::new()),
             orphans: Mutex::new(Vec::new()),
-            copies: options.copies,
+            width,
+            code,
+            extra_shard_reads: options.extra_shard_reads,
             degraded: AtomicBool::new(false),
             client_options: client,
             next_lender: AtomicUsize::new(0),
@@ -251,7 +281,7 @@ impl LenderStore {
             timeout: options.timeout,
             failover: options.failover.min(options.timeout),
             spin: options.spin,
-            trailer: if options.trailers { TRAILER_LEN } else { 0 },
+            trailer,
         })
     }
 
@@ -279,7 +309,7 @@ impl LenderStore {
     /// group as they pass through local memory.
     fn healthy(&self, places: &Places) -> bool {
         let live = self.lenders.iter().filter(|s| s.is_alive() && !s.leaving.load(Ordering::Acquire)).count();
-        places.len >= self.copies.min(live) && places.copies().iter().all(|loc| self.copy_whole(loc))
+        places.len >= self.width.min(live) && places.copies().iter().all(|loc| self.copy_whole(loc))
     }
 
     /// Marks a lender leaving (it is draining): no new slabs there, and its copies move to the
@@ -297,6 +327,15 @@ impl LenderStore {
         }
     }
 
+    /// Fails a lender for good: a copy it served came back changed. It is never tried again,
+    /// and its copies are rebuilt on the other lenders.
+    fn distrust_lender(&self, lender: usize, why: &str) {
+        if let Some(s) = self.lenders.get(lender) {
+            s.distrusted.store(true, Ordering::Release);
+            self.mark_failed(lender, why);
+        }
+    }
+
     /// Times lender `i` came back (threads reconnect their endpoints when this moves).
     fn revivals(&self, i: usize) -> u64 {
         self.lenders.get(i).map_or(0, |s| s.revivals.load(Ordering::Acquire))
@@ -310,7 +349,13 @@ impl LenderStore {
                 // (No lock taken here: callers may hold a lender's slot lock.)
                 if s.leaving.load(Ordering::Acquire) && pages == 0 {
                     tracing::info!(server = %s.addr, "memory-server left after draining ({why})");
-                } else if self.copies > 1 {
+                } else if self.code.is_some() {
+                    tracing::error!(
+                        server = %s.addr,
+                        shards = pages,
+                        "memory-server failed ({why}); its pages are rebuilt from their other shards"
+                    );
+                } else if self.width > 1 {
                     tracing::error!(
                         server = %s.addr,
                         pages,
@@ -327,150 +372,13 @@ impl LenderStore {
         }
     }
 
-    /// Reserves a slot on the next live lender with room (and `usable`), allocating a slab if
-    /// needed. `None` when every lender is full, down or not usable.
-    fn alloc_slot(&self, usable: impl Fn(usize) -> bool) -> Option<Slot> {
-        let n = self.lenders.len();
-        for _ in 0..n {
-            let i = self.next_lender.fetch_add(1, Ordering::Relaxed) % n;
-            let s = &self.lenders[i];
-            if !s.is_alive() || !usable(i) {
-                continue;
-            }
-            if let Some(slot) = self.slot_from(i) {
-                if let Some(places) = self.locate(slot) {
-                    for loc in places.copies() {
-                        self.lenders[loc.lender].pages.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                return Some(slot);
-            }
-        }
-        None
-    }
-
-    fn slot_from(&self, i: usize) -> Option<Slot> {
-        let s = &self.lenders[i];
-        let mut slots = lock(&s.slots);
-        // Free slots and the group being filled are used only while all their copies exist.
-        while let Some(slot) = slots.free.pop() {
-            if self.locate(Slot(slot)).is_some_and(|p| self.healthy(&p)) {
-                return Some(Slot(slot));
-            }
-        }
-        if let Some((group, next)) = slots.bump {
-            let records = self.groups.read().unwrap_or_else(PoisonError::into_inner)[group].records;
-            let slot = make_slot(group, next);
-            if next < records && self.locate(slot).is_some_and(|p| self.healthy(&p)) {
-                slots.bump = Some((group, next + 1));
-                return Some(slot);
-            }
-        }
-        if s.full.load(Ordering::Acquire) {
-            return None;
-        }
-        let group = self.new_group(i)?;
-        slots.bump = Some((group, 1));
-        Some(make_slot(group, 0))
-    }
-
-    /// Makes a group led by lender `leader`: a slab on it and on the next live lenders with room,
-    /// up to `copies` of them. `None` when the leader has no room (or fails).
-    fn new_group(&self, leader: usize) -> Option<usize> {
-        let n = self.lenders.len();
-        let mut group = Group { copies: [Slab::default(); MAX_COPIES], len: 0, records: u32::MAX };
-        for k in 0..n {
-            if group.len == self.copies {
-                break;
-            }
-            let j = (leader + k) % n;
-            let s = &self.lenders[j];
-            if !s.is_alive() || s.full.load(Ordering::Acquire) {
-                if k == 0 {
-                    return None;
-                }
-                continue;
-            }
-            let grant = match lock(&s.control).alloc_slab() {
-                Ok(g) => g,
-                Err(ClientError::CapacityExhausted { message, .. }) => {
-                    s.full.store(true, Ordering::Release);
-                    tracing::warn!(server = %s.addr, "memory-server is full: {message}");
-                    if k == 0 {
-                        return None;
-                    }
-                    continue;
-                }
-                Err(ClientError::Refused { code: rdma::control::ErrorCode::ShuttingDown, .. }) => {
-                    self.mark_leaving(j, None);
-                    if k == 0 {
-                        return None;
-                    }
-                    continue;
-                }
-                Err(e) => {
-                    self.mark_failed(j, &e.to_string());
-                    if k == 0 {
-                        return None;
-                    }
-                    continue;
-                }
-            };
-            let records = u32::try_from(grant.len / self.record_len()).unwrap_or(0).min(1 << SLOT_PAGE_BITS);
-            group.records = group.records.min(records);
-            let generation = s.generation.load(Ordering::Acquire);
-            group.copies[group.len] =
-                Slab { server: j, generation, slab_id: grant.slab_id, addr: grant.addr, rkey: grant.rkey };
-            group.len += 1;
-            tracing::debug!(server = %s.addr, slab = grant.slab_id, records, "slab allocated");
-        }
-        let mut groups = self.groups.write().unwrap_or_else(PoisonError::into_inner);
-        if group.len == 0 || group.records == 0 || groups.len() >= MAX_SLABS {
-            drop(groups);
-            self.give_back(&group);
-            tracing::warn!(server = %self.lenders[leader].addr, "no slab group could be made; not using more remote memory there");
-            self.lenders[leader].full.store(true, Ordering::Release);
-            return None;
-        }
-        if group.len < self.copies && !self.degraded.swap(true, Ordering::AcqRel) {
-            tracing::warn!(
-                copies = group.len,
-                wanted = self.copies,
-                "fewer live lenders with room than copies asked for: new pages have fewer copies"
-            );
-        }
-        groups.push(group);
-        Some(groups.len() - 1)
-    }
-
-    /// Frees the slabs of a group that will not be used.
-    fn give_back(&self, group: &Group) {
-        for slab in group.slabs() {
-            let _ = lock(&self.lenders[slab.server].control).free_slab(slab.slab_id);
-        }
-    }
-
-    /// Hands out again the parked slots whose group is whole now (after a repair or a revival).
-    fn unpark(&self) {
-        let mut parked = lock(&self.parked);
-        let mut waiting = Vec::new();
-        for slot in parked.drain(..) {
-            match self.locate(Slot(slot)) {
-                Some(p) if self.healthy(&p) => lock(&self.lenders[p.copies()[0].lender].slots).free.push(slot),
-                Some(_) => waiting.push(slot),
-                None => {}
-            }
-        }
-        *parked = waiting;
-    }
-
     /// Where every copy of a slot lives.
     fn locate(&self, slot: Slot) -> Option<Places> {
         let group = usize::try_from(slot.0 >> SLOT_PAGE_BITS).ok()?;
         let record = u64::from(slot.0 & ((1 << SLOT_PAGE_BITS) - 1));
         let groups = self.groups.read().unwrap_or_else(PoisonError::into_inner);
         let g = groups.get(group)?;
-        let mut places = Places { at: [Location::default(); MAX_COPIES], len: g.len };
+        let mut places = Places { at: [Location::default(); MAX_GROUP], len: g.len };
         for (at, slab) in places.at.iter_mut().zip(g.slabs()) {
             *at = Location {
                 lender: slab.server,
@@ -482,9 +390,12 @@ impl LenderStore {
         Some(places)
     }
 
-    /// Bytes one slot takes in a slab: the page and its trailer.
+    /// Bytes one slot takes in a slab: the page and its trailer, or one shard of them.
     fn record_len(&self) -> u64 {
-        (PAGE_SIZE + self.trailer) as u64
+        match &self.code {
+            Some(code) => code.shard_len() as u64,
+            None => (PAGE_SIZE + self.trailer) as u64,
+        }
     }
 
     /// The shortest lease over the lenders.

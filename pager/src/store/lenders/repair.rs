@@ -2,8 +2,12 @@
 //! a new session), has a copy on a lender that is leaving (draining), or was made with fewer
 //! copies than asked gets a new slab on another live lender, filled from a surviving copy, in the
 //! background; then the new slab takes the lost (or leaving) copy's place in the group, and a
-//! leaving lender's slab is freed (it exits once it holds none). The page table does not change: a slot names a record of a group, wherever the
-//! group's slabs are.
+//! leaving lender's slab is freed (it exits once it holds none). The page table does not change:
+//! a slot names a record of a group, wherever the group's slabs are.
+//!
+//! Erasure-coded groups are repaired the same way, shard by shard: a lost shard is rebuilt,
+//! record by record, from K surviving shards of the group (a leaving lender's shard, still
+//! there, is copied as it is).
 //!
 //! Why copying a group is safe while the program runs: no page is written to a group that is
 //! not whole (`place` moves a page out of such a group to a whole one, and free slots of such a
@@ -31,8 +35,11 @@ fn location(slab: &Slab) -> Location {
     Location { lender: slab.server, generation: slab.generation, addr: slab.addr, rkey: slab.rkey }
 }
 
+/// What a repair reads from: (place in the group, copy) pairs (see [`Job::sources`]).
+type Sources = Vec<(usize, Location)>;
+
 /// One group being repaired.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Job {
     group: usize,
     /// Where the new slab goes in the group: the index of a lost copy, or the group's length
@@ -40,8 +47,9 @@ struct Job {
     at: usize,
     /// The group's length when the job began.
     len_before: usize,
-    /// The copy read from.
-    source: Location,
+    /// The copies read from, each with its place in the group: one copy (copied as it is), or
+    /// K shards (the lost shard is rebuilt from them).
+    sources: Sources,
     /// The new slab.
     target: Slab,
     /// Records in use (copied).
@@ -64,7 +72,9 @@ pub(super) struct Repairer {
 impl Repairer {
     pub(super) fn open(store: Arc<LenderStore>) -> Result<Self, PagerError> {
         let io = LenderIo::open(Arc::clone(&store))?;
-        let len = usize::try_from(CHUNK_RECORDS * store.record_len()).unwrap_or(usize::MAX);
+        // Room for a chunk from each of K shards and the rebuilt one.
+        let chunks = store.code.as_ref().map_or(1, |code| code.data() + 1) as u64;
+        let len = usize::try_from(chunks * CHUNK_RECORDS * store.record_len()).unwrap_or(usize::MAX);
         let buf = LocalRegion::new(len).map_err(PagerError::Buffer)?;
         Ok(Self { store, io, buf, job: None, told_no_room: false })
     }
@@ -75,7 +85,7 @@ impl Repairer {
         let count = self.store.groups.read().unwrap_or_else(PoisonError::into_inner).len();
         let mut stuck = false;
         for group in 0..count {
-            let Some((g, at, source)) = self.store.repairable(group) else { continue };
+            let Some((g, at, sources)) = self.store.repairable(group) else { continue };
             let used = self.store.records_used(group, &g);
             if used == 0 {
                 continue;
@@ -89,7 +99,7 @@ impl Repairer {
             };
             self.told_no_room = false;
             tracing::debug!(group, records = used, to = %self.store.lenders[target.server].addr, "re-replicating a slab group");
-            return Some(Job { group, at, len_before: g.len, source, target, used, next: 0 });
+            return Some(Job { group, at, len_before: g.len, sources, target, used, next: 0 });
         }
         if stuck && !self.told_no_room {
             self.told_no_room = true;
@@ -136,23 +146,59 @@ impl Repairer {
         None
     }
 
-    /// Copies the next chunk of `job`; true when the chunk was copied.
+    /// Copies (or rebuilds) the next chunk of `job`; true when the chunk was written.
     fn copy_chunk(&mut self, job: &mut Job) -> bool {
         let record = self.store.record_len();
         let n = CHUNK_RECORDS.min(job.used - job.next);
-        let Ok(len) = usize::try_from(n * record) else { return false };
-        let offset = job.next * record;
-        let read =
-            self.io.move_bytes(false, &self.buf, len, job.source.lender, job.source.addr + offset, job.source.rkey);
-        if read.is_err() || !self.store.copy_valid(&job.source) {
+        let (Ok(len), Ok(stride)) = (usize::try_from(n * record), usize::try_from(CHUNK_RECORDS * record)) else {
             return false;
+        };
+        let offset = job.next * record;
+        for (k, (_, source)) in job.sources.iter().enumerate() {
+            let read =
+                self.io.move_bytes(false, &self.buf, k * stride, len, source.lender, source.addr + offset, source.rkey);
+            if read.is_err() || !self.store.copy_valid(source) {
+                return false;
+            }
         }
+        // One source is a copy of what the target gets; K sources are shards to rebuild it from.
+        let from = if job.sources.len() == 1 {
+            0
+        } else {
+            match self.rebuild_chunk(job, len, stride) {
+                Some(at) => at,
+                None => return false,
+            }
+        };
         let (server, addr, rkey) = (job.target.server, job.target.addr + offset, job.target.rkey);
-        if self.io.move_bytes(true, &self.buf, len, server, addr, rkey).is_err() {
+        if self.io.move_bytes(true, &self.buf, from, len, server, addr, rkey).is_err() {
             return false;
         }
         job.next += n;
         true
+    }
+
+    /// Rebuilds shard `job.at` of every record of a chunk from the K source chunks in the buffer
+    /// (chunk `k` at `k * stride`); returns where the rebuilt chunk is.
+    fn rebuild_chunk(&self, job: &Job, len: usize, stride: usize) -> Option<usize> {
+        let code = self.store.code.as_ref()?;
+        let shard_len = code.shard_len();
+        let out = job.sources.len() * stride;
+        let mut stripe = vec![0u8; code.stripe_len()];
+        let mut present = vec![false; code.shards()];
+        for &(s, _) in &job.sources {
+            present[s] = true;
+        }
+        let mut shard = vec![0u8; shard_len];
+        for r in 0..len / shard_len {
+            for (k, &(s, _)) in job.sources.iter().enumerate() {
+                self.buf.read_at(k * stride + r * shard_len, &mut stripe[s * shard_len..(s + 1) * shard_len]).ok()?;
+            }
+            code.rebuild(&mut stripe, &present, true).ok()?;
+            shard.copy_from_slice(&stripe[job.at * shard_len..(job.at + 1) * shard_len]);
+            self.buf.write_at(out + r * shard_len, &shard).ok()?;
+        }
+        Some(out)
     }
 
     /// Drops a job: its new slab is freed (if its lender is still there).
@@ -193,27 +239,40 @@ impl PageRepair for Repairer {
 }
 
 impl LenderStore {
-    /// If group `group` is not whole but can be made whole: the group, where a new copy goes,
-    /// and a surviving copy to fill it from.
-    fn repairable(&self, group: usize) -> Option<(Group, usize, Location)> {
+    /// If group `group` is not whole but can be made whole: the group, where a new copy (or
+    /// shard) goes, and what to fill it from (see [`Job::sources`]).
+    fn repairable(&self, group: usize) -> Option<(Group, usize, Sources)> {
         let g = *self.groups.read().unwrap_or_else(PoisonError::into_inner).get(group)?;
+        // `locate` of record 0 gives the slabs' base addresses.
         let places = self.locate(super::make_slot(group, 0))?;
         if self.healthy(&places) {
             return None;
         }
-        // Read from a copy that stays, else from the leaving one.
         let copies = places.copies();
-        let source = *copies
-            .iter()
-            .find(|loc| self.copy_whole(loc))
-            .or_else(|| copies.iter().find(|loc| self.copy_valid(loc)))?;
         let at = match copies.iter().position(|loc| !self.copy_whole(loc)) {
             Some(lost) => lost,
-            None if g.len < self.copies => g.len,
+            None if g.len < self.width => g.len,
             None => return None,
         };
-        // `locate` of record 0 gives the slabs' base addresses.
-        Some((g, at, source))
+        let Some(code) = &self.code else {
+            // Read from a copy that stays, else from the leaving one.
+            let source = copies
+                .iter()
+                .find(|loc| self.copy_whole(loc))
+                .or_else(|| copies.iter().find(|loc| self.copy_valid(loc)))?;
+            return Some((g, at, vec![(0, *source)]));
+        };
+        // A leaving lender's shard is still there: copy it as it is.
+        if at < copies.len() && self.copy_valid(&copies[at]) {
+            return Some((g, at, vec![(at, copies[at])]));
+        }
+        // Else rebuild it from K shards (those that stay first).
+        let mut valid: Vec<usize> = (0..copies.len()).filter(|&s| s != at && self.copy_valid(&copies[s])).collect();
+        valid.sort_by_key(|&s| !self.copy_whole(&copies[s]));
+        if valid.len() < code.data() {
+            return None;
+        }
+        Some((g, at, valid[..code.data()].iter().map(|&s| (s, copies[s])).collect()))
     }
 
     /// Records of group `group` that may hold pages: up to the bump pointer of the group being
@@ -228,8 +287,8 @@ impl LenderStore {
         let target = &self.lenders[job.target.server];
         let mut groups = self.groups.write().unwrap_or_else(PoisonError::into_inner);
         let Some(g) = groups.get_mut(job.group) else { return Err("the group is gone") };
-        if !self.copy_valid(&job.source) {
-            return Err("the copy read from is gone");
+        if !job.sources.iter().all(|(_, source)| self.copy_valid(source)) {
+            return Err("a copy read from is gone");
         }
         if !target.is_alive() || target.generation.load(Ordering::Acquire) != job.target.generation {
             return Err("the lender copied to is gone");
@@ -249,7 +308,7 @@ impl LenderStore {
                 lock(&self.orphans).push((old.server, old.generation, old.slab_id));
             }
         } else {
-            if g.len != job.len_before || g.len >= super::MAX_COPIES {
+            if g.len != job.len_before || g.len >= self.width {
                 return Err("the group changed");
             }
             g.copies[g.len] = job.target;

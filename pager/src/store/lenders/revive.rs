@@ -34,6 +34,9 @@ impl LenderStore {
     /// is still there, else opens a new one (its old copies are then gone).
     pub(super) fn revive(&self, i: usize) {
         let s = &self.lenders[i];
+        if s.distrusted.load(Ordering::Acquire) {
+            return;
+        }
         {
             let mut last = lock(&s.last_attempt);
             if last.is_some_and(|t| t.elapsed() < REVIVE_INTERVAL) {
