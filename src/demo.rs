@@ -49,6 +49,10 @@ pub struct DemoOptions {
     pub redundancy: Option<coalesce_pager::store::Redundancy>,
     /// Background re-replication rate in bytes per second (0: off).
     pub repair_rate: usize,
+    /// The backup tier (`--backup`), if any.
+    pub backup: Option<std::net::SocketAddr>,
+    /// The longest a page waits to be written behind.
+    pub backup_lag: std::time::Duration,
 }
 
 /// Errors of the demo.
@@ -148,6 +152,8 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
     config.key = opts.key.clone();
     config.redundancy = opts.redundancy;
     config.repair_rate = opts.repair_rate;
+    config.backup = opts.backup;
+    config.backup_max_lag = opts.backup_lag;
     let pager = Pager::new(config)?;
     let mut region = pager.map(opts.size, RegionOptions::default())?;
     let pages = region.len() / PAGE_SIZE;

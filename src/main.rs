@@ -267,6 +267,14 @@ struct LenderChoices {
     /// pass through local memory).
     #[arg(long, default_value = "256MiB")]
     repair_rate: ByteSize,
+    /// A backup tier: a `memory-server --persist DIR` to which every page the lenders take is
+    /// written behind; when every lender copy of a page is lost, it comes back from there (a page
+    /// written again after its last write-behind fails loudly instead).
+    #[arg(long)]
+    backup: Option<std::net::SocketAddr>,
+    /// With --backup: the longest a page waits to be written behind, e.g. 1s or 200ms.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    backup_lag: std::time::Duration,
 }
 
 fn main() -> ExitCode {
@@ -281,12 +289,14 @@ fn main() -> ExitCode {
             heap_size,
             provider,
             quiet,
-            lenders: LenderChoices { trusted_lenders, key_file, redundancy, repair_rate },
+            lenders: LenderChoices { trusted_lenders, key_file, redundancy, repair_rate, backup, backup_lag },
             command,
         } => {
             let opts = run::RunOptions {
                 key_file,
                 redundancy,
+                backup,
+                backup_lag,
                 repair_rate: repair_rate.as_u64(),
                 servers,
                 embedded_server,
@@ -396,7 +406,7 @@ fn main() -> ExitCode {
             fault_threads,
             prefetch_window,
             history,
-            lenders: LenderChoices { trusted_lenders, key_file, redundancy, repair_rate },
+            lenders: LenderChoices { trusted_lenders, key_file, redundancy, repair_rate, backup, backup_lag },
         } => {
             let key = match load_key(key_file.as_deref()) {
                 Ok(k) => k,
@@ -424,6 +434,8 @@ fn main() -> ExitCode {
                 key,
                 redundancy,
                 repair_rate: usize::try_from(repair_rate.as_u64()).unwrap_or(usize::MAX),
+                backup,
+                backup_lag,
             };
             let mut result = demo::run(&opts);
             let unavailable = result.as_ref().err().is_some_and(demo::DemoError::is_provider_unavailable);
@@ -459,7 +471,7 @@ fn main() -> ExitCode {
             history,
             prefetch_window,
             discards,
-            lenders: LenderChoices { trusted_lenders, key_file, redundancy, repair_rate },
+            lenders: LenderChoices { trusted_lenders, key_file, redundancy, repair_rate, backup, backup_lag },
         } => {
             let key = match load_key(key_file.as_deref()) {
                 Ok(k) => k,
@@ -489,6 +501,8 @@ fn main() -> ExitCode {
                 key,
                 redundancy,
                 repair_rate: usize::try_from(repair_rate.as_u64()).unwrap_or(usize::MAX),
+                backup,
+                backup_lag,
             };
             match stress::run(&opts) {
                 Ok(Ok(reports)) => {

@@ -38,6 +38,10 @@ pub struct RunOptions {
     pub redundancy: Option<coalesce_pager::store::Redundancy>,
     /// Background re-replication rate in bytes per second (0: off).
     pub repair_rate: u64,
+    /// The backup tier (`COALESCE_BACKUP`), if any.
+    pub backup: Option<std::net::SocketAddr>,
+    /// The longest a page waits to be written behind (`COALESCE_BACKUP_LAG`).
+    pub backup_lag: std::time::Duration,
     /// The program and its arguments.
     pub command: Vec<OsString>,
 }
@@ -153,6 +157,11 @@ pub fn run(opts: &RunOptions) -> Result<RunOutcome, RunError> {
         Some(r) => cmd.env("COALESCE_REDUNDANCY", r.to_string()),
         None => cmd.env_remove("COALESCE_REDUNDANCY"),
     };
+    match opts.backup {
+        Some(addr) => cmd.env("COALESCE_BACKUP", addr.to_string()),
+        None => cmd.env_remove("COALESCE_BACKUP"),
+    };
+    cmd.env("COALESCE_BACKUP_LAG", format!("{}ms", opts.backup_lag.as_millis()));
     match &opts.key_file {
         Some(path) => cmd.env("COALESCE_KEY_FILE", path),
         None => cmd.env_remove("COALESCE_KEY_FILE"),

@@ -51,6 +51,10 @@ pub struct StressOptions {
     pub redundancy: Option<coalesce_pager::store::Redundancy>,
     /// Background re-replication rate in bytes per second (0: off).
     pub repair_rate: usize,
+    /// The backup tier (`--backup`), if any.
+    pub backup: Option<SocketAddr>,
+    /// The longest a page waits to be written behind.
+    pub backup_lag: std::time::Duration,
     /// Page-table transitions kept in the history log.
     pub history: usize,
     /// Prefetch window in pages.
@@ -372,6 +376,8 @@ fn run_config(
     config.key = opts.key.clone();
     config.redundancy = opts.redundancy;
     config.repair_rate = opts.repair_rate;
+    config.backup = opts.backup;
+    config.backup_max_lag = opts.backup_lag;
     let pager = Pager::new(config)?;
     let region = pager.map(opts.size, RegionOptions::default())?;
     let pages = region.len() / PAGE_SIZE;

@@ -31,9 +31,11 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use rdma::ProviderKind;
 
+mod backup;
 mod deadline;
 mod link;
 pub mod peers;
+pub mod persist;
 mod server;
 pub mod sessions;
 
@@ -62,6 +64,9 @@ pub enum ServerError {
     /// The verbs provider could not be set up.
     #[error("cannot offer the verbs provider: {0}")]
     Verbs(#[source] rdma::TransportError),
+    /// The backup log (`--persist`) could not be opened or replayed.
+    #[error("cannot keep backups: {0}; check --persist (a writable directory)")]
+    Persist(#[from] persist::PersistError),
 }
 
 /// The largest slab: 2^20 pages of 4 KiB (the borrower numbers a slab's pages in 20 bits).
@@ -127,6 +132,12 @@ pub struct ServerConfig {
     pub insecure: bool,
     /// RDMA device for the verbs provider (`None`: the first one).
     pub device: Option<String>,
+    /// Keep clients' backup pages in an append-only log in this directory (`--persist`): the
+    /// backup tier. `None`: backup requests are refused.
+    pub persist: Option<std::path::PathBuf>,
+    /// How long a backup page may wait for its fsync when no client asks for one
+    /// (`--fsync-interval`; a client's checkpoint syncs at once).
+    pub fsync_interval: Duration,
 }
 
 impl ServerConfig {
@@ -149,6 +160,8 @@ impl ServerConfig {
             key: None,
             insecure: false,
             device: None,
+            persist: None,
+            fsync_interval: Duration::from_secs(1),
         }
     }
 
@@ -185,6 +198,12 @@ impl ServerConfig {
             return Err(ServerError::Config(format!(
                 "--lease {} is out of range: it must be between 100ms and 24h",
                 humantime_like(self.lease)
+            )));
+        }
+        if self.fsync_interval.is_zero() || self.fsync_interval > Duration::from_secs(3600) {
+            return Err(ServerError::Config(format!(
+                "--fsync-interval {} is out of range: it must be between 1ms and 1h",
+                humantime_like(self.fsync_interval)
             )));
         }
         if self.max_connections == 0 || self.max_connections > 1_000_000 {

@@ -27,8 +27,11 @@ use crate::{ServerConfig, ServerError};
 
 /// Largest body of a connection's first frame (a HELLO with the longest token is about 1 KiB).
 const MAX_FIRST_BODY: u32 = 4096;
-/// Largest body of a later control request (all are small).
+/// Largest body of a later control request (all are small but backup puts).
 const MAX_CONTROL_BODY: u32 = 4096;
+/// Largest body of a later control request to a server that keeps backups (a `BACKUP_PUT` of
+/// the most pages).
+const MAX_BACKUP_BODY: u32 = 1 << 20;
 
 #[derive(Debug)]
 pub(crate) struct Shared {
@@ -40,6 +43,8 @@ pub(crate) struct Shared {
     leaving_at: Mutex<Option<Instant>>,
     connections: AtomicUsize,
     peers: Arc<Peers>,
+    /// The backup log (`--persist`).
+    backups: Option<crate::backup::Backups>,
 }
 
 impl Shared {
@@ -71,6 +76,7 @@ impl Shared {
         let s = self.sessions();
         let t = &self.registry.stats;
         let r = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        let (backup_pages, backup_log_bytes) = self.backups.as_ref().map_or((0, 0), crate::backup::Backups::usage);
         ServerStats {
             capacity: self.config.capacity,
             slab_size: self.config.slab_size,
@@ -84,6 +90,8 @@ impl Shared {
             access_errors: r(&t.access_errors),
             leases_expired: s.leases_expired,
             malformed_connections: r(&t.malformed_connections),
+            backup_pages,
+            backup_log_bytes,
         }
     }
 }
@@ -203,6 +211,28 @@ pub fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         sessions.enable_verbs(device);
     }
     let peers = Peers::new(config.max_connections_per_peer);
+    let backups = match &config.persist {
+        Some(dir) => {
+            let (log, replay) = crate::persist::PageLog::open(dir, config.fsync_interval)?;
+            tracing::info!(
+                dir = %dir.display(),
+                records = replay.records,
+                pages = replay.pages,
+                corrupt_records_skipped = replay.corrupt,
+                torn_tail_bytes_dropped = replay.torn_bytes,
+                "backup log replayed"
+            );
+            if replay.corrupt > 0 || replay.torn_bytes > 0 {
+                tracing::warn!(
+                    corrupt = replay.corrupt,
+                    torn_bytes = replay.torn_bytes,
+                    "the backup log had damaged records (skipped) or a torn tail (cut off)"
+                );
+            }
+            Some(crate::backup::Backups::new(log))
+        }
+        None => None,
+    };
     let shared = Arc::new(Shared {
         config,
         registry,
@@ -211,6 +241,7 @@ pub fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         leaving_at: Mutex::new(None),
         connections: AtomicUsize::new(0),
         peers,
+        backups,
     });
     tracing::info!(
         %addr,
@@ -316,6 +347,9 @@ fn reap_loop(shared: &Shared) {
     while !shared.shutting_down.load(Ordering::Acquire) {
         std::thread::park_timeout(period);
         shared.peers.prune(Instant::now());
+        if let Some(b) = &shared.backups {
+            b.sync_if_due();
+        }
         for r in shared.sessions().reap(Instant::now()) {
             tracing::info!(
                 client = %short(r.client_id),
@@ -474,12 +508,13 @@ fn serve_control(mut link: Link, peer: SocketAddr, shared: &Shared, hello: &Hell
     // A client that neither heartbeats nor talks for three leases is gone: free the thread. A
     // frame, once started, must arrive complete within the handshake timeout.
     let idle = (shared.config.lease * 3).max(Duration::from_secs(5));
+    let max_body = if shared.backups.is_some() { MAX_BACKUP_BODY } else { MAX_CONTROL_BODY };
     let session_id = grant.session_id;
     let mut body = Vec::new();
     loop {
         let header = match wait_for_data(&link.stream, idle).map_err(ReadFrameError::Io).and_then(|open| {
             if open {
-                link.recv(&mut body, MAX_CONTROL_BODY, shared.config.handshake_timeout)
+                link.recv(&mut body, max_body, shared.config.handshake_timeout)
             } else {
                 Err(ReadFrameError::Io(std::io::ErrorKind::UnexpectedEof.into()))
             }
@@ -559,6 +594,21 @@ fn handle(shared: &Shared, client_id: u64, session_id: u64, req: ControlRequest,
         ControlRequest::Stats => {
             let _ = shared.sessions().touch(client_id, session_id, now);
             ControlResponse::Stats(shared.stats())
+        }
+        req @ (ControlRequest::BackupPut { .. }
+        | ControlRequest::BackupGet { .. }
+        | ControlRequest::BackupSync
+        | ControlRequest::BackupForget) => {
+            if let Err(r) = shared.sessions().touch(client_id, session_id, now) {
+                return refusal(r);
+            }
+            match &shared.backups {
+                Some(b) => b.handle(client_id, req, peer),
+                None => ControlResponse::Error {
+                    code: ErrorCode::BadRequest,
+                    message: "this memory-server keeps no backups: start it with --persist DIR".into(),
+                },
+            }
         }
         ControlRequest::VerbsConnect { qp } => match shared.sessions().verbs_accept(client_id, session_id, &qp, now) {
             Ok(local) => {

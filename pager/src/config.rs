@@ -61,6 +61,14 @@ pub struct PagerConfig {
     /// `ec:4+2`: 0 is about 7% faster at the median, and a stalled lender then costs the
     /// failover timeout).
     pub extra_shard_reads: usize,
+    /// A backup tier: a `memory-server --persist` to which every page the lenders take is
+    /// written behind (see [`store::BackupStore`]). `None` (the default): no backup.
+    pub backup: Option<std::net::SocketAddr>,
+    /// How long a page may wait to be written behind (default 1 s).
+    pub backup_max_lag: Duration,
+    /// How many pages may wait to be written behind (default 4096, 16 MiB); a write-back waits
+    /// for room past it.
+    pub backup_max_lag_pages: usize,
     /// The cluster key, for lenders that require one (`coalesce keygen`): connections
     /// authenticate with it and control traffic is encrypted.
     pub key: Option<rdma::secure::ClusterKey>,
@@ -92,6 +100,9 @@ impl PagerConfig {
             fetch_timeout: Duration::from_secs(5),
             failover_timeout: Duration::from_millis(500),
             extra_shard_reads: 1,
+            backup: None,
+            backup_max_lag: Duration::from_secs(1),
+            backup_max_lag_pages: 4096,
             spin: Duration::from_micros(50),
             link: LinkProfile::loopback(),
             client_id: None,
@@ -151,6 +162,18 @@ impl PagerConfig {
                     self.extra_shard_reads
                 )));
             }
+        }
+        if self.backup_max_lag.is_zero() || self.backup_max_lag > MAX_FETCH_TIMEOUT {
+            return Err(PagerError::Config(format!(
+                "backup lag {:?} is out of range: it must be positive and at most 1 hour",
+                self.backup_max_lag
+            )));
+        }
+        if self.backup_max_lag_pages == 0 || self.backup_max_lag_pages > 1 << 20 {
+            return Err(PagerError::Config(format!(
+                "backup lag of {} pages is out of range: 1 to 1048576",
+                self.backup_max_lag_pages
+            )));
         }
         if self.repair_rate > MAX_REPAIR_RATE {
             return Err(PagerError::Config(format!(

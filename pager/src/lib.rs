@@ -301,6 +301,15 @@ impl Shared {
         if let Some(rejected) = self.store.copies_rejected() {
             s.copies_rejected = rejected;
         }
+        if let Some(b) = self.store.backup_stats() {
+            s.backup = true;
+            s.backup_written_pages = b.written;
+            s.backup_lag_pages = b.lag_pages;
+            s.backup_lag = Duration::from_millis(b.lag_ms);
+            s.backup_read_pages = b.read_back;
+            s.backup_stale_pages = b.stale;
+            s.backup_failures = b.failures;
+        }
         s.metadata_bytes = self.regions.table_bytes() + self.store.bookkeeping_bytes() as u64;
         s
     }
@@ -347,7 +356,22 @@ impl Pager {
             redundancy,
             extra_shard_reads: config.extra_shard_reads,
         };
-        let lenders: Arc<dyn store::PageStore> = Arc::new(store::LenderStore::connect(&config.servers, options)?);
+        let client = rdma::client::ClientOptions {
+            provider: config.provider,
+            key: config.key.clone(),
+            ..rdma::client::ClientOptions::default()
+        };
+        let mut lenders: Arc<dyn store::PageStore> = Arc::new(store::LenderStore::connect(&config.servers, options)?);
+        if let Some(addr) = config.backup {
+            let backup = store::BackupOptions {
+                addr,
+                client,
+                max_lag: config.backup_max_lag,
+                max_lag_pages: config.backup_max_lag_pages,
+                timeout: config.fetch_timeout,
+            };
+            lenders = Arc::new(store::BackupStore::new(lenders, backup)?);
+        }
         if redundancy == store::Redundancy::None {
             tracing::warn!("pages have one copy: losing a lender loses its pages (replicate:2 needs two lenders)");
         } else {
@@ -478,6 +502,13 @@ impl Pager {
     #[doc(hidden)]
     pub fn inject_move_undercount(&self, on: bool) {
         self.shared.inject_move_undercount.store(on, Ordering::Release);
+    }
+
+    /// Waits until every page written back so far is in the backup tier and durable there
+    /// (`--backup`; at once without one). Fails if the backup server does not take them all
+    /// within `timeout`.
+    pub fn checkpoint(&self, timeout: Duration) -> Result<(), PagerError> {
+        self.shared.store.checkpoint(timeout)
     }
 
     /// A snapshot of the statistics.

@@ -221,6 +221,27 @@ pub struct PagerStats {
     /// heap locally): the budget does not apply to them, and they are not over-budget events.
     #[serde(default)]
     pub held_pages: u64,
+    /// Pages are written behind to a backup tier (`--backup`); the `backup_*` fields count it.
+    #[serde(default)]
+    pub backup: bool,
+    /// Pages written behind to the backup server.
+    #[serde(default)]
+    pub backup_written_pages: u64,
+    /// Pages waiting to be written behind.
+    #[serde(default)]
+    pub backup_lag_pages: u64,
+    /// How long the oldest waiting page has waited.
+    #[serde(default)]
+    pub backup_lag: Duration,
+    /// Pages read back from the backup because every lender copy was gone.
+    #[serde(default)]
+    pub backup_read_pages: u64,
+    /// Pages whose lender copies were gone and whose backup was older than the page (failed).
+    #[serde(default)]
+    pub backup_stale_pages: u64,
+    /// Requests to the backup server that failed.
+    #[serde(default)]
+    pub backup_failures: u64,
 }
 
 impl PagerStats {
@@ -299,6 +320,18 @@ impl fmt::Display for PagerStats {
                 f,
                 "re-replication: {} pages copied to restore their redundancy, {} waiting",
                 self.rereplicated_pages, self.rereplication_pending_pages
+            )?;
+        }
+        if self.backup {
+            writeln!(
+                f,
+                "backup: {} pages written behind, {} waiting (oldest {} ms); {} read back after every lender copy was lost, {} too old to use; {} failed requests",
+                self.backup_written_pages,
+                self.backup_lag_pages,
+                self.backup_lag.as_millis(),
+                self.backup_read_pages,
+                self.backup_stale_pages,
+                self.backup_failures
             )?;
         }
         writeln!(

@@ -34,6 +34,8 @@ struct Settings {
     key: Option<rdma::secure::ClusterKey>,
     redundancy: Option<coalesce_pager::store::Redundancy>,
     repair_rate: usize,
+    backup: Option<std::net::SocketAddr>,
+    backup_lag: Duration,
     history: usize,
     log: String,
 }
@@ -94,6 +96,20 @@ fn settings() -> Result<Option<Settings>, String> {
         }
         None => None,
     };
+    let backup = match var("COALESCE_BACKUP") {
+        Some(a) => Some(
+            a.trim()
+                .parse::<std::net::SocketAddr>()
+                .map_err(|e| format!("COALESCE_BACKUP={a:?} is not an address like 10.0.0.9:7470: {e}"))?,
+        ),
+        None => None,
+    };
+    let backup_lag = match var("COALESCE_BACKUP_LAG") {
+        Some(t) => {
+            parse_duration(&t).ok_or_else(|| format!("COALESCE_BACKUP_LAG={t:?} is not a duration like 1s or 200ms"))?
+        }
+        None => Duration::from_secs(1),
+    };
     let history = match var("COALESCE_HISTORY") {
         Some(n) => n
             .trim()
@@ -123,6 +139,8 @@ fn settings() -> Result<Option<Settings>, String> {
             None => coalesce_pager::PagerConfig::new(Vec::new(), 0).repair_rate,
         },
         key,
+        backup,
+        backup_lag,
         history,
         log: var("COALESCE_LOG").unwrap_or_else(|| "warn".into()),
     }))
@@ -170,6 +188,8 @@ pub extern "C" fn init() {
     config.key = settings.key.clone();
     config.redundancy = settings.redundancy;
     config.repair_rate = settings.repair_rate;
+    config.backup = settings.backup;
+    config.backup_max_lag = settings.backup_lag;
     config.thread_start = Some(pager_thread_start);
     let threads = config.fault_threads + 2; // handlers, evictor, heartbeat
     let pager: &'static Pager = match Pager::new(config) {

@@ -287,6 +287,41 @@ impl ControlClient {
         }
     }
 
+    /// Appends pages to the server's backup log (a `memory-server --persist`); returns how many
+    /// it stored.
+    pub fn backup_put(&mut self, pages: Vec<crate::control::BackupPage>) -> Result<u32, ClientError> {
+        match self.call(&ControlRequest::BackupPut { pages })? {
+            ControlResponse::BackupStored { count } => Ok(count),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    /// The newest backup of a page (`Ok(None)`: the server has none).
+    pub fn backup_get(&mut self, region: u32, page: u32) -> Result<Option<crate::control::BackupPage>, ClientError> {
+        match self.call(&ControlRequest::BackupGet { region, page }) {
+            Ok(ControlResponse::BackupPage(p)) => Ok(Some(p)),
+            Err(ClientError::Refused { code: ErrorCode::NotFound, .. }) => Ok(None),
+            Ok(other) => Err(self.unexpected(&other)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Makes every page stored so far durable on the server.
+    pub fn backup_sync(&mut self) -> Result<(), ClientError> {
+        match self.call(&ControlRequest::BackupSync)? {
+            ControlResponse::BackupSynced => Ok(()),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    /// Drops every backup of this client; returns how many pages were dropped.
+    pub fn backup_forget(&mut self) -> Result<u64, ClientError> {
+        match self.call(&ControlRequest::BackupForget)? {
+            ControlResponse::BackupForgotten { pages } => Ok(pages),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
     /// Renews the lease; returns its length, and whether the server is leaving.
     pub fn heartbeat(&mut self) -> Result<Heartbeat, ClientError> {
         match self.call(&ControlRequest::Heartbeat)? {

@@ -31,8 +31,45 @@ pub const KIND_VERBS_CONNECT: u8 = 0x0B;
 /// `VERBS_ACCEPTED` response kind: the server's queue pair, connected to the client's.
 pub const KIND_VERBS_ACCEPTED: u8 = 0x0C;
 
+/// `BACKUP_PUT` request kind: pages to keep in the server's backup log.
+pub const KIND_BACKUP_PUT: u8 = 0x10;
+/// `BACKUP_STORED` response kind: the pages were appended to the log.
+pub const KIND_BACKUP_STORED: u8 = 0x11;
+/// `BACKUP_GET` request kind: the newest backup of one page.
+pub const KIND_BACKUP_GET: u8 = 0x12;
+/// `BACKUP_PAGE` response kind: a page's backup.
+pub const KIND_BACKUP_PAGE: u8 = 0x13;
+/// `BACKUP_SYNC` request kind: make every stored page durable (fsync) before answering.
+pub const KIND_BACKUP_SYNC: u8 = 0x14;
+/// `BACKUP_SYNCED` response kind: every page stored so far is on disk.
+pub const KIND_BACKUP_SYNCED: u8 = 0x15;
+/// `BACKUP_FORGET` request kind: drop every backup of this client.
+pub const KIND_BACKUP_FORGET: u8 = 0x16;
+/// `BACKUP_FORGOTTEN` response kind: how many pages were dropped.
+pub const KIND_BACKUP_FORGOTTEN: u8 = 0x17;
+
 /// Longest token accepted in a hello.
 pub const MAX_TOKEN_LEN: usize = 1024;
+
+/// Most pages in one `BACKUP_PUT`.
+pub const MAX_BACKUP_PAGES: usize = 64;
+
+/// Longest page (with its seal's tag) a backup keeps.
+pub const MAX_BACKUP_PAGE_LEN: usize = 8192;
+
+/// One page in the backup tier: which page of which region, which version, and its bytes (as the
+/// client sent them: sealed, unless the client trusts its lenders).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupPage {
+    /// The client's region id.
+    pub region: u32,
+    /// The page's index in the region.
+    pub page: u32,
+    /// The page's version (write-back count).
+    pub version: u32,
+    /// The page's bytes (at most [`MAX_BACKUP_PAGE_LEN`]).
+    pub data: Vec<u8>,
+}
 
 /// Proof that a client owns a session: its id and the secret the server granted with it.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -83,6 +120,22 @@ pub enum ControlRequest {
         /// The client's queue pair.
         qp: QpAddress,
     },
+    /// Keep these pages in the backup log (servers started with `--persist`).
+    BackupPut {
+        /// The pages (1 to [`MAX_BACKUP_PAGES`]).
+        pages: Vec<BackupPage>,
+    },
+    /// The newest backup of one page.
+    BackupGet {
+        /// The client's region id.
+        region: u32,
+        /// The page's index.
+        page: u32,
+    },
+    /// Make every page stored so far durable before answering.
+    BackupSync,
+    /// Drop every backup of this client (it is done with them).
+    BackupForget,
 }
 
 /// The address of a reliable-connected verbs queue pair, exchanged over the control connection.
@@ -148,10 +201,16 @@ pub struct ServerStats {
     pub leases_expired: u64,
     /// Connections closed because of a malformed frame.
     pub malformed_connections: u64,
+    /// Pages kept in the backup log (`--persist`).
+    #[serde(default)]
+    pub backup_pages: u64,
+    /// Bytes of the backup log file.
+    #[serde(default)]
+    pub backup_log_bytes: u64,
 }
 
 impl ServerStats {
-    fn fields(&self) -> [u64; 12] {
+    fn fields(&self) -> [u64; 14] {
         [
             self.capacity,
             self.slab_size,
@@ -165,6 +224,8 @@ impl ServerStats {
             self.access_errors,
             self.leases_expired,
             self.malformed_connections,
+            self.backup_pages,
+            self.backup_log_bytes,
         ]
     }
 
@@ -183,6 +244,8 @@ impl ServerStats {
             access_errors: g(9),
             leases_expired: g(10),
             malformed_connections: g(11),
+            backup_pages: g(12),
+            backup_log_bytes: g(13),
         }
     }
 }
@@ -208,6 +271,8 @@ pub enum ErrorCode {
     SessionInUse,
     /// The peer failed too many checks (wrong secrets, refused hellos) and is refused for a while.
     TooManyFailures,
+    /// The server has no backup of the page asked for.
+    NotFound,
     /// A code this build does not know (sent by a newer peer).
     Other(u16),
 }
@@ -225,6 +290,7 @@ impl ErrorCode {
             ErrorCode::ShuttingDown => 7,
             ErrorCode::SessionInUse => 8,
             ErrorCode::TooManyFailures => 9,
+            ErrorCode::NotFound => 10,
             ErrorCode::Other(c) => c,
         }
     }
@@ -240,6 +306,7 @@ impl ErrorCode {
             7 => ErrorCode::ShuttingDown,
             8 => ErrorCode::SessionInUse,
             9 => ErrorCode::TooManyFailures,
+            10 => ErrorCode::NotFound,
             c => ErrorCode::Other(c),
         }
     }
@@ -282,6 +349,20 @@ pub enum ControlResponse {
     VerbsAccepted {
         /// The server's queue pair.
         qp: QpAddress,
+    },
+    /// The pages of a `BackupPut` were appended to the log (durable at the next sync).
+    BackupStored {
+        /// Pages stored.
+        count: u32,
+    },
+    /// The newest backup of the page asked for.
+    BackupPage(BackupPage),
+    /// Every page stored so far is on disk.
+    BackupSynced,
+    /// The client's backups were dropped.
+    BackupForgotten {
+        /// Pages dropped.
+        pages: u64,
     },
     /// The request failed.
     Error {
@@ -327,7 +408,36 @@ pub fn encode_request(out: &mut Vec<u8>, req: &ControlRequest) {
         ControlRequest::Heartbeat => encode_frame(out, KIND_HEARTBEAT, |_| {}),
         ControlRequest::Stats => encode_frame(out, KIND_STATS, |_| {}),
         ControlRequest::VerbsConnect { qp } => encode_frame(out, KIND_VERBS_CONNECT, |e| encode_qp(e, qp)),
+        ControlRequest::BackupPut { pages } => encode_frame(out, KIND_BACKUP_PUT, |e| {
+            e.u16(u16::try_from(pages.len()).unwrap_or(u16::MAX));
+            for p in pages {
+                encode_backup_page(e, p);
+            }
+        }),
+        ControlRequest::BackupGet { region, page } => encode_frame(out, KIND_BACKUP_GET, |e| {
+            e.u32(*region).u32(*page);
+        }),
+        ControlRequest::BackupSync => encode_frame(out, KIND_BACKUP_SYNC, |_| {}),
+        ControlRequest::BackupForget => encode_frame(out, KIND_BACKUP_FORGET, |_| {}),
     }
+}
+
+fn encode_backup_page(e: &mut crate::frame::Encoder<'_>, p: &BackupPage) {
+    e.u32(p.region).u32(p.page).u32(p.version).bytes16(&p.data);
+}
+
+fn decode_backup_page(d: &mut Decoder<'_>) -> Result<BackupPage, FrameError> {
+    let region = d.u32("backup region")?;
+    let page = d.u32("backup page")?;
+    let version = d.u32("backup version")?;
+    let data = d.bytes16("backup data")?;
+    if data.is_empty() || data.len() > MAX_BACKUP_PAGE_LEN {
+        return Err(FrameError::Invalid {
+            field: "backup data",
+            reason: format!("{} bytes is not 1 to {MAX_BACKUP_PAGE_LEN}", data.len()),
+        });
+    }
+    Ok(BackupPage { region, page, version, data: data.to_vec() })
 }
 
 /// Decodes a request body of the given kind.
@@ -361,6 +471,23 @@ pub fn decode_request(kind: u8, body: &[u8]) -> Result<ControlRequest, FrameErro
         KIND_HEARTBEAT => ControlRequest::Heartbeat,
         KIND_STATS => ControlRequest::Stats,
         KIND_VERBS_CONNECT => ControlRequest::VerbsConnect { qp: decode_qp(&mut d)? },
+        KIND_BACKUP_PUT => {
+            let n = usize::from(d.u16("backup page count")?);
+            if n == 0 || n > MAX_BACKUP_PAGES {
+                return Err(FrameError::Invalid {
+                    field: "backup page count",
+                    reason: format!("{n} is not 1 to {MAX_BACKUP_PAGES}"),
+                });
+            }
+            let mut pages = Vec::with_capacity(n);
+            for _ in 0..n {
+                pages.push(decode_backup_page(&mut d)?);
+            }
+            ControlRequest::BackupPut { pages }
+        }
+        KIND_BACKUP_GET => ControlRequest::BackupGet { region: d.u32("backup region")?, page: d.u32("backup page")? },
+        KIND_BACKUP_SYNC => ControlRequest::BackupSync,
+        KIND_BACKUP_FORGET => ControlRequest::BackupForget,
         other => return Err(FrameError::UnexpectedKind(other)),
     };
     d.finish()?;
@@ -397,6 +524,14 @@ pub fn encode_response(out: &mut Vec<u8>, resp: &ControlResponse) {
             }
         }),
         ControlResponse::VerbsAccepted { qp } => encode_frame(out, KIND_VERBS_ACCEPTED, |e| encode_qp(e, qp)),
+        ControlResponse::BackupStored { count } => encode_frame(out, KIND_BACKUP_STORED, |e| {
+            e.u32(*count);
+        }),
+        ControlResponse::BackupPage(p) => encode_frame(out, KIND_BACKUP_PAGE, |e| encode_backup_page(e, p)),
+        ControlResponse::BackupSynced => encode_frame(out, KIND_BACKUP_SYNCED, |_| {}),
+        ControlResponse::BackupForgotten { pages } => encode_frame(out, KIND_BACKUP_FORGOTTEN, |e| {
+            e.u64(*pages);
+        }),
         ControlResponse::Error { code, message } => encode_frame(out, KIND_ERROR, |e| {
             e.u16(code.to_wire()).bytes16(message.as_bytes());
         }),
@@ -435,6 +570,10 @@ pub fn decode_response(kind: u8, body: &[u8]) -> Result<ControlResponse, FrameEr
             ControlResponse::HeartbeatAck { lease_ms, leaving_in_ms: (leaving > 0).then_some(leaving) }
         }
         KIND_VERBS_ACCEPTED => ControlResponse::VerbsAccepted { qp: decode_qp(&mut d)? },
+        KIND_BACKUP_STORED => ControlResponse::BackupStored { count: d.u32("stored count")? },
+        KIND_BACKUP_PAGE => ControlResponse::BackupPage(decode_backup_page(&mut d)?),
+        KIND_BACKUP_SYNCED => ControlResponse::BackupSynced,
+        KIND_BACKUP_FORGOTTEN => ControlResponse::BackupForgotten { pages: d.u64("forgotten pages")? },
         KIND_STATS_REPLY => {
             let n = usize::from(d.u16("stats count")?);
             let mut fields = Vec::with_capacity(n.min(64));
@@ -486,7 +625,17 @@ mod tests {
             Just(ControlRequest::Stats),
             (0u32..1 << 24, 0u32..1 << 24, any::<[u8; 16]>())
                 .prop_map(|(qpn, psn, gid)| ControlRequest::VerbsConnect { qp: QpAddress { qpn, psn, gid } }),
+            proptest::collection::vec(backup_page_strategy(), 1..4)
+                .prop_map(|pages| ControlRequest::BackupPut { pages }),
+            (any::<u32>(), any::<u32>()).prop_map(|(region, page)| ControlRequest::BackupGet { region, page }),
+            Just(ControlRequest::BackupSync),
+            Just(ControlRequest::BackupForget),
         ]
+    }
+
+    fn backup_page_strategy() -> impl Strategy<Value = BackupPage> {
+        (any::<u32>(), any::<u32>(), any::<u32>(), proptest::collection::vec(any::<u8>(), 1..64))
+            .prop_map(|(region, page, version, data)| BackupPage { region, page, version, data })
     }
 
     fn response_strategy() -> impl Strategy<Value = ControlResponse> {
@@ -508,7 +657,11 @@ mod tests {
                 .prop_map(|(lease_ms, leaving_in_ms)| ControlResponse::HeartbeatAck { lease_ms, leaving_in_ms }),
             (0u32..1 << 24, 0u32..1 << 24, any::<[u8; 16]>())
                 .prop_map(|(qpn, psn, gid)| ControlResponse::VerbsAccepted { qp: QpAddress { qpn, psn, gid } }),
-            proptest::array::uniform12(any::<u64>()).prop_map(|f| ControlResponse::Stats(ServerStats::from_fields(&f))),
+            proptest::array::uniform14(any::<u64>()).prop_map(|f| ControlResponse::Stats(ServerStats::from_fields(&f))),
+            any::<u32>().prop_map(|count| ControlResponse::BackupStored { count }),
+            backup_page_strategy().prop_map(ControlResponse::BackupPage),
+            Just(ControlResponse::BackupSynced),
+            any::<u64>().prop_map(|pages| ControlResponse::BackupForgotten { pages }),
             (1u16..20, "[a-z ]{0,40}")
                 .prop_map(|(c, m)| ControlResponse::Error { code: ErrorCode::from_wire(c), message: m }),
         ]

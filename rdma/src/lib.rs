@@ -89,7 +89,18 @@
 //! | `0x0A` | STATS_REPLY | server -> client | count u16, then that many u64 (see [`control::ServerStats`]; unknown extra fields are ignored) |
 //! | `0x0B` | VERBS_CONNECT | client -> server | queue pair number u32, first PSN u32 (both below 2^24), GID (16 bytes): the client's RC queue pair |
 //! | `0x0C` | VERBS_ACCEPTED | server -> client | the same fields for the server's queue pair, made in the session's protection domain and already connected to the client's |
-//! | `0x0F` | ERROR | server -> client | code u16 (1 capacity exhausted, 2 unknown slab, 3 session expired, 4 bad request, 5 unsupported version, 6 unsupported provider, 7 shutting down, 8 session in use: the client id is live and the hello did not prove the session, 9 too many failures: the peer is refused for a while), message (u16 length + UTF-8) |
+//! | `0x10` | BACKUP_PUT | client -> server | count u16 (1..=64), then per page: region u32, page u32, version u32, data (u16 length + bytes, 1..=8192) |
+//! | `0x11` | BACKUP_STORED | server -> client | count u32: the pages were appended to the backup log |
+//! | `0x12` | BACKUP_GET | client -> server | region u32, page u32 |
+//! | `0x13` | BACKUP_PAGE | server -> client | the newest backup of the page, as in BACKUP_PUT (one page) |
+//! | `0x14` | BACKUP_SYNC | client -> server | empty: make every page stored so far durable |
+//! | `0x15` | BACKUP_SYNCED | server -> client | empty |
+//! | `0x16` | BACKUP_FORGET | client -> server | empty: drop every backup of this client id |
+//! | `0x17` | BACKUP_FORGOTTEN | server -> client | pages dropped u64 |
+//! | `0x0F` | ERROR | server -> client | code u16 (1 capacity exhausted, 2 unknown slab, 3 session expired, 4 bad request, 5 unsupported version, 6 unsupported provider, 7 shutting down, 8 session in use: the client id is live and the hello did not prove the session, 9 too many failures: the peer is refused for a while, 10 not found: no backup of that page), message (u16 length + UTF-8) |
+//!
+//! The `BACKUP_*` requests are served by a `memory-server --persist DIR` (others answer "bad
+//! request"); backups are keyed by the client id of the session.
 //!
 //! Every control request renews the session's lease.
 

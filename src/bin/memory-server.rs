@@ -78,6 +78,15 @@ struct Cli {
     /// exits (0s: exit at once, as on a crash).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
+    /// Serve as a backup tier: keep clients' backup pages (their `--backup` write-behind) in an
+    /// append-only log in this directory, replayed (checksums verified, a torn tail cut off) when
+    /// the server starts again.
+    #[arg(long)]
+    persist: Option<std::path::PathBuf>,
+    /// With --persist: how long a stored page may wait for its fsync (a client's checkpoint
+    /// syncs at once; a killed server loses nothing, a machine crash at most this much).
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    fsync_interval: Duration,
 }
 
 impl Cli {
@@ -99,6 +108,8 @@ impl Cli {
             key,
             insecure: self.insecure,
             device: self.device.clone(),
+            persist: self.persist.clone(),
+            fsync_interval: self.fsync_interval,
         })
     }
 }

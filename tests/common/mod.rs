@@ -37,8 +37,13 @@ impl ServerProcess {
 
     /// Like [`ServerProcess::start`], logging at debug level into the file `log`.
     pub fn start_logging_to(args: &[&str], log: &std::path::Path) -> Self {
+        Self::start_at_logging_to("127.0.0.1:0", args, log)
+    }
+
+    /// Like [`ServerProcess::start_at`], logging at debug level into the file `log`.
+    pub fn start_at_logging_to(listen: &str, args: &[&str], log: &std::path::Path) -> Self {
         let file = std::fs::File::create(log).expect("log file");
-        Self::spawn_at("127.0.0.1:0", args, "debug", Stdio::from(file))
+        Self::spawn_at(listen, args, "debug", Stdio::from(file))
     }
 
     fn spawn_at(listen: &str, args: &[&str], level: &str, stderr: Stdio) -> Self {

@@ -11,13 +11,16 @@
 //! [`PageIo`] (its connections and request ids), so the data path takes no lock.
 //!
 //! Implementations:
-//! - [`LenderStore`]: one copy of each page on `memory-server` lenders (round-robin over live
-//!   ones), over the shim or verbs provider. The store of wave 1.
+//! - [`LenderStore`]: each page on `memory-server` lenders (one copy, copies, or erasure-coded
+//!   shards; round-robin over live ones), over the shim or verbs provider.
 //! - [`MemoryStore`]: pages in this process's memory, with injectable failures; for unit tests
 //!   of the fault and eviction logic and for measuring the pager without a network.
 //! - [`SealedStore`]: a layer over another store that seals every page before it leaves
 //!   (AES-256-GCM, a key that never leaves this process) and opens it when it comes back, so a
 //!   lender can neither read a page nor change, swap or replay one unnoticed.
+//! - [`BackupStore`]: a layer (below the sealing one) that writes every page behind to a
+//!   farther backup server with a bounded lag, and reads a page back from it when every lender
+//!   copy is gone.
 //!
 //! The lender store keeps each page in one copy, replicated, or erasure-coded ([`Redundancy`]): a
 //! slot names a record of a group of slabs on distinct lenders, `place` picks the group, and
@@ -32,10 +35,12 @@ use rdma::LocalRegion;
 
 use crate::PagerError;
 
+mod backup;
 mod lenders;
 mod memory;
 mod sealed;
 
+pub use backup::{BackupOptions, BackupStats, BackupStore};
 pub use lenders::{LenderStore, LenderStoreOptions, MAX_COPIES};
 pub use memory::{MemoryStore, MemoryStoreFaults};
 pub use sealed::SealedStore;
@@ -290,6 +295,17 @@ pub trait PageStore: Send + Sync + fmt::Debug {
     /// Pages whose copy came back changed and was refused (a sealing layer counts them, even
     /// when another copy then served the page); `None` when this store does not check copies.
     fn copies_rejected(&self) -> Option<u64> {
+        None
+    }
+
+    /// Waits until every page written so far is in the backup tier and durable there (see
+    /// [`BackupStore`]); at once for a store without one.
+    fn checkpoint(&self, _timeout: Duration) -> Result<(), PagerError> {
+        Ok(())
+    }
+
+    /// The backup tier's counters, when the store writes pages behind to one.
+    fn backup_stats(&self) -> Option<BackupStats> {
         None
     }
 }

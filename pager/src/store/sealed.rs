@@ -104,6 +104,14 @@ impl PageStore for SealedStore {
         Some(self.copies_rejected())
     }
 
+    fn checkpoint(&self, timeout: Duration) -> Result<(), PagerError> {
+        self.inner.checkpoint(timeout)
+    }
+
+    fn backup_stats(&self) -> Option<super::BackupStats> {
+        self.inner.backup_stats()
+    }
+
     fn maintain(&self) {
         self.inner.maintain();
     }

@@ -1,0 +1,178 @@
+//! The backup tier (issue #9), end to end against real `memory-server` processes on 127.0.0.1:
+//! two edge lenders with two copies of every page, and a farther `memory-server --persist DIR`
+//! to which every page is written behind. When every edge lender is lost, pages come back from
+//! the backup; a page written again after its last write-behind fails loudly, never as an older
+//! version. A backup server killed with SIGKILL and started again replays its log.
+
+#![allow(missing_docs, clippy::unwrap_used, clippy::cast_possible_truncation)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use coalesce_pager::store::Redundancy;
+use coalesce_pager::{LocalMax, Pager, PagerConfig, Region, RegionOptions, PAGE_SIZE};
+use common::{kernel_read, ServerProcess};
+
+const MIB: usize = 1 << 20;
+const WORDS: usize = PAGE_SIZE / 8;
+const LENDER: [&str; 4] = ["--capacity", "128MiB", "--slab-size", "8MiB"];
+
+fn word(seed: u64, p: usize, w: usize) -> u64 {
+    (seed << 48) ^ ((p as u64) << 12) ^ (w as u64 + 1)
+}
+
+fn fill(region: &mut Region<'_>, pages: std::ops::Range<usize>, seed: u64) {
+    let words: &mut [u64] = bytemuck::cast_slice_mut(region.as_mut_slice());
+    for p in pages {
+        for w in 0..WORDS {
+            words[p * WORDS + w] = word(seed, p, w);
+        }
+    }
+}
+
+/// Reads every page of `pages` through the kernel (a page that cannot be served is `EFAULT`,
+/// not SIGBUS), then checks every word; returns the pages that failed.
+fn read_back(region: &Region<'_>, pages: std::ops::Range<usize>, seed: u64) -> Vec<usize> {
+    let base = region.as_ptr() as usize;
+    let failed: Vec<usize> = pages.clone().filter(|p| kernel_read(base + p * PAGE_SIZE).is_err()).collect();
+    let words: &[u64] = bytemuck::cast_slice(region.as_slice());
+    for p in pages.filter(|p| !failed.contains(p)) {
+        for w in 0..WORDS {
+            assert_eq!(words[p * WORDS + w], word(seed, p, w), "page {p}, word {w}");
+        }
+    }
+    failed
+}
+
+/// The text without its terminal colour sequences (`ESC [ ... m`).
+fn strip_colours(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("coalesce-backup-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn backup_args(dir: &Path) -> Vec<String> {
+    ["--capacity", "64MiB", "--slab-size", "8MiB", "--persist"]
+        .iter()
+        .map(|s| (*s).to_string())
+        .chain([dir.display().to_string()])
+        .collect()
+}
+
+fn config(lenders: &[&ServerProcess], backup: &ServerProcess, lag: Duration) -> PagerConfig {
+    let mut config = PagerConfig::new(lenders.iter().map(|s| s.addr).collect(), 4 * MIB);
+    config.redundancy = Some(Redundancy::Replicate(2));
+    config.backup = Some(backup.addr);
+    config.backup_max_lag = lag;
+    config.fetch_timeout = Duration::from_secs(2);
+    // With every lender gone nothing can be evicted: pages read back stay local.
+    config.local_max = LocalMax::Unlimited;
+    config
+}
+
+#[test]
+fn pages_come_back_from_the_backup_when_every_lender_is_lost_and_a_newer_page_fails_loudly() {
+    coalesce::init_logging("error");
+    let dir = temp_dir("loss");
+    let (a, b) = (ServerProcess::start(&LENDER), ServerProcess::start(&LENDER));
+    let args = backup_args(&dir);
+    let backup = ServerProcess::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    // A long lag: nothing is written behind but by the checkpoint.
+    let pager = Pager::new(config(&[&a, &b], &backup, Duration::from_secs(60))).unwrap();
+    let mut region = pager.map(16 * MIB, RegionOptions::default()).unwrap();
+    let pages = region.len() / PAGE_SIZE;
+    fill(&mut region, 0..pages, 1);
+    // Every page out (written back), then behind: the checkpoint covers them all.
+    region.evict(0, region.len());
+    pager.checkpoint(Duration::from_secs(30)).unwrap();
+    let stats = pager.stats();
+    assert!(stats.backup && stats.backup_written_pages >= pages as u64, "{stats}");
+
+    // Page 0 written again and evicted: on the lenders, not yet behind.
+    fill(&mut region, 0..1, 2);
+    assert_eq!(region.evict(0, PAGE_SIZE), 1);
+    assert!(pager.stats().backup_lag_pages >= 1, "{}", pager.stats());
+
+    drop(a);
+    drop(b); // every lender copy is gone
+    assert_eq!(read_back(&region, 1..pages, 1), Vec::<usize>::new(), "pages the backup holds came back");
+    let err = kernel_read(region.as_ptr() as usize).expect_err("a page newer than its backup was served");
+    assert_eq!(err.raw_os_error(), Some(libc::EFAULT), "{err}");
+    let stats = pager.stats();
+    assert!(stats.backup_read_pages >= (pages - 1024) as u64, "{stats}");
+    assert!(stats.backup_stale_pages >= 1 && stats.fetch_failures == 1, "{stats}");
+    drop(region);
+    drop(pager);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_backup_server_killed_and_started_again_replays_its_log() {
+    coalesce::init_logging("error");
+    let dir = temp_dir("replay");
+    let (a, b) = (ServerProcess::start(&LENDER), ServerProcess::start(&LENDER));
+    let listen = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let args = backup_args(&dir);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let backup = ServerProcess::start_at(&listen, &args);
+    let pager = Pager::new(config(&[&a, &b], &backup, Duration::from_millis(50))).unwrap();
+    let mut region = pager.map(16 * MIB, RegionOptions::default()).unwrap();
+    let pages = region.len() / PAGE_SIZE;
+    fill(&mut region, 0..pages, 1);
+    pager.checkpoint(Duration::from_secs(30)).unwrap();
+
+    drop(backup); // SIGKILL
+    let log = dir.with_extension("log");
+    let backup = ServerProcess::start_at_logging_to(&listen, &args, &log);
+    let text = strip_colours(&std::fs::read_to_string(&log).unwrap());
+    let replayed = text.lines().find(|l| l.contains("backup log replayed")).unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        replayed.contains("corrupt_records_skipped=0") && replayed.contains("torn_tail_bytes_dropped=0"),
+        "{replayed}"
+    );
+
+    // The pages come back from the replayed log once the lenders are gone.
+    drop(a);
+    drop(b);
+    assert_eq!(read_back(&region, 0..pages, 1), Vec::<usize>::new());
+    let stats = pager.stats();
+    assert!(stats.backup_read_pages >= (pages - 1024) as u64, "{stats}");
+    assert_eq!(stats.fetch_failures, 0, "{stats}");
+    drop(region);
+    drop(pager);
+    drop(backup);
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(&log);
+}
+
+#[test]
+fn a_backup_server_without_persist_is_refused_at_start() {
+    let a = ServerProcess::start(&LENDER);
+    let not_a_backup = ServerProcess::start(&LENDER);
+    let mut config = PagerConfig::new(vec![a.addr], 4 * MIB);
+    config.backup = Some(not_a_backup.addr);
+    let err = Pager::new(config).expect_err("a server without --persist").to_string();
+    assert!(err.contains("--persist"), "{err}");
+}
