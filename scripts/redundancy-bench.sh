@@ -67,16 +67,16 @@ for mode in "${MODE_LIST[@]}"; do
   wait "$run"
   echo "$mode+kill $(summarize "$log")"
   clean=$(sed 's/\x1b\[[0-9;]*m//g' "$log")
-  t0=$(grep -m1 "memory-server failed" <<<"$clean" | cut -d' ' -f1)
-  t1=$(grep "slab group whole again" <<<"$clean" | tail -1 | cut -d' ' -f1)
+  t0=$(grep -m1 "memory-server failed" <<<"$clean" | cut -d' ' -f1 || true)
+  t1=$(grep "slab group whole again" <<<"$clean" | tail -1 | cut -d' ' -f1 || true)
   copied=$(sed -n 's/^re-replication: \([0-9]*\) pages copied.*/\1/p' "$log")
   if [ -n "$t0" ] && [ -n "$t1" ]; then
     secs=$(echo "$(date -d "$t1" +%s.%N) - $(date -d "$t0" +%s.%N)" | bc)
     echo "$mode repair: $copied records in $secs s after the loss was noticed"
   else
-    echo "$mode repair: no complete repair seen in the log ($log)"
+    echo "$mode repair: no complete repair seen in the log ($log; with K+M lenders, none is outside a group)"
   fi
-  grep "^failures:" "$log"
+  grep "^failures:" "$log" || echo "$mode: no statistics in $log (the run failed)"
   start_lender 1
 done
 echo "logs in $WORK"

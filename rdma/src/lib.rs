@@ -476,6 +476,22 @@ impl Endpoint {
         }
     }
 
+    /// Waits until any of `endpoints` may have a completion ready (then [`Endpoint::poll`] each),
+    /// or `timeout` passes: one sleep for several queue pairs, instead of spinning over them.
+    /// Shim endpoints wait on their sockets together; with a verbs endpoint among them the wait
+    /// is at most 50 us (verbs completions are polled).
+    pub fn wait_any(endpoints: &[&Endpoint], timeout: Duration) -> Result<(), TransportError> {
+        let mut shims = Vec::with_capacity(endpoints.len());
+        let mut timeout = timeout;
+        for e in endpoints {
+            match &e.inner {
+                Inner::Shim(s) => shims.push(s),
+                Inner::Verbs(_) => timeout = timeout.min(Duration::from_micros(50)),
+            }
+        }
+        shim::endpoint::wait_any(&shims, timeout)
+    }
+
     /// Work requests posted and not yet completed.
     pub fn outstanding(&self) -> usize {
         match &self.inner {

@@ -364,6 +364,21 @@ impl ShimEndpoint {
         n
     }
 
+    /// When this endpoint's next completion can be delivered: now (one is held, or the
+    /// connection is broken), at an instant (link emulation holds it), or when its socket has
+    /// data (its descriptor).
+    pub(crate) fn readiness(&self) -> Readiness<'_> {
+        let recv = lock(&self.recv);
+        if self.broken.load(Ordering::Acquire) {
+            return Readiness::Now;
+        }
+        match recv.held.front().map(|h| h.deliver_at) {
+            Some(None) => Readiness::Now,
+            Some(Some(t)) => Readiness::At(t),
+            None => Readiness::Socket(self.stream.as_fd()),
+        }
+    }
+
     /// Appends up to `max` ready completions to `out` without blocking; returns how many.
     pub fn poll(&self, out: &mut Vec<Completion>, max: usize) -> usize {
         let mut recv = lock(&self.recv);
@@ -418,6 +433,41 @@ impl ShimEndpoint {
             }
         }
     }
+}
+
+/// When an endpoint's next completion can be delivered (see [`ShimEndpoint::readiness`]).
+pub(crate) enum Readiness<'a> {
+    /// A completion is ready.
+    Now,
+    /// A completion is held until then.
+    At(Instant),
+    /// When the socket has data.
+    Socket(std::os::fd::BorrowedFd<'a>),
+}
+
+/// Waits until any of `endpoints` may have a completion to deliver, or `timeout` passes.
+pub(crate) fn wait_any(endpoints: &[&ShimEndpoint], timeout: Duration) -> Result<(), TransportError> {
+    let now = Instant::now();
+    let mut until = now + timeout;
+    let mut fds = Vec::with_capacity(endpoints.len());
+    for e in endpoints {
+        match e.readiness() {
+            Readiness::Now => return Ok(()),
+            Readiness::At(t) => until = until.min(t),
+            Readiness::Socket(fd) => fds.push(fd),
+        }
+    }
+    let left = until.saturating_duration_since(now);
+    if left.is_zero() {
+        return Ok(());
+    }
+    if fds.is_empty() {
+        std::thread::sleep(left);
+        return Ok(());
+    }
+    sys::wait_any_readable(&fds, left)
+        .map(|_| ())
+        .map_err(|e| TransportError::InvalidArgument(format!("waiting for completions failed: {e}")))
 }
 
 /// Total length of the frame at the start of `rx`, if its header is complete and valid.

@@ -14,6 +14,33 @@ pub fn send_nonblocking(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
     usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
 
+/// Waits until any of `fds` is readable or `timeout` passes. Returns whether one is ready.
+/// Interrupted waits report "not ready".
+pub fn wait_any_readable(fds: &[BorrowedFd<'_>], timeout: Duration) -> io::Result<bool> {
+    let mut pfds: Vec<libc::pollfd> =
+        fds.iter().map(|fd| libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
+    let ts = libc::timespec {
+        tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
+        tv_nsec: libc::c_long::from(timeout.subsec_nanos().min(999_999_999).cast_signed()),
+    };
+    let n = libc::nfds_t::try_from(pfds.len()).unwrap_or(libc::nfds_t::MAX);
+    // SAFETY: `pfds` holds `n` valid pollfd entries for live borrowed descriptors, `ts` is valid
+    // for the call, and a null signal mask leaves the mask unchanged.
+    let rc = unsafe { libc::ppoll(pfds.as_mut_ptr(), n, &ts, std::ptr::null()) };
+    match rc {
+        0 => Ok(false),
+        n if n > 0 => Ok(true),
+        _ => {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                Ok(false)
+            } else {
+                Err(err)
+            }
+        }
+    }
+}
+
 /// Waits until `fd` is readable (`want_write`: writable) or `timeout` passes. Returns whether it is
 /// ready. Interrupted waits report "not ready" so callers re-check their deadline.
 pub fn wait_fd(fd: BorrowedFd<'_>, want_write: bool, timeout: Duration) -> io::Result<bool> {

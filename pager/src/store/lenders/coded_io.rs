@@ -29,8 +29,9 @@ use crate::PAGE_SIZE;
 /// oldest to land.
 const MAX_AREAS: usize = 4;
 
-/// After spinning, how long one blocking wait on one lender lasts before the others are polled.
-const WAIT_SLICE: Duration = Duration::from_micros(100);
+/// After spinning, the longest one sleep for the lenders' replies lasts before the deadline is
+/// checked again.
+const WAIT_SLICE: Duration = Duration::from_millis(10);
 
 /// A read left in flight after its batch had enough shards without it.
 #[derive(Debug, Clone, Copy)]
@@ -307,7 +308,6 @@ impl LenderIo {
         let k = self.code().data();
         let start = Instant::now();
         let (deadline, spin_until) = (start + limit, start + self.store.spin);
-        let mut turn = 0;
         let mut got: Vec<(u64, CompletionStatus)> = Vec::new();
         loop {
             if quorum(reads, pages, k) {
@@ -323,14 +323,16 @@ impl LenderIo {
                 }
                 return;
             }
-            // Spin over every lender, then block on one at a time for a short slice.
-            let block = (now >= spin_until).then(|| WAIT_SLICE.min(deadline - now));
-            turn += 1;
-            for (n, &r) in pending.iter().enumerate() {
+            // Spin over every lender, then sleep until any of them has something.
+            if now >= spin_until {
+                let endpoints: Vec<&rdma::Endpoint> =
+                    pending.iter().filter_map(|&r| self.endpoint(reads[r].lender)).collect();
+                let _ = rdma::Endpoint::wait_any(&endpoints, WAIT_SLICE.min(deadline - now));
+            }
+            for &r in &pending {
                 let lender = reads[r].lender;
-                let wait = block.filter(|_| n == turn % pending.len());
                 got.clear();
-                if let Err(e) = self.gather(lender, wait, &mut got) {
+                if let Err(e) = self.gather(lender, &mut got) {
                     for read in reads.iter_mut().filter(|x| x.lender == lender && x.outcome.is_none()) {
                         read.outcome = Some(Err(e.clone()));
                     }
@@ -345,27 +347,17 @@ impl LenderIo {
         }
     }
 
-    /// Polls `lender`'s endpoint (or waits up to `wait` for it), appending the completions that
-    /// are not late reads to `got`. A lost connection marks the lender failed.
-    fn gather(
-        &mut self,
-        lender: usize,
-        wait: Option<Duration>,
-        got: &mut Vec<(u64, CompletionStatus)>,
-    ) -> Result<(), TransferError> {
+    /// Takes the completions that have arrived on `lender`'s endpoint: each reaps a late read and
+    /// is appended to `got` as (wr_id, status). A lost connection marks the lender failed.
+    fn gather(&mut self, lender: usize, got: &mut Vec<(u64, CompletionStatus)>) -> Result<(), TransferError> {
         let mut completions = std::mem::take(&mut self.coded.completions);
         completions.clear();
         let Some(ep) = self.endpoint(lender) else {
             self.coded.completions = completions;
             return Err(TransferError::ConnectionLost("connection closed".into()));
         };
-        let result = match wait {
-            Some(d) => ep.wait(&mut completions, 16, d, PollMode::Block).map(|_| ()),
-            None => {
-                ep.poll(&mut completions, 16);
-                Ok(())
-            }
-        };
+        // A wait of zero: what has arrived, or the error of a connection found broken.
+        let result = ep.wait(&mut completions, 16, Duration::ZERO, PollMode::Spin);
         if let Err(e) = result {
             self.coded.completions = completions;
             let why = e.to_string();
@@ -386,7 +378,7 @@ impl LenderIo {
         lenders.dedup();
         let mut got = Vec::new();
         for lender in lenders {
-            let _ = self.gather(lender, None, &mut got);
+            let _ = self.gather(lender, &mut got);
         }
     }
 

@@ -105,9 +105,9 @@ impl Repairer {
             self.told_no_room = true;
             tracing::warn!(
                 pages = self.store.pending_repair(),
-                "pages have fewer copies than asked for (a lender was lost or is leaving, or the lenders were \
-                 full when the pages were written) and no other lender has room for another; they stay as \
-                 they are until one has"
+                "pages have fewer copies (or shards) than asked for (a lender was lost or is leaving, or the \
+                 lenders were full when the pages were written) and no live lender outside their groups has \
+                 room for another; they stay as they are until one has (add a lender)"
             );
         }
         None
