@@ -45,7 +45,7 @@ pub struct DemoOptions {
     pub trusted_lenders: bool,
     /// The cluster key, for lenders that require one (an embedded lender then does too).
     pub key: Option<rdma::secure::ClusterKey>,
-    /// Copies of each page (`None`: the pager's default for the number of lenders).
+    /// Copies or shards of each page (`None`: the pager's default for the number of lenders).
     pub redundancy: Option<coalesce_pager::store::Redundancy>,
     /// Background re-replication rate in bytes per second (0: off).
     pub repair_rate: usize,

@@ -34,7 +34,7 @@ pub struct RunOptions {
     /// The cluster key file, passed to the program (`COALESCE_KEY_FILE`) and used by the
     /// embedded lender.
     pub key_file: Option<std::path::PathBuf>,
-    /// Copies of each page (`None`: the preload's default for the number of lenders).
+    /// Copies or shards of each page (`None`: the preload's default for the number of lenders).
     pub redundancy: Option<coalesce_pager::store::Redundancy>,
     /// Background re-replication rate in bytes per second (0: off).
     pub repair_rate: u64,

@@ -176,3 +176,29 @@ fn a_backup_server_without_persist_is_refused_at_start() {
     let err = Pager::new(config).expect_err("a server without --persist").to_string();
     assert!(err.contains("--persist"), "{err}");
 }
+
+#[test]
+fn a_lost_backup_server_bounds_the_queue_and_costs_the_lenders_nothing() {
+    coalesce::init_logging("error");
+    let dir = temp_dir("lost");
+    let (a, b) = (ServerProcess::start(&LENDER), ServerProcess::start(&LENDER));
+    let args = backup_args(&dir);
+    let backup = ServerProcess::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut config = config(&[&a, &b], &backup, Duration::from_millis(20));
+    config.backup_max_lag_pages = 64;
+    config.local_max = LocalMax::Default;
+    let pager = Pager::new(config).unwrap();
+    let mut region = pager.map(16 * MIB, RegionOptions::default()).unwrap();
+    let pages = region.len() / PAGE_SIZE;
+    drop(backup); // SIGKILL: nothing more is written behind
+    for seed in 1..4 {
+        fill(&mut region, 0..pages, seed);
+        assert_eq!(read_back(&region, 0..pages, seed), Vec::<usize>::new());
+    }
+    let stats = pager.stats();
+    assert!(stats.backup_dropped_pages > 0 && stats.backup_lag_pages <= 64, "{stats}");
+    assert_eq!(stats.fetch_failures, 0, "{stats}");
+    drop(region);
+    drop(pager);
+    let _ = std::fs::remove_dir_all(&dir);
+}

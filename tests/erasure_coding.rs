@@ -141,3 +141,35 @@ fn pages_whose_lost_shards_outnumber_the_parity_fail_loudly_not_as_zeros() {
     assert_eq!(err.raw_os_error(), Some(libc::EFAULT), "{err}");
     assert!(pager.stats().fetch_failures >= 1, "{}", pager.stats());
 }
+
+#[test]
+fn lost_shards_are_rebuilt_on_a_lender_that_joins_after_the_loss() {
+    coalesce::init_logging("error");
+    let mut servers: Vec<ServerProcess> = (0..3).map(|_| ServerProcess::start(&ARGS)).collect();
+    let pager = Pager::new(coded(&servers, 2, 1)).unwrap();
+    let mut region = pager.map(32 * MIB, RegionOptions::default()).unwrap();
+    fill(&mut region, 1);
+
+    // Every group spans all three lenders: after a loss no lender is left to rebuild on.
+    let first = servers.remove(0);
+    let first_addr = first.addr;
+    drop(first); // SIGKILL
+    wait_stats(&pager, "noticing the loss", |s| {
+        s.rereplication_pending_pages > 0 && pager.server_pages().iter().any(|&(a, _, alive)| a == first_addr && !alive)
+    });
+    assert_eq!(pager.stats().rereplicated_pages, 0, "nowhere to rebuild yet: {}", pager.stats());
+
+    // A lender joins: the lost shards are rebuilt there, and a second loss is survived.
+    let joined = ServerProcess::start(&ARGS);
+    pager.add_lender(joined.addr).unwrap();
+    let err = pager.add_lender(joined.addr).expect_err("the same lender twice").to_string();
+    assert!(err.contains("already"), "{err}");
+    wait_stats(&pager, "the rebuild on the new lender", |s| {
+        s.rereplicated_pages > 0 && s.rereplication_pending_pages == 0
+    });
+    let on_joined = pager.server_pages().iter().find(|&&(a, _, _)| a == joined.addr).map(|&(_, n, _)| n);
+    assert!(on_joined.is_some_and(|n| n > 1000), "{:?}", pager.server_pages());
+    drop(servers.remove(0));
+    check(&region, 1, "after a loss, a join, the rebuild and a second loss");
+    assert_eq!(pager.stats().fetch_failures, 0, "{}", pager.stats());
+}

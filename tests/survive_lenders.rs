@@ -310,3 +310,28 @@ fn a_stalled_lender_costs_a_failover_not_the_fetch_timeout_when_every_page_has_a
     wait_alive(&pager, b.addr);
     check(&region, 1, "after b resumed");
 }
+
+#[test]
+fn a_lender_added_while_the_pager_runs_takes_the_pages_the_full_one_could_not() {
+    coalesce::init_logging("error");
+    // One small lender: it fills, and pages stay local beyond the budget.
+    let small = ServerProcess::start(&["--capacity", "8MiB", "--slab-size", "8MiB"]);
+    let mut config = PagerConfig::new(vec![small.addr], 4 * MIB);
+    config.redundancy = Some(Redundancy::None);
+    config.local_max = coalesce_pager::LocalMax::Unlimited;
+    let pager = Pager::new(config).unwrap();
+    let mut region = pager.map(32 * MIB, RegionOptions::default()).unwrap();
+    fill(&mut region, 1);
+    let stats = pager.stats();
+    assert!(stats.resident_pages > 4096, "the full lender took everything? {stats}");
+
+    let big = ServerProcess::start(&ARGS);
+    pager.add_lender(big.addr).unwrap();
+    // Passing through local memory again, pages go to the new lender and the budget holds.
+    fill(&mut region, 2);
+    check(&region, 2, "with the new lender");
+    let on_big = pager.server_pages().iter().find(|&&(a, _, _)| a == big.addr).map(|&(_, n, _)| n);
+    assert!(on_big.is_some_and(|n| n > 1000), "{:?}", pager.server_pages());
+    wait_stats(&pager, "the budget holding again", |s| s.resident_pages <= 1024 + 128);
+    assert_eq!(pager.stats().fetch_failures, 0);
+}

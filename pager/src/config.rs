@@ -52,8 +52,8 @@ pub struct PagerConfig {
     /// every page and change one unnoticed). Default `false`: every page is sealed
     /// ([`store::SealedStore`]).
     pub trusted_lenders: bool,
-    /// Copies of each page on distinct lenders (`None`: `replicate:2` from two lenders on, else
-    /// one copy; see [`store::Redundancy`]).
+    /// How pages are kept on distinct lenders: copies or erasure-coded shards (`None`:
+    /// `replicate:2` from two lenders on, else one copy; see [`store::Redundancy`]).
     pub redundancy: Option<store::Redundancy>,
     /// With erasure coding (`ec:K+M`), shards read beyond the K a page needs (late binding: a
     /// fault uses the first K to arrive, so that many slow or failed lenders cost it nothing).

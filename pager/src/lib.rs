@@ -309,6 +309,7 @@ impl Shared {
             s.backup_read_pages = b.read_back;
             s.backup_stale_pages = b.stale;
             s.backup_failures = b.failures;
+            s.backup_dropped_pages = b.dropped;
         }
         s.metadata_bytes = self.regions.table_bytes() + self.store.bookkeeping_bytes() as u64;
         s
@@ -502,6 +503,13 @@ impl Pager {
     #[doc(hidden)]
     pub fn inject_move_undercount(&self, on: bool) {
         self.shared.inject_move_undercount.store(on, Ordering::Release);
+    }
+
+    /// Adds a lender while the pager runs (for example one just discovered): new pages may go to
+    /// it at once, and lost copies or shards may be rebuilt on it. Fails naming the lender when
+    /// it cannot be reached, is a lender already, or the pager has [`store::MAX_LENDERS`].
+    pub fn add_lender(&self, addr: SocketAddr) -> Result<(), PagerError> {
+        self.shared.store.add_lender(addr)
     }
 
     /// Waits until every page written back so far is in the backup tier and durable there

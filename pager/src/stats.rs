@@ -242,6 +242,9 @@ pub struct PagerStats {
     /// Requests to the backup server that failed.
     #[serde(default)]
     pub backup_failures: u64,
+    /// Pages dropped from the write-behind queue (full while the backup server was down or slow).
+    #[serde(default)]
+    pub backup_dropped_pages: u64,
 }
 
 impl PagerStats {
@@ -325,10 +328,11 @@ impl fmt::Display for PagerStats {
         if self.backup {
             writeln!(
                 f,
-                "backup: {} pages written behind, {} waiting (oldest {} ms); {} read back after every lender copy was lost, {} too old to use; {} failed requests",
+                "backup: {} pages written behind, {} waiting (oldest {} ms), {} dropped from a full queue; {} read back after every lender copy was lost, {} too old to use; {} failed requests",
                 self.backup_written_pages,
                 self.backup_lag_pages,
                 self.backup_lag.as_millis(),
+                self.backup_dropped_pages,
                 self.backup_read_pages,
                 self.backup_stale_pages,
                 self.backup_failures

@@ -69,6 +69,8 @@ pub struct BackupStats {
     pub stale: u64,
     /// Requests to the backup server that failed (it is tried again a second later).
     pub failures: u64,
+    /// Pages dropped from a full queue before they were written behind (their backup is older).
+    pub dropped: u64,
 }
 
 /// One page waiting to be written behind.
@@ -105,6 +107,7 @@ struct Shared {
     read_back: AtomicU64,
     stale: AtomicU64,
     failures: AtomicU64,
+    dropped: AtomicU64,
     down_since: Mutex<Option<Instant>>,
 }
 
@@ -147,6 +150,7 @@ impl BackupStore {
             read_back: AtomicU64::new(0),
             stale: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
             down_since: Mutex::new(None),
         });
         let s = Arc::clone(&shared);
@@ -307,13 +311,30 @@ impl Shared {
     }
 
     /// Queues a page written to the lenders; waits (up to the timeout) while the queue is full.
+    /// While the backup server is down the queue does not wait: past its bound the oldest page
+    /// is dropped (it loses its backup, counted, said once), so a lost backup costs the program
+    /// no speed and bounded memory.
     fn enqueue(&self, id: PageId, data: Vec<u8>) {
         let mut q = lock(&self.queue);
         let deadline = Instant::now() + self.options.timeout;
-        while q.pages.len() >= self.options.max_lag_pages && Instant::now() < deadline {
+        while q.pages.len() >= self.options.max_lag_pages
+            && Instant::now() < deadline
+            && lock(&self.down_since).is_none()
+        {
             self.changed.notify_all();
             let left = deadline.saturating_duration_since(Instant::now());
             q = self.changed.wait_timeout(q, left).unwrap_or_else(PoisonError::into_inner).0;
+        }
+        while q.pages.len() >= self.options.max_lag_pages {
+            q.pages.pop_front();
+            if self.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
+                tracing::warn!(
+                    addr = %self.options.addr,
+                    max_lag_pages = self.options.max_lag_pages,
+                    "the backup server is not keeping up (or is down): the oldest waiting pages are dropped \
+                     and lose their backup"
+                );
+            }
         }
         q.pages.push_back(Pending { id, data, at: Instant::now() });
         if q.pages.len() >= BATCH {
@@ -354,6 +375,7 @@ impl Shared {
             read_back: self.read_back.load(Ordering::Relaxed),
             stale: self.stale.load(Ordering::Relaxed),
             failures: self.failures.load(Ordering::Relaxed),
+            dropped: self.dropped.load(Ordering::Relaxed),
         }
     }
 }
@@ -405,6 +427,7 @@ impl PageStore for BackupStore {
     /// Gives the lenders' memory back and drops this client's backups.
     fn release_all(&self) {
         self.inner.release_all();
+        lock(&self.shared.queue).pages.clear();
         let _ = self.shared.with_control(ControlClient::backup_forget);
     }
 
@@ -418,6 +441,10 @@ impl PageStore for BackupStore {
 
     fn copies_rejected(&self) -> Option<u64> {
         self.inner.copies_rejected()
+    }
+
+    fn add_lender(&self, addr: SocketAddr) -> Result<(), PagerError> {
+        self.inner.add_lender(addr)
     }
 
     fn checkpoint(&self, timeout: Duration) -> Result<(), PagerError> {

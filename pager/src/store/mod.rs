@@ -41,7 +41,7 @@ mod memory;
 mod sealed;
 
 pub use backup::{BackupOptions, BackupStats, BackupStore};
-pub use lenders::{LenderStore, LenderStoreOptions, MAX_COPIES};
+pub use lenders::{LenderStore, LenderStoreOptions, MAX_COPIES, MAX_LENDERS};
 pub use memory::{MemoryStore, MemoryStoreFaults};
 pub use sealed::SealedStore;
 
@@ -296,6 +296,12 @@ pub trait PageStore: Send + Sync + fmt::Debug {
     /// when another copy then served the page); `None` when this store does not check copies.
     fn copies_rejected(&self) -> Option<u64> {
         None
+    }
+
+    /// Adds a lender while the store runs (discovered, or named later); stores with a fixed set
+    /// of places refuse.
+    fn add_lender(&self, addr: SocketAddr) -> Result<(), PagerError> {
+        Err(PagerError::Config(format!("this page store takes no new lenders (asked to add {addr})")))
     }
 
     /// Waits until every page written so far is in the backup tier and durable there (see

@@ -104,6 +104,10 @@ impl PageStore for SealedStore {
         Some(self.copies_rejected())
     }
 
+    fn add_lender(&self, addr: SocketAddr) -> Result<(), PagerError> {
+        self.inner.add_lender(addr)
+    }
+
     fn checkpoint(&self, timeout: Duration) -> Result<(), PagerError> {
         self.inner.checkpoint(timeout)
     }

@@ -66,7 +66,7 @@ impl LenderIo {
         let endpoints = store
             .lenders
             .iter()
-            .map(|s| {
+            .map(|(_, s)| {
                 if !s.is_alive() {
                     return Ok(None);
                 }
@@ -109,6 +109,11 @@ impl LenderIo {
 
     /// Reconnects to lenders that came back since this thread last looked.
     pub(super) fn refresh(&mut self) {
+        // Lenders that joined since: no endpoint yet; connected below as if they came back.
+        while self.endpoints.len() < self.store.lenders.len() {
+            self.endpoints.push(None);
+            self.revivals_seen.push(u64::MAX);
+        }
         for i in 0..self.endpoints.len() {
             let revivals = self.store.revivals(i);
             if revivals == self.revivals_seen[i] {
@@ -274,7 +279,7 @@ impl LenderIo {
     ) -> Result<(), TransferError> {
         let spin = self.store.spin;
         loop {
-            let Some(ep) = self.endpoints[lender].as_ref() else {
+            let Some(ep) = self.endpoints.get(lender).and_then(Option::as_ref) else {
                 return Err(TransferError::ConnectionLost("connection closed".into()));
             };
             let left = deadline.saturating_duration_since(Instant::now());
@@ -361,7 +366,7 @@ impl LenderIo {
             Direction::Read => WorkRequest::read(wr_id, segments),
             Direction::Write => WorkRequest::write(wr_id, segments),
         };
-        let Some(ep) = self.endpoints[lender].as_ref() else { return Err(TransferError::LenderDown) };
+        let Some(ep) = self.endpoint(lender) else { return Err(TransferError::LenderDown) };
         match ep.post(&wr) {
             Ok(()) => Ok(wr_id),
             Err(e) => {
@@ -381,7 +386,9 @@ impl LenderIo {
     /// Drops this thread's connection to `lender` (nothing it posted can land after this) and
     /// marks the lender failed.
     pub(super) fn fail_lender(&mut self, lender: usize, why: &str) {
-        self.endpoints[lender] = None;
+        if let Some(e) = self.endpoints.get_mut(lender) {
+            *e = None;
+        }
         self.coded.forget_lender(lender);
         self.store.mark_failed(lender, why);
     }
@@ -389,7 +396,9 @@ impl LenderIo {
     /// Drops this thread's connection to `lender` and fails it for good (a copy it served came
     /// back changed).
     pub(super) fn distrust_lender(&mut self, lender: usize, why: &str) {
-        self.endpoints[lender] = None;
+        if let Some(e) = self.endpoints.get_mut(lender) {
+            *e = None;
+        }
         self.coded.forget_lender(lender);
         self.store.distrust_lender(lender, why);
     }

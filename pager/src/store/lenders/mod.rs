@@ -53,7 +53,10 @@ mod io;
 mod liar;
 mod repair;
 mod revive;
+mod roster;
 mod slots;
+
+pub use roster::MAX_LENDERS;
 
 const SLOT_PAGE_BITS: u32 = 20;
 const MAX_SLABS: usize = 1 << (32 - SLOT_PAGE_BITS);
@@ -161,7 +164,7 @@ impl Places {
 /// The lender store: every lender, its slab groups, and the slot allocator.
 #[derive(Debug)]
 pub struct LenderStore {
-    lenders: Vec<Lender>,
+    lenders: roster::Roster,
     groups: RwLock<Vec<Group>>,
     /// Slots freed while their group was not whole: handed out again once it is (`unpark`).
     parked: Mutex<Vec<u32>>,
@@ -243,30 +246,15 @@ impl LenderStore {
             key: options.endpoint.key.clone(),
             ..ClientOptions::default()
         };
-        let mut lenders = Vec::with_capacity(addrs.len());
-        for &addr in addrs {
-            let mut control =
-                ControlClient::connect(addr, &client).map_err(|source| PagerError::Server { addr, source })?;
-            // A stalled lender must not hold up the heartbeats of the others past their lease.
-            let timeout = control_timeout(control.session().lease);
-            control.set_timeout(timeout).map_err(|source| PagerError::Server { addr, source })?;
-            tracing::info!(%addr, lease = ?control.session().lease, "connected to memory-server");
-            lenders.push(Lender {
-                addr,
-                control: Mutex::new(control),
-                alive: AtomicBool::new(true),
-                full: AtomicBool::new(false),
-                leaving: AtomicBool::new(false),
-                distrusted: AtomicBool::new(false),
-                pages: AtomicU64::new(0),
-                slots: Mutex::new(ServerSlots::default()),
-                generation: AtomicU64::new(0),
-                revivals: AtomicU64::new(0),
-                last_attempt: Mutex::new(None),
-            });
+        if addrs.len() > MAX_LENDERS {
+            return Err(PagerError::Config(format!(
+                "{} memory servers configured; a pager uses at most {MAX_LENDERS}",
+                addrs.len()
+            )));
         }
+        let lenders = addrs.iter().map(|&addr| open_lender(addr, &client)).collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
-            lenders,
+            lenders: roster::Roster::new(lenders),
             groups: RwLock::new(Vec::new()),
             parked: Mutex::new(Vec::new()),
             orphans: Mutex::new(Vec::new()),
@@ -283,6 +271,20 @@ impl LenderStore {
             spin: options.spin,
             trailer,
         })
+    }
+
+    /// Adds a lender while the store runs (a lender discovered, or named later): new groups
+    /// use it at once, and so do repairs. Returns its index.
+    pub fn add_lender(&self, addr: SocketAddr) -> Result<usize, PagerError> {
+        if self.lenders.iter().any(|(_, s)| s.addr == addr) {
+            return Err(PagerError::Config(format!("memory-server {addr} is a lender already")));
+        }
+        let lender = open_lender(addr, &self.client_options)?;
+        let i = self.lenders.push(lender).map_err(|_| {
+            PagerError::Config(format!("cannot add memory-server {addr}: a pager uses at most {MAX_LENDERS} lenders"))
+        })?;
+        tracing::info!(%addr, lenders = self.lenders.len(), "memory-server joined: new pages may go to it");
+        Ok(i)
     }
 
     fn is_alive(&self, lender: usize) -> bool {
@@ -308,7 +310,7 @@ impl LenderStore {
     /// made whole in the background (`repair.rs`), and their pages are written again to a whole
     /// group as they pass through local memory.
     fn healthy(&self, places: &Places) -> bool {
-        let live = self.lenders.iter().filter(|s| s.is_alive() && !s.leaving.load(Ordering::Acquire)).count();
+        let live = self.lenders.iter().filter(|(_, s)| s.is_alive() && !s.leaving.load(Ordering::Acquire)).count();
         places.len >= self.width.min(live) && places.copies().iter().all(|loc| self.copy_whole(loc))
     }
 
@@ -400,7 +402,7 @@ impl LenderStore {
 
     /// The shortest lease over the lenders.
     fn min_lease(&self) -> Duration {
-        self.lenders.iter().map(|s| lock(&s.control).session().lease).min().unwrap_or(Duration::from_secs(30))
+        self.lenders.iter().map(|(_, s)| lock(&s.control).session().lease).min().unwrap_or(Duration::from_secs(30))
     }
 }
 
@@ -441,7 +443,7 @@ impl PageStore for LenderStore {
     /// Renews every live lender's lease (a lost session or connection marks the lender failed)
     /// and tries failed lenders again.
     fn maintain(&self) {
-        for (i, s) in self.lenders.iter().enumerate() {
+        for (i, s) in self.lenders.iter() {
             if !s.is_alive() {
                 continue;
             }
@@ -459,7 +461,7 @@ impl PageStore for LenderStore {
             }
         }
         // Then, with every live lease renewed, try the failed lenders again.
-        for (i, s) in self.lenders.iter().enumerate() {
+        for (i, s) in self.lenders.iter() {
             if !s.is_alive() {
                 self.revive(i);
             }
@@ -473,20 +475,24 @@ impl PageStore for LenderStore {
     }
 
     fn remote_pages(&self) -> u64 {
-        self.lenders.iter().map(|s| s.pages.load(Ordering::Relaxed)).sum()
+        self.lenders.iter().map(|(_, s)| s.pages.load(Ordering::Relaxed)).sum()
     }
 
     fn bookkeeping_bytes(&self) -> usize {
         let slabs = self.groups.read().unwrap_or_else(PoisonError::into_inner).len() * std::mem::size_of::<Group>();
-        let free: usize = self.lenders.iter().map(|s| lock(&s.slots).free.capacity() * 4).sum();
+        let free: usize = self.lenders.iter().map(|(_, s)| lock(&s.slots).free.capacity() * 4).sum();
         slabs + free + lock(&self.parked).capacity() * 4
     }
 
     fn lenders(&self) -> Vec<LenderInfo> {
         self.lenders
             .iter()
-            .map(|s| LenderInfo { addr: s.addr, pages: s.pages.load(Ordering::Relaxed), alive: s.is_alive() })
+            .map(|(_, s)| LenderInfo { addr: s.addr, pages: s.pages.load(Ordering::Relaxed), alive: s.is_alive() })
             .collect()
+    }
+
+    fn add_lender(&self, addr: SocketAddr) -> Result<(), PagerError> {
+        LenderStore::add_lender(self, addr).map(|_| ())
     }
 
     fn open_repair(self: Arc<Self>) -> Result<Option<Box<dyn crate::store::PageRepair>>, PagerError> {
@@ -506,6 +512,28 @@ impl PageStore for LenderStore {
             }
         }
     }
+}
+
+/// Opens a control session with the lender at `addr`.
+fn open_lender(addr: SocketAddr, client: &ClientOptions) -> Result<Lender, PagerError> {
+    let mut control = ControlClient::connect(addr, client).map_err(|source| PagerError::Server { addr, source })?;
+    // A stalled lender must not hold up the heartbeats of the others past their lease.
+    let timeout = control_timeout(control.session().lease);
+    control.set_timeout(timeout).map_err(|source| PagerError::Server { addr, source })?;
+    tracing::info!(%addr, lease = ?control.session().lease, "connected to memory-server");
+    Ok(Lender {
+        addr,
+        control: Mutex::new(control),
+        alive: AtomicBool::new(true),
+        full: AtomicBool::new(false),
+        leaving: AtomicBool::new(false),
+        distrusted: AtomicBool::new(false),
+        pages: AtomicU64::new(0),
+        slots: Mutex::new(ServerSlots::default()),
+        generation: AtomicU64::new(0),
+        revivals: AtomicU64::new(0),
+        last_attempt: Mutex::new(None),
+    })
 }
 
 /// How long a control request may take: a quarter of the lease (100 ms to 5 s), so that the

@@ -117,7 +117,7 @@ impl Repairer {
     /// of `holders`.
     fn new_slab(&mut self, holders: &[usize], used: u64) -> Option<Slab> {
         let store = Arc::clone(&self.store);
-        for (j, s) in store.lenders.iter().enumerate() {
+        for (j, s) in store.lenders.iter() {
             let unusable = !s.is_alive() || s.full.load(Ordering::Acquire) || s.leaving.load(Ordering::Acquire);
             if holders.contains(&j) || unusable || !self.io.can_reach(j) {
                 continue;
@@ -278,7 +278,8 @@ impl LenderStore {
     /// Records of group `group` that may hold pages: up to the bump pointer of the group being
     /// filled, else all of them.
     fn records_used(&self, group: usize, g: &Group) -> u64 {
-        let bump = self.lenders.iter().find_map(|s| lock(&s.slots).bump.filter(|&(gi, _)| gi == group).map(|(_, n)| n));
+        let bump =
+            self.lenders.iter().find_map(|(_, s)| lock(&s.slots).bump.filter(|&(gi, _)| gi == group).map(|(_, n)| n));
         u64::from(bump.unwrap_or(g.records).min(g.records))
     }
 
