@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use coalesce_pager::store::Redundancy;
 use coalesce_pager::{LocalMax, Pager, PagerConfig, Region, RegionOptions, PAGE_SIZE};
-use common::{kernel_read, ServerProcess};
+use common::{kernel_read, wait_stats, ServerProcess};
 
 const MIB: usize = 1 << 20;
 const WORDS: usize = PAGE_SIZE / 8;
@@ -137,11 +137,16 @@ fn a_backup_server_killed_and_started_again_replays_its_log() {
     let args = backup_args(&dir);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let backup = ServerProcess::start_at(&listen, &args);
-    let pager = Pager::new(config(&[&a, &b], &backup, Duration::from_millis(50))).unwrap();
+    let mut config = config(&[&a, &b], &backup, Duration::from_millis(50));
+    config.backup_checkpoint_interval = Duration::from_millis(200);
+    let pager = Pager::new(config).unwrap();
     let mut region = pager.map(16 * MIB, RegionOptions::default()).unwrap();
     let pages = region.len() / PAGE_SIZE;
     fill(&mut region, 0..pages, 1);
-    pager.checkpoint(Duration::from_secs(30)).unwrap();
+    // No explicit checkpoint: a periodic one covers every page written back.
+    wait_stats(&pager, "a periodic checkpoint covering the fill", |s| {
+        s.backup_checkpoints >= 1 && s.backup_pages_since_checkpoint == 0
+    });
 
     drop(backup); // SIGKILL
     let log = dir.with_extension("log");

@@ -69,6 +69,9 @@ pub struct PagerConfig {
     /// How many pages may wait to be written behind (default 4096, 16 MiB); a write-back waits
     /// for room past it.
     pub backup_max_lag_pages: usize,
+    /// How often a checkpoint is made: every page written back before it is then in the backup
+    /// and on its disk (default 10 s; [`crate::Pager::checkpoint`] makes one at once).
+    pub backup_checkpoint_interval: Duration,
     /// The cluster key, for lenders that require one (`coalesce keygen`): connections
     /// authenticate with it and control traffic is encrypted.
     pub key: Option<rdma::secure::ClusterKey>,
@@ -103,6 +106,7 @@ impl PagerConfig {
             backup: None,
             backup_max_lag: Duration::from_secs(1),
             backup_max_lag_pages: 4096,
+            backup_checkpoint_interval: Duration::from_secs(10),
             spin: Duration::from_micros(50),
             link: LinkProfile::loopback(),
             client_id: None,
@@ -167,6 +171,12 @@ impl PagerConfig {
             return Err(PagerError::Config(format!(
                 "backup lag {:?} is out of range: it must be positive and at most 1 hour",
                 self.backup_max_lag
+            )));
+        }
+        if self.backup_checkpoint_interval.is_zero() || self.backup_checkpoint_interval > MAX_FETCH_TIMEOUT {
+            return Err(PagerError::Config(format!(
+                "backup checkpoint interval {:?} is out of range: it must be positive and at most 1 hour",
+                self.backup_checkpoint_interval
             )));
         }
         if self.backup_max_lag_pages == 0 || self.backup_max_lag_pages > 1 << 20 {

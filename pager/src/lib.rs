@@ -310,6 +310,9 @@ impl Shared {
             s.backup_stale_pages = b.stale;
             s.backup_failures = b.failures;
             s.backup_dropped_pages = b.dropped;
+            s.backup_checkpoints = b.checkpoints;
+            s.backup_last_checkpoint = b.last_checkpoint_ms.map(Duration::from_millis);
+            s.backup_pages_since_checkpoint = b.since_checkpoint;
         }
         s.metadata_bytes = self.regions.table_bytes() + self.store.bookkeeping_bytes() as u64;
         s
@@ -370,6 +373,7 @@ impl Pager {
                 max_lag: config.backup_max_lag,
                 max_lag_pages: config.backup_max_lag_pages,
                 timeout: config.fetch_timeout,
+                checkpoint_interval: config.backup_checkpoint_interval,
             };
             lenders = Arc::new(store::BackupStore::new(lenders, backup)?);
         }

@@ -245,6 +245,15 @@ pub struct PagerStats {
     /// Pages dropped from the write-behind queue (full while the backup server was down or slow).
     #[serde(default)]
     pub backup_dropped_pages: u64,
+    /// Checkpoints made: epochs every backup page is consistent with.
+    #[serde(default)]
+    pub backup_checkpoints: u64,
+    /// How long ago the last checkpoint was made (`None`: none yet).
+    #[serde(default)]
+    pub backup_last_checkpoint: Option<Duration>,
+    /// Pages written back since the newest checkpoint (the backup may not have them yet).
+    #[serde(default)]
+    pub backup_pages_since_checkpoint: u64,
 }
 
 impl PagerStats {
@@ -328,11 +337,14 @@ impl fmt::Display for PagerStats {
         if self.backup {
             writeln!(
                 f,
-                "backup: {} pages written behind, {} waiting (oldest {} ms), {} dropped from a full queue; {} read back after every lender copy was lost, {} too old to use; {} failed requests",
+                "backup: {} pages written behind, {} waiting (oldest {} ms), {} dropped from a full queue; {} checkpoints (last {}, {} pages since); {} read back after every lender copy was lost, {} too old to use; {} failed requests",
                 self.backup_written_pages,
                 self.backup_lag_pages,
                 self.backup_lag.as_millis(),
                 self.backup_dropped_pages,
+                self.backup_checkpoints,
+                self.backup_last_checkpoint.map_or_else(|| "none yet".to_string(), |d| format!("{} ms ago", d.as_millis())),
+                self.backup_pages_since_checkpoint,
                 self.backup_read_pages,
                 self.backup_stale_pages,
                 self.backup_failures

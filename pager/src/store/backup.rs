@@ -8,8 +8,9 @@
 //! for room past that, up to the fetch timeout). A page whose lender copies are all lost comes
 //! back from the backup only if the backup holds the very version the page table names; a page
 //! written again after its last write-behind fails loudly (SIGBUS and a log line), never as an
-//! older version or zeros. [`PageStore::checkpoint`] waits until everything written so far is
-//! in the backup and on its disk.
+//! older version or zeros. A checkpoint (every `checkpoint_interval`, default 10 s, and at
+//! [`PageStore::checkpoint`]) waits until every page written back before it is in the backup and
+//! on its disk: an epoch the backup is consistent with, shown in the statistics.
 //!
 //! The layer sits below the sealing layer: the backup server keeps sealed pages and their tags,
 //! and can no more read or change them unnoticed than a lender can.
@@ -52,6 +53,8 @@ pub struct BackupOptions {
     pub max_lag_pages: usize,
     /// How long a write-back waits for room, and a request for its reply.
     pub timeout: Duration,
+    /// A checkpoint is made this often (when pages were written behind since the last one).
+    pub checkpoint_interval: Duration,
 }
 
 /// The backup tier's counters (see [`crate::PagerStats`]).
@@ -71,6 +74,12 @@ pub struct BackupStats {
     pub failures: u64,
     /// Pages dropped from a full queue before they were written behind (their backup is older).
     pub dropped: u64,
+    /// Checkpoints made (periodic and asked for).
+    pub checkpoints: u64,
+    /// How long ago the last checkpoint was made, in milliseconds (`None`: none yet).
+    pub last_checkpoint_ms: Option<u64>,
+    /// Pages written back since the newest checkpoint (not yet covered by one).
+    pub since_checkpoint: u64,
 }
 
 /// One page waiting to be written behind.
@@ -79,6 +88,8 @@ struct Pending {
     id: PageId,
     data: Vec<u8>,
     at: Instant,
+    /// Its place in the order of write-backs.
+    seq: u64,
 }
 
 #[derive(Debug, Default)]
@@ -86,9 +97,31 @@ struct Queue {
     pages: VecDeque<Pending>,
     /// Pages taken by the sender and not yet acknowledged.
     sending: usize,
+    /// Sequence number of the next page queued.
+    next_seq: u64,
     /// Checkpoints asked for, and done (a checkpoint waits for `done` to reach its number).
     asked: u64,
     done: u64,
+    /// The newest checkpoint asked for covers the pages queued before this sequence number.
+    mark: u64,
+    /// The newest checkpoint done covers the pages queued before this one.
+    done_mark: u64,
+    /// When the last checkpoint completed.
+    last: Option<Instant>,
+}
+
+impl Queue {
+    /// Asks for a checkpoint of every page queued so far; returns its number.
+    fn ask(&mut self) -> u64 {
+        self.asked += 1;
+        self.mark = self.next_seq;
+        self.asked
+    }
+
+    /// Whether a page queued before the newest checkpoint's mark still waits.
+    fn checkpoint_waits_for_pages(&self) -> bool {
+        self.asked > self.done && self.pages.front().is_some_and(|p| p.seq < self.mark)
+    }
 }
 
 /// State shared with the sender thread.
@@ -108,6 +141,8 @@ struct Shared {
     stale: AtomicU64,
     failures: AtomicU64,
     dropped: AtomicU64,
+    checkpoints: AtomicU64,
+    started: Instant,
     down_since: Mutex<Option<Instant>>,
 }
 
@@ -151,6 +186,8 @@ impl BackupStore {
             stale: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+            checkpoints: AtomicU64::new(0),
+            started: Instant::now(),
             down_since: Mutex::new(None),
         });
         let s = Arc::clone(&shared);
@@ -250,25 +287,36 @@ impl Shared {
                     if self.shutdown.load(Ordering::Acquire) {
                         return;
                     }
+                    // A periodic checkpoint, unless one is under way or nothing was queued since.
+                    let since = q.last.map_or(self.started.elapsed(), |t| t.elapsed());
+                    if q.asked == q.done && since >= self.options.checkpoint_interval && q.next_seq > q.mark {
+                        q.ask();
+                    }
                     let due = q.pages.front().is_some_and(|p| p.at.elapsed() >= self.options.max_lag);
-                    if q.pages.len() >= BATCH || due || (q.asked > q.done && !q.pages.is_empty()) {
+                    if q.pages.len() >= BATCH || due || q.checkpoint_waits_for_pages() {
                         let n = q.pages.len().min(BATCH);
                         q.sending = n;
                         break (q.pages.drain(..n).collect::<Vec<_>>(), None);
                     }
                     if q.asked > q.done {
-                        break (Vec::new(), Some(q.asked));
+                        break (Vec::new(), Some((q.asked, q.mark)));
                     }
-                    let wait = q.pages.front().map_or(Duration::from_millis(200), |p| {
+                    let lag = q.pages.front().map_or(Duration::from_millis(200), |p| {
                         self.options.max_lag.saturating_sub(p.at.elapsed()).max(Duration::from_millis(1))
                     });
+                    let next_checkpoint =
+                        self.options.checkpoint_interval.saturating_sub(since).max(Duration::from_millis(1));
+                    let wait = lag.min(next_checkpoint);
                     q = self.changed.wait_timeout(q, wait).unwrap_or_else(PoisonError::into_inner).0;
                 }
             };
-            if let Some(asked) = checkpoint {
+            if let Some((asked, mark)) = checkpoint {
                 if self.with_control(ControlClient::backup_sync).is_some() {
                     let mut q = lock(&self.queue);
                     q.done = q.done.max(asked);
+                    q.done_mark = q.done_mark.max(mark);
+                    q.last = Some(Instant::now());
+                    self.checkpoints.fetch_add(1, Ordering::Relaxed);
                     self.changed.notify_all();
                 } else {
                     std::thread::sleep(RETRY.min(Duration::from_millis(100)));
@@ -336,7 +384,9 @@ impl Shared {
                 );
             }
         }
-        q.pages.push_back(Pending { id, data, at: Instant::now() });
+        let seq = q.next_seq;
+        q.next_seq += 1;
+        q.pages.push_back(Pending { id, data, at: Instant::now(), seq });
         if q.pages.len() >= BATCH {
             self.changed.notify_all();
         }
@@ -376,6 +426,9 @@ impl Shared {
             stale: self.stale.load(Ordering::Relaxed),
             failures: self.failures.load(Ordering::Relaxed),
             dropped: self.dropped.load(Ordering::Relaxed),
+            checkpoints: self.checkpoints.load(Ordering::Relaxed),
+            last_checkpoint_ms: q.last.map(|t| u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)),
+            since_checkpoint: q.next_seq - q.done_mark,
         }
     }
 }
@@ -450,8 +503,7 @@ impl PageStore for BackupStore {
     fn checkpoint(&self, timeout: Duration) -> Result<(), PagerError> {
         let deadline = Instant::now() + timeout;
         let mut q = lock(&self.shared.queue);
-        q.asked += 1;
-        let mine = q.asked;
+        let mine = q.ask();
         self.shared.changed.notify_all();
         while q.done < mine {
             let left = deadline.saturating_duration_since(Instant::now());
