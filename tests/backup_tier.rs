@@ -96,8 +96,11 @@ fn pages_come_back_from_the_backup_when_every_lender_is_lost_and_a_newer_page_fa
     let (a, b) = (ServerProcess::start(&LENDER), ServerProcess::start(&LENDER));
     let args = backup_args(&dir);
     let backup = ServerProcess::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    // A long lag: nothing is written behind but by the checkpoint.
-    let pager = Pager::new(config(&[&a, &b], &backup, Duration::from_secs(60))).unwrap();
+    // A long lag: nothing is written behind but by the checkpoint. The default local maximum
+    // (twice the budget): pages read back from the backup must leave local memory again.
+    let mut config = config(&[&a, &b], &backup, Duration::from_secs(60));
+    config.local_max = LocalMax::Default;
+    let pager = Pager::new(config).unwrap();
     let mut region = pager.map(16 * MIB, RegionOptions::default()).unwrap();
     let pages = region.len() / PAGE_SIZE;
     fill(&mut region, 0..pages, 1);
@@ -120,6 +123,7 @@ fn pages_come_back_from_the_backup_when_every_lender_is_lost_and_a_newer_page_fa
     let stats = pager.stats();
     assert!(stats.backup_read_pages >= (pages - 1024) as u64, "{stats}");
     assert!(stats.backup_stale_pages >= 1 && stats.fetch_failures == 1, "{stats}");
+    assert!(stats.peak_resident_pages <= 2048, "pages held by the backup were kept local: {stats}");
     drop(region);
     drop(pager);
     let _ = std::fs::remove_dir_all(&dir);

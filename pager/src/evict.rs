@@ -227,7 +227,10 @@ impl Evictor {
             }
         }
         for v in &mut moved {
-            let copy_intact = v.entry.slot().is_some_and(|slot| self.io.intact(slot));
+            // A clean page whose lender copies are not whole still needs no write when a backup
+            // tier holds this very version: it comes back from there.
+            let copy_intact = v.entry.slot().is_some_and(|slot| self.io.intact(slot))
+                || (!v.entry.is_dirty() && self.io.held_elsewhere(v.region.page_id(v.page)));
             v.needs_write = v.entry.is_dirty() || (v.entry.has_remote_copy() && !copy_intact);
             if !v.needs_write {
                 continue;

@@ -599,6 +599,10 @@ impl PageIo for BackupIo {
         self.inner.intact(slot)
     }
 
+    fn held_elsewhere(&self, id: PageId) -> bool {
+        lock(&self.shared.held).get(&(id.region, id.page)) == Some(&id.version)
+    }
+
     fn distrust(&mut self, slot: Slot, why: &str) {
         self.inner.distrust(slot, why);
     }

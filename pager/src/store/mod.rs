@@ -343,6 +343,13 @@ pub trait PageIo: Send + fmt::Debug {
     /// dropped: its redundancy is restored as it passes through local memory.
     fn intact(&self, slot: Slot) -> bool;
 
+    /// Whether version `id` of a page is held outside the lenders (by a backup tier), so that a
+    /// clean page whose lender copies are not intact may still leave local memory without being
+    /// written: it keeps its slot and a fault reads it back from there. Default: no.
+    fn held_elsewhere(&self, _id: PageId) -> bool {
+        false
+    }
+
     /// The copy of `slot` this thread read last came back changed (see
     /// [`TransferError::Corrupt`]): the store stops trusting whoever holds it (a lender store
     /// marks that lender failed; a later read goes to another copy, if there is one).

@@ -320,6 +320,10 @@ impl PageIo for SealedIo {
         self.inner.intact(slot)
     }
 
+    fn held_elsewhere(&self, id: super::PageId) -> bool {
+        self.inner.held_elsewhere(id)
+    }
+
     fn distrust(&mut self, slot: Slot, why: &str) {
         self.inner.distrust(slot, why);
     }
