@@ -4,9 +4,9 @@
 //! of the page's group, every shard posted before any is waited for; it succeeds when every
 //! shard has been acknowledged, as a replicated write does.
 //!
-//! A read posts K + `extra_shard_reads` (default 1) shard reads (data shards first, lenders with reads still in flight last)
-//! into a staging area and returns as soon as every page of the batch has K shards: *late
-//! binding*, so one slow or dead lender costs nothing while the others answer. The page is then
+//! A read posts K + `extra_shard_reads` (default 1) shard reads (data shards first, lenders with
+//! reads still in flight last) into a staging area and returns as soon as every page of the
+//! batch has K shards: *late binding*, so one slow or dead lender costs nothing while the others answer. The page is then
 //! copied out of the staging area (decoded first when a data shard is missing). The read left in
 //! flight keeps its staging area: a completion may still write into it, so the area is reused
 //! only once that read has landed or its connection was dropped (after which nothing lands).

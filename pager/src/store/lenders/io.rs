@@ -125,6 +125,8 @@ impl LenderIo {
             }
             let s = &self.store.lenders[i];
             let endpoint = super::lock(&s.control).connect_endpoint(self.store.provider, &self.store.endpoint_options);
+            // The old connection (if any) closes here: its reads in flight can no longer land.
+            self.coded.forget_lender(i);
             match endpoint {
                 Ok(ep) => self.endpoints[i] = Some(ep),
                 Err(e) => self.fail_lender(i, &format!("reconnecting after it came back: {e}")),
