@@ -19,39 +19,27 @@ pub fn send_nonblocking(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
 pub fn wait_any_readable(fds: &[BorrowedFd<'_>], timeout: Duration) -> io::Result<bool> {
     let mut pfds: Vec<libc::pollfd> =
         fds.iter().map(|fd| libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
-    let ts = libc::timespec {
-        tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
-        tv_nsec: libc::c_long::from(timeout.subsec_nanos().min(999_999_999).cast_signed()),
-    };
-    let n = libc::nfds_t::try_from(pfds.len()).unwrap_or(libc::nfds_t::MAX);
-    // SAFETY: `pfds` holds `n` valid pollfd entries for live borrowed descriptors, `ts` is valid
-    // for the call, and a null signal mask leaves the mask unchanged.
-    let rc = unsafe { libc::ppoll(pfds.as_mut_ptr(), n, &ts, std::ptr::null()) };
-    match rc {
-        0 => Ok(false),
-        n if n > 0 => Ok(true),
-        _ => {
-            let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                Ok(false)
-            } else {
-                Err(err)
-            }
-        }
-    }
+    ppoll(&mut pfds, timeout)
 }
 
 /// Waits until `fd` is readable (`want_write`: writable) or `timeout` passes. Returns whether it is
 /// ready. Interrupted waits report "not ready" so callers re-check their deadline.
 pub fn wait_fd(fd: BorrowedFd<'_>, want_write: bool, timeout: Duration) -> io::Result<bool> {
     let events = if want_write { libc::POLLOUT } else { libc::POLLIN };
-    let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events, revents: 0 };
+    ppoll(&mut [libc::pollfd { fd: fd.as_raw_fd(), events, revents: 0 }], timeout)
+}
+
+/// `ppoll(2)` over `pfds` (live descriptors) for up to `timeout`: whether one is ready; an
+/// interrupted wait is "not ready".
+fn ppoll(pfds: &mut [libc::pollfd], timeout: Duration) -> io::Result<bool> {
     let ts = libc::timespec {
         tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
         tv_nsec: libc::c_long::from(timeout.subsec_nanos().min(999_999_999).cast_signed()),
     };
-    // SAFETY: `pfd` and `ts` are valid for the call; a null signal mask leaves the mask unchanged.
-    let rc = unsafe { libc::ppoll(&mut pfd, 1, &ts, std::ptr::null()) };
+    let n = libc::nfds_t::try_from(pfds.len()).unwrap_or(libc::nfds_t::MAX);
+    // SAFETY: `pfds` holds `n` valid pollfd entries for descriptors the callers borrow for the
+    // call, `ts` is valid for the call, and a null signal mask leaves the mask unchanged.
+    let rc = unsafe { libc::ppoll(pfds.as_mut_ptr(), n, &ts, std::ptr::null()) };
     match rc {
         0 => Ok(false),
         n if n > 0 => Ok(true),

@@ -309,14 +309,16 @@ impl LenderIo {
         let start = Instant::now();
         let (deadline, spin_until) = (start + limit, start + self.store.spin);
         let mut got: Vec<(u64, CompletionStatus)> = Vec::new();
+        let (mut counts, mut pending) = (Vec::with_capacity(pages), Vec::with_capacity(reads.len()));
         loop {
-            if quorum(reads, pages, k) {
+            if quorum(reads, pages, k, &mut counts) {
                 return;
             }
-            let pending: Vec<usize> = (0..reads.len()).filter(|&r| reads[r].outcome.is_none()).collect();
+            pending.clear();
+            pending.extend((0..reads.len()).filter(|&r| reads[r].outcome.is_none()));
             let now = Instant::now();
             if now >= deadline {
-                for r in pending {
+                for &r in &pending {
                     let why = format!("read: no reply within {limit:?}");
                     self.fail_lender(reads[r].lender, &why);
                     reads[r].outcome = Some(Err(TransferError::Timeout(limit)));
@@ -426,23 +428,30 @@ impl LenderIo {
         let mut stripe = std::mem::take(&mut self.coded.stripe);
         stripe.resize(stripe_len, 0);
         let mut present = vec![false; n];
+        // (page, shard, read) of every shard posted, by page: one pass, not one per page.
+        let mut posted: Vec<(usize, usize, usize)> =
+            reads.iter().enumerate().flat_map(|(r, read)| read.shards.iter().map(move |&(i, s)| (i, s, r))).collect();
+        posted.sort_unstable();
+        let mut next = 0;
         for (i, p) in pages.iter().enumerate() {
+            let start = next;
+            while next < posted.len() && posted[next].0 == i {
+                next += 1;
+            }
             if out[i].is_err() {
                 continue;
             }
             present.fill(false);
             let mut first_error = None;
             let mut lenders = Vec::with_capacity(k + self.store.extra_shard_reads);
-            for r in reads {
-                for &(_, s) in r.shards.iter().filter(|(page, _)| *page == i) {
-                    match &r.outcome {
-                        Some(Ok(())) => {
-                            present[s] = true;
-                            lenders.push(r.lender);
-                        }
-                        Some(Err(e)) => first_error = first_error.or(Some(e.clone())),
-                        None => {}
+            for &(_, s, r) in &posted[start..next] {
+                match &reads[r].outcome {
+                    Some(Ok(())) => {
+                        present[s] = true;
+                        lenders.push(reads[r].lender);
                     }
+                    Some(Err(e)) => first_error = first_error.or(Some(e.clone())),
+                    None => {}
                 }
             }
             if present.iter().filter(|&&x| x).count() < k {
@@ -492,17 +501,18 @@ impl LenderIo {
 }
 
 /// True when every page has K shards in, or can no longer get them.
-fn quorum(reads: &[ShardRead], pages: usize, k: usize) -> bool {
-    let mut ok = vec![0usize; pages];
-    let mut pending = vec![0usize; pages];
+/// `counts` is scratch: (shards in, shards pending) per page.
+fn quorum(reads: &[ShardRead], pages: usize, k: usize, counts: &mut Vec<(usize, usize)>) -> bool {
+    counts.clear();
+    counts.resize(pages, (0, 0));
     for r in reads {
         for &(i, _) in &r.shards {
             match r.outcome {
-                Some(Ok(())) => ok[i] += 1,
-                None => pending[i] += 1,
+                Some(Ok(())) => counts[i].0 += 1,
+                None => counts[i].1 += 1,
                 Some(Err(_)) => {}
             }
         }
     }
-    (0..pages).all(|i| ok[i] >= k || ok[i] + pending[i] < k)
+    counts.iter().all(|&(ok, pending)| ok >= k || ok + pending < k)
 }
