@@ -317,8 +317,53 @@ fn a_region_over_its_latency_bound_keeps_its_pages_local() {
         }
     }
     assert_eq!(resident_pages(a, bounded.len()), a_pages, "pages of the bounded region were evicted");
+    assert_eq!(bounded.stats().evicted_over_bound, 0, "{:?}", bounded.stats());
     let stats = pager.stats();
     assert!(stats.peak_resident_pages <= stats.budget_pages, "{stats}");
+}
+
+/// Aborts the test process if `f` has not returned within `limit`: a pager that stops making
+/// progress must fail the run, not hang it.
+fn within<R>(limit: Duration, what: &str, f: impl FnOnce() -> R) -> R {
+    let (done, watched) = std::sync::mpsc::channel::<()>();
+    let what = what.to_owned();
+    let watchdog = std::thread::spawn(move || {
+        if watched.recv_timeout(limit) == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+            eprintln!("{what}: no progress within {limit:?}; aborting");
+            std::process::abort();
+        }
+    });
+    let r = f();
+    drop(done);
+    let _ = watchdog.join();
+    r
+}
+
+#[test]
+fn a_bounded_region_larger_than_the_budget_still_pages_when_nothing_else_can_go() {
+    // The latency bound is best effort: when the only pages to evict belong to a region whose
+    // fetches are over its bound, the budget wins (this once hung a doctest on a slow machine).
+    let server = ServerProcess::start(&["--capacity", "256MiB", "--slab-size", "16MiB"]);
+    let pager = pager(vec![server.addr], 2 * MIB, 1);
+    let options = RegionOptions { latency_bound: Some(Duration::from_nanos(1)), ..RegionOptions::default() };
+    let region = pager.map(16 * MIB, options).unwrap();
+    let base = region.as_ptr() as usize;
+    let pages = region.len() / PAGE_SIZE;
+    within(Duration::from_secs(120), "paging a bounded region", || {
+        for pass in 0..2 {
+            for p in 0..pages {
+                if pass > 0 {
+                    assert!(check_page(base, p, 3), "page {p} wrong");
+                }
+                fill_page(base, p, 3);
+            }
+        }
+    });
+    let region_stats = region.stats();
+    assert!(region_stats.latency_bound_violations > 0 && region_stats.evicted_over_bound > 0, "{region_stats:?}");
+    let stats = pager.stats();
+    assert!(stats.peak_resident_pages <= stats.local_max_pages, "{stats}");
+    assert!(stats.evictions_dirty > 0, "{stats}");
 }
 
 #[test]

@@ -151,13 +151,35 @@ impl Evictor {
         }
     }
 
-    /// Picks up to `want` victims with CLOCK and locks them.
+    /// Picks up to `want` victims with CLOCK and locks them. Pages of regions over their latency
+    /// bound are spared, unless nothing else can go: the bound is best effort, the budget is not.
     fn select(&self, want: usize) -> Vec<Victim> {
+        let (victims, spared) = self.scan(want, true);
+        if !victims.is_empty() || spared == 0 {
+            return victims;
+        }
+        let victims = self.scan(want, false).0;
+        for v in &victims {
+            v.region.evicted_over_bound.fetch_add(1, Ordering::Relaxed);
+        }
+        if !victims.is_empty() {
+            tracing::debug!(
+                pages = victims.len(),
+                "evicting pages of regions over their latency bound: nothing else can go"
+            );
+        }
+        victims
+    }
+
+    /// One CLOCK pass; with `spare_bounded`, pages of regions over their latency bound stay (and
+    /// are counted in the second value).
+    fn scan(&self, want: usize, spare_bounded: bool) -> (Vec<Victim>, usize) {
         let shared = &self.shared;
         let mut ring = shared.queue.ring();
         let limit = ring.len() * 2 + 1;
         let mut active: HashMap<u32, Arc<ActiveRegion>> = HashMap::new();
         let mut victims = Vec::new();
+        let mut spared = 0;
         // Pages the application asked to evict come first, whatever their reference bit.
         for (rid, page32) in shared.queue.take_forced(want) {
             let Some(region) = shared.regions.get(rid).and_then(|r| r.enter()) else { continue };
@@ -191,7 +213,12 @@ impl Evictor {
             if !e.is_resident() {
                 continue; // stale entry
             }
-            if e.is_busy() || region.keep_local() {
+            if e.is_busy() {
+                ring.push_back((rid, page32));
+                continue;
+            }
+            if spare_bounded && region.keep_local() {
+                spared += 1;
                 ring.push_back((rid, page32));
                 continue;
             }
@@ -205,7 +232,7 @@ impl Evictor {
                 None => ring.push_back((rid, page32)),
             }
         }
-        victims
+        (victims, spared)
     }
 
     /// Evicts up to `want` pages; returns how many, and whether a dirty page found no remote room.

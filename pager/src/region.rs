@@ -34,7 +34,8 @@ pub type FailureHandler = Arc<dyn Fn(&FetchFailure) + Send + Sync>;
 #[derive(Clone, Default)]
 pub struct RegionOptions {
     /// Remote faults slower than this count as violations; while the region's smoothed fetch time
-    /// is above it, its pages are not evicted (they stay local, best effort).
+    /// is above it, its pages are evicted only when no page of an unbounded (or within-bound)
+    /// region can go: they stay local, best effort, and the local budget still holds.
     pub latency_bound: Option<Duration>,
     /// Called when a page cannot be fetched.
     pub on_failure: Option<FailureHandler>,
@@ -61,6 +62,9 @@ pub struct RegionStats {
     pub smoothed_fetch: Duration,
     /// Pages that could not be fetched.
     pub fetch_failures: u64,
+    /// Pages evicted while the region was over its latency bound, because nothing else could
+    /// make room within the local budget.
+    pub evicted_over_bound: u64,
 }
 
 /// Pager-side state of a region.
@@ -77,6 +81,7 @@ pub(crate) struct RegionState {
     pub(crate) violations: AtomicU64,
     pub(crate) smoothed_fetch_ns: AtomicU64,
     pub(crate) failures: AtomicU64,
+    pub(crate) evicted_over_bound: AtomicU64,
 }
 
 /// A region entered for an operation: it stays mapped until this is dropped.
@@ -191,6 +196,7 @@ impl<'p> Region<'p> {
             violations: AtomicU64::new(0),
             smoothed_fetch_ns: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            evicted_over_bound: AtomicU64::new(0),
         });
         shared.regions.insert(Arc::clone(&state));
         Ok(Self { pager, state, map })
@@ -302,6 +308,7 @@ impl<'p> Region<'p> {
             latency_bound_violations: self.state.violations.load(Ordering::Relaxed),
             smoothed_fetch: Duration::from_nanos(self.state.smoothed_fetch_ns.load(Ordering::Relaxed)),
             fetch_failures: self.state.failures.load(Ordering::Relaxed),
+            evicted_over_bound: self.state.evicted_over_bound.load(Ordering::Relaxed),
         }
     }
 }
