@@ -103,7 +103,7 @@ pub struct DemoReport {
     /// Pager statistics at the end.
     pub stats: PagerStats,
     /// Pages per server at the end.
-    pub server_pages: Vec<(SocketAddr, u64, bool)>,
+    pub lenders: Vec<coalesce_pager::store::LenderInfo>,
 }
 
 /// Samples how many pages of `[base, base + len)` are resident, without touching them.
@@ -198,7 +198,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
         random_fault_latency: (q(0.5), q(0.99), q(0.999), hist.len()),
         max_resident_pages: max_resident.load(Ordering::Relaxed),
         stats: pager.stats(),
-        server_pages: pager.server_pages(),
+        lenders: pager.lenders(),
     };
     drop(region);
     drop(pager);
@@ -260,8 +260,18 @@ impl DemoReport {
             self.stats.budget_pages,
             slack
         );
-        for (addr, pages, alive) in &self.server_pages {
-            println!("server {addr}: {pages} pages{}", if *alive { "" } else { " (failed)" });
+        for l in &self.lenders {
+            let us =
+                |t: Option<std::time::Duration>| t.map_or_else(|| "-".to_owned(), |t| format!("{} us", t.as_micros()));
+            println!(
+                "server {}: {} pages{} (rtt min {}, median {}, weight {:.4})",
+                l.addr,
+                l.pages,
+                if l.alive { "" } else { " (failed)" },
+                us(l.rtt_min),
+                us(l.rtt_median),
+                l.weight
+            );
         }
         println!("{}", self.stats);
     }

@@ -138,6 +138,10 @@ pub struct ServerConfig {
     /// How long a backup page may wait for its fsync when no client asks for one
     /// (`--fsync-interval`; a client's checkpoint syncs at once).
     pub fsync_interval: Duration,
+    /// Emulate this link on everything the server sends, data and control (`--link`): the
+    /// distance a borrower measures to this lender. `None`: the real link. Change it while the
+    /// server runs with [`ServerHandle::set_link`].
+    pub link: Option<rdma::LinkProfile>,
 }
 
 impl ServerConfig {
@@ -162,6 +166,7 @@ impl ServerConfig {
             device: None,
             persist: None,
             fsync_interval: Duration::from_secs(1),
+            link: None,
         }
     }
 

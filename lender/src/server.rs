@@ -45,6 +45,8 @@ pub(crate) struct Shared {
     peers: Arc<Peers>,
     /// The backup log (`--persist`).
     backups: Option<crate::backup::Backups>,
+    /// The emulated link (`--link`), changeable while the server runs.
+    link: Option<rdma::SharedLink>,
 }
 
 impl Shared {
@@ -128,6 +130,15 @@ impl ServerHandle {
     /// Current statistics.
     pub fn stats(&self) -> ServerStats {
         self.shared.stats()
+    }
+
+    /// Emulates `profile` from now on on every connection, data and control (the lender moved).
+    /// Fails when the server was started without link emulation ([`ServerConfig::link`]).
+    pub fn set_link(&self, profile: rdma::LinkProfile) -> Result<(), String> {
+        let link = self.shared.link.as_ref().ok_or("this memory-server was started without --link")?;
+        tracing::info!(link = %profile, "link emulation changed");
+        link.set(profile);
+        Ok(())
     }
 
     /// Starts a drain: the server is leaving within `timeout`. It refuses new sessions and new
@@ -233,6 +244,7 @@ pub fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         }
         None => None,
     };
+    let config_link = config.link.clone();
     let shared = Arc::new(Shared {
         config,
         registry,
@@ -242,6 +254,7 @@ pub fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
         connections: AtomicUsize::new(0),
         peers,
         backups,
+        link: config_link.map(rdma::SharedLink::new),
     });
     tracing::info!(
         %addr,
@@ -403,15 +416,18 @@ fn serve(stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) {
         match rdma::wire::decode_request(header.kind, &body) {
             Ok(rdma::wire::DataRequest::Connect { session_id, secret }) => {
                 let _ = link.stream.set_write_timeout(None);
-                if link.channel.is_none() {
-                    target::serve_connection(link.stream, session_id, secret, &shared.registry, shared.as_ref());
-                    return;
-                }
-                // The reply goes back sealed; the data path itself is plain (pages are sealed by
-                // their owner).
+                // On a sealed connection the reply goes back sealed; the data path itself is
+                // plain (pages are sealed by their owner).
                 let (accepted, reply) = target::connect_reply(session_id, secret, peer, shared.as_ref());
                 if link.send(&reply).is_ok() && accepted {
-                    target::serve_bound_connection(link.stream, session_id, secret, &shared.registry, shared.as_ref());
+                    target::serve_bound_connection(
+                        link.stream,
+                        session_id,
+                        secret,
+                        &shared.registry,
+                        shared.as_ref(),
+                        shared.link.as_ref(),
+                    );
                 }
             }
             Ok(_) | Err(_) => {
@@ -511,6 +527,7 @@ fn serve_control(mut link: Link, peer: SocketAddr, shared: &Shared, hello: &Hell
     let max_body = if shared.backups.is_some() { MAX_BACKUP_BODY } else { MAX_CONTROL_BODY };
     let session_id = grant.session_id;
     let mut body = Vec::new();
+    let mut follower = shared.link.as_ref().map(rdma::SharedLink::follower);
     loop {
         let header = match wait_for_data(&link.stream, idle).map_err(ReadFrameError::Io).and_then(|open| {
             if open {
@@ -540,9 +557,13 @@ fn serve_control(mut link: Link, peer: SocketAddr, shared: &Shared, hello: &Hell
                 return;
             }
         };
+        let arrival = Instant::now();
         let response = handle(shared, client_id, session_id, request, peer);
         out.clear();
         control::encode_response(&mut out, &response);
+        if let Some(at) = follower.as_mut().and_then(|f| f.deliver_at(arrival, body.len(), out.len())) {
+            std::thread::sleep(at.saturating_duration_since(Instant::now()));
+        }
         if link.send(&out).is_err() {
             return;
         }

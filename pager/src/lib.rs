@@ -533,6 +533,11 @@ impl Pager {
         &self.shared.config
     }
 
+    /// Every lender: address, pages held, health, measured round trips and placement weight.
+    pub fn lenders(&self) -> Vec<store::LenderInfo> {
+        self.shared.store.lenders()
+    }
+
     /// Addresses of the servers and the pages each holds.
     pub fn server_pages(&self) -> Vec<(SocketAddr, u64, bool)> {
         self.shared.store.lenders().into_iter().map(|l| (l.addr, l.pages, l.alive)).collect()

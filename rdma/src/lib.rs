@@ -123,7 +123,7 @@ pub mod verbs;
 pub mod verbs;
 pub mod wire;
 
-pub use link::{LinkProfile, RttStats};
+pub use link::{LinkProfile, RttStats, SharedLink};
 pub use region::{LocalRegion, LocalSlice};
 pub use wire::Opcode;
 

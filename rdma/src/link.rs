@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
-/// Link characteristics applied by the shim on the client side.
+/// Link characteristics: applied by the shim on the client side (`--link` of `coalesce`), or by a
+/// lender on everything it sends ([`SharedLink`], `memory-server --link`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LinkProfile {
     /// Profile name (`custom` for one given by parameters).
@@ -187,6 +188,60 @@ impl LinkModel {
         let deliver = (self.rx_free + self.profile.one_way_delay + self.jitter()).max(self.last_delivery);
         self.last_delivery = deliver;
         Some(deliver)
+    }
+}
+
+/// A link profile a server applies to everything it sends (`memory-server --link`), changeable
+/// while it runs: the lender moved, or a test moves it. Each connection follows it with its own
+/// [`LinkFollower`], which picks up a new profile at its next response.
+#[derive(Debug, Default)]
+pub struct SharedLink {
+    profile: std::sync::RwLock<LinkProfile>,
+    version: std::sync::atomic::AtomicU64,
+}
+
+impl SharedLink {
+    /// A link emulating `profile`.
+    pub fn new(profile: LinkProfile) -> Self {
+        Self { profile: std::sync::RwLock::new(profile), version: std::sync::atomic::AtomicU64::new(0) }
+    }
+
+    /// The profile emulated now.
+    pub fn profile(&self) -> LinkProfile {
+        self.profile.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Emulates `profile` from now on, on every connection.
+    pub fn set(&self, profile: LinkProfile) {
+        *self.profile.write().unwrap_or_else(std::sync::PoisonError::into_inner) = profile;
+        self.version.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// A per-connection model following this link.
+    pub fn follower(&self) -> LinkFollower<'_> {
+        LinkFollower { link: self, version: u64::MAX, model: None }
+    }
+}
+
+/// One connection's [`LinkModel`] of a [`SharedLink`], rebuilt when the link's profile changes.
+#[derive(Debug)]
+pub struct LinkFollower<'a> {
+    link: &'a SharedLink,
+    version: u64,
+    model: Option<LinkModel>,
+}
+
+impl LinkFollower<'_> {
+    /// When the response (`response_bytes`) to a request (`request_bytes`) that arrived at
+    /// `arrival` may leave; `None`: at once (the link adds nothing).
+    pub fn deliver_at(&mut self, arrival: Instant, request_bytes: usize, response_bytes: usize) -> Option<Instant> {
+        let version = self.link.version.load(std::sync::atomic::Ordering::Acquire);
+        if version != self.version {
+            self.version = version;
+            let profile = self.link.profile();
+            self.model = (!profile.is_passthrough()).then(|| LinkModel::new(profile));
+        }
+        self.model.as_mut().and_then(|m| m.schedule(arrival, request_bytes, response_bytes))
     }
 }
 

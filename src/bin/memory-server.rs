@@ -24,7 +24,10 @@ use rdma::ProviderKind;
         SIGTERM or SIGINT drains the server: it refuses new clients and slabs, tells its clients \
         (within a second, in their heartbeats) that it is leaving, keeps serving them while they move \
         their pages to other lenders, and exits once no slab is left or at --drain-timeout. A second \
-        signal exits at once."
+        signal exits at once.\n\n\
+        --link emulates a link (lan, 5g-urllc, wifi, or delay=..,jitter=..,bandwidth=..) on \
+        everything this server sends, so that one machine can hold lenders at different distances; \
+        with --link-file the profile is read from a file, and again on SIGHUP (the lender moved)."
 )]
 struct Cli {
     /// Address to listen on for control and data connections (port 0: any free port).
@@ -87,13 +90,33 @@ struct Cli {
     /// syncs at once; a killed server loses nothing, a machine crash at most this much).
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     fsync_interval: Duration,
+    /// Emulate this link on everything the server sends (data and control): loopback, lan,
+    /// 5g-urllc, wifi, or e.g. "delay=2ms,jitter=100us,bandwidth=1Gbit". Borrowers measure it as
+    /// this lender's distance.
+    #[arg(long, conflicts_with = "link_file")]
+    link: Option<rdma::LinkProfile>,
+    /// Like --link, the profile read from this file; read again on SIGHUP (a bad profile is
+    /// logged and the current one kept).
+    #[arg(long)]
+    link_file: Option<std::path::PathBuf>,
+}
+
+/// The link profile in `path` (one profile, as for --link).
+fn read_link_file(path: &std::path::Path) -> Result<rdma::LinkProfile, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read --link-file {}: {e}", path.display()))?;
+    text.trim().parse().map_err(|e| format!("--link-file {}: {e}", path.display()))
 }
 
 impl Cli {
     /// The configuration these flags describe.
-    fn config(&self) -> Result<ServerConfig, rdma::secure::SecureError> {
+    fn config(&self) -> Result<ServerConfig, String> {
         let slab_size = self.slab_size.as_u64();
-        let key = self.key_file.as_deref().map(rdma::secure::ClusterKey::from_file).transpose()?;
+        let key =
+            self.key_file.as_deref().map(rdma::secure::ClusterKey::from_file).transpose().map_err(|e| e.to_string())?;
+        let link = match &self.link_file {
+            Some(path) => Some(read_link_file(path)?),
+            None => self.link.clone(),
+        };
         Ok(ServerConfig {
             listen: self.listen,
             capacity: self.capacity.map_or_else(|| lender::default_capacity(slab_size), |c| c.as_u64()),
@@ -110,6 +133,7 @@ impl Cli {
             device: self.device.clone(),
             persist: self.persist.clone(),
             fsync_interval: self.fsync_interval,
+            link,
         })
     }
 }
@@ -145,25 +169,67 @@ fn main() -> ExitCode {
     };
     println!("listening on {}", handle.addr());
     let _ = std::io::Write::flush(&mut std::io::stdout());
+    let reload = match &cli.link_file {
+        Some(path) => match signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP]) {
+            Ok(s) => Some((s, path.clone())),
+            Err(e) => {
+                eprintln!("memory-server: cannot install the SIGHUP handler: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
+    std::thread::scope(|scope| {
+        let reload_handle = reload.map(|(mut signals, path)| {
+            let h = signals.handle();
+            let handle = &handle;
+            scope.spawn(move || {
+                for _ in signals.forever() {
+                    match read_link_file(&path).and_then(|p| handle.set_link(p)) {
+                        Ok(()) => {}
+                        Err(e) => tracing::error!("keeping the current link: {e}"),
+                    }
+                }
+            });
+            h
+        });
+        wait_and_drain(&mut signals, &handle, cli.drain_timeout);
+        if let Some(h) = reload_handle {
+            h.close();
+        }
+    });
+    handle.shutdown();
+    ExitCode::SUCCESS
+}
+
+/// Waits for SIGTERM or SIGINT, then drains (unless --drain-timeout is 0) until no slab is left,
+/// the deadline passes, or a second signal comes.
+fn wait_and_drain(
+    signals: &mut signal_hook::iterator::Signals,
+    handle: &lender::ServerHandle,
+    drain_timeout: Duration,
+) {
     let first = signals.forever().next();
     if let Some(sig) = first {
-        if cli.drain_timeout.is_zero() {
+        if drain_timeout.is_zero() {
             tracing::info!(signal = sig, "shutting down (--drain-timeout 0s)");
         } else {
-            handle.drain(cli.drain_timeout);
+            handle.drain(drain_timeout);
             // A second signal ends the drain at once.
             let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
             let flag = std::sync::Arc::clone(&stop);
-            std::thread::spawn(move || {
-                if signals.forever().next().is_some() {
-                    flag.store(true, std::sync::atomic::Ordering::Release);
+            let second = signals.handle();
+            std::thread::scope(|scope| {
+                scope.spawn(|| {
+                    if signals.forever().next().is_some() {
+                        flag.store(true, std::sync::atomic::Ordering::Release);
+                    }
+                });
+                if handle.wait_drained(&stop) {
+                    tracing::info!("drained: every client moved its pages elsewhere");
                 }
+                second.close();
             });
-            if handle.wait_drained(&stop) {
-                tracing::info!("drained: every client moved its pages elsewhere");
-            }
         }
     }
-    handle.shutdown();
-    ExitCode::SUCCESS
 }

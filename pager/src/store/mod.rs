@@ -41,7 +41,7 @@ mod memory;
 mod sealed;
 
 pub use backup::{BackupOptions, BackupStats, BackupStore};
-pub use lenders::{LenderStore, LenderStoreOptions, MAX_COPIES, MAX_LENDERS};
+pub use lenders::{LenderStore, LenderStoreOptions, MAX_COPIES, MAX_LENDERS, NEAR_ENOUGH};
 pub use memory::{MemoryStore, MemoryStoreFaults};
 pub use sealed::SealedStore;
 
@@ -236,7 +236,7 @@ pub enum TransferError {
 }
 
 /// A lender as the pager reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LenderInfo {
     /// Its address.
     pub addr: SocketAddr,
@@ -244,6 +244,12 @@ pub struct LenderInfo {
     pub pages: u64,
     /// False once it was marked failed.
     pub alive: bool,
+    /// Its smallest recent control round trip (`None`: not measured).
+    pub rtt_min: Option<std::time::Duration>,
+    /// Its median recent control round trip.
+    pub rtt_median: Option<std::time::Duration>,
+    /// Its placement weight: 1 for the nearest lenders, `(nearest / rtt)²` for farther ones.
+    pub weight: f64,
 }
 
 /// Where pages live: allocation of places, lender health and bookkeeping. Shared by all threads.

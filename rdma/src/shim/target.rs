@@ -7,11 +7,12 @@ use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use memmap2::MmapMut;
 
 use crate::frame::{read_frame, ReadFrameError};
+use crate::link::SharedLink;
 use crate::wire::{
     decode_request, encode_completion, DataRequest, Opcode, RemoteSegment, RemoteStatus, KIND_DATA_CONNECT_OK,
     KIND_DATA_CONNECT_REFUSED,
@@ -153,24 +154,6 @@ pub trait SessionCheck: Send + Sync {
     }
 }
 
-/// Serves one data connection whose DATA_CONNECT asked for `session_id` with `secret`: replies to
-/// the connect, then executes requests until the peer closes or sends a malformed frame. Never
-/// panics on input; logs why it closed.
-pub fn serve_connection(
-    stream: TcpStream,
-    session_id: u64,
-    secret: u64,
-    registry: &MemoryRegistry,
-    sessions: &dyn SessionCheck,
-) {
-    let Ok(peer) = stream.peer_addr() else { return };
-    let (accepted, reply) = connect_reply(session_id, secret, peer, sessions);
-    if (&stream).write_all(&reply).is_err() || !accepted {
-        return;
-    }
-    serve_bound_connection(stream, session_id, secret, registry, sessions);
-}
-
 /// Checks a DATA_CONNECT and encodes the reply frame to send (`DATA_CONNECT_OK`, or
 /// `DATA_CONNECT_REFUSED` with a reason); true when the connection may go on.
 pub fn connect_reply(session_id: u64, secret: u64, peer: SocketAddr, sessions: &dyn SessionCheck) -> (bool, Vec<u8>) {
@@ -190,59 +173,124 @@ pub fn connect_reply(session_id: u64, secret: u64, peer: SocketAddr, sessions: &
 /// Serves a data connection whose DATA_CONNECT was already accepted and answered: executes
 /// requests until the peer closes, sends a malformed frame, or stays silent after its session
 /// ended.
+///
+/// With `link` (server-side link emulation), a second thread sends each response when the link
+/// would deliver it (requests are stamped as they are read, so a pipeline keeps its overlap);
+/// the link's profile may change while the connection runs.
 pub fn serve_bound_connection(
     stream: TcpStream,
     session_id: u64,
     secret: u64,
     registry: &MemoryRegistry,
     sessions: &dyn SessionCheck,
+    link: Option<&SharedLink>,
 ) {
     let Ok(peer) = stream.peer_addr() else { return };
-    let shown_session = crate::ids::short(session_id);
     let _ = stream.set_nodelay(true);
     let _ = stream.set_read_timeout(Some(sessions.idle_check_period()));
     let Ok(read_half) = stream.try_clone() else { return };
     let mut reader = BufReader::with_capacity(256 * 1024, read_half);
     let mut writer = BufWriter::with_capacity(256 * 1024, stream);
-    let mut out = Vec::new();
-    tracing::debug!(%peer, session = %shown_session, "data connection open");
-    let mut body = Vec::new();
-    loop {
-        if !wait_for_frame(&mut reader, peer, session_id, secret, sessions) {
-            break;
+    let conn = Connection { peer, session_id, secret, registry, sessions };
+    tracing::debug!(%peer, session = %crate::ids::short(session_id), "data connection open");
+    match link {
+        None => {
+            conn.serve(&mut reader, |out, _, _, more_buffered| {
+                // Flush only when no further request is already buffered: responses to a burst go
+                // out in one write.
+                writer.write_all(out).is_ok() && (more_buffered || writer.flush().is_ok())
+            });
         }
-        let header = match read_frame(&mut reader, &mut body) {
-            Ok(h) => h,
-            Err(ReadFrameError::Io(e)) => {
-                tracing::debug!(%peer, session = %shown_session, error = %e, "data connection closed");
-                break;
+        Some(link) => std::thread::scope(|scope| {
+            let (tx, rx) = std::sync::mpsc::channel::<(Option<Instant>, Vec<u8>)>();
+            let sender = std::thread::Builder::new()
+                .name("link-emulation".into())
+                .spawn_scoped(scope, || send_when_due(rx, &mut writer));
+            if sender.is_err() {
+                tracing::warn!(%peer, "cannot start the link emulation thread; closing the connection");
+                return;
             }
-            Err(ReadFrameError::Frame(e)) => {
-                registry.stats.malformed_connections.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%peer, session = %shown_session, reason = %e, "closing data connection: malformed frame");
-                break;
-            }
-        };
-        out.clear();
-        match decode_request(header.kind, &body) {
-            Ok(req) => execute(registry, session_id, &req, &mut out),
-            Err(e) => {
-                registry.stats.malformed_connections.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%peer, session = %shown_session, kind = header.kind, reason = %e, "closing data connection: malformed request");
-                break;
-            }
-        }
-        if writer.write_all(&out).is_err() {
-            break;
-        }
-        // Flush only when no further request is already buffered: responses to a burst go out in
-        // one write.
-        if reader.buffer().is_empty() && writer.flush().is_err() {
-            break;
-        }
+            let mut follower = link.follower();
+            conn.serve(&mut reader, |out, arrival, request_len, _| {
+                let at = follower.deliver_at(arrival, request_len, out.len());
+                tx.send((at, out.to_vec())).is_ok()
+            });
+            drop(tx);
+        }),
     }
     let _ = writer.flush();
     let _ = writer.get_ref().shutdown(Shutdown::Both);
+}
+
+/// Sends each response once it is due, in order, until the channel closes or the peer is gone.
+fn send_when_due(rx: std::sync::mpsc::Receiver<(Option<Instant>, Vec<u8>)>, writer: &mut BufWriter<TcpStream>) {
+    while let Ok((at, out)) = rx.recv() {
+        if let Some(at) = at {
+            let now = Instant::now();
+            if at > now {
+                if writer.flush().is_err() {
+                    return;
+                }
+                std::thread::sleep(at - now);
+            }
+        }
+        if writer.write_all(&out).is_err() {
+            return;
+        }
+        if writer.flush().is_err() {
+            return;
+        }
+    }
+}
+
+/// One data connection as its serving thread sees it.
+struct Connection<'a> {
+    peer: SocketAddr,
+    session_id: u64,
+    secret: u64,
+    registry: &'a MemoryRegistry,
+    sessions: &'a dyn SessionCheck,
+}
+
+impl Connection<'_> {
+    /// Reads and executes requests, handing each encoded response to `respond` (with the instant
+    /// its request was read, the request's length and whether more requests are buffered);
+    /// stops when `respond` returns false or the connection ends.
+    fn serve(&self, reader: &mut BufReader<TcpStream>, mut respond: impl FnMut(&[u8], Instant, usize, bool) -> bool) {
+        let (peer, shown_session) = (self.peer, crate::ids::short(self.session_id));
+        let mut out = Vec::new();
+        let mut body = Vec::new();
+        loop {
+            if !wait_for_frame(reader, peer, self.session_id, self.secret, self.sessions) {
+                break;
+            }
+            let header = match read_frame(reader, &mut body) {
+                Ok(h) => h,
+                Err(ReadFrameError::Io(e)) => {
+                    tracing::debug!(%peer, session = %shown_session, error = %e, "data connection closed");
+                    break;
+                }
+                Err(ReadFrameError::Frame(e)) => {
+                    self.registry.stats.malformed_connections.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%peer, session = %shown_session, reason = %e, "closing data connection: malformed frame");
+                    break;
+                }
+            };
+            let arrival = Instant::now();
+            out.clear();
+            match decode_request(header.kind, &body) {
+                Ok(req) => execute(self.registry, self.session_id, &req, &mut out),
+                Err(e) => {
+                    self.registry.stats.malformed_connections.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%peer, session = %shown_session, kind = header.kind, reason = %e, "closing data connection: malformed request");
+                    break;
+                }
+            }
+            if !respond(&out, arrival, body.len(), !reader.buffer().is_empty()) {
+                break;
+            }
+        }
+    }
 }
 
 /// Waits until the next frame starts arriving (true), or the connection ends (false): closed by

@@ -158,12 +158,19 @@ impl LenderIo {
             let copies = places.copies();
             let targets: &[super::Location] = match direction {
                 Direction::Read => {
-                    let mut usable = (0..copies.len()).filter(|&k| self.usable(&copies[k]));
-                    match usable.next() {
-                        Some(k) => {
-                            all_spare &= usable.next().is_some();
-                            &copies[k..=k]
+                    // The nearest usable copy (the first among equally near ones).
+                    let mut nearest: Option<(usize, f64)> = None;
+                    let mut usable = 0;
+                    for (k, loc) in copies.iter().enumerate().filter(|(_, loc)| self.usable(loc)) {
+                        usable += 1;
+                        let w = self.store.weight_of(loc.lender);
+                        if nearest.is_none_or(|(_, best)| w > best) {
+                            nearest = Some((k, w));
                         }
+                    }
+                    all_spare &= usable > 1;
+                    match nearest {
+                        Some((k, _)) => &copies[k..=k],
                         None => &[],
                     }
                 }

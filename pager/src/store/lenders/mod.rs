@@ -1,9 +1,9 @@
 //! The lender store: each page on `memory-server` lenders, in one copy, replicated on several
 //! distinct lenders, or erasure-coded over several ([`LenderStoreOptions::redundancy`]), over
 //! the shim or verbs provider. Control
-//! sessions, slabs allocated on demand, slots handed out round-robin over every live lender (so
-//! pages spread over all of them), lease heartbeats; each thread's connections are in
-//! [`io::LenderIo`].
+//! sessions, slabs allocated on demand, slots handed out over the live lenders by proximity
+//! (`proximity.rs`: shares follow weights from measured round trips; equally near lenders share
+//! evenly), lease heartbeats; each thread's connections are in [`io::LenderIo`].
 //!
 //! Slabs come in groups: a group is one slab on each of `width` distinct lenders (the copies, or
 //! the K + M shards), and record `r` of a group is record `r` of each of its slabs. A slot names
@@ -51,11 +51,13 @@ mod coded_io;
 mod coding;
 mod io;
 mod liar;
+mod proximity;
 mod repair;
 mod revive;
 mod roster;
 mod slots;
 
+pub use proximity::NEAR_ENOUGH;
 pub use roster::MAX_LENDERS;
 
 const SLOT_PAGE_BITS: u32 = 20;
@@ -126,6 +128,10 @@ struct Lender {
     /// Bumped whenever the lender comes back: threads then reconnect their endpoints.
     revivals: AtomicU64,
     last_attempt: Mutex<Option<Instant>>,
+    /// Its last control round trips (`proximity.rs`).
+    rtt: Mutex<proximity::RttWindow>,
+    /// Its placement weight (`f64` bits; see `proximity.rs`), updated by the upkeep thread.
+    weight: AtomicU64,
 }
 
 impl Lender {
@@ -253,7 +259,7 @@ impl LenderStore {
             )));
         }
         let lenders = addrs.iter().map(|&addr| open_lender(addr, &client)).collect::<Result<Vec<_>, _>>()?;
-        Ok(Self {
+        let store = Self {
             lenders: roster::Roster::new(lenders),
             groups: RwLock::new(Vec::new()),
             parked: Mutex::new(Vec::new()),
@@ -270,7 +276,9 @@ impl LenderStore {
             failover: options.failover.min(options.timeout),
             spin: options.spin,
             trailer,
-        })
+        };
+        store.update_weights();
+        Ok(store)
     }
 
     /// Adds a lender while the store runs (a lender discovered, or named later): new groups
@@ -283,8 +291,35 @@ impl LenderStore {
         let i = self.lenders.push(lender).map_err(|_| {
             PagerError::Config(format!("cannot add memory-server {addr}: a pager uses at most {MAX_LENDERS} lenders"))
         })?;
-        tracing::info!(%addr, lenders = self.lenders.len(), "memory-server joined: new pages may go to it");
+        self.update_weights();
+        tracing::info!(
+            %addr,
+            lenders = self.lenders.len(),
+            weight = self.weight_of(i),
+            "memory-server joined: new pages may go to it"
+        );
         Ok(i)
+    }
+
+    /// Recomputes every lender's placement weight from its smallest recent round trip and the
+    /// nearest live lender's (`proximity.rs`).
+    fn update_weights(&self) {
+        let rtts: Vec<Option<Duration>> = self.lenders.iter().map(|(_, s)| lock(&s.rtt).min()).collect();
+        let nearest = self
+            .lenders
+            .iter()
+            .zip(&rtts)
+            .filter(|((_, s), _)| s.is_alive() && !s.leaving.load(Ordering::Acquire))
+            .filter_map(|(_, m)| *m)
+            .min();
+        for ((_, s), m) in self.lenders.iter().zip(&rtts) {
+            s.weight.store(proximity::weight(*m, nearest).to_bits(), Ordering::Relaxed);
+        }
+    }
+
+    /// Lender `i`'s placement weight (1 for the nearest).
+    fn weight_of(&self, i: usize) -> f64 {
+        self.lenders.get(i).map_or(0.0, |s| f64::from_bits(s.weight.load(Ordering::Relaxed)))
     }
 
     fn is_alive(&self, lender: usize) -> bool {
@@ -447,9 +482,11 @@ impl PageStore for LenderStore {
             if !s.is_alive() {
                 continue;
             }
+            let t = Instant::now();
             let result = lock(&s.control).heartbeat();
             match result {
                 Ok(hb) => {
+                    lock(&s.rtt).record(t.elapsed());
                     if hb.leaving_in.is_some() {
                         self.mark_leaving(i, hb.leaving_in);
                     }
@@ -466,6 +503,7 @@ impl PageStore for LenderStore {
                 self.revive(i);
             }
         }
+        self.update_weights();
     }
 
     /// A third of the shortest lease, at most a second (a lender's drain notice or death is
@@ -487,7 +525,17 @@ impl PageStore for LenderStore {
     fn lenders(&self) -> Vec<LenderInfo> {
         self.lenders
             .iter()
-            .map(|(_, s)| LenderInfo { addr: s.addr, pages: s.pages.load(Ordering::Relaxed), alive: s.is_alive() })
+            .map(|(_, s)| {
+                let rtt = lock(&s.rtt);
+                LenderInfo {
+                    addr: s.addr,
+                    pages: s.pages.load(Ordering::Relaxed),
+                    alive: s.is_alive(),
+                    rtt_min: rtt.min(),
+                    rtt_median: rtt.median(),
+                    weight: f64::from_bits(s.weight.load(Ordering::Relaxed)),
+                }
+            })
             .collect()
     }
 
@@ -520,7 +568,19 @@ fn open_lender(addr: SocketAddr, client: &ClientOptions) -> Result<Lender, Pager
     // A stalled lender must not hold up the heartbeats of the others past their lease.
     let timeout = control_timeout(control.session().lease);
     control.set_timeout(timeout).map_err(|source| PagerError::Server { addr, source })?;
-    tracing::info!(%addr, lease = ?control.session().lease, "connected to memory-server");
+    // Its distance, measured before any page goes to it.
+    let mut rtt = proximity::RttWindow::default();
+    for _ in 0..3 {
+        let t = Instant::now();
+        control.heartbeat().map_err(|source| PagerError::Server { addr, source })?;
+        rtt.record(t.elapsed());
+    }
+    tracing::info!(
+        %addr,
+        lease = ?control.session().lease,
+        rtt_us = rtt.median().map_or(0, |t| t.as_micros()),
+        "connected to memory-server"
+    );
     Ok(Lender {
         addr,
         control: Mutex::new(control),
@@ -533,6 +593,8 @@ fn open_lender(addr: SocketAddr, client: &ClientOptions) -> Result<Lender, Pager
         generation: AtomicU64::new(0),
         revivals: AtomicU64::new(0),
         last_attempt: Mutex::new(None),
+        rtt: Mutex::new(rtt),
+        weight: AtomicU64::new(1f64.to_bits()),
     })
 }
 

@@ -1,4 +1,5 @@
-//! Slot allocation: slots handed out round-robin over the live lenders, from free lists and
+//! Slot allocation: slots handed out over the live lenders by proximity (the one whose pages per
+//! weight are fewest, `proximity.rs`), from free lists and
 //! the bump pointer of each lender's group being filled; groups made (a slab on each of `width`
 //! distinct lenders) when a lender's group is full; slots of groups that are not whole parked
 //! until a repair or a revival makes them whole.
@@ -8,19 +9,28 @@ use std::sync::PoisonError;
 
 use rdma::client::ClientError;
 
-use super::{lock, make_slot, Group, LenderStore, Slab, Slot, MAX_GROUP, MAX_SLABS, SLOT_PAGE_BITS};
+use super::{lock, make_slot, proximity, Group, LenderStore, Slab, Slot, MAX_GROUP, MAX_SLABS, SLOT_PAGE_BITS};
 
 impl LenderStore {
-    /// Reserves a slot on the next live lender with room (and `usable`), allocating a slab if
-    /// needed. `None` when every lender is full, down or not usable.
+    /// Reserves a slot on the live lender (and `usable`) whose share of the pages is furthest
+    /// below its weight, allocating a slab if needed. `None` when every lender is full, down or
+    /// not usable.
     pub(super) fn alloc_slot(&self, usable: impl Fn(usize) -> bool) -> Option<Slot> {
         let n = self.lenders.len();
+        let start = self.next_lender.fetch_add(1, Ordering::Relaxed);
+        let mut tried = [0u64; super::MAX_LENDERS / 64];
+        let was_tried = |tried: &[u64], i: usize| tried[i / 64] & (1 << (i % 64)) != 0;
         for _ in 0..n {
-            let i = self.next_lender.fetch_add(1, Ordering::Relaxed) % n;
-            let s = &self.lenders[i];
-            if !s.is_alive() || !usable(i) {
-                continue;
-            }
+            let candidates = self.lenders.iter().map(|(i, s)| {
+                let c = proximity::Candidate {
+                    pages: s.pages.load(Ordering::Relaxed),
+                    weight: f64::from_bits(s.weight.load(Ordering::Relaxed)),
+                    usable: s.is_alive() && usable(i),
+                };
+                (i, c)
+            });
+            let Some(i) = proximity::next_lender(candidates, n, start, |i| was_tried(&tried, i)) else { break };
+            tried[i / 64] |= 1 << (i % 64);
             if let Some(slot) = self.slot_from(i) {
                 if let Some(places) = self.locate(slot) {
                     for loc in places.copies() {
@@ -58,16 +68,20 @@ impl LenderStore {
         Some(make_slot(group, 0))
     }
 
-    /// Makes a group led by lender `leader`: a slab on it and on the next live lenders with room,
-    /// up to `copies` of them. `None` when the leader has no room (or fails).
+    /// Makes a group led by lender `leader`: a slab on it and on the nearest other live lenders
+    /// with room (equally near ones in turn after the leader), up to `width` of them. `None` when
+    /// the leader has no room (or fails).
     fn new_group(&self, leader: usize) -> Option<usize> {
         let n = self.lenders.len();
         let mut group = Group { copies: [Slab::default(); MAX_GROUP], len: 0, records: u32::MAX };
-        for k in 0..n {
+        let mut order: Vec<usize> = (1..n).map(|k| (leader + k) % n).collect();
+        // Stable: among equal weights the rotation after the leader stays.
+        order.sort_by(|&a, &b| self.weight_of(b).total_cmp(&self.weight_of(a)));
+        order.insert(0, leader);
+        for (k, &j) in order.iter().enumerate() {
             if group.len == self.width {
                 break;
             }
-            let j = (leader + k) % n;
             let s = &self.lenders[j];
             if !s.is_alive() || s.full.load(Ordering::Acquire) {
                 if k == 0 {

@@ -1,0 +1,133 @@
+//! Placement by proximity (issue #11), end to end against real `memory-server` processes on
+//! 127.0.0.1 that emulate links of different distance (`--link lan|5g-urllc|wifi`): the pager
+//! measures each lender's round trip and puts most pages on the nearest one while it has room,
+//! the rest in proportion to the weights; a lender that moves away (`--link-file` and SIGHUP)
+//! stops getting new pages once its round trips say so.
+
+#![allow(missing_docs, clippy::unwrap_used, clippy::cast_possible_truncation)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use coalesce_pager::store::{LenderInfo, Redundancy};
+use coalesce_pager::{Pager, PagerConfig, RegionOptions, PAGE_SIZE};
+use common::ServerProcess;
+
+const MIB: usize = 1 << 20;
+const WORDS: usize = PAGE_SIZE / 8;
+
+fn word(seed: u64, p: usize, w: usize) -> u64 {
+    (seed << 48) ^ ((p as u64) << 12) ^ (w as u64 + 1)
+}
+
+/// A lender emulating `link`, with `capacity` in 4 MiB slabs, leasing for 600 ms (so that its
+/// heartbeat, and the round trip measured with it, comes every 200 ms).
+fn lender(link: &str, capacity: &str) -> ServerProcess {
+    ServerProcess::start(&["--capacity", capacity, "--slab-size", "4MiB", "--lease", "600ms", "--link", link])
+}
+
+fn one_copy(servers: &[&ServerProcess], budget: usize) -> Pager {
+    let mut config = PagerConfig::new(servers.iter().map(|s| s.addr).collect(), budget);
+    config.redundancy = Some(Redundancy::None);
+    Pager::new(config).unwrap()
+}
+
+fn fill_and_verify(words: &mut [u64], seed: u64) {
+    let pages = words.len() / WORDS;
+    for p in 0..pages {
+        for w in [0, WORDS / 2, WORDS - 1] {
+            words[p * WORDS + w] = word(seed, p, w);
+        }
+    }
+    for p in 0..pages {
+        for w in [0, WORDS / 2, WORDS - 1] {
+            assert_eq!(words[p * WORDS + w], word(seed, p, w), "page {p}, word {w}");
+        }
+    }
+}
+
+fn held(lenders: &[LenderInfo], server: &ServerProcess) -> u64 {
+    lenders.iter().find(|l| l.addr == server.addr).map(|l| l.pages).unwrap()
+}
+
+#[test]
+fn most_pages_go_to_the_nearest_lender_and_the_rest_follow_the_weights() {
+    let (lan, g5, wifi) = (lender("lan", "1GiB"), lender("5g-urllc", "1GiB"), lender("wifi", "1GiB"));
+    let pager = one_copy(&[&wifi, &g5, &lan], 4 * MIB);
+    let mut region = pager.map(32 * MIB, RegionOptions::default()).unwrap();
+    fill_and_verify(bytemuck::cast_slice_mut(region.as_mut_slice()), 1);
+    let lenders = pager.lenders();
+    let (on_lan, on_5g, on_wifi) = (held(&lenders, &lan), held(&lenders, &g5), held(&lenders, &wifi));
+    let total = on_lan + on_5g + on_wifi;
+    assert!(total >= 6000, "{lenders:?}");
+    // Weights about 1 : 0.05 : 0.0001: the LAN lender holds nearly all, Wi-Fi next to nothing.
+    assert!(on_lan * 100 >= total * 85, "{lenders:?}");
+    assert!(on_5g > on_wifi && on_wifi * 100 <= total, "{lenders:?}");
+    let weight = |s: &ServerProcess| lenders.iter().find(|l| l.addr == s.addr).unwrap().weight;
+    assert!(weight(&lan) == 1.0 && weight(&g5) < 0.2 && weight(&wifi) < weight(&g5), "{lenders:?}");
+    let rtt = |s: &ServerProcess| lenders.iter().find(|l| l.addr == s.addr).unwrap().rtt_median.unwrap();
+    assert!(rtt(&lan) < rtt(&g5) && rtt(&g5) < rtt(&wifi), "{lenders:?}");
+}
+
+#[test]
+fn when_the_nearest_lender_fills_the_next_nearest_takes_the_rest() {
+    let (lan, g5, wifi) = (lender("lan", "8MiB"), lender("5g-urllc", "1GiB"), lender("wifi", "1GiB"));
+    let pager = one_copy(&[&lan, &g5, &wifi], 4 * MIB);
+    let mut region = pager.map(40 * MIB, RegionOptions::default()).unwrap();
+    fill_and_verify(bytemuck::cast_slice_mut(region.as_mut_slice()), 2);
+    let lenders = pager.lenders();
+    let (on_lan, on_5g, on_wifi) = (held(&lenders, &lan), held(&lenders, &g5), held(&lenders, &wifi));
+    // The LAN lender's two slabs are full; 5G takes nearly all of the rest.
+    assert!(on_lan > 1900 && on_lan <= 2 * 1024, "{lenders:?}");
+    assert!(on_5g >= 4000 && on_wifi * 20 <= on_5g, "{lenders:?}");
+}
+
+#[test]
+fn a_lender_that_moves_away_stops_getting_new_pages() {
+    let file = std::env::temp_dir().join(format!("coalesce-link-{}", std::process::id()));
+    std::fs::write(&file, "lan\n").unwrap();
+    let moving = ServerProcess::start(&[
+        "--capacity",
+        "1GiB",
+        "--slab-size",
+        "4MiB",
+        "--lease",
+        "600ms",
+        "--link-file",
+        file.to_str().unwrap(),
+    ]);
+    let other = lender("5g-urllc", "1GiB");
+    let pager = one_copy(&[&moving, &other], 4 * MIB);
+    let mut first = pager.map(16 * MIB, RegionOptions::default()).unwrap();
+    fill_and_verify(bytemuck::cast_slice_mut(first.as_mut_slice()), 3);
+    let before = pager.lenders();
+    assert!(held(&before, &moving) > 10 * held(&before, &other), "{before:?}");
+
+    // The lender moves to Wi-Fi distance: once its round trips say so, it weighs less than 5G.
+    std::fs::write(&file, "wifi\n").unwrap();
+    moving.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = pager.lenders();
+        let weight = |s: &ServerProcess| now.iter().find(|l| l.addr == s.addr).unwrap().weight;
+        if weight(&moving) < 0.01 && weight(&other) == 1.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the move was never seen: {now:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // New pages now go to the 5G lender, and the old ones still read back.
+    let mut second = pager.map(16 * MIB, RegionOptions::default()).unwrap();
+    fill_and_verify(bytemuck::cast_slice_mut(second.as_mut_slice()), 4);
+    let after = pager.lenders();
+    let new_on_other = held(&after, &other) - held(&before, &other);
+    let new_on_moving = held(&after, &moving).saturating_sub(held(&before, &moving));
+    assert!(new_on_other > 10 * new_on_moving.max(1), "before {before:?}, after {after:?}");
+    let words: &[u64] = bytemuck::cast_slice(first.as_slice());
+    // (A sample: each of its remote pages now costs a Wi-Fi round trip.)
+    for p in (0..words.len() / WORDS).step_by(61) {
+        assert_eq!(words[p * WORDS], word(3, p, 0), "page {p} of the first region");
+    }
+    let _ = std::fs::remove_file(&file);
+}
