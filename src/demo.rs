@@ -53,6 +53,9 @@ pub struct DemoOptions {
     pub backup: Option<std::net::SocketAddr>,
     /// The longest a page waits to be written behind.
     pub backup_lag: std::time::Duration,
+    /// Find lenders on the local network (`--discover`): wait this long for the first ones,
+    /// then adopt any announced while the demo runs.
+    pub discover: Option<Duration>,
 }
 
 /// Errors of the demo.
@@ -70,6 +73,9 @@ pub enum DemoError {
     /// Bad options.
     #[error("{0}")]
     Options(String),
+    /// Discovery could not start.
+    #[error(transparent)]
+    Discovery(#[from] discovery::DiscoveryError),
 }
 
 impl DemoError {
@@ -123,7 +129,22 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
     if opts.size < PAGE_SIZE * 16 || opts.local < PAGE_SIZE * 16 {
         return Err(DemoError::Options("--size and --local must be at least 64 KiB".into()));
     }
-    let embedded = if opts.servers.is_empty() {
+    let browser = opts.discover.map(|_| discovery::Browser::start()).transpose()?;
+    let mut servers = opts.servers.clone();
+    if let (Some(b), Some(wait)) = (&browser, opts.discover) {
+        for addr in crate::discover::initial(b, wait, opts.provider) {
+            if !servers.contains(&addr) {
+                servers.push(addr);
+            }
+        }
+        if servers.is_empty() {
+            return Err(DemoError::Options(format!(
+                "--discover found no lender within {wait:?}: is a `memory-server --announce` running on this network \
+                 (with multicast on its interface)?"
+            )));
+        }
+    }
+    let embedded = if servers.is_empty() {
         let capacity = (opts.size as u64 * 2).max(256 << 20);
         let config = lender::ServerConfig {
             provider: opts.provider,
@@ -137,7 +158,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
     };
     let servers = match &embedded {
         Some(s) => vec![s.addr()],
-        None => opts.servers.clone(),
+        None => servers,
     };
     let mut config = PagerConfig::new(servers, opts.local);
     config.local_max = opts.local_max;
@@ -174,8 +195,17 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
     };
 
     let words: &mut [u64] = bytemuck::cast_slice_mut(region.as_mut_slice());
-    let result =
-        workload::run(words, &WorkloadOptions { passes: opts.passes, random_reads: opts.random_reads, progress: true });
+    let stop_adopting = AtomicBool::new(false);
+    let result = std::thread::scope(|scope| {
+        if let Some(b) = &browser {
+            let (pager, stop) = (&pager, &stop_adopting);
+            scope.spawn(move || crate::discover::adopt(b, pager, opts.provider, stop));
+        }
+        let workload = WorkloadOptions { passes: opts.passes, random_reads: opts.random_reads, progress: true };
+        let result = workload::run(words, &workload);
+        stop_adopting.store(true, Ordering::Release);
+        result
+    });
     stop.store(true, Ordering::Release);
     let _ = sampler.join();
     if let Err(corrupt) = &result {

@@ -13,7 +13,9 @@ pub use rdma;
 
 pub mod bench;
 pub mod demo;
+pub mod discover;
 pub mod latency;
+pub mod lenders;
 pub mod run;
 pub mod signals;
 pub mod stress;

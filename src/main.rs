@@ -159,6 +159,14 @@ enum Command {
         /// verification (40 bytes each; 0: off).
         #[arg(long, default_value_t = 0)]
         history: usize,
+        /// Find lenders on the local network (`memory-server --announce`, DNS-SD over mDNS):
+        /// those announced within --discover-wait, then any announced while the demo runs.
+        /// Combines with --servers.
+        #[arg(long)]
+        discover: bool,
+        /// With --discover: how long to wait for the first lenders.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        discover_wait: std::time::Duration,
         #[command(flatten)]
         lenders: LenderChoices,
     },
@@ -216,6 +224,29 @@ enum Command {
     Keygen {
         /// Where to write the key.
         file: PathBuf,
+    },
+    /// The lenders this machine can see: named with --servers and/or announced on the local
+    /// network (--discover), each with its class, control round trip (min, median), the
+    /// placement weight a pager would give it, free capacity, memory lent and clients.
+    Lenders {
+        /// memory-servers to measure, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        servers: Vec<SocketAddr>,
+        /// Find lenders announced on the local network (`memory-server --announce`).
+        #[arg(long)]
+        discover: bool,
+        /// With --discover: how long to listen for announcements.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        discover_wait: std::time::Duration,
+        /// Control round trips measured per lender.
+        #[arg(long, default_value_t = 8)]
+        pings: usize,
+        /// Data-path provider to say hello with: shim or verbs.
+        #[arg(long, default_value = "shim")]
+        provider: ProviderKind,
+        /// The cluster key file, for lenders that require one.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
     },
     /// Measure one-sided READ and WRITE round trips (median, p99), blocking and busy-polling.
     ///
@@ -406,12 +437,18 @@ fn main() -> ExitCode {
             fault_threads,
             prefetch_window,
             history,
+            discover,
+            discover_wait,
             lenders: LenderChoices { trusted_lenders, key_file, redundancy, repair_rate, backup, backup_lag },
         } => {
             let key = match load_key(key_file.as_deref()) {
                 Ok(k) => k,
                 Err(code) => return code,
             };
+            if discover_wait > std::time::Duration::from_secs(600) {
+                eprintln!("coalesce: --discover-wait {discover_wait:?} is out of range: at most 10m");
+                return ExitCode::FAILURE;
+            }
             let (Ok(size), Ok(local)) = (usize::try_from(size.as_u64()), usize::try_from(local.as_u64())) else {
                 eprintln!("coalesce: --size and --local must fit this machine's address space");
                 return ExitCode::FAILURE;
@@ -436,6 +473,7 @@ fn main() -> ExitCode {
                 repair_rate: usize::try_from(repair_rate.as_u64()).unwrap_or(usize::MAX),
                 backup,
                 backup_lag,
+                discover: discover.then_some(discover_wait),
             };
             let mut result = demo::run(&opts);
             let unavailable = result.as_ref().err().is_some_and(demo::DemoError::is_provider_unavailable);
@@ -530,6 +568,46 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Lenders { servers, discover, discover_wait, pings, provider, key_file } => {
+            let key = match load_key(key_file.as_deref()) {
+                Ok(k) => k,
+                Err(code) => return code,
+            };
+            if servers.is_empty() && !discover {
+                eprintln!("coalesce lenders: name lenders with --servers, or find them with --discover");
+                return ExitCode::FAILURE;
+            }
+            if pings == 0 || pings > 1000 || discover_wait > std::time::Duration::from_secs(600) {
+                eprintln!("coalesce lenders: --pings must be 1..=1000 and --discover-wait at most 10m");
+                return ExitCode::FAILURE;
+            }
+            let opts = coalesce::lenders::LendersOptions {
+                servers,
+                discover: discover.then_some(discover_wait),
+                provider,
+                key,
+                pings,
+            };
+            match coalesce::lenders::survey(&opts) {
+                Ok(rows) if rows.is_empty() => {
+                    eprintln!("coalesce lenders: no lender found (with --discover: is a `memory-server --announce` running on this network, with multicast on its interface?)");
+                    ExitCode::FAILURE
+                }
+                Ok(rows) => {
+                    coalesce::lenders::print(&rows);
+                    // Fails only when no lender at all answered.
+                    if rows.iter().any(|r| r.rtt.is_some()) {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => {
+                    eprintln!("coalesce lenders: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Latency { server, ops, size, link, provider, device, key_file } => {
             let key = match load_key(key_file.as_deref()) {
                 Ok(k) => k,

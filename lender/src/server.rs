@@ -127,6 +127,11 @@ impl ServerHandle {
         self.addr
     }
 
+    /// The data-path provider it offers.
+    pub fn provider(&self) -> ProviderKind {
+        self.shared.config.provider
+    }
+
     /// Current statistics.
     pub fn stats(&self) -> ServerStats {
         self.shared.stats()

@@ -99,6 +99,53 @@ struct Cli {
     /// logged and the current one kept).
     #[arg(long)]
     link_file: Option<std::path::PathBuf>,
+    /// Announce this lender on the local network (DNS-SD over mDNS, `_coalesce._tcp.local.`,
+    /// on the interface of --listen) so that borrowers started with --discover find it; the
+    /// announcement is withdrawn when the server starts draining.
+    #[arg(long)]
+    announce: bool,
+    /// With --announce: how often the announcement is repeated with the current free capacity.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    announce_interval: Duration,
+    /// With --announce: this lender's class, for borrowers' tables (e.g. edge, rack, phone).
+    #[arg(long, default_value = "edge")]
+    class: String,
+}
+
+/// What this lender announces about itself now.
+fn advertisement(handle: &lender::ServerHandle, class: &str) -> discovery::LenderAd {
+    let s = handle.stats();
+    discovery::LenderAd {
+        addr: handle.addr(),
+        version: rdma::frame::VERSION,
+        provider: handle.provider().to_string(),
+        free_bytes: s.capacity.saturating_sub(s.allocated),
+        class: class.to_owned(),
+    }
+}
+
+/// Announces the lender until `leaving` is set, repeating every `interval` with the current
+/// free capacity; withdraws the announcement when it returns.
+fn announce(handle: &lender::ServerHandle, cli: &Cli, leaving: &std::sync::atomic::AtomicBool) {
+    let announcer = match discovery::Announcer::start(&advertisement(handle, &cli.class)) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!("not announcing this lender: {e}");
+            return;
+        }
+    };
+    let mut last = std::time::Instant::now();
+    while !leaving.load(std::sync::atomic::Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(50));
+        if last.elapsed() >= cli.announce_interval {
+            last = std::time::Instant::now();
+            if let Err(e) = announcer.update(&advertisement(handle, &cli.class)) {
+                tracing::warn!("announcing again failed: {e}");
+            }
+        }
+    }
+    tracing::info!("withdrawing this lender's announcement");
+    announcer.stop();
 }
 
 /// The link profile in `path` (one profile, as for --link).
@@ -179,7 +226,17 @@ fn main() -> ExitCode {
         },
         None => None,
     };
+    if cli.announce
+        && (cli.announce_interval < Duration::from_millis(100) || cli.announce_interval > Duration::from_secs(3600))
+    {
+        eprintln!("memory-server: --announce-interval {:?} is out of range: 100ms to 1h", cli.announce_interval);
+        return ExitCode::FAILURE;
+    }
+    let leaving = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|scope| {
+        if cli.announce {
+            scope.spawn(|| announce(&handle, &cli, &leaving));
+        }
         let reload_handle = reload.map(|(mut signals, path)| {
             let h = signals.handle();
             let handle = &handle;
@@ -193,7 +250,10 @@ fn main() -> ExitCode {
             });
             h
         });
-        wait_and_drain(&mut signals, &handle, cli.drain_timeout);
+        wait_and_drain(&mut signals, &handle, cli.drain_timeout, &|| {
+            leaving.store(true, std::sync::atomic::Ordering::Release);
+        });
+        leaving.store(true, std::sync::atomic::Ordering::Release);
         if let Some(h) = reload_handle {
             h.close();
         }
@@ -204,12 +264,15 @@ fn main() -> ExitCode {
 
 /// Waits for SIGTERM or SIGINT, then drains (unless --drain-timeout is 0) until no slab is left,
 /// the deadline passes, or a second signal comes.
+/// `on_leaving` runs as soon as the first signal comes.
 fn wait_and_drain(
     signals: &mut signal_hook::iterator::Signals,
     handle: &lender::ServerHandle,
     drain_timeout: Duration,
+    on_leaving: &dyn Fn(),
 ) {
     let first = signals.forever().next();
+    on_leaving();
     if let Some(sig) = first {
         if drain_timeout.is_zero() {
             tracing::info!(signal = sig, "shutting down (--drain-timeout 0s)");

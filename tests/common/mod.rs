@@ -46,8 +46,18 @@ impl ServerProcess {
         Self::spawn_at(listen, args, "debug", Stdio::from(file))
     }
 
+    /// Starts `memory-server --listen 127.0.0.1:0 ARGS` inside the network namespace `ns`.
+    pub fn start_in(ns: &Netns, args: &[&str]) -> Self {
+        let level = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
+        Self::spawn(ns.command(env!("CARGO_BIN_EXE_memory-server")), "127.0.0.1:0", args, &level, Stdio::inherit())
+    }
+
     fn spawn_at(listen: &str, args: &[&str], level: &str, stderr: Stdio) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_memory-server"))
+        Self::spawn(Command::new(env!("CARGO_BIN_EXE_memory-server")), listen, args, level, stderr)
+    }
+
+    fn spawn(mut command: Command, listen: &str, args: &[&str], level: &str, stderr: Stdio) -> Self {
+        let mut child = command
             .args(["--listen", listen])
             .args(args)
             .env("RUST_LOG", level)
@@ -149,5 +159,47 @@ pub fn wait_stats(pager: &coalesce_pager::Pager, what: &str, done: impl Fn(&coal
         }
         assert!(std::time::Instant::now() < deadline, "{what} never happened:\n{stats}");
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A network namespace made for one test (`ip netns add`), with its loopback up and multicast on
+/// (for mDNS); deleted on drop. Processes started in it must be stopped first.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    /// A new namespace, or `None` (the test then skips, saying why) where namespaces cannot be
+    /// made: not root, or no `ip`. With `COALESCE_REQUIRE_PROGRAMS` set (CI), that fails instead.
+    pub fn new(tag: &str) -> Option<Self> {
+        let name = format!("coalesce-{tag}-{}", std::process::id());
+        let ip = |args: &[&str]| Command::new("ip").args(args).status().is_ok_and(|s| s.success());
+        let _ = Command::new("ip").args(["netns", "del", &name]).stderr(Stdio::null()).status();
+        let made = ip(&["netns", "add", &name])
+            && ip(&["-n", &name, "link", "set", "lo", "up"])
+            && ip(&["-n", &name, "link", "set", "lo", "multicast", "on"]);
+        if !made {
+            assert!(
+                std::env::var_os("COALESCE_REQUIRE_PROGRAMS").is_none(),
+                "cannot make a network namespace (needs root and iproute2)"
+            );
+            eprintln!("skipped: cannot make a network namespace (needs root and iproute2)");
+            let _ = Command::new("ip").args(["netns", "del", &name]).stderr(Stdio::null()).status();
+            return None;
+        }
+        Some(Self { name })
+    }
+
+    /// `program` to be run inside the namespace.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).arg(program);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
     }
 }

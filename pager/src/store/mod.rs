@@ -41,7 +41,7 @@ mod memory;
 mod sealed;
 
 pub use backup::{BackupOptions, BackupStats, BackupStore};
-pub use lenders::{LenderStore, LenderStoreOptions, MAX_COPIES, MAX_LENDERS, NEAR_ENOUGH};
+pub use lenders::{proximity_weight, LenderStore, LenderStoreOptions, MAX_COPIES, MAX_LENDERS, NEAR_ENOUGH};
 pub use memory::{MemoryStore, MemoryStoreFaults};
 pub use sealed::SealedStore;
 

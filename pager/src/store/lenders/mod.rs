@@ -57,7 +57,7 @@ mod revive;
 mod roster;
 mod slots;
 
-pub use proximity::NEAR_ENOUGH;
+pub use proximity::{weight as proximity_weight, NEAR_ENOUGH};
 pub use roster::MAX_LENDERS;
 
 const SLOT_PAGE_BITS: u32 = 20;

@@ -66,7 +66,7 @@ impl RttWindow {
 /// The weight of a lender whose smallest recent round trip is `rtt`, when the nearest live lender's is
 /// `nearest`: 1 for the nearest (and anything within [`NEAR_ENOUGH`]), `(nearest / rtt)²` beyond.
 /// A lender not measured yet weighs 1 (it is tried, and measured, like a near one).
-pub(super) fn weight(rtt: Option<Duration>, nearest: Option<Duration>) -> f64 {
+pub fn weight(rtt: Option<Duration>, nearest: Option<Duration>) -> f64 {
     let Some(rtt) = rtt else { return 1.0 };
     let reference = nearest.unwrap_or(rtt).max(NEAR_ENOUGH).as_secs_f64();
     let rtt = rtt.max(NEAR_ENOUGH).as_secs_f64();

@@ -1,0 +1,14 @@
+//! Prints Coalesce lenders announced on the local network as they come and go.
+use std::time::Duration;
+
+fn main() -> Result<(), discovery::DiscoveryError> {
+    let browser = discovery::Browser::start()?;
+    let secs: u64 = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(10);
+    let end = std::time::Instant::now() + Duration::from_secs(secs);
+    while std::time::Instant::now() < end {
+        if let Some(e) = browser.next(Duration::from_millis(200)) {
+            println!("{:?} {e:?}", std::time::SystemTime::now());
+        }
+    }
+    Ok(())
+}
