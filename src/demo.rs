@@ -53,9 +53,9 @@ pub struct DemoOptions {
     pub backup: Option<std::net::SocketAddr>,
     /// The longest a page waits to be written behind.
     pub backup_lag: std::time::Duration,
-    /// Find lenders on the local network (`--discover`): wait this long for the first ones,
-    /// then adopt any announced while the demo runs.
-    pub discover: Option<Duration>,
+    /// Find lenders (`--discover` on the local network, or `--registry`): wait this long for
+    /// the first ones, then adopt any announced while the demo runs.
+    pub discover: Option<(crate::discover::Discovery, Duration)>,
 }
 
 /// Errors of the demo.
@@ -129,18 +129,19 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
     if opts.size < PAGE_SIZE * 16 || opts.local < PAGE_SIZE * 16 {
         return Err(DemoError::Options("--size and --local must be at least 64 KiB".into()));
     }
-    let browser = opts.discover.map(|_| discovery::Browser::start()).transpose()?;
+    let browser = opts.discover.as_ref().map(|(d, _)| d.open()).transpose()?;
     let mut servers = opts.servers.clone();
-    if let (Some(b), Some(wait)) = (&browser, opts.discover) {
-        for addr in crate::discover::initial(b, wait, opts.provider) {
+    if let (Some(b), Some((_, wait))) = (&browser, &opts.discover) {
+        let wait = *wait;
+        for addr in crate::discover::initial(b.as_ref(), wait, opts.provider) {
             if !servers.contains(&addr) {
                 servers.push(addr);
             }
         }
         if servers.is_empty() {
             return Err(DemoError::Options(format!(
-                "--discover found no lender within {wait:?}: is a `memory-server --announce` running on this network \
-                 (with multicast on its interface)?"
+                "no lender was found within {wait:?}: with --discover, is a `memory-server --announce` running on this \
+                 network (with multicast on its interface)? With --registry, is one registered there?"
             )));
         }
     }
@@ -199,7 +200,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
     let result = std::thread::scope(|scope| {
         if let Some(b) = &browser {
             let (pager, stop) = (&pager, &stop_adopting);
-            scope.spawn(move || crate::discover::adopt(b, pager, opts.provider, stop));
+            scope.spawn(move || crate::discover::adopt(b.as_ref(), pager, opts.provider, stop));
         }
         let workload = WorkloadOptions { passes: opts.passes, random_reads: opts.random_reads, progress: true };
         let result = workload::run(words, &workload);

@@ -1,7 +1,9 @@
-//! The borrower's side of discovery (`--discover`): lenders announced on the local network
-//! (`memory-server --announce`, DNS-SD over mDNS) become the pager's lenders: those seen within
-//! the first wait when it starts, and any announced later while it runs (`Pager::add_lender`).
-//! A lender speaking another protocol version or offering another provider is skipped, said once.
+//! The borrower's side of discovery (`--discover`: lenders announced on the local network over
+//! mDNS; `--registry etcd://...`: lenders registered in etcd): they become the pager's lenders,
+//! those seen within the first wait when it starts and any announced later while it runs
+//! (`Pager::add_lender`); one that withdraws (or whose registration expires) is retired: its
+//! pages move to the others while it still serves them (`Pager::retire_lender`). A lender
+//! speaking another protocol version or offering another provider is skipped, said once.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -9,8 +11,27 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use coalesce_pager::Pager;
-use discovery::{Browser, Event, LenderAd};
+use discovery::{Event, LenderAd, RegistryAddr, Source};
 use rdma::ProviderKind;
+
+/// Where lenders are found.
+#[derive(Debug, Clone)]
+pub enum Discovery {
+    /// Announced on the local network (DNS-SD over mDNS).
+    Mdns,
+    /// Registered in etcd.
+    Registry(RegistryAddr),
+}
+
+impl Discovery {
+    /// Starts looking.
+    pub fn open(&self) -> Result<Box<dyn Source>, discovery::DiscoveryError> {
+        Ok(match self {
+            Self::Mdns => Box::new(discovery::Browser::start()?),
+            Self::Registry(r) => Box::new(discovery::Watcher::start(r)?),
+        })
+    }
+}
 
 /// True when this borrower can use the announced lender; logs why not otherwise.
 fn usable(ad: &LenderAd, provider: ProviderKind) -> bool {
@@ -26,7 +47,7 @@ fn usable(ad: &LenderAd, provider: ProviderKind) -> bool {
 }
 
 /// The lenders announced within `wait`, usable with `provider`.
-pub fn initial(browser: &Browser, wait: Duration, provider: ProviderKind) -> Vec<SocketAddr> {
+pub fn initial(browser: &dyn Source, wait: Duration, provider: ProviderKind) -> Vec<SocketAddr> {
     let found: Vec<SocketAddr> =
         browser.collect(wait).into_iter().filter(|ad| usable(ad, provider)).map(|ad| ad.addr).collect();
     tracing::info!(lenders = found.len(), ?wait, "lenders discovered");
@@ -34,7 +55,7 @@ pub fn initial(browser: &Browser, wait: Duration, provider: ProviderKind) -> Vec
 }
 
 /// Adopts lenders announced while the pager runs, until `stop` is set.
-pub fn adopt(browser: &Browser, pager: &Pager, provider: ProviderKind, stop: &AtomicBool) {
+pub fn adopt(browser: &dyn Source, pager: &Pager, provider: ProviderKind, stop: &AtomicBool) {
     let mut known: HashSet<SocketAddr> = pager.lenders().into_iter().map(|l| l.addr).collect();
     let mut skipped: HashSet<SocketAddr> = HashSet::new();
     while !stop.load(Ordering::Acquire) {
@@ -57,8 +78,11 @@ pub fn adopt(browser: &Browser, pager: &Pager, provider: ProviderKind, stop: &At
                     Err(e) => tracing::warn!(addr = %ad.addr, "cannot adopt a discovered lender: {e}"),
                 }
             }
-            Some(Event::Withdrawn(name)) => {
-                tracing::info!(service = %name, "a lender withdrew its announcement (it drains: its pages move away)");
+            Some(Event::Withdrawn { name, addr: Some(addr) }) if known.contains(&addr) => {
+                tracing::warn!(%addr, %name, "a lender withdrew (or its registration expired): moving its pages to the others");
+                if let Err(e) = pager.retire_lender(addr) {
+                    tracing::warn!(%addr, "cannot retire it: {e}");
+                }
             }
             _ => {}
         }

@@ -15,8 +15,8 @@ use rdma::ProviderKind;
 pub struct LendersOptions {
     /// Lenders named on the command line.
     pub servers: Vec<SocketAddr>,
-    /// Browse the local network this long for announced lenders (`None`: do not).
-    pub discover: Option<Duration>,
+    /// Look for lenders (mDNS or a registry) this long (`None`: do not).
+    pub discover: Option<(crate::discover::Discovery, Duration)>,
     /// Data-path provider to say hello with.
     pub provider: ProviderKind,
     /// The cluster key, for lenders that require one.
@@ -49,9 +49,9 @@ pub struct LenderRow {
 /// Finds and measures the lenders.
 pub fn survey(opts: &LendersOptions) -> Result<Vec<LenderRow>, discovery::DiscoveryError> {
     let mut found: Vec<(SocketAddr, Option<String>)> = opts.servers.iter().map(|&a| (a, None)).collect();
-    if let Some(wait) = opts.discover {
-        let browser = discovery::Browser::start()?;
-        for ad in browser.collect(wait) {
+    if let Some((how, wait)) = &opts.discover {
+        let source = how.open()?;
+        for ad in source.collect(*wait) {
             match found.iter_mut().find(|(a, _)| *a == ad.addr) {
                 Some(entry) => entry.1 = Some(ad.class),
                 None => found.push((ad.addr, Some(ad.class))),

@@ -164,7 +164,11 @@ enum Command {
         /// Combines with --servers.
         #[arg(long)]
         discover: bool,
-        /// With --discover: how long to wait for the first lenders.
+        /// Find lenders registered in etcd (`memory-server --registry`): etcd://HOST:PORT[/PREFIX]
+        /// (default prefix /coalesce/lenders/); watched while the demo runs.
+        #[arg(long, conflicts_with = "discover")]
+        registry: Option<discovery::RegistryAddr>,
+        /// With --discover or --registry: how long to wait for the first lenders.
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         discover_wait: std::time::Duration,
         #[command(flatten)]
@@ -235,7 +239,10 @@ enum Command {
         /// Find lenders announced on the local network (`memory-server --announce`).
         #[arg(long)]
         discover: bool,
-        /// With --discover: how long to listen for announcements.
+        /// Find lenders registered in etcd: etcd://HOST:PORT[/PREFIX].
+        #[arg(long, conflicts_with = "discover")]
+        registry: Option<discovery::RegistryAddr>,
+        /// With --discover or --registry: how long to listen for lenders.
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         discover_wait: std::time::Duration,
         /// Control round trips measured per lender.
@@ -438,6 +445,7 @@ fn main() -> ExitCode {
             prefetch_window,
             history,
             discover,
+            registry,
             discover_wait,
             lenders: LenderChoices { trusted_lenders, key_file, redundancy, repair_rate, backup, backup_lag },
         } => {
@@ -473,7 +481,7 @@ fn main() -> ExitCode {
                 repair_rate: usize::try_from(repair_rate.as_u64()).unwrap_or(usize::MAX),
                 backup,
                 backup_lag,
-                discover: discover.then_some(discover_wait),
+                discover: discovery_choice(discover, registry).map(|d| (d, discover_wait)),
             };
             let mut result = demo::run(&opts);
             let unavailable = result.as_ref().err().is_some_and(demo::DemoError::is_provider_unavailable);
@@ -568,13 +576,13 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Lenders { servers, discover, discover_wait, pings, provider, key_file } => {
+        Command::Lenders { servers, discover, registry, discover_wait, pings, provider, key_file } => {
             let key = match load_key(key_file.as_deref()) {
                 Ok(k) => k,
                 Err(code) => return code,
             };
-            if servers.is_empty() && !discover {
-                eprintln!("coalesce lenders: name lenders with --servers, or find them with --discover");
+            if servers.is_empty() && !discover && registry.is_none() {
+                eprintln!("coalesce lenders: name lenders with --servers, or find them with --discover or --registry");
                 return ExitCode::FAILURE;
             }
             if pings == 0 || pings > 1000 || discover_wait > std::time::Duration::from_secs(600) {
@@ -583,7 +591,7 @@ fn main() -> ExitCode {
             }
             let opts = coalesce::lenders::LendersOptions {
                 servers,
-                discover: discover.then_some(discover_wait),
+                discover: discovery_choice(discover, registry).map(|d| (d, discover_wait)),
                 provider,
                 key,
                 pings,
@@ -639,6 +647,17 @@ fn main() -> ExitCode {
 }
 
 /// Reads `--key-file`, or says why it cannot be used.
+/// Where `--discover` or `--registry` says to look for lenders.
+fn discovery_choice(
+    discover: bool,
+    registry: Option<discovery::RegistryAddr>,
+) -> Option<coalesce::discover::Discovery> {
+    match registry {
+        Some(r) => Some(coalesce::discover::Discovery::Registry(r)),
+        None => discover.then_some(coalesce::discover::Discovery::Mdns),
+    }
+}
+
 fn load_key(path: Option<&std::path::Path>) -> Result<Option<rdma::secure::ClusterKey>, ExitCode> {
     path.map(rdma::secure::ClusterKey::from_file).transpose().map_err(|e| {
         eprintln!("coalesce: {e}");

@@ -131,3 +131,25 @@ fn a_lender_that_moves_away_stops_getting_new_pages() {
     }
     let _ = std::fs::remove_file(&file);
 }
+
+#[test]
+fn a_retired_lender_gets_no_new_pages_and_its_pages_move_to_the_others() {
+    let (a, b) = (lender("lan", "1GiB"), lender("lan", "1GiB"));
+    let pager = one_copy(&[&a, &b], 4 * MIB);
+    let mut region = pager.map(24 * MIB, RegionOptions::default()).unwrap();
+    fill_and_verify(bytemuck::cast_slice_mut(region.as_mut_slice()), 5);
+    assert!(held(&pager.lenders(), &a) > 1000, "{:?}", pager.lenders());
+    // As when its registration expires: its pages move to `b` while it still serves them.
+    pager.retire_lender(a.addr).unwrap();
+    assert!(pager.retire_lender("127.0.0.1:9".parse().unwrap()).is_err());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while held(&pager.lenders(), &a) > 0 {
+        assert!(Instant::now() < deadline, "pages stay on the retired lender: {:?}", pager.lenders());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(a);
+    let words: &[u64] = bytemuck::cast_slice(region.as_slice());
+    for p in 0..words.len() / WORDS {
+        assert_eq!(words[p * WORDS + WORDS / 2], word(5, p, WORDS / 2), "page {p}");
+    }
+}

@@ -1,5 +1,8 @@
-//! Prints Coalesce lenders announced on the local network as they come and go.
+//! Prints Coalesce lenders announced on the local network (mDNS) as they come and go, for SECS
+//! seconds (default 10): `cargo run --release -p coalesce-discovery --example browse -- 30`.
 use std::time::Duration;
+
+use discovery::Source;
 
 fn main() -> Result<(), discovery::DiscoveryError> {
     let browser = discovery::Browser::start()?;

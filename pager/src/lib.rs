@@ -516,6 +516,14 @@ impl Pager {
         self.shared.store.add_lender(addr)
     }
 
+    /// Treats the lender at `addr` as leaving (it withdrew its announcement, or its registry lease
+    /// expired): no new pages go to it, and its pages move to the other lenders in the
+    /// background while it still serves them (as in a drain). Fails for an address that is not
+    /// one of this pager's lenders.
+    pub fn retire_lender(&self, addr: SocketAddr) -> Result<(), PagerError> {
+        self.shared.store.retire_lender(addr)
+    }
+
     /// Waits until every page written back so far is in the backup tier and durable there
     /// (`--backup`; at once without one). Fails if the backup server does not take them all
     /// within `timeout`.

@@ -104,7 +104,17 @@ struct Cli {
     /// announcement is withdrawn when the server starts draining.
     #[arg(long)]
     announce: bool,
-    /// With --announce: how often the announcement is repeated with the current free capacity.
+    /// Register this lender in etcd (etcd://HOST:PORT[/PREFIX], default prefix
+    /// /coalesce/lenders/) under a lease kept alive while it runs, so that borrowers started with
+    /// --registry find it; the key is deleted when the server starts draining.
+    #[arg(long)]
+    registry: Option<discovery::RegistryAddr>,
+    /// With --registry: the lease's time to live (renewed every third of it): how long a lender
+    /// that died or stalled stays listed.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    registry_ttl: Duration,
+    /// With --announce or --registry: how often the announcement is repeated with the current
+    /// free capacity.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     announce_interval: Duration,
     /// With --announce: this lender's class, for borrowers' tables (e.g. edge, rack, phone).
@@ -124,28 +134,48 @@ fn advertisement(handle: &lender::ServerHandle, class: &str) -> discovery::Lende
     }
 }
 
-/// Announces the lender until `leaving` is set, repeating every `interval` with the current
-/// free capacity; withdraws the announcement when it returns.
-fn announce(handle: &lender::ServerHandle, cli: &Cli, leaving: &std::sync::atomic::AtomicBool) {
-    let announcer = match discovery::Announcer::start(&advertisement(handle, &cli.class)) {
-        Ok(a) => a,
-        Err(e) => {
-            tracing::error!("not announcing this lender: {e}");
-            return;
-        }
-    };
+/// Starts the announcements asked for (mDNS with --announce, etcd with --registry).
+fn start_announcements(
+    handle: &lender::ServerHandle,
+    cli: &Cli,
+) -> Result<(Option<discovery::Announcer>, Option<discovery::Registrar>), discovery::DiscoveryError> {
+    let ad = advertisement(handle, &cli.class);
+    let announcer = cli.announce.then(|| discovery::Announcer::start(&ad)).transpose()?;
+    let registrar = cli.registry.as_ref().map(|r| discovery::Registrar::start(r, &ad, cli.registry_ttl)).transpose()?;
+    Ok((announcer, registrar))
+}
+
+/// Keeps the announcements up until `leaving` is set, repeating them every --announce-interval
+/// with the current free capacity; withdraws them when it returns.
+fn announce(
+    handle: &lender::ServerHandle,
+    cli: &Cli,
+    (announcer, registrar): (Option<discovery::Announcer>, Option<discovery::Registrar>),
+    leaving: &std::sync::atomic::AtomicBool,
+) {
     let mut last = std::time::Instant::now();
     while !leaving.load(std::sync::atomic::Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(50));
         if last.elapsed() >= cli.announce_interval {
             last = std::time::Instant::now();
-            if let Err(e) = announcer.update(&advertisement(handle, &cli.class)) {
-                tracing::warn!("announcing again failed: {e}");
+            let ad = advertisement(handle, &cli.class);
+            if let Some(a) = &announcer {
+                if let Err(e) = a.update(&ad) {
+                    tracing::warn!("announcing again failed: {e}");
+                }
+            }
+            if let Some(r) = &registrar {
+                r.update(&ad);
             }
         }
     }
-    tracing::info!("withdrawing this lender's announcement");
-    announcer.stop();
+    tracing::info!("withdrawing this lender's announcements");
+    if let Some(a) = announcer {
+        a.stop();
+    }
+    if let Some(r) = registrar {
+        r.stop();
+    }
 }
 
 /// The link profile in `path` (one profile, as for --link).
@@ -226,16 +256,26 @@ fn main() -> ExitCode {
         },
         None => None,
     };
-    if cli.announce
-        && (cli.announce_interval < Duration::from_millis(100) || cli.announce_interval > Duration::from_secs(3600))
-    {
+    if cli.announce_interval < Duration::from_millis(100) || cli.announce_interval > Duration::from_secs(3600) {
         eprintln!("memory-server: --announce-interval {:?} is out of range: 100ms to 1h", cli.announce_interval);
         return ExitCode::FAILURE;
     }
+    if cli.registry_ttl < Duration::from_secs(2) || cli.registry_ttl > Duration::from_secs(3600) {
+        eprintln!("memory-server: --registry-ttl {:?} is out of range: 2s to 1h", cli.registry_ttl);
+        return ExitCode::FAILURE;
+    }
+    let announcements = match start_announcements(&handle, &cli) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("memory-server: {e}");
+            handle.shutdown();
+            return ExitCode::FAILURE;
+        }
+    };
     let leaving = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|scope| {
-        if cli.announce {
-            scope.spawn(|| announce(&handle, &cli, &leaving));
+        if cli.announce || cli.registry.is_some() {
+            scope.spawn(|| announce(&handle, &cli, announcements, &leaving));
         }
         let reload_handle = reload.map(|(mut signals, path)| {
             let h = signals.handle();

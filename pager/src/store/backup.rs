@@ -500,6 +500,10 @@ impl PageStore for BackupStore {
         self.inner.add_lender(addr)
     }
 
+    fn retire_lender(&self, addr: SocketAddr) -> Result<(), PagerError> {
+        self.inner.retire_lender(addr)
+    }
+
     fn checkpoint(&self, timeout: Duration) -> Result<(), PagerError> {
         let deadline = Instant::now() + timeout;
         let mut q = lock(&self.shared.queue);

@@ -310,6 +310,13 @@ pub trait PageStore: Send + Sync + fmt::Debug {
         Err(PagerError::Config(format!("this page store takes no new lenders (asked to add {addr})")))
     }
 
+    /// Treats a lender as leaving (its registration expired, or it withdrew its announcement):
+    /// no new pages go to it and its copies move to the other lenders while it still serves
+    /// them, as in a drain. Unknown addresses are refused.
+    fn retire_lender(&self, addr: SocketAddr) -> Result<(), PagerError> {
+        Err(PagerError::Config(format!("this page store has no lender {addr} to retire")))
+    }
+
     /// Waits until every page written so far is in the backup tier and durable there (see
     /// [`BackupStore`]); at once for a store without one.
     fn checkpoint(&self, _timeout: Duration) -> Result<(), PagerError> {

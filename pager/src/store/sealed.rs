@@ -108,6 +108,10 @@ impl PageStore for SealedStore {
         self.inner.add_lender(addr)
     }
 
+    fn retire_lender(&self, addr: SocketAddr) -> Result<(), PagerError> {
+        self.inner.retire_lender(addr)
+    }
+
     fn checkpoint(&self, timeout: Duration) -> Result<(), PagerError> {
         self.inner.checkpoint(timeout)
     }

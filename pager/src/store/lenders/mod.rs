@@ -543,6 +543,16 @@ impl PageStore for LenderStore {
         LenderStore::add_lender(self, addr).map(|_| ())
     }
 
+    fn retire_lender(&self, addr: SocketAddr) -> Result<(), PagerError> {
+        let (i, _) = self
+            .lenders
+            .iter()
+            .find(|(_, s)| s.addr == addr)
+            .ok_or_else(|| PagerError::Config(format!("memory-server {addr} is not a lender of this pager")))?;
+        self.mark_leaving(i, None);
+        Ok(())
+    }
+
     fn open_repair(self: Arc<Self>) -> Result<Option<Box<dyn crate::store::PageRepair>>, PagerError> {
         Ok(Some(Box::new(repair::Repairer::open(self)?)))
     }

@@ -1,0 +1,146 @@
+//! The etcd registry (issue #11), end to end with a real etcd (Debian's `etcd-server`, started
+//! here on 127.0.0.1 with a temporary data directory) and real `memory-server --registry`
+//! processes: a `coalesce demo --registry` finds them and places by proximity; a lender whose
+//! lease expires (stopped with SIGSTOP) leaves the registry, and registers again when it resumes.
+
+#![allow(missing_docs, clippy::unwrap_used)]
+
+mod common;
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::ServerProcess;
+
+/// A real etcd on 127.0.0.1, killed (and its data removed) on drop.
+struct Etcd {
+    child: Child,
+    client: SocketAddr,
+    dir: std::path::PathBuf,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Etcd {
+    /// `None` (the test skips) without an etcd binary, unless `COALESCE_REQUIRE_PROGRAMS` is set.
+    fn start(tag: &str) -> Option<Self> {
+        let bin = std::env::var("COALESCE_ETCD").unwrap_or_else(|_| "etcd".into());
+        if Command::new(&bin).arg("--version").output().is_err() {
+            assert!(std::env::var_os("COALESCE_REQUIRE_PROGRAMS").is_none(), "etcd is not installed (etcd-server)");
+            eprintln!("skipped: etcd is not installed (Debian package etcd-server)");
+            return None;
+        }
+        let dir = std::env::temp_dir().join(format!("coalesce-etcd-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (client, peer) = (free_port(), free_port());
+        let client_url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let child = Command::new(&bin)
+            .args(["--name", "coalesce-test", "--data-dir", dir.to_str().unwrap()])
+            .args(["--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
+            .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("coalesce-test={peer_url}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let etcd = Self { child, client: SocketAddr::from(([127, 0, 0, 1], client)), dir };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(etcd.client).is_err() {
+            assert!(Instant::now() < deadline, "etcd did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(etcd)
+    }
+
+    fn url(&self) -> String {
+        format!("etcd://{}", self.client)
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn registered(etcd: &Etcd, link: &str, ttl: &str) -> ServerProcess {
+    let url = etcd.url();
+    ServerProcess::start(&[
+        "--capacity",
+        "512MiB",
+        "--slab-size",
+        "4MiB",
+        "--registry",
+        &url,
+        "--registry-ttl",
+        ttl,
+        "--announce-interval",
+        "500ms",
+        "--link",
+        link,
+    ])
+}
+
+/// The addresses `coalesce lenders --registry` lists.
+fn listed(etcd: &Etcd) -> Vec<SocketAddr> {
+    let out = Command::new(env!("CARGO_BIN_EXE_coalesce"))
+        .args(["lenders", "--registry", &etcd.url(), "--discover-wait", "300ms", "--pings", "1"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+#[test]
+fn a_demo_finds_registered_lenders_and_places_most_pages_on_the_nearest() {
+    let Some(etcd) = Etcd::start("place") else { return };
+    let (lan, far) = (registered(&etcd, "lan", "10s"), registered(&etcd, "5g-urllc", "10s"));
+    let out = Command::new(env!("CARGO_BIN_EXE_coalesce"))
+        .args(["demo", "--registry", &etcd.url(), "--discover-wait", "500ms", "--redundancy", "none"])
+        .args(["--size", "32MiB", "--local", "8MiB", "--random-reads", "1000"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let pages = |s: &ServerProcess| -> u64 {
+        let line = stdout.lines().find(|l| l.starts_with(&format!("server {}:", s.addr))).unwrap();
+        line.split_whitespace().nth(2).unwrap().parse().unwrap()
+    };
+    let (on_lan, on_far) = (pages(&lan), pages(&far));
+    assert!(on_lan * 100 >= (on_lan + on_far) * 85, "{stdout}");
+}
+
+#[test]
+fn a_lender_whose_lease_expires_leaves_the_registry_and_comes_back_when_it_resumes() {
+    let Some(etcd) = Etcd::start("lease") else { return };
+    let (steady, stalled) = (registered(&etcd, "lan", "10s"), registered(&etcd, "lan", "2s"));
+    let mut now = listed(&etcd);
+    now.sort();
+    let mut both = vec![steady.addr, stalled.addr];
+    both.sort();
+    assert_eq!(now, both);
+    // Stopped, it renews nothing: its lease expires within its TTL and the key goes.
+    stalled.signal(libc::SIGSTOP);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while listed(&etcd).contains(&stalled.addr) {
+        assert!(Instant::now() < deadline, "the stalled lender is still registered");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(listed(&etcd), vec![steady.addr]);
+    // Resumed, it finds its lease gone and registers again.
+    stalled.signal(libc::SIGCONT);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !listed(&etcd).contains(&stalled.addr) {
+        assert!(Instant::now() < deadline, "the resumed lender never registered again");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
