@@ -11,7 +11,8 @@ set -u
 cd "$(dirname "$0")/.."
 NS=coalesce-discovery-bench-$$
 ip netns add "$NS"
-trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; ip netns del "$NS"' EXIT
+# Every process started in the namespace is stopped with it.
+trap 'ip netns pids "$NS" | xargs -r kill 2>/dev/null; sleep 0.5; ip netns del "$NS"' EXIT
 ip -n "$NS" link set lo up
 ip -n "$NS" link set lo multicast on
 packets() { ip -n "$NS" -s link show lo | awk '/RX:/{getline; print $2}'; }
@@ -34,6 +35,7 @@ for t in $(seq "${TRIALS:-5}"); do
   run ./target/release/examples/browse 8 >"$out/browse" 2>&1 &
   bp=$!
   sleep 2
+  before=$(ip netns pids "$NS")
   start=$(date +%s.%N)
   run ./target/release/memory-server --listen 127.0.0.1:0 --capacity 64MiB --announce >"$out/late" 2>/dev/null &
   lp=$!
@@ -42,7 +44,9 @@ for t in $(seq "${TRIALS:-5}"); do
   wait "$bp"
   seen=$(grep "127.0.0.1:$port" "$out/browse" | head -1 |
     sed -n "s/.*tv_sec: \([0-9]*\), tv_nsec: \([0-9]*\).*/\1 \2/p" | awk '{printf "%d.%09d", $1, $2}')
-  kill "$lp"; wait "$lp" 2>/dev/null
+  # Stop the late lender: the processes in the namespace that were not there before it.
+  for pid in $(ip netns pids "$NS"); do grep -qx "$pid" <<<"$before" || kill "$pid"; done
+  wait "$lp" 2>/dev/null
   if [ -n "$seen" ]; then echo "trial $t: seen $(echo "$seen - $start" | bc) s after the lender's process started"; else echo "trial $t: not seen"; fi
 done
 rm -rf "$out"

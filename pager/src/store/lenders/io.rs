@@ -35,6 +35,9 @@ pub(super) struct LenderIo {
     scratch: Vec<Segment>,
     /// How many comebacks of each lender this thread has reconnected after.
     revivals_seen: Vec<u64>,
+    /// This thread's write batch, open from its first `place` to the end of its `write_pages`
+    /// (`quiesce.rs`).
+    batch: super::quiesce::Batch,
 }
 
 /// The pages of one batch that go to one lender (a page with a trailer takes two segments).
@@ -77,6 +80,7 @@ impl LenderIo {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let revivals_seen = (0..endpoints.len()).map(|i| store.revivals(i)).collect();
+        let batch = store.write_batches.register();
         Ok(Self {
             store,
             endpoints,
@@ -87,6 +91,7 @@ impl LenderIo {
             read_from: Vec::new(),
             scratch: Vec::new(),
             revivals_seen,
+            batch,
         })
     }
 
@@ -496,11 +501,14 @@ impl PageIo for LenderIo {
         pages: &[PageTransfer],
         out: &mut Vec<Result<(), TransferError>>,
     ) {
+        self.batch.open();
         if self.store.code.is_some() {
-            return self.write_coded(buf, pages, out);
+            self.write_coded(buf, pages, out);
+        } else {
+            let source = self.send_buffer(buf, pages);
+            self.transfer(Direction::Write, &source, pages, out);
         }
-        let source = self.send_buffer(buf, pages);
-        self.transfer(Direction::Write, &source, pages, out);
+        self.batch.close();
     }
 
     fn readable(&self, slot: Slot) -> bool {
@@ -522,6 +530,8 @@ impl PageIo for LenderIo {
     }
 
     fn place(&mut self, current: Option<Slot>) -> Option<Slot> {
+        // Before the group is checked: a repair that marks a group then waits for this batch.
+        self.batch.open();
         self.refresh();
         if let Some(slot) = current {
             if self.intact(slot) {

@@ -52,6 +52,7 @@ mod coding;
 mod io;
 mod liar;
 mod proximity;
+mod quiesce;
 mod repair;
 mod revive;
 mod roster;
@@ -200,6 +201,8 @@ pub struct LenderStore {
     spin: Duration,
     /// Trailer bytes kept after each page (0 or [`TRAILER_LEN`]).
     trailer: usize,
+    /// Write batches in flight (`quiesce.rs`).
+    write_batches: quiesce::WriteBatches,
 }
 
 /// How a [`LenderStore`] connects and times out.
@@ -276,6 +279,7 @@ impl LenderStore {
             failover: options.failover.min(options.timeout),
             spin: options.spin,
             trailer,
+            write_batches: quiesce::WriteBatches::default(),
         };
         store.update_weights();
         Ok(store)
@@ -336,7 +340,8 @@ impl LenderStore {
 
     /// True when the copy at `loc` exists and stays: its lender is not leaving.
     fn copy_whole(&self, loc: &Location) -> bool {
-        self.copy_valid(loc) && !self.lenders[loc.lender].leaving.load(Ordering::Acquire)
+        // SeqCst: pairs with the mark in `mark_leaving` (see `quiesce.rs`).
+        self.copy_valid(loc) && !self.lenders[loc.lender].leaving.load(Ordering::SeqCst)
     }
 
     /// True when every copy of `places` still exists on a lender that stays, and there are as
@@ -345,7 +350,14 @@ impl LenderStore {
     /// made whole in the background (`repair.rs`), and their pages are written again to a whole
     /// group as they pass through local memory.
     fn healthy(&self, places: &Places) -> bool {
-        let live = self.lenders.iter().filter(|(_, s)| s.is_alive() && !s.leaving.load(Ordering::Acquire)).count();
+        // SeqCst: a group that stops being whole (a lender leaves, or one comes back so that
+        // groups need another copy) is marked before a repair snapshots the writes in flight
+        // (`quiesce.rs`).
+        let live = self
+            .lenders
+            .iter()
+            .filter(|(_, s)| s.alive.load(Ordering::SeqCst) && !s.leaving.load(Ordering::SeqCst))
+            .count();
         places.len >= self.width.min(live) && places.copies().iter().all(|loc| self.copy_whole(loc))
     }
 
@@ -354,7 +366,7 @@ impl LenderStore {
     fn mark_leaving(&self, lender: usize, leaving_in: Option<Duration>) {
         let s = &self.lenders[lender];
         s.full.store(true, Ordering::Release);
-        if !s.leaving.swap(true, Ordering::AcqRel) {
+        if !s.leaving.swap(true, Ordering::SeqCst) {
             tracing::warn!(
                 server = %s.addr,
                 pages = s.pages.load(Ordering::Relaxed),

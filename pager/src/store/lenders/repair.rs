@@ -11,7 +11,9 @@
 //!
 //! Why copying a group is safe while the program runs: no page is written to a group that is
 //! not whole (`place` moves a page out of such a group to a whole one, and free slots of such a
-//! group are not handed out), so its records only get read or freed while they are copied. A
+//! group are not handed out), and a copy starts only once every write batch that was open when
+//! the group stopped being whole has closed (`quiesce.rs`: such a batch may have placed a page
+//! there just before), so its records only get read or freed while they are copied. A
 //! write that was in flight when the lender failed fails as a whole and leaves its page dirty,
 //! to be written elsewhere. The new slab joins the group only if, at that moment, the copy it
 //! was filled from still exists, the new slab's lender is still in the session that granted it,
@@ -56,6 +58,8 @@ struct Job {
     used: u64,
     /// Next record to copy.
     next: u64,
+    /// The write batches open when the job began: copying starts once they closed.
+    writes: super::quiesce::Snapshot,
 }
 
 /// The repair thread's state: its own connections, a copy buffer and the job in progress.
@@ -99,7 +103,9 @@ impl Repairer {
             };
             self.told_no_room = false;
             tracing::debug!(group, records = used, to = %self.store.lenders[target.server].addr, "re-replicating a slab group");
-            return Some(Job { group, at, len_before: g.len, sources, target, used, next: 0 });
+            // The group is already marked (not whole): wait for the writes placed before that.
+            let writes = self.store.write_batches.snapshot();
+            return Some(Job { group, at, len_before: g.len, sources, target, used, next: 0, writes });
         }
         if stuck && !self.told_no_room {
             self.told_no_room = true;
@@ -220,6 +226,10 @@ impl PageRepair for Repairer {
                 None => return 0,
             },
         };
+        if !job.writes.settled(self.store.timeout) {
+            self.job = Some(job);
+            return 0;
+        }
         let mut copied = 0;
         while job.next < job.used && copied < max_pages {
             let before = job.next;

@@ -71,7 +71,8 @@ impl LenderStore {
         *lock(&s.control) = control;
         s.full.store(false, Ordering::Release);
         s.revivals.fetch_add(1, Ordering::AcqRel);
-        s.alive.store(true, Ordering::Release);
+        // SeqCst: see `LenderStore::healthy`.
+        s.alive.store(true, Ordering::SeqCst);
         self.free_orphans(i, resumed);
         if resumed {
             self.unpark();
