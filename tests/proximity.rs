@@ -153,3 +153,43 @@ fn a_retired_lender_gets_no_new_pages_and_its_pages_move_to_the_others() {
         assert_eq!(words[p * WORDS + WORDS / 2], word(5, p, WORDS / 2), "page {p}");
     }
 }
+
+#[test]
+fn pages_migrate_from_a_lender_that_moved_away_to_the_nearest_one() {
+    let file = std::env::temp_dir().join(format!("coalesce-link-migrate-{}", std::process::id()));
+    std::fs::write(&file, "lan\n").unwrap();
+    let moving = ServerProcess::start(&[
+        "--capacity",
+        "1GiB",
+        "--slab-size",
+        "4MiB",
+        "--lease",
+        "600ms",
+        "--link-file",
+        file.to_str().unwrap(),
+    ]);
+    let other = lender("5g-urllc", "1GiB");
+    let pager = one_copy(&[&moving, &other], 4 * MIB);
+    let mut region = pager.map(16 * MIB, RegionOptions::default()).unwrap();
+    fill_and_verify(bytemuck::cast_slice_mut(region.as_mut_slice()), 6);
+    let before = pager.lenders();
+    assert!(held(&before, &moving) > 10 * held(&before, &other), "{before:?}");
+
+    // The LAN lender moves to Wi-Fi distance: its slabs move to the (now nearest) 5G lender.
+    std::fs::write(&file, "wifi\n").unwrap();
+    moving.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while held(&pager.lenders(), &moving) > 0 {
+        assert!(Instant::now() < deadline, "pages stay on the far lender: {:?}", pager.lenders());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let stats = pager.stats();
+    assert!(stats.pages_migrated >= held(&before, &moving) / 2, "{stats}");
+    // Nothing is left there: stopping it costs nothing, and every page reads back.
+    drop(moving);
+    let words: &[u64] = bytemuck::cast_slice(region.as_slice());
+    for p in 0..words.len() / WORDS {
+        assert_eq!(words[p * WORDS + WORDS - 1], word(6, p, WORDS - 1), "page {p}");
+    }
+    let _ = std::fs::remove_file(&file);
+}

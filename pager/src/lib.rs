@@ -297,6 +297,7 @@ impl Shared {
         s.budget_pages = self.budget.limit() as u64;
         s.remote_pages = self.store.remote_pages();
         s.rereplication_pending_pages = self.store.repair_pending();
+        s.pages_migrated = self.store.migrated_pages();
         s.sealed = self.store.seals_pages();
         if let Some(rejected) = self.store.copies_rejected() {
             s.copies_rejected = rejected;

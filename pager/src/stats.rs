@@ -217,6 +217,10 @@ pub struct PagerStats {
     /// Remote pages with fewer copies (or shards) than asked for that are waiting for them.
     #[serde(default)]
     pub rereplication_pending_pages: u64,
+    /// Pages moved toward nearer lenders (the lenders moved, or a nearer one appeared); their
+    /// copies count in `rereplicated_pages` too.
+    #[serde(default)]
+    pub pages_migrated: u64,
     /// Pages made resident while eviction was held (around `fork`, which must see the whole
     /// heap locally): the budget does not apply to them, and they are not over-budget events.
     #[serde(default)]
@@ -333,6 +337,9 @@ impl fmt::Display for PagerStats {
                 "re-replication: {} pages copied to restore their redundancy, {} waiting",
                 self.rereplicated_pages, self.rereplication_pending_pages
             )?;
+        }
+        if self.pages_migrated > 0 {
+            writeln!(f, "migration: {} pages moved toward nearer lenders", self.pages_migrated)?;
         }
         if self.backup {
             writeln!(

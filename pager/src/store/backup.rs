@@ -504,6 +504,10 @@ impl PageStore for BackupStore {
         self.inner.retire_lender(addr)
     }
 
+    fn migrated_pages(&self) -> u64 {
+        self.inner.migrated_pages()
+    }
+
     fn checkpoint(&self, timeout: Duration) -> Result<(), PagerError> {
         let deadline = Instant::now() + timeout;
         let mut q = lock(&self.shared.queue);

@@ -310,6 +310,11 @@ pub trait PageStore: Send + Sync + fmt::Debug {
         Err(PagerError::Config(format!("this page store takes no new lenders (asked to add {addr})")))
     }
 
+    /// Pages moved toward nearer lenders so far (`migrate.rs` of the lender store).
+    fn migrated_pages(&self) -> u64 {
+        0
+    }
+
     /// Treats a lender as leaving (its registration expired, or it withdrew its announcement):
     /// no new pages go to it and its copies move to the other lenders while it still serves
     /// them, as in a drain. Unknown addresses are refused.

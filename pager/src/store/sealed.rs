@@ -112,6 +112,10 @@ impl PageStore for SealedStore {
         self.inner.retire_lender(addr)
     }
 
+    fn migrated_pages(&self) -> u64 {
+        self.inner.migrated_pages()
+    }
+
     fn checkpoint(&self, timeout: Duration) -> Result<(), PagerError> {
         self.inner.checkpoint(timeout)
     }

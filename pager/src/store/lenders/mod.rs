@@ -51,6 +51,7 @@ mod coded_io;
 mod coding;
 mod io;
 mod liar;
+mod migrate;
 mod proximity;
 mod quiesce;
 mod repair;
@@ -160,6 +161,8 @@ struct Location {
 struct Places {
     at: [Location; MAX_GROUP],
     len: usize,
+    /// The group's index.
+    group: usize,
 }
 
 impl Places {
@@ -178,6 +181,10 @@ pub struct LenderStore {
     /// Slabs a repair replaced while their lender was unreachable: freed if it comes back with
     /// the same session (lender, generation, slab id).
     orphans: Mutex<Vec<(usize, u64, u64)>>,
+    /// Slabs a repair, drain or migration replaced while their lender stays: (lender,
+    /// generation, slab id, when). Freed once no read that found them before can still be in
+    /// flight (`retire_slabs`): freeing at once would fail such a read with a remote access error.
+    replaced: Mutex<Vec<(usize, u64, u64, Instant)>>,
     /// Slabs in a whole group: copies of each page, or data plus parity shards.
     width: usize,
     /// The erasure code, when pages are coded rather than copied.
@@ -203,6 +210,10 @@ pub struct LenderStore {
     trailer: usize,
     /// Write batches in flight (`quiesce.rs`).
     write_batches: quiesce::WriteBatches,
+    /// The slab being moved toward a nearer lender (`migrate.rs`; 0: none).
+    migrating: AtomicU64,
+    /// Pages moved toward nearer lenders.
+    migrated: AtomicU64,
 }
 
 /// How a [`LenderStore`] connects and times out.
@@ -267,6 +278,7 @@ impl LenderStore {
             groups: RwLock::new(Vec::new()),
             parked: Mutex::new(Vec::new()),
             orphans: Mutex::new(Vec::new()),
+            replaced: Mutex::new(Vec::new()),
             width,
             code,
             extra_shard_reads: options.extra_shard_reads,
@@ -280,6 +292,8 @@ impl LenderStore {
             spin: options.spin,
             trailer,
             write_batches: quiesce::WriteBatches::default(),
+            migrating: AtomicU64::new(0),
+            migrated: AtomicU64::new(0),
         };
         store.update_weights();
         Ok(store)
@@ -303,27 +317,6 @@ impl LenderStore {
             "memory-server joined: new pages may go to it"
         );
         Ok(i)
-    }
-
-    /// Recomputes every lender's placement weight from its smallest recent round trip and the
-    /// nearest live lender's (`proximity.rs`).
-    fn update_weights(&self) {
-        let rtts: Vec<Option<Duration>> = self.lenders.iter().map(|(_, s)| lock(&s.rtt).min()).collect();
-        let nearest = self
-            .lenders
-            .iter()
-            .zip(&rtts)
-            .filter(|((_, s), _)| s.is_alive() && !s.leaving.load(Ordering::Acquire))
-            .filter_map(|(_, m)| *m)
-            .min();
-        for ((_, s), m) in self.lenders.iter().zip(&rtts) {
-            s.weight.store(proximity::weight(*m, nearest).to_bits(), Ordering::Relaxed);
-        }
-    }
-
-    /// Lender `i`'s placement weight (1 for the nearest).
-    fn weight_of(&self, i: usize) -> f64 {
-        self.lenders.get(i).map_or(0.0, |s| f64::from_bits(s.weight.load(Ordering::Relaxed)))
     }
 
     fn is_alive(&self, lender: usize) -> bool {
@@ -358,7 +351,9 @@ impl LenderStore {
             .iter()
             .filter(|(_, s)| s.alive.load(Ordering::SeqCst) && !s.leaving.load(Ordering::SeqCst))
             .count();
-        places.len >= self.width.min(live) && places.copies().iter().all(|loc| self.copy_whole(loc))
+        places.len >= self.width.min(live)
+            && places.copies().iter().all(|loc| self.copy_whole(loc))
+            && !self.is_migrating(places.group)
     }
 
     /// Marks a lender leaving (it is draining): no new slabs there, and its copies move to the
@@ -427,7 +422,7 @@ impl LenderStore {
         let record = u64::from(slot.0 & ((1 << SLOT_PAGE_BITS) - 1));
         let groups = self.groups.read().unwrap_or_else(PoisonError::into_inner);
         let g = groups.get(group)?;
-        let mut places = Places { at: [Location::default(); MAX_GROUP], len: g.len };
+        let mut places = Places { at: [Location::default(); MAX_GROUP], len: g.len, group };
         for (at, slab) in places.at.iter_mut().zip(g.slabs()) {
             *at = Location {
                 lender: slab.server,
@@ -490,6 +485,7 @@ impl PageStore for LenderStore {
     /// Renews every live lender's lease (a lost session or connection marks the lender failed)
     /// and tries failed lenders again.
     fn maintain(&self) {
+        self.free_replaced();
         for (i, s) in self.lenders.iter() {
             if !s.is_alive() {
                 continue;
@@ -571,6 +567,10 @@ impl PageStore for LenderStore {
 
     fn repair_pending(&self) -> u64 {
         self.pending_repair()
+    }
+
+    fn migrated_pages(&self) -> u64 {
+        self.migrated.load(Ordering::Relaxed)
     }
 
     fn release_all(&self) {

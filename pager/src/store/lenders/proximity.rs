@@ -27,7 +27,10 @@
 //! would split equally near lenders unevenly.
 
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
+
+use super::lock;
 
 /// Round-trip samples kept per lender.
 pub(super) const WINDOW: usize = 8;
@@ -109,6 +112,29 @@ pub(super) fn next_lender(
         }
     }
     best.map(|(i, _, _)| i)
+}
+
+impl super::LenderStore {
+    /// Recomputes every lender's placement weight from its smallest recent round trip and the
+    /// nearest live lender's (`proximity.rs`).
+    pub(super) fn update_weights(&self) {
+        let rtts: Vec<Option<Duration>> = self.lenders.iter().map(|(_, s)| lock(&s.rtt).min()).collect();
+        let nearest = self
+            .lenders
+            .iter()
+            .zip(&rtts)
+            .filter(|((_, s), _)| s.is_alive() && !s.leaving.load(Ordering::Acquire))
+            .filter_map(|(_, m)| *m)
+            .min();
+        for ((_, s), m) in self.lenders.iter().zip(&rtts) {
+            s.weight.store(weight(*m, nearest).to_bits(), Ordering::Relaxed);
+        }
+    }
+
+    /// Lender `i`'s placement weight (1 for the nearest).
+    pub(super) fn weight_of(&self, i: usize) -> f64 {
+        self.lenders.get(i).map_or(0.0, |s| f64::from_bits(s.weight.load(Ordering::Relaxed)))
+    }
 }
 
 #[cfg(all(test, not(coalesce_loom)))]

@@ -21,6 +21,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
+use std::time::{Duration, Instant};
 
 use rdma::LocalRegion;
 
@@ -60,6 +61,8 @@ struct Job {
     next: u64,
     /// The write batches open when the job began: copying starts once they closed.
     writes: super::quiesce::Snapshot,
+    /// A slab moving toward a nearer lender (`migrate.rs`), not a lost one.
+    migration: bool,
 }
 
 /// The repair thread's state: its own connections, a copy buffer and the job in progress.
@@ -97,7 +100,11 @@ impl Repairer {
             // A lender whose copy was lost (it came back with a new session) may take the new one.
             let holders: Vec<usize> =
                 g.slabs().iter().filter(|s| self.store.copy_valid(&location(s))).map(|s| s.server).collect();
-            let Some(target) = self.new_slab(&holders, used) else {
+            let migration = self.store.is_migrating(group);
+            if migration {
+                continue; // Started below, once nothing needs repair.
+            }
+            let Some(target) = self.new_slab(&holders, used, 0.0) else {
                 stuck = true;
                 continue;
             };
@@ -105,7 +112,12 @@ impl Repairer {
             tracing::debug!(group, records = used, to = %self.store.lenders[target.server].addr, "re-replicating a slab group");
             // The group is already marked (not whole): wait for the writes placed before that.
             let writes = self.store.write_batches.snapshot();
-            return Some(Job { group, at, len_before: g.len, sources, target, used, next: 0, writes });
+            return Some(Job { group, at, len_before: g.len, sources, target, used, next: 0, writes, migration });
+        }
+        if !stuck {
+            if let Some(job) = self.start_migration() {
+                return Some(job);
+            }
         }
         if stuck && !self.told_no_room {
             self.told_no_room = true;
@@ -119,13 +131,35 @@ impl Repairer {
         None
     }
 
+    /// The next slab to move toward a nearer lender, marked, with its new slab (`migrate.rs`).
+    fn start_migration(&mut self) -> Option<Job> {
+        let min_weight = self.store.start_migration()?;
+        let job = (|| {
+            let (group, at) = self.store.migrating()?;
+            let (g, _, sources) = self.store.repairable(group)?;
+            let used = self.store.records_used(group, &g);
+            let holders: Vec<usize> = g.slabs().iter().map(|s| s.server).collect();
+            let target = self.new_slab(&holders, used, min_weight)?;
+            tracing::debug!(group, pages = used, to = %self.store.lenders[target.server].addr, "moving a slab toward a nearer lender");
+            let writes = self.store.write_batches.snapshot();
+            Some(Job { group, at, len_before: g.len, sources, target, used, next: 0, writes, migration: true })
+        })();
+        if job.is_none() {
+            self.store.end_migration();
+        }
+        job
+    }
+
     /// A slab of at least `used` records on a live, reachable lender with room that is not one
-    /// of `holders`.
-    fn new_slab(&mut self, holders: &[usize], used: u64) -> Option<Slab> {
+    /// of `holders` and weighs at least `min_weight`: the nearest such lender.
+    fn new_slab(&mut self, holders: &[usize], used: u64, min_weight: f64) -> Option<Slab> {
         let store = Arc::clone(&self.store);
-        for (j, s) in store.lenders.iter() {
+        let mut order: Vec<usize> = (0..store.lenders.len()).collect();
+        order.sort_by(|&a, &b| store.weight_of(b).total_cmp(&store.weight_of(a)));
+        for j in order {
+            let s = &store.lenders[j];
             let unusable = !s.is_alive() || s.full.load(Ordering::Acquire) || s.leaving.load(Ordering::Acquire);
-            if holders.contains(&j) || unusable || !self.io.can_reach(j) {
+            if holders.contains(&j) || unusable || !self.io.can_reach(j) || store.weight_of(j) < min_weight {
                 continue;
             }
             let generation = s.generation.load(Ordering::Acquire);
@@ -210,6 +244,9 @@ impl Repairer {
     /// Drops a job: its new slab is freed (if its lender is still there).
     fn abandon(&self, job: &Job, why: &str) {
         tracing::debug!(group = job.group, why, "re-replication of a slab group dropped");
+        if job.migration {
+            self.store.end_migration();
+        }
         let s = &self.store.lenders[job.target.server];
         if s.is_alive() && s.generation.load(Ordering::Acquire) == job.target.generation {
             let _ = lock(&s.control).free_slab(job.target.slab_id);
@@ -259,6 +296,10 @@ impl LenderStore {
             return None;
         }
         let copies = places.copies();
+        // A slab moving toward a nearer lender is copied as it is (`migrate.rs`).
+        if let Some((_, at)) = self.migrating().filter(|&(g, _)| g == group) {
+            return (at < copies.len() && self.copy_valid(&copies[at])).then(|| (g, at, vec![(at, copies[at])]));
+        }
         let at = match copies.iter().position(|loc| !self.copy_whole(loc)) {
             Some(lost) => lost,
             None if g.len < self.width => g.len,
@@ -287,7 +328,7 @@ impl LenderStore {
 
     /// Records of group `group` that may hold pages: up to the bump pointer of the group being
     /// filled, else all of them.
-    fn records_used(&self, group: usize, g: &Group) -> u64 {
+    pub(super) fn records_used(&self, group: usize, g: &Group) -> u64 {
         let bump =
             self.lenders.iter().find_map(|(_, s)| lock(&s.slots).bump.filter(|&(gi, _)| gi == group).map(|(_, n)| n));
         u64::from(bump.unwrap_or(g.records).min(g.records))
@@ -307,7 +348,11 @@ impl LenderStore {
         let mut replaced = None;
         if job.at < job.len_before {
             let old = g.copies[job.at];
-            if self.copy_whole(&location(&old)) {
+            if job.migration {
+                if !self.copy_valid(&location(&old)) {
+                    return Err("the slab moved from is gone");
+                }
+            } else if self.copy_whole(&location(&old)) {
                 return Err("the lost copy came back");
             }
             g.copies[job.at] = job.target;
@@ -330,11 +375,36 @@ impl LenderStore {
         if let Some(old) = replaced {
             let s = &self.lenders[old.server];
             let _ = s.pages.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(job.used)));
-            let _ = lock(&s.control).free_slab(old.slab_id);
+            // Freed later: a read that found the old slab just before may still be on its way.
+            lock(&self.replaced).push((old.server, old.generation, old.slab_id, Instant::now()));
         }
-        tracing::info!(group = job.group, pages = job.used, to = %target.addr, "slab group whole again");
+        if job.migration {
+            self.migrated.fetch_add(job.used, Ordering::Relaxed);
+            self.end_migration();
+            tracing::info!(group = job.group, pages = job.used, to = %target.addr, "slab moved to a nearer lender");
+        } else {
+            tracing::info!(group = job.group, pages = job.used, to = %target.addr, "slab group whole again");
+        }
         self.unpark();
         Ok(())
+    }
+
+    /// Frees the replaced slabs that no read can still use: a read finds its copies
+    /// (`locate`) and posts at once, and completes or fails within the request timeout.
+    pub(super) fn free_replaced(&self) {
+        let grace = self.timeout + Duration::from_secs(1);
+        let due: Vec<(usize, u64, u64, Instant)> = {
+            let mut replaced = lock(&self.replaced);
+            let (due, keep) = replaced.drain(..).partition(|&(_, _, _, at)| at.elapsed() >= grace);
+            *replaced = keep;
+            due
+        };
+        for (i, generation, slab, _) in due {
+            let s = &self.lenders[i];
+            if s.is_alive() && s.generation.load(Ordering::Acquire) == generation {
+                let _ = lock(&s.control).free_slab(slab);
+            }
+        }
     }
 
     /// Pages in groups that are not whole and can still be made whole.
