@@ -83,20 +83,24 @@ fn when_the_nearest_lender_fills_the_next_nearest_takes_the_rest() {
     assert!(on_5g >= 4000 && on_wifi * 20 <= on_5g, "{lenders:?}");
 }
 
+/// A lender at LAN distance whose link is read from a file (`--link-file`), to be moved with
+/// [`move_to`]; the file is returned too.
+fn lender_at_lan_distance(tag: &str) -> (ServerProcess, std::path::PathBuf) {
+    let file = std::env::temp_dir().join(format!("coalesce-link-{tag}-{}", std::process::id()));
+    std::fs::write(&file, "lan\n").unwrap();
+    let args = ["--capacity", "1GiB", "--slab-size", "4MiB", "--lease", "600ms", "--link-file", file.to_str().unwrap()];
+    (ServerProcess::start(&args), file)
+}
+
+/// Moves the lender to the distance of `link` (the file rewritten, then SIGHUP).
+fn move_to(lender: &ServerProcess, file: &std::path::Path, link: &str) {
+    std::fs::write(file, format!("{link}\n")).unwrap();
+    lender.signal(libc::SIGHUP);
+}
+
 #[test]
 fn a_lender_that_moves_away_stops_getting_new_pages() {
-    let file = std::env::temp_dir().join(format!("coalesce-link-{}", std::process::id()));
-    std::fs::write(&file, "lan\n").unwrap();
-    let moving = ServerProcess::start(&[
-        "--capacity",
-        "1GiB",
-        "--slab-size",
-        "4MiB",
-        "--lease",
-        "600ms",
-        "--link-file",
-        file.to_str().unwrap(),
-    ]);
+    let (moving, file) = lender_at_lan_distance("moves");
     let other = lender("5g-urllc", "1GiB");
     let pager = one_copy(&[&moving, &other], 4 * MIB);
     let mut first = pager.map(16 * MIB, RegionOptions::default()).unwrap();
@@ -105,8 +109,7 @@ fn a_lender_that_moves_away_stops_getting_new_pages() {
     assert!(held(&before, &moving) > 10 * held(&before, &other), "{before:?}");
 
     // The lender moves to Wi-Fi distance: once its round trips say so, it weighs less than 5G.
-    std::fs::write(&file, "wifi\n").unwrap();
-    moving.signal(libc::SIGHUP);
+    move_to(&moving, &file, "wifi");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let now = pager.lenders();
@@ -156,18 +159,7 @@ fn a_retired_lender_gets_no_new_pages_and_its_pages_move_to_the_others() {
 
 #[test]
 fn pages_migrate_from_a_lender_that_moved_away_to_the_nearest_one() {
-    let file = std::env::temp_dir().join(format!("coalesce-link-migrate-{}", std::process::id()));
-    std::fs::write(&file, "lan\n").unwrap();
-    let moving = ServerProcess::start(&[
-        "--capacity",
-        "1GiB",
-        "--slab-size",
-        "4MiB",
-        "--lease",
-        "600ms",
-        "--link-file",
-        file.to_str().unwrap(),
-    ]);
+    let (moving, file) = lender_at_lan_distance("migrates");
     let other = lender("5g-urllc", "1GiB");
     let pager = one_copy(&[&moving, &other], 4 * MIB);
     let mut region = pager.map(16 * MIB, RegionOptions::default()).unwrap();
@@ -176,8 +168,7 @@ fn pages_migrate_from_a_lender_that_moved_away_to_the_nearest_one() {
     assert!(held(&before, &moving) > 10 * held(&before, &other), "{before:?}");
 
     // The LAN lender moves to Wi-Fi distance: its slabs move to the (now nearest) 5G lender.
-    std::fs::write(&file, "wifi\n").unwrap();
-    moving.signal(libc::SIGHUP);
+    move_to(&moving, &file, "wifi");
     let deadline = Instant::now() + Duration::from_secs(60);
     while held(&pager.lenders(), &moving) > 0 {
         assert!(Instant::now() < deadline, "pages stay on the far lender: {:?}", pager.lenders());
