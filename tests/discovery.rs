@@ -7,9 +7,9 @@
 
 mod common;
 
+use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::process::{Output, Stdio};
-use std::time::Duration;
 
 use common::{Netns, ServerProcess};
 
@@ -77,13 +77,24 @@ fn a_lender_announced_while_the_demo_runs_is_adopted_and_used() {
     // A LAN at 1 Gbit/s: filling 1 GiB takes at least 8.6 s.
     let first = announced(&ns, Some("delay=100us,bandwidth=1Gbit"));
     // Pages evicted after the late lender appears may go to it.
-    let child = demo(&ns, &["--size", "1GiB", "--local", "8MiB", "--passes", "0", "--random-reads", "1000"]);
-    // After the demo's first wait, while it fills: another lender appears.
-    std::thread::sleep(Duration::from_millis(2500));
+    let mut child = demo(&ns, &["--size", "1GiB", "--local", "8MiB", "--passes", "0", "--random-reads", "1000"]);
+    // Once the demo's first wait is over (it logs what it found), while it fills: another
+    // lender appears. The log is read on while the demo runs.
+    let mut log = BufReader::new(child.stderr.take().unwrap());
+    let mut head = String::new();
+    while !head.contains("lenders discovered") {
+        assert!(log.read_line(&mut head).unwrap() > 0, "the demo ended before its first wait: {head}");
+    }
+    let reader = std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = log.read_to_string(&mut rest);
+        rest
+    });
     let late = announced(&ns, None);
     let out = child.wait_with_output().unwrap();
+    let stderr = head + &reader.join().unwrap();
+    let out = Output { stderr: stderr.clone().into_bytes(), ..out };
     check_ok(&out);
-    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("adopted a discovered lender"), "{stderr}");
     let held = pages_by_lender(&out);
     let on_late = held.iter().find(|(a, _)| *a == late.addr).map(|&(_, n)| n);
