@@ -159,18 +159,8 @@ enum Command {
         /// verification (40 bytes each; 0: off).
         #[arg(long, default_value_t = 0)]
         history: usize,
-        /// Find lenders on the local network (`memory-server --announce`, DNS-SD over mDNS):
-        /// those announced within --discover-wait, then any announced while the demo runs.
-        /// Combines with --servers.
-        #[arg(long)]
-        discover: bool,
-        /// Find lenders registered in etcd (`memory-server --registry`): etcd://HOST:PORT[/PREFIX]
-        /// (default prefix /coalesce/lenders/); watched while the demo runs.
-        #[arg(long, conflicts_with = "discover")]
-        registry: Option<discovery::RegistryAddr>,
-        /// With --discover or --registry: how long to wait for the first lenders.
-        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
-        discover_wait: std::time::Duration,
+        #[command(flatten)]
+        found: DiscoveryChoice,
         #[command(flatten)]
         lenders: LenderChoices,
     },
@@ -236,15 +226,8 @@ enum Command {
         /// memory-servers to measure, comma-separated.
         #[arg(long, value_delimiter = ',')]
         servers: Vec<SocketAddr>,
-        /// Find lenders announced on the local network (`memory-server --announce`).
-        #[arg(long)]
-        discover: bool,
-        /// Find lenders registered in etcd: etcd://HOST:PORT[/PREFIX].
-        #[arg(long, conflicts_with = "discover")]
-        registry: Option<discovery::RegistryAddr>,
-        /// With --discover or --registry: how long to listen for lenders.
-        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
-        discover_wait: std::time::Duration,
+        #[command(flatten)]
+        found: DiscoveryChoice,
         /// Control round trips measured per lender.
         #[arg(long, default_value_t = 8)]
         pings: usize,
@@ -444,19 +427,20 @@ fn main() -> ExitCode {
             fault_threads,
             prefetch_window,
             history,
-            discover,
-            registry,
-            discover_wait,
+            found,
             lenders: LenderChoices { trusted_lenders, key_file, redundancy, repair_rate, backup, backup_lag },
         } => {
             let key = match load_key(key_file.as_deref()) {
                 Ok(k) => k,
                 Err(code) => return code,
             };
-            if discover_wait > std::time::Duration::from_secs(600) {
-                eprintln!("coalesce: --discover-wait {discover_wait:?} is out of range: at most 10m");
-                return ExitCode::FAILURE;
-            }
+            let discover = match found.choice() {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("coalesce: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
             let (Ok(size), Ok(local)) = (usize::try_from(size.as_u64()), usize::try_from(local.as_u64())) else {
                 eprintln!("coalesce: --size and --local must fit this machine's address space");
                 return ExitCode::FAILURE;
@@ -481,7 +465,7 @@ fn main() -> ExitCode {
                 repair_rate: usize::try_from(repair_rate.as_u64()).unwrap_or(usize::MAX),
                 backup,
                 backup_lag,
-                discover: discovery_choice(discover, registry).map(|d| (d, discover_wait)),
+                discover,
             };
             let mut result = demo::run(&opts);
             let unavailable = result.as_ref().err().is_some_and(demo::DemoError::is_provider_unavailable);
@@ -576,26 +560,27 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Lenders { servers, discover, registry, discover_wait, pings, provider, key_file } => {
+        Command::Lenders { servers, found, pings, provider, key_file } => {
             let key = match load_key(key_file.as_deref()) {
                 Ok(k) => k,
                 Err(code) => return code,
             };
-            if servers.is_empty() && !discover && registry.is_none() {
+            let discover = match found.choice() {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("coalesce lenders: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            if servers.is_empty() && discover.is_none() {
                 eprintln!("coalesce lenders: name lenders with --servers, or find them with --discover or --registry");
                 return ExitCode::FAILURE;
             }
-            if pings == 0 || pings > 1000 || discover_wait > std::time::Duration::from_secs(600) {
-                eprintln!("coalesce lenders: --pings must be 1..=1000 and --discover-wait at most 10m");
+            if pings == 0 || pings > 1000 {
+                eprintln!("coalesce lenders: --pings must be 1..=1000");
                 return ExitCode::FAILURE;
             }
-            let opts = coalesce::lenders::LendersOptions {
-                servers,
-                discover: discovery_choice(discover, registry).map(|d| (d, discover_wait)),
-                provider,
-                key,
-                pings,
-            };
+            let opts = coalesce::lenders::LendersOptions { servers, discover, provider, key, pings };
             match coalesce::lenders::survey(&opts) {
                 Ok(rows) if rows.is_empty() => {
                     eprintln!("coalesce lenders: no lender found (with --discover: is a `memory-server --announce` running on this network, with multicast on its interface?)");
@@ -646,18 +631,38 @@ fn main() -> ExitCode {
     }
 }
 
-/// Reads `--key-file`, or says why it cannot be used.
-/// Where `--discover` or `--registry` says to look for lenders.
-fn discovery_choice(
+/// Where a command finds lenders besides --servers (shared by `demo` and `lenders`).
+#[derive(Debug, clap::Args)]
+struct DiscoveryChoice {
+    /// Find lenders announced on the local network (`memory-server --announce`, DNS-SD over
+    /// mDNS): those announced within --discover-wait; a demo also adopts any announced while it
+    /// runs. Combines with --servers.
+    #[arg(long)]
     discover: bool,
+    /// Find lenders registered in etcd (`memory-server --registry`): etcd://HOST:PORT[/PREFIX]
+    /// (default prefix /coalesce/lenders/); a demo watches it while it runs.
+    #[arg(long, conflicts_with = "discover")]
     registry: Option<discovery::RegistryAddr>,
-) -> Option<coalesce::discover::Discovery> {
-    match registry {
-        Some(r) => Some(coalesce::discover::Discovery::Registry(r)),
-        None => discover.then_some(coalesce::discover::Discovery::Mdns),
+    /// With --discover or --registry: how long to wait for the first lenders (at most 10m).
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    discover_wait: std::time::Duration,
+}
+
+impl DiscoveryChoice {
+    /// Where to look and how long (`None`: neither flag given), or why the flags cannot be used.
+    fn choice(self) -> Result<Option<(coalesce::discover::Discovery, std::time::Duration)>, String> {
+        if self.discover_wait > std::time::Duration::from_secs(600) {
+            return Err(format!("--discover-wait {:?} is out of range: at most 10m", self.discover_wait));
+        }
+        let how = match self.registry {
+            Some(r) => Some(coalesce::discover::Discovery::Registry(r)),
+            None => self.discover.then_some(coalesce::discover::Discovery::Mdns),
+        };
+        Ok(how.map(|d| (d, self.discover_wait)))
     }
 }
 
+/// Reads `--key-file`, or says why it cannot be used.
 fn load_key(path: Option<&std::path::Path>) -> Result<Option<rdma::secure::ClusterKey>, ExitCode> {
     path.map(rdma::secure::ClusterKey::from_file).transpose().map_err(|e| {
         eprintln!("coalesce: {e}");
