@@ -24,7 +24,8 @@ pub enum Mode {
     Local,
     /// Plain anonymous memory in a memory cgroup limited to the local budget, with a swapfile.
     Swap,
-    /// A Coalesce region with the local budget, over an embedded loopback memory-server.
+    /// A Coalesce region with the local budget, over embedded loopback memory-servers (or the
+    /// lenders named or found).
     Coalesce,
 }
 
@@ -59,10 +60,47 @@ pub struct BenchOptions {
     pub trusted_lenders: bool,
     /// How the Coalesce run keeps pages (as many embedded lenders as it needs).
     pub redundancy: Redundancy,
+    /// Lenders for the Coalesce run instead of embedded ones.
+    pub lenders: Lenders,
+}
+
+/// Lenders named (`--servers`) or found (`--discover`, `--registry`) for the Coalesce run; with
+/// neither, it starts embedded ones on 127.0.0.1.
+#[derive(Debug, Clone, Default)]
+pub struct Lenders {
+    /// Named lenders.
+    pub servers: Vec<std::net::SocketAddr>,
+    /// Found lenders, and the first wait.
+    pub discover: Option<(coalesce_pager::discover::Method, Duration)>,
+}
+
+impl Lenders {
+    fn embedded(&self) -> bool {
+        self.servers.is_empty() && self.discover.is_none()
+    }
+
+    /// Arguments that give a bench worker the same lenders.
+    fn args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        if !self.servers.is_empty() {
+            let list: Vec<String> = self.servers.iter().map(ToString::to_string).collect();
+            args.extend(["--servers".to_owned(), list.join(",")]);
+        }
+        match &self.discover {
+            Some((coalesce_pager::discover::Method::Mdns, wait)) => {
+                args.extend(["--discover".to_owned(), format!("--discover-wait={}ms", wait.as_millis())]);
+            }
+            Some((coalesce_pager::discover::Method::Registry(r), wait)) => {
+                args.extend([format!("--registry={r}"), format!("--discover-wait={}ms", wait.as_millis())]);
+            }
+            None => {}
+        }
+        args
+    }
 }
 
 /// What one bench worker runs.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct WorkerOptions {
     /// Working set in bytes.
     pub size: usize,
@@ -76,6 +114,8 @@ pub struct WorkerOptions {
     pub trusted_lenders: bool,
     /// How the Coalesce run keeps pages.
     pub redundancy: Redundancy,
+    /// Lenders named or found (none: embedded ones).
+    pub lenders: Lenders,
 }
 
 /// Errors of the comparison.
@@ -166,7 +206,7 @@ fn decode(line: &str) -> Option<ModeResult> {
 
 /// The worker side: runs the workload once in this process and prints one `RESULT` line.
 pub fn worker(mode: Mode, w: &WorkerOptions) -> Result<(), BenchError> {
-    let WorkerOptions { size, local, passes, random_reads, trusted_lenders, redundancy } = *w;
+    let WorkerOptions { size, local, passes, random_reads, trusted_lenders, redundancy, ref lenders } = *w;
     let opts = WorkloadOptions { passes, random_reads, progress: false };
     let setup = |e: &dyn std::fmt::Display| BenchError::Setup(e.to_string());
     let (result, note) = match mode {
@@ -178,12 +218,19 @@ pub fn worker(mode: Mode, w: &WorkerOptions) -> Result<(), BenchError> {
         Mode::Coalesce => {
             // Each lender holds its share of every page (a copy, or a shard), with room to spare.
             let capacity = (size as u64 * 2).max(256 << 20);
-            let servers = (0..redundancy.lenders())
+            let embedded = if lenders.embedded() { redundancy.lenders() } else { 0 };
+            let servers = (0..embedded)
                 .map(|_| lender::start(lender::ServerConfig::embedded(capacity)).map_err(|e| setup(&e)))
                 .collect::<Result<Vec<_>, _>>()?;
-            let mut config = PagerConfig::new(servers.iter().map(lender::ServerHandle::addr).collect(), local);
+            let mut named = lenders.servers.clone();
+            named.extend(servers.iter().map(lender::ServerHandle::addr));
+            let mut config = PagerConfig::new(named, local);
             config.trusted_lenders = trusted_lenders;
             config.redundancy = Some(redundancy);
+            if let Some((method, wait)) = &lenders.discover {
+                config.discovery = Some(method.clone());
+                config.discovery_wait = *wait;
+            }
             let pager = Pager::new(config).map_err(|e| setup(&e))?;
             let mut region = pager.map(size, RegionOptions::default()).map_err(|e| setup(&e))?;
             let words: &mut [u64] = bytemuck::cast_slice_mut(region.as_mut_slice());
@@ -308,6 +355,7 @@ fn spawn_worker(mode: Mode, opts: &BenchOptions, cgroup: Option<&Cgroup>) -> Res
         cmd.arg("--trusted-lenders");
     }
     cmd.args(["--redundancy", &opts.redundancy.to_string()]);
+    cmd.args(opts.lenders.args());
     cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
     if let Some(cg) = cgroup {
         use std::os::unix::ffi::OsStrExt;
@@ -400,11 +448,19 @@ pub fn table(opts: &BenchOptions, results: &[(Mode, Result<ModeResult, String>)]
         opts.passes,
         opts.random_reads
     );
+    let over = if opts.lenders.embedded() {
+        format!("{} embedded lender(s) on 127.0.0.1", opts.redundancy.lenders())
+    } else {
+        let mut over: Vec<String> = opts.lenders.servers.iter().map(ToString::to_string).collect();
+        if let Some((method, _)) = &opts.lenders.discover {
+            over.push(format!("lenders found with {method}"));
+        }
+        over.join(", ")
+    };
     let _ = writeln!(
         out,
-        "coalesce: redundancy {} over {} embedded lender(s) on 127.0.0.1, pages {}",
+        "coalesce: redundancy {} over {over}, pages {}",
         opts.redundancy,
-        opts.redundancy.lenders(),
         if opts.trusted_lenders { "in plaintext" } else { "sealed" }
     );
     let _ = writeln!(

@@ -55,7 +55,7 @@ pub struct DemoOptions {
     pub backup_lag: std::time::Duration,
     /// Find lenders (`--discover` on the local network, or `--registry`): wait this long for
     /// the first ones, then adopt any announced while the demo runs.
-    pub discover: Option<(crate::discover::Discovery, Duration)>,
+    pub discover: Option<(coalesce_pager::discover::Method, Duration)>,
 }
 
 /// Errors of the demo.
@@ -73,9 +73,6 @@ pub enum DemoError {
     /// Bad options.
     #[error("{0}")]
     Options(String),
-    /// Discovery could not start.
-    #[error(transparent)]
-    Discovery(#[from] discovery::DiscoveryError),
 }
 
 impl DemoError {
@@ -129,23 +126,8 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
     if opts.size < PAGE_SIZE * 16 || opts.local < PAGE_SIZE * 16 {
         return Err(DemoError::Options("--size and --local must be at least 64 KiB".into()));
     }
-    let browser = opts.discover.as_ref().map(|(d, _)| d.open()).transpose()?;
-    let mut servers = opts.servers.clone();
-    if let (Some(b), Some((_, wait))) = (&browser, &opts.discover) {
-        let wait = *wait;
-        for addr in crate::discover::initial(b.as_ref(), wait, opts.provider) {
-            if !servers.contains(&addr) {
-                servers.push(addr);
-            }
-        }
-        if servers.is_empty() {
-            return Err(DemoError::Options(format!(
-                "no lender was found within {wait:?}: with --discover, is a `memory-server --announce` running on this \
-                 network (with multicast on its interface)? With --registry, is one registered there?"
-            )));
-        }
-    }
-    let embedded = if servers.is_empty() {
+    let servers = opts.servers.clone();
+    let embedded = if servers.is_empty() && opts.discover.is_none() {
         let capacity = (opts.size as u64 * 2).max(256 << 20);
         let config = lender::ServerConfig {
             provider: opts.provider,
@@ -176,6 +158,10 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
     config.repair_rate = opts.repair_rate;
     config.backup = opts.backup;
     config.backup_max_lag = opts.backup_lag;
+    if let Some((method, wait)) = &opts.discover {
+        config.discovery = Some(method.clone());
+        config.discovery_wait = *wait;
+    }
     let pager = Pager::new(config)?;
     let mut region = pager.map(opts.size, RegionOptions::default())?;
     let pages = region.len() / PAGE_SIZE;
@@ -196,17 +182,8 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
     };
 
     let words: &mut [u64] = bytemuck::cast_slice_mut(region.as_mut_slice());
-    let stop_adopting = AtomicBool::new(false);
-    let result = std::thread::scope(|scope| {
-        if let Some(b) = &browser {
-            let (pager, stop) = (&pager, &stop_adopting);
-            scope.spawn(move || crate::discover::adopt(b.as_ref(), pager, opts.provider, stop));
-        }
-        let workload = WorkloadOptions { passes: opts.passes, random_reads: opts.random_reads, progress: true };
-        let result = workload::run(words, &workload);
-        stop_adopting.store(true, Ordering::Release);
-        result
-    });
+    let workload = WorkloadOptions { passes: opts.passes, random_reads: opts.random_reads, progress: true };
+    let result = workload::run(words, &workload);
     stop.store(true, Ordering::Release);
     let _ = sampler.join();
     if let Err(corrupt) = &result {

@@ -1,5 +1,5 @@
 //! `coalesce latency`: measures the 4 KiB one-sided READ/WRITE round trip through the transport,
-//! blocking and busy-polling, against a given or an embedded loopback memory-server.
+//! blocking and busy-polling, against a given, discovered or embedded loopback memory-server.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -28,6 +28,26 @@ pub struct LatencyOptions {
     pub device: Option<String>,
     /// The cluster key, for a lender that requires one (an embedded lender then does too).
     pub key: Option<rdma::secure::ClusterKey>,
+}
+
+/// The lenders to measure: `server` (`None`: an embedded one) or, with `discover`, every lender
+/// found within its wait plus `server`. Fails when discovery cannot start or finds none.
+pub fn targets(
+    server: Option<SocketAddr>,
+    discover: Option<&(coalesce_pager::discover::Method, Duration)>,
+) -> Result<Vec<Option<SocketAddr>>, String> {
+    let Some((method, wait)) = discover else { return Ok(vec![server]) };
+    let source = method.open().map_err(|e| e.to_string())?;
+    let mut found: Vec<SocketAddr> = server.into_iter().collect();
+    for ad in source.collect(*wait) {
+        if !found.contains(&ad.addr) {
+            found.push(ad.addr);
+        }
+    }
+    if found.is_empty() {
+        return Err(format!("no lender was found within {wait:?} ({method})"));
+    }
+    Ok(found.into_iter().map(Some).collect())
 }
 
 /// Figures of one measurement.

@@ -16,7 +16,7 @@ pub struct LendersOptions {
     /// Lenders named on the command line.
     pub servers: Vec<SocketAddr>,
     /// Look for lenders (mDNS or a registry) this long (`None`: do not).
-    pub discover: Option<(crate::discover::Discovery, Duration)>,
+    pub discover: Option<(coalesce_pager::discover::Method, Duration)>,
     /// Data-path provider to say hello with.
     pub provider: ProviderKind,
     /// The cluster key, for lenders that require one.

@@ -13,7 +13,6 @@ pub use rdma;
 
 pub mod bench;
 pub mod demo;
-pub mod discover;
 pub mod latency;
 pub mod lenders;
 pub mod run;

@@ -52,6 +52,8 @@ enum Command {
         #[arg(long)]
         quiet: bool,
         #[command(flatten)]
+        found: DiscoveryChoice,
+        #[command(flatten)]
         lenders: LenderChoices,
         /// The program and its arguments (after --).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
@@ -86,10 +88,16 @@ enum Command {
         /// encrypted and authenticated before it leaves this machine).
         #[arg(long)]
         trusted_lenders: bool,
-        /// How the Coalesce run keeps pages: none, replicate:N or ec:K+M; it starts as many
-        /// embedded lenders on 127.0.0.1 as the choice needs (one for none).
+        /// How the Coalesce run keeps pages: none, replicate:N or ec:K+M; without --servers,
+        /// --discover or --registry it starts as many embedded lenders on 127.0.0.1 as the choice
+        /// needs (one for none).
         #[arg(long, default_value = "none")]
         redundancy: coalesce_pager::store::Redundancy,
+        /// memory-servers for the Coalesce run, comma-separated (default: embedded ones).
+        #[arg(long, value_delimiter = ',')]
+        servers: Vec<SocketAddr>,
+        #[command(flatten)]
+        found: DiscoveryChoice,
     },
     /// Internal: one run of the bench workload (started by `coalesce bench`).
     #[command(hide = true)]
@@ -108,6 +116,10 @@ enum Command {
         trusted_lenders: bool,
         #[arg(long, default_value = "none")]
         redundancy: coalesce_pager::store::Redundancy,
+        #[arg(long, value_delimiter = ',')]
+        servers: Vec<SocketAddr>,
+        #[command(flatten)]
+        found: DiscoveryChoice,
     },
     /// Borrow memory end to end: map a region bigger than the local budget, write a pattern, read it
     /// back sequentially and randomly with verification, and print what the pager did.
@@ -210,6 +222,8 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         discards: u32,
         #[command(flatten)]
+        found: DiscoveryChoice,
+        #[command(flatten)]
         lenders: LenderChoices,
     },
     /// Make a cluster key: 32 random bytes as 64 hex digits in FILE (mode 600; an existing file is
@@ -240,11 +254,14 @@ enum Command {
     },
     /// Measure one-sided READ and WRITE round trips (median, p99), blocking and busy-polling.
     ///
-    /// Without --server, starts a memory-server inside this process on 127.0.0.1.
+    /// Without --server, --discover or --registry, starts a memory-server inside this process on
+    /// 127.0.0.1. With --discover or --registry, measures every lender found (and --server).
     Latency {
         /// memory-server to measure against (default: an embedded one on loopback).
         #[arg(long)]
         server: Option<SocketAddr>,
+        #[command(flatten)]
+        found: DiscoveryChoice,
         /// Round trips per measurement.
         #[arg(long, default_value_t = 20_000)]
         ops: usize,
@@ -310,10 +327,13 @@ fn main() -> ExitCode {
             heap_size,
             provider,
             quiet,
+            found,
             lenders: LenderChoices { trusted_lenders, key_file, redundancy, repair_rate, backup, backup_lag },
             command,
         } => {
+            let Ok(discover) = found.choice_or_say("coalesce") else { return ExitCode::from(125) };
             let opts = run::RunOptions {
+                discover,
                 key_file,
                 redundancy,
                 backup,
@@ -361,7 +381,20 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Bench { size, local, passes, random_reads, swapfile, csv, chart, trusted_lenders, redundancy } => {
+        Command::Bench {
+            size,
+            local,
+            passes,
+            random_reads,
+            swapfile,
+            csv,
+            chart,
+            trusted_lenders,
+            redundancy,
+            servers,
+            found,
+        } => {
+            let Ok(discover) = found.choice_or_say("coalesce") else { return ExitCode::FAILURE };
             let (Ok(size), Ok(local)) = (usize::try_from(size.as_u64()), usize::try_from(local.as_u64())) else {
                 eprintln!("coalesce: --size and --local must fit this machine's address space");
                 return ExitCode::FAILURE;
@@ -380,6 +413,7 @@ fn main() -> ExitCode {
                 chart,
                 trusted_lenders,
                 redundancy,
+                lenders: bench::Lenders { servers, discover },
             };
             match bench::run(&opts) {
                 Ok(results) => {
@@ -402,8 +436,20 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::BenchWorker { mode, size, local, passes, random_reads, trusted_lenders, redundancy } => {
-            let opts = bench::WorkerOptions { size, local, passes, random_reads, trusted_lenders, redundancy };
+        Command::BenchWorker {
+            mode,
+            size,
+            local,
+            passes,
+            random_reads,
+            trusted_lenders,
+            redundancy,
+            servers,
+            found,
+        } => {
+            let Ok(discover) = found.choice_or_say("coalesce bench-worker") else { return ExitCode::FAILURE };
+            let lenders = bench::Lenders { servers, discover };
+            let opts = bench::WorkerOptions { size, local, passes, random_reads, trusted_lenders, redundancy, lenders };
             match bench::worker(mode, &opts) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -434,13 +480,7 @@ fn main() -> ExitCode {
                 Ok(k) => k,
                 Err(code) => return code,
             };
-            let discover = match found.choice() {
-                Ok(d) => d,
-                Err(e) => {
-                    eprintln!("coalesce: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
+            let Ok(discover) = found.choice_or_say("coalesce") else { return ExitCode::FAILURE };
             let (Ok(size), Ok(local)) = (usize::try_from(size.as_u64()), usize::try_from(local.as_u64())) else {
                 eprintln!("coalesce: --size and --local must fit this machine's address space");
                 return ExitCode::FAILURE;
@@ -501,12 +541,14 @@ fn main() -> ExitCode {
             history,
             prefetch_window,
             discards,
+            found,
             lenders: LenderChoices { trusted_lenders, key_file, redundancy, repair_rate, backup, backup_lag },
         } => {
             let key = match load_key(key_file.as_deref()) {
                 Ok(k) => k,
                 Err(_) => return ExitCode::from(2),
             };
+            let Ok(discover) = found.choice_or_say("coalesce") else { return ExitCode::from(2) };
             let Ok(size) = usize::try_from(size.as_u64()) else {
                 eprintln!("coalesce: --size must fit this machine's address space");
                 return ExitCode::from(2);
@@ -524,6 +566,7 @@ fn main() -> ExitCode {
                 write_percent: writes,
                 seed,
                 servers,
+                discover,
                 history,
                 prefetch_window,
                 discard_percent: discards,
@@ -565,13 +608,7 @@ fn main() -> ExitCode {
                 Ok(k) => k,
                 Err(code) => return code,
             };
-            let discover = match found.choice() {
-                Ok(d) => d,
-                Err(e) => {
-                    eprintln!("coalesce lenders: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
+            let Ok(discover) = found.choice_or_say("coalesce lenders") else { return ExitCode::FAILURE };
             if servers.is_empty() && discover.is_none() {
                 eprintln!("coalesce lenders: name lenders with --servers, or find them with --discover or --registry");
                 return ExitCode::FAILURE;
@@ -601,7 +638,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Latency { server, ops, size, link, provider, device, key_file } => {
+        Command::Latency { server, found, ops, size, link, provider, device, key_file } => {
             let key = match load_key(key_file.as_deref()) {
                 Ok(k) => k,
                 Err(code) => return code,
@@ -614,33 +651,56 @@ fn main() -> ExitCode {
                 eprintln!("coalesce: --size must be between 1 byte and 16 MiB");
                 return ExitCode::FAILURE;
             }
-            println!("link: {link}");
-            match latency::run(&LatencyOptions { server, ops: ops.max(1), size, link, provider, device, key }) {
-                Ok(reports) => {
-                    for r in reports {
-                        println!("{r}");
-                    }
-                    ExitCode::SUCCESS
-                }
+            let targets = match found.choice().and_then(|d| latency::targets(server, d.as_ref())) {
+                Ok(t) => t,
                 Err(e) => {
                     eprintln!("coalesce: {e}");
-                    ExitCode::FAILURE
+                    return ExitCode::FAILURE;
+                }
+            };
+            println!("link: {link}");
+            let several = targets.len() > 1;
+            for server in targets {
+                if let Some(addr) = server.filter(|_| several) {
+                    println!("lender {addr}:");
+                }
+                let opts = LatencyOptions {
+                    server,
+                    ops: ops.max(1),
+                    size,
+                    link: link.clone(),
+                    provider,
+                    device: device.clone(),
+                    key: key.clone(),
+                };
+                match latency::run(&opts) {
+                    Ok(reports) => {
+                        for r in reports {
+                            println!("{r}");
+                        }
+                    }
+                    Err(e) => {
+                        eprintln!("coalesce: {e}");
+                        return ExitCode::FAILURE;
+                    }
                 }
             }
+            ExitCode::SUCCESS
         }
     }
 }
 
-/// Where a command finds lenders besides --servers (shared by `demo` and `lenders`).
+/// Where a command finds lenders besides --servers (shared by every command that borrows or
+/// measures lenders).
 #[derive(Debug, clap::Args)]
 struct DiscoveryChoice {
     /// Find lenders announced on the local network (`memory-server --announce`, DNS-SD over
-    /// mDNS): those announced within --discover-wait; a demo also adopts any announced while it
+    /// mDNS): those announced within --discover-wait, and any announced later while the pager
     /// runs. Combines with --servers.
     #[arg(long)]
     discover: bool,
     /// Find lenders registered in etcd (`memory-server --registry`): etcd://HOST:PORT[/PREFIX]
-    /// (default prefix /coalesce/lenders/); a demo watches it while it runs.
+    /// (default prefix /coalesce/lenders/), watched while the pager runs.
     #[arg(long, conflicts_with = "discover")]
     registry: Option<discovery::RegistryAddr>,
     /// With --discover or --registry: how long to wait for the first lenders (at most 10m).
@@ -649,14 +709,19 @@ struct DiscoveryChoice {
 }
 
 impl DiscoveryChoice {
+    /// [`Self::choice`], saying why not on stderr after `who: `.
+    fn choice_or_say(self, who: &str) -> Result<Option<(coalesce_pager::discover::Method, std::time::Duration)>, ()> {
+        self.choice().map_err(|e| eprintln!("{who}: {e}"))
+    }
+
     /// Where to look and how long (`None`: neither flag given), or why the flags cannot be used.
-    fn choice(self) -> Result<Option<(coalesce::discover::Discovery, std::time::Duration)>, String> {
+    fn choice(self) -> Result<Option<(coalesce_pager::discover::Method, std::time::Duration)>, String> {
         if self.discover_wait > std::time::Duration::from_secs(600) {
             return Err(format!("--discover-wait {:?} is out of range: at most 10m", self.discover_wait));
         }
         let how = match self.registry {
-            Some(r) => Some(coalesce::discover::Discovery::Registry(r)),
-            None => self.discover.then_some(coalesce::discover::Discovery::Mdns),
+            Some(r) => Some(coalesce_pager::discover::Method::Registry(r)),
+            None => self.discover.then_some(coalesce_pager::discover::Method::Mdns),
         };
         Ok(how.map(|d| (d, self.discover_wait)))
     }

@@ -17,6 +17,9 @@ use rdma::ProviderKind;
 pub struct RunOptions {
     /// Memory servers.
     pub servers: Vec<SocketAddr>,
+    /// Find lenders besides `servers` (`COALESCE_DISCOVER`, `COALESCE_REGISTRY`), waiting this long
+    /// for the first ones at the start of each process (`COALESCE_DISCOVER_WAIT`).
+    pub discover: Option<(coalesce_pager::discover::Method, std::time::Duration)>,
     /// Start a memory-server in this process on 127.0.0.1 for the run.
     pub embedded_server: bool,
     /// Local budget in bytes.
@@ -141,12 +144,27 @@ pub fn run(opts: &RunOptions) -> Result<RunOutcome, RunError> {
     }
     cmd.env("LD_PRELOAD", preload);
     if servers.is_empty() {
-        eprintln!("coalesce: no --servers and no --embedded-server: the program runs on plain local memory");
         cmd.env_remove("COALESCE_SERVERS");
     } else {
         let list: Vec<String> = servers.iter().map(ToString::to_string).collect();
         cmd.env("COALESCE_SERVERS", list.join(","));
     }
+    cmd.env_remove("COALESCE_DISCOVER").env_remove("COALESCE_REGISTRY");
+    match &opts.discover {
+        Some((coalesce_pager::discover::Method::Mdns, wait)) => {
+            cmd.env("COALESCE_DISCOVER", "1").env("COALESCE_DISCOVER_WAIT", format!("{}ms", wait.as_millis()))
+        }
+        Some((coalesce_pager::discover::Method::Registry(r), wait)) => {
+            cmd.env("COALESCE_REGISTRY", r.to_string()).env("COALESCE_DISCOVER_WAIT", format!("{}ms", wait.as_millis()))
+        }
+        None if servers.is_empty() => {
+            eprintln!(
+                "coalesce: no --servers, --embedded-server, --discover or --registry: the program runs on plain local memory"
+            );
+            &mut cmd
+        }
+        None => &mut cmd,
+    };
     cmd.env("COALESCE_LOCAL", opts.local.to_string())
         .env("COALESCE_LOCAL_MAX", opts.local_max.to_string())
         .env("COALESCE_HEAP_SIZE", opts.heap_size.to_string())

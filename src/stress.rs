@@ -41,8 +41,11 @@ pub struct StressOptions {
     pub write_percent: u32,
     /// Seed of the access pattern.
     pub seed: u64,
-    /// memory-servers (empty: an embedded one on 127.0.0.1).
+    /// memory-servers (empty, without `discover`: an embedded one on 127.0.0.1).
     pub servers: Vec<SocketAddr>,
+    /// Find lenders besides `servers` (mDNS or etcd), waiting this long for the first ones at
+    /// the start of each configuration; later ones are adopted while it runs.
+    pub discover: Option<(coalesce_pager::discover::Method, Duration)>,
     /// Pages travel and rest in plaintext (no sealing).
     pub trusted_lenders: bool,
     /// The cluster key, for lenders that require one (an embedded lender then does too).
@@ -378,6 +381,10 @@ fn run_config(
     config.repair_rate = opts.repair_rate;
     config.backup = opts.backup;
     config.backup_max_lag = opts.backup_lag;
+    if let Some((method, wait)) = &opts.discover {
+        config.discovery = Some(method.clone());
+        config.discovery_wait = *wait;
+    }
     let pager = Pager::new(config)?;
     let region = pager.map(opts.size, RegionOptions::default())?;
     let pages = region.len() / PAGE_SIZE;
@@ -470,7 +477,7 @@ pub fn run(opts: &StressOptions) -> Result<Result<Vec<ConfigReport>, Box<Mismatc
     if opts.discard_percent > 100 {
         return Err(StressError::Options("--discards is a percentage (0..=100)".into()));
     }
-    let embedded = if opts.servers.is_empty() {
+    let embedded = if opts.servers.is_empty() && opts.discover.is_none() {
         let capacity = (opts.size as u64 * 2).max(256 << 20);
         Some(lender::start(lender::ServerConfig { key: opts.key.clone(), ..lender::ServerConfig::embedded(capacity) })?)
     } else {
@@ -491,14 +498,16 @@ pub fn run(opts: &StressOptions) -> Result<Result<Vec<ConfigReport>, Box<Mismatc
         match run_config(opts, &servers, fraction, threads, per)? {
             Ok(r) => {
                 eprintln!(
-                    "  ok: {} page checks, {} page writes, {} pages discarded ({} installs skipped), {} remote faults, {} dirty evictions, {} write faults",
+                    "  ok: {} page checks, {} page writes, {} pages discarded ({} installs skipped), {} remote faults, {} dirty evictions, {} write faults, {} hot pages moved nearer, {} migrated",
                     r.pages_checked,
                     r.pages_written,
                     r.pages_discarded,
                     r.stats.installs_skipped,
                     r.stats.remote_faults,
                     r.stats.evictions_dirty,
-                    r.stats.write_faults
+                    r.stats.write_faults,
+                    r.stats.hot_pages_moved_nearer,
+                    r.stats.pages_migrated
                 );
                 reports.push(r);
             }

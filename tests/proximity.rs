@@ -184,3 +184,45 @@ fn pages_migrate_from_a_lender_that_moved_away_to_the_nearest_one() {
     }
     let _ = std::fs::remove_file(&file);
 }
+
+#[test]
+fn hot_pages_on_a_lender_that_moved_away_are_written_to_the_nearest_one_as_they_leave() {
+    let (moving, file) = lender_at_lan_distance("hot");
+    let other = lender("5g-urllc", "1GiB");
+    let mut config = PagerConfig::new(vec![moving.addr, other.addr], 4 * MIB);
+    config.redundancy = Some(Redundancy::None);
+    // No background migration: only pages in use move.
+    config.repair_rate = 0;
+    let pager = Pager::new(config).unwrap();
+    let mut region = pager.map(16 * MIB, RegionOptions::default()).unwrap();
+    fill_and_verify(bytemuck::cast_slice_mut(region.as_mut_slice()), 7);
+    let before = pager.lenders();
+    assert!(held(&before, &moving) > 10 * held(&before, &other), "{before:?}");
+
+    move_to(&moving, &file, "wifi");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pager.lenders().iter().find(|l| l.addr == moving.addr).unwrap().weight >= 0.01 {
+        assert!(Instant::now() < deadline, "the move was never seen: {:?}", pager.lenders());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The first half is in use again (read only: clean pages move too); the second half not.
+    let words: &[u64] = bytemuck::cast_slice(region.as_slice());
+    let pages = words.len() / WORDS;
+    for _ in 0..2 {
+        for p in 0..pages / 2 {
+            assert_eq!(words[p * WORDS], word(7, p, 0), "page {p}");
+        }
+    }
+    let after = pager.lenders();
+    let stats = pager.stats();
+    let moved = stats.hot_pages_moved_nearer;
+    assert!(moved >= (pages / 4) as u64, "{moved} hot pages moved: {stats}");
+    assert!(held(&after, &other) >= held(&before, &other) + moved / 2, "before {before:?}, after {after:?}");
+    // Pages not in use stay where they are (about the second half, less what was resident).
+    assert!(held(&after, &moving) >= (pages / 4) as u64, "before {before:?}, after {after:?}");
+    assert_eq!(stats.pages_migrated, 0, "{stats}");
+    for p in 0..pages {
+        assert_eq!(words[p * WORDS + WORDS / 2], word(7, p, WORDS / 2), "page {p}");
+    }
+    let _ = std::fs::remove_file(&file);
+}

@@ -144,3 +144,94 @@ fn a_lender_whose_lease_expires_leaves_the_registry_and_comes_back_when_it_resum
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// Deletes `key` from etcd through its JSON gateway (as an operator's `etcdctl del` would).
+fn etcd_delete(etcd: &Etcd, key: &str) {
+    use std::io::{Read, Write};
+    let b64 = |s: &str| {
+        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut out = String::new();
+        for chunk in s.as_bytes().chunks(3) {
+            let n = chunk.iter().enumerate().fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+            for i in 0..4 {
+                out.push(if i <= chunk.len() { char::from(ALPHABET[(n >> (18 - 6 * i) & 63) as usize]) } else { '=' });
+            }
+        }
+        out
+    };
+    let body = format!("{{\"key\":\"{}\"}}", b64(key));
+    let mut s = TcpStream::connect(etcd.client).unwrap();
+    write!(
+        s,
+        "POST /v3/kv/deleterange HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        etcd.client,
+        body.len()
+    )
+    .unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    assert!(reply.contains("\"deleted\":\"1\""), "etcd did not delete {key}: {reply}");
+}
+
+#[test]
+fn a_pager_retires_a_lender_whose_key_goes_and_takes_it_back_when_it_registers_again() {
+    use coalesce_pager::discover::Method;
+    use coalesce_pager::{Pager, PagerConfig, RegionOptions};
+    let Some(etcd) = Etcd::start("readopt") else { return };
+    let (a, b) = (registered(&etcd, "lan", "10s"), registered(&etcd, "lan", "10s"));
+    let mut config = PagerConfig::new(Vec::new(), 4 << 20);
+    config.discovery = Some(Method::Registry(etcd.url().parse().unwrap()));
+    config.discovery_wait = Duration::from_secs(1);
+    config.redundancy = Some(coalesce_pager::store::Redundancy::None);
+    let pager = Pager::new(config).unwrap();
+    let info = |s: &ServerProcess| pager.lenders().into_iter().find(|l| l.addr == s.addr).unwrap();
+    assert!(!info(&a).leaving && !info(&b).leaving, "{:?}", pager.lenders());
+    let mut first = pager.map(16 << 20, RegionOptions::default()).unwrap();
+    let words: &mut [u64] = bytemuck::cast_slice_mut(first.as_mut_slice());
+    for (i, w) in words.iter_mut().enumerate().step_by(512) {
+        *w = i as u64 ^ 0xabcd;
+    }
+    assert!(info(&a).pages > 500 && info(&b).pages > 500, "{:?}", pager.lenders());
+
+    // Its key deleted: the pager retires it and moves its pages; the lender puts its key back at
+    // its next announcement, and once its pages have moved the pager takes it back.
+    etcd_delete(&etcd, &format!("/coalesce/lenders/{}", a.addr));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen_leaving = false;
+    loop {
+        let now = info(&a);
+        seen_leaving |= now.leaving;
+        if seen_leaving && !now.leaving {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never retired and taken back: {:?}", pager.lenders());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(info(&a).pages, 0, "taken back before its pages moved: {:?}", pager.lenders());
+    // New pages go to it again.
+    let mut second = pager.map(16 << 20, RegionOptions::default()).unwrap();
+    second.as_mut_slice().chunks_mut(4096).for_each(|p| p[0] = 1);
+    assert!(info(&a).pages > 500, "{:?}", pager.lenders());
+    let words: &[u64] = bytemuck::cast_slice(first.as_slice());
+    for (i, w) in words.iter().enumerate().step_by(512) {
+        assert_eq!(*w, i as u64 ^ 0xabcd, "word {i}");
+    }
+    drop(b);
+}
+
+#[test]
+fn a_program_under_coalesce_run_borrows_from_lenders_in_the_registry() {
+    let Some(etcd) = Etcd::start("run") else { return };
+    let _lender = registered(&etcd, "loopback", "10s");
+    let out = Command::new(env!("CARGO_BIN_EXE_coalesce"))
+        .args(["run", "--registry", &etcd.url(), "--discover-wait", "1s", "--local", "16MiB", "--"])
+        .args(["sh", "-c", "head -c 60000000 /dev/zero | sort | wc -c"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "60000001");
+    let sort = stderr.lines().find(|l| l.contains("(sort)")).unwrap_or_else(|| panic!("no report from sort: {stderr}"));
+    let faults: u64 = sort.split(", ").find_map(|f| f.strip_suffix(" remote faults")?.parse().ok()).unwrap();
+    assert!(faults > 0, "sort paged nothing: {sort}");
+}

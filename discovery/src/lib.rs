@@ -99,6 +99,35 @@ pub enum Event {
     },
 }
 
+/// How a borrower finds lenders: `--discover` (mDNS on the local network) or `--registry URL`
+/// (etcd).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Method {
+    /// Lenders announced on the local network (DNS-SD over mDNS).
+    Mdns,
+    /// Lenders registered in etcd.
+    Registry(RegistryAddr),
+}
+
+impl Method {
+    /// Starts looking: an mDNS [`Browser`] or an etcd [`Watcher`].
+    pub fn open(&self) -> Result<Box<dyn Source>, DiscoveryError> {
+        Ok(match self {
+            Self::Mdns => Box::new(Browser::start()?),
+            Self::Registry(r) => Box::new(Watcher::start(r)?),
+        })
+    }
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Mdns => f.write_str("mdns"),
+            Self::Registry(r) => write!(f, "{r}"),
+        }
+    }
+}
+
 /// Where a borrower learns of lenders: an mDNS [`Browser`] or an etcd [`Watcher`].
 pub trait Source: Send + Sync + std::fmt::Debug {
     /// The next event, waiting at most `timeout`; `None` when nothing came.

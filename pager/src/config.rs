@@ -18,6 +18,13 @@ pub const MAX_REPAIR_RATE: usize = 64 << 30;
 pub struct PagerConfig {
     /// Memory servers; pages are spread over all of them.
     pub servers: Vec<SocketAddr>,
+    /// Find lenders besides `servers` (`None`, the default: only those): announced on the local
+    /// network (mDNS) or registered in etcd. Those found within `discovery_wait` are used from the
+    /// start, later ones adopted as they are announced (see [`crate::discover`]).
+    pub discovery: Option<crate::discover::Method>,
+    /// With `discovery`: how long [`crate::Pager::new`] waits for the first lenders (default 2 s,
+    /// at most 10 minutes).
+    pub discovery_wait: Duration,
     /// Data-path provider.
     pub provider: ProviderKind,
     /// RDMA device of the verbs provider (`None`: the first one).
@@ -93,6 +100,8 @@ impl PagerConfig {
     pub fn new(servers: Vec<SocketAddr>, local_budget: usize) -> Self {
         Self {
             servers,
+            discovery: None,
+            discovery_wait: Duration::from_secs(2),
             provider: ProviderKind::Shim,
             device: None,
             local_budget,
@@ -189,6 +198,12 @@ impl PagerConfig {
             return Err(PagerError::Config(format!(
                 "repair rate {} bytes/s is above the maximum of {MAX_REPAIR_RATE} (64 GiB/s); 0 turns it off",
                 self.repair_rate
+            )));
+        }
+        if self.discovery_wait > crate::discover::MAX_DISCOVERY_WAIT {
+            return Err(PagerError::Config(format!(
+                "discovery wait {:?} is above the maximum of 10 minutes",
+                self.discovery_wait
             )));
         }
         if self.spin > Duration::from_secs(1) {

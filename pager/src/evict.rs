@@ -258,7 +258,11 @@ impl Evictor {
             // tier holds this very version: it comes back from there.
             let copy_intact = v.entry.slot().is_some_and(|slot| self.io.intact(slot))
                 || (!v.entry.is_dirty() && self.io.held_elsewhere(v.region.page_id(v.page)));
-            v.needs_write = v.entry.is_dirty() || (v.entry.has_remote_copy() && !copy_intact);
+            // A page faulted back (not a prefetched one never touched) is hot: written nearer
+            // when its copy is far (`proximity.rs` of the lender store).
+            let hot_and_far = !v.entry.is_prefetched()
+                && v.entry.slot().is_some_and(|slot| self.io.intact(slot) && self.io.wants_nearer(slot));
+            v.needs_write = v.entry.is_dirty() || (v.entry.has_remote_copy() && !copy_intact) || hot_and_far;
             if !v.needs_write {
                 continue;
             }

@@ -73,6 +73,7 @@ use rdma::EndpointOptions;
 
 mod budget;
 mod config;
+pub mod discover;
 mod entry;
 mod evict;
 mod fault;
@@ -141,6 +142,12 @@ pub enum PagerError {
     /// A staging buffer could not be mapped.
     #[error("cannot map a staging buffer: {0}; is the process out of memory or address space?")]
     Buffer(rdma::TransportError),
+    /// Looking for lenders ([`PagerConfig::discovery`]) could not start.
+    #[error(transparent)]
+    Discovery(#[from] discover::DiscoveryError),
+    /// No lender is named and none was found.
+    #[error("no lender: {0}")]
+    NoLenders(String),
 }
 
 /// What [`Shared::try_reserve`] did.
@@ -298,6 +305,7 @@ impl Shared {
         s.remote_pages = self.store.remote_pages();
         s.rereplication_pending_pages = self.store.repair_pending();
         s.pages_migrated = self.store.migrated_pages();
+        s.hot_pages_moved_nearer = self.store.hot_pages_moved_nearer();
         s.sealed = self.store.seals_pages();
         if let Some(rejected) = self.store.copies_rejected() {
             s.copies_rejected = rejected;
@@ -328,13 +336,15 @@ pub struct Pager {
 }
 
 impl Pager {
-    /// Connects to the servers (one copy of each page on `memory-server` lenders, see
+    /// Finds lenders if asked to ([`PagerConfig::discovery`], see [`discover`]), connects to them
+    /// and to the named ones (one copy of each page on `memory-server` lenders, see
     /// [`store::LenderStore`], sealed unless [`PagerConfig::trusted_lenders`]) and starts the
     /// threads.
-    pub fn new(config: PagerConfig) -> Result<Self, PagerError> {
+    pub fn new(mut config: PagerConfig) -> Result<Self, PagerError> {
         config.validate()?;
         // userfaultfd first: without it, nothing is asked of the lenders.
         let uffd = open_userfaultfd()?;
+        let source = discover::start(&mut config)?;
         let redundancy = config.redundancy.unwrap_or_else(|| store::Redundancy::default_for(config.servers.len()));
         if redundancy.lenders() > config.servers.len() {
             return Err(PagerError::Config(format!(
@@ -394,7 +404,12 @@ impl Pager {
         if config.trusted_lenders {
             tracing::info!("lenders are trusted: pages travel and rest in plaintext");
         }
-        Self::start(config, store, uffd)
+        let mut pager = Self::start(config, store, uffd)?;
+        if let Some(source) = source {
+            let s = Arc::clone(&pager.shared);
+            pager.spawn("discover".into(), move || discover::adopt(source.as_ref(), &s))?;
+        }
+        Ok(pager)
     }
 
     /// Starts a pager whose remote pages live in `store` (`config.servers`, `provider`, `link`,
@@ -535,6 +550,11 @@ impl Pager {
     /// A snapshot of the statistics.
     pub fn stats(&self) -> PagerStats {
         self.shared.snapshot()
+    }
+
+    /// How many threads the pager started (each ran [`PagerConfig::thread_start`] first).
+    pub fn thread_count(&self) -> usize {
+        self.threads.len()
     }
 
     /// The configuration.

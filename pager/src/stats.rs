@@ -221,6 +221,10 @@ pub struct PagerStats {
     /// copies count in `rereplicated_pages` too.
     #[serde(default)]
     pub pages_migrated: u64,
+    /// Hot pages (faulted back, then evicted again) written to a lender at least four times
+    /// heavier (half the round trip) than the one their copy was on.
+    #[serde(default)]
+    pub hot_pages_moved_nearer: u64,
     /// Pages made resident while eviction was held (around `fork`, which must see the whole
     /// heap locally): the budget does not apply to them, and they are not over-budget events.
     #[serde(default)]
@@ -338,8 +342,12 @@ impl fmt::Display for PagerStats {
                 self.rereplicated_pages, self.rereplication_pending_pages
             )?;
         }
-        if self.pages_migrated > 0 {
-            writeln!(f, "migration: {} pages moved toward nearer lenders", self.pages_migrated)?;
+        if self.pages_migrated > 0 || self.hot_pages_moved_nearer > 0 {
+            writeln!(
+                f,
+                "migration: {} pages moved toward nearer lenders in the background, {} hot pages as they left local memory",
+                self.pages_migrated, self.hot_pages_moved_nearer
+            )?;
         }
         if self.backup {
             writeln!(

@@ -14,7 +14,10 @@
 //!
 //! | variable | default | meaning |
 //! |---|---|---|
-//! | `COALESCE_SERVERS` | unset | memory servers, `HOST:PORT[,HOST:PORT...]`. Unset or empty: no pager at all; the program runs on plain local memory with mimalloc as its allocator |
+//! | `COALESCE_SERVERS` | unset | memory servers, `HOST:PORT[,HOST:PORT...]`. Unset or empty, and no `COALESCE_DISCOVER` or `COALESCE_REGISTRY`: no pager at all; the program runs on plain local memory with mimalloc as its allocator |
+//! | `COALESCE_DISCOVER` | `0` | `1`: also use the lenders announced on the local network (mDNS, `memory-server --announce`), those seen within `COALESCE_DISCOVER_WAIT` at start and any announced later |
+//! | `COALESCE_REGISTRY` | unset | `etcd://HOST:PORT[/PREFIX]`: also use the lenders registered there (`memory-server --registry`), watched while the program runs |
+//! | `COALESCE_DISCOVER_WAIT` | `2s` | with either: how long the start waits for the first lenders (before `main`; up to 10 minutes); no lender at all then is a misconfiguration |
 //! | `COALESCE_LOCAL` | `256MiB` | local memory budget of the heap |
 //! | `COALESCE_LOCAL_MAX` | twice `COALESCE_LOCAL` | when no lender can take a page (all full or down), the heap stays local past its budget up to this size (or `unlimited`); there, `malloc` fails with `ENOMEM` and an access that needs another local page waits up to the fetch timeout, then gets SIGBUS |
 //! | `COALESCE_HEAP_SIZE` | `16GiB` | heap size limit (address space reserved; allocations beyond it fail with `ENOMEM`). Costs 12 bytes of pager metadata per 4 KiB page of it |

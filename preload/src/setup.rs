@@ -22,6 +22,8 @@ static OWNER_PID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::n
 #[derive(Debug)]
 struct Settings {
     servers: Vec<SocketAddr>,
+    discovery: Option<coalesce_pager::discover::Method>,
+    discovery_wait: Duration,
     local: usize,
     local_max: coalesce_pager::LocalMax,
     heap_size: usize,
@@ -51,14 +53,39 @@ fn size(name: &str, default: &str) -> Result<usize, String> {
     usize::try_from(bytes.as_u64()).map_err(|_| format!("{name}={text:?} does not fit this machine"))
 }
 
+/// `COALESCE_DISCOVER` (mDNS) or `COALESCE_REGISTRY` (etcd), if either is set.
+fn discovery() -> Result<Option<coalesce_pager::discover::Method>, String> {
+    use coalesce_pager::discover::Method;
+    let mdns = match var("COALESCE_DISCOVER").as_deref().map(str::trim) {
+        None | Some("0" | "off" | "false" | "no") => false,
+        Some("1" | "on" | "true" | "yes") => true,
+        Some(other) => return Err(format!("COALESCE_DISCOVER={other:?} is neither 1 nor 0")),
+    };
+    match var("COALESCE_REGISTRY") {
+        Some(_) if mdns => Err("COALESCE_DISCOVER and COALESCE_REGISTRY are both set: choose one".into()),
+        Some(r) => r.trim().parse().map(|r| Some(Method::Registry(r))).map_err(|e| format!("COALESCE_REGISTRY: {e}")),
+        None => Ok(mdns.then_some(Method::Mdns)),
+    }
+}
+
 fn settings() -> Result<Option<Settings>, String> {
-    let Some(list) = var("COALESCE_SERVERS") else { return Ok(None) };
+    let discovery = discovery()?;
+    let list = var("COALESCE_SERVERS");
+    if list.is_none() && discovery.is_none() {
+        return Ok(None);
+    }
     let servers = list
-        .split(',')
+        .iter()
+        .flat_map(|l| l.split(','))
         .map(|s| {
             s.trim().parse::<SocketAddr>().map_err(|e| format!("COALESCE_SERVERS entry {s:?} is not HOST:PORT: {e}"))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let discovery_wait = match var("COALESCE_DISCOVER_WAIT") {
+        Some(t) => parse_duration(&t)
+            .ok_or_else(|| format!("COALESCE_DISCOVER_WAIT={t:?} is not a duration like 2s or 500ms"))?,
+        None => Duration::from_secs(2),
+    };
     let provider = match var("COALESCE_PROVIDER") {
         Some(p) => p.parse().map_err(|e| format!("COALESCE_PROVIDER: {e}"))?,
         None => rdma::ProviderKind::Shim,
@@ -121,6 +148,8 @@ fn settings() -> Result<Option<Settings>, String> {
     };
     Ok(Some(Settings {
         servers,
+        discovery,
+        discovery_wait,
         local: size("COALESCE_LOCAL", "256MiB")?,
         local_max: match var("COALESCE_LOCAL_MAX") {
             Some(m) => m.parse().map_err(|e| format!("COALESCE_LOCAL_MAX: {e}"))?,
@@ -156,8 +185,9 @@ fn parse_duration(s: &str) -> Option<Duration> {
         (s, 1.0)
     };
     let v: f64 = num.trim().parse().ok()?;
-    // A value too large for a `Duration` is not a duration (no panic); `PagerConfig` bounds it.
-    (v.is_finite() && v > 0.0).then(|| Duration::try_from_secs_f64(v * mult).ok()).flatten()
+    // A value too large for a `Duration` is not a duration (no panic); `PagerConfig` refuses zero
+    // and bounds the rest.
+    (v.is_finite() && v >= 0.0).then(|| Duration::try_from_secs_f64(v * mult).ok()).flatten()
 }
 
 fn refuse(why: &str) -> ! {
@@ -190,12 +220,14 @@ pub extern "C" fn init() {
     config.repair_rate = settings.repair_rate;
     config.backup = settings.backup;
     config.backup_max_lag = settings.backup_lag;
+    config.discovery = settings.discovery.clone();
+    config.discovery_wait = settings.discovery_wait;
     config.thread_start = Some(pager_thread_start);
-    let threads = config.fault_threads + 2; // handlers, evictor, heartbeat
     let pager: &'static Pager = match Pager::new(config) {
         Ok(p) => Box::leak(Box::new(p)),
         Err(e) => refuse(&e.to_string()),
     };
+    let threads = pager.thread_count();
     // Every pager thread must have made its internal heap before the region becomes the
     // application heap: mimalloc allocates a new heap's own struct from the thread's default heap,
     // which after that point would be region memory that only a pager thread can fault in.

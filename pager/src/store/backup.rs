@@ -508,6 +508,10 @@ impl PageStore for BackupStore {
         self.inner.migrated_pages()
     }
 
+    fn hot_pages_moved_nearer(&self) -> u64 {
+        self.inner.hot_pages_moved_nearer()
+    }
+
     fn checkpoint(&self, timeout: Duration) -> Result<(), PagerError> {
         let deadline = Instant::now() + timeout;
         let mut q = lock(&self.shared.queue);
@@ -617,5 +621,9 @@ impl PageIo for BackupIo {
 
     fn place(&mut self, current: Option<Slot>) -> Option<Slot> {
         self.inner.place(current)
+    }
+
+    fn wants_nearer(&self, slot: Slot) -> bool {
+        self.inner.wants_nearer(slot)
     }
 }

@@ -244,6 +244,9 @@ pub struct LenderInfo {
     pub pages: u64,
     /// False once it was marked failed.
     pub alive: bool,
+    /// It is leaving (draining, or retired when its announcement was withdrawn): no new pages
+    /// go to it and its pages move to the others.
+    pub leaving: bool,
     /// Its smallest recent control round trip (`None`: not measured).
     pub rtt_min: Option<std::time::Duration>,
     /// Its median recent control round trip.
@@ -315,6 +318,12 @@ pub trait PageStore: Send + Sync + fmt::Debug {
         0
     }
 
+    /// Hot pages written to a nearer lender than their old slot's as they left local memory
+    /// (`proximity.rs` of the lender store).
+    fn hot_pages_moved_nearer(&self) -> u64 {
+        0
+    }
+
     /// Treats a lender as leaving (its registration expired, or it withdrew its announcement):
     /// no new pages go to it and its copies move to the other lenders while it still serves
     /// them, as in a drain. Unknown addresses are refused.
@@ -374,7 +383,15 @@ pub trait PageIo: Send + fmt::Debug {
     fn distrust(&mut self, slot: Slot, why: &str);
 
     /// Where to write a page whose copy is now in `current` (`None`: it has none): `current` if
-    /// it can still be written from this thread, else a new slot (`current` is then freed).
-    /// `None` when no lender can take the page (all full or down).
+    /// it can still be written from this thread and is not much farther than a lender with room
+    /// ([`PageIo::wants_nearer`]), else a new slot (`current` is then freed). `None` when no
+    /// lender can take the page (all full or down).
     fn place(&mut self, current: Option<Slot>) -> Option<Slot>;
+
+    /// True when the intact copy in `slot` of a page that was faulted back is much farther than
+    /// a lender that could take it: the evictor then writes the page there even when it is
+    /// clean ([`PageIo::place`] gives the new slot). Default: no.
+    fn wants_nearer(&self, _slot: Slot) -> bool {
+        false
+    }
 }

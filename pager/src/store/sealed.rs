@@ -116,6 +116,10 @@ impl PageStore for SealedStore {
         self.inner.migrated_pages()
     }
 
+    fn hot_pages_moved_nearer(&self) -> u64 {
+        self.inner.hot_pages_moved_nearer()
+    }
+
     fn checkpoint(&self, timeout: Duration) -> Result<(), PagerError> {
         self.inner.checkpoint(timeout)
     }
@@ -338,5 +342,9 @@ impl PageIo for SealedIo {
 
     fn place(&mut self, current: Option<Slot>) -> Option<Slot> {
         self.inner.place(current)
+    }
+
+    fn wants_nearer(&self, slot: Slot) -> bool {
+        self.inner.wants_nearer(slot)
     }
 }

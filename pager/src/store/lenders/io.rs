@@ -533,14 +533,26 @@ impl PageIo for LenderIo {
         // Before the group is checked: a repair that marks a group then waits for this batch.
         self.batch.open();
         self.refresh();
+        let endpoints = &self.endpoints;
+        let usable = |lender: usize| endpoints.get(lender).is_some_and(Option::is_some);
         if let Some(slot) = current {
             if self.intact(slot) {
-                return Some(slot);
+                // A hot page far away moves to the nearest lender with room, if it can.
+                let home = self.store.locate(slot).and_then(|p| self.store.hot_home(&p, usable));
+                let Some(nearer) = home.and_then(|i| self.store.alloc_slot_on(i)) else { return Some(slot) };
+                self.store.moved_nearer.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                crate::store::PageStore::free(&*self.store, slot);
+                return Some(nearer);
             }
             crate::store::PageStore::free(&*self.store, slot);
         }
+        self.store.alloc_slot(usable)
+    }
+
+    fn wants_nearer(&self, slot: Slot) -> bool {
         let endpoints = &self.endpoints;
-        self.store.alloc_slot(|lender| endpoints.get(lender).is_some_and(Option::is_some))
+        let usable = |lender: usize| endpoints.get(lender).is_some_and(Option::is_some);
+        self.store.locate(slot).is_some_and(|p| self.store.hot_home(&p, usable).is_some())
     }
 }
 

@@ -214,6 +214,8 @@ pub struct LenderStore {
     migrating: AtomicU64,
     /// Pages moved toward nearer lenders.
     migrated: AtomicU64,
+    /// Hot pages written to a nearer lender than their old slot's (`proximity.rs`).
+    moved_nearer: AtomicU64,
 }
 
 /// How a [`LenderStore`] connects and times out.
@@ -294,16 +296,19 @@ impl LenderStore {
             write_batches: quiesce::WriteBatches::default(),
             migrating: AtomicU64::new(0),
             migrated: AtomicU64::new(0),
+            moved_nearer: AtomicU64::new(0),
         };
         store.update_weights();
         Ok(store)
     }
 
     /// Adds a lender while the store runs (a lender discovered, or named later): new groups
-    /// use it at once, and so do repairs. Returns its index.
+    /// use it at once, and so do repairs. Returns its index. A lender retired
+    /// ([`PageStore::retire_lender`]) and still connected is taken back once its pages have
+    /// moved away (before that the call fails, saying so).
     pub fn add_lender(&self, addr: SocketAddr) -> Result<usize, PagerError> {
-        if self.lenders.iter().any(|(_, s)| s.addr == addr) {
-            return Err(PagerError::Config(format!("memory-server {addr} is a lender already")));
+        if let Some((i, s)) = self.lenders.iter().find(|(_, s)| s.addr == addr) {
+            return self.reinstate(i, s);
         }
         let lender = open_lender(addr, &self.client_options)?;
         let i = self.lenders.push(lender).map_err(|_| {
@@ -316,6 +321,27 @@ impl LenderStore {
             weight = self.weight_of(i),
             "memory-server joined: new pages may go to it"
         );
+        Ok(i)
+    }
+
+    /// Takes back lender `i`, retired earlier, if it holds nothing any more: a group placed on
+    /// it while it held copies still to move could be copied away with a write in flight.
+    fn reinstate(&self, i: usize, s: &Lender) -> Result<usize, PagerError> {
+        let addr = s.addr;
+        // SeqCst: see `LenderStore::healthy`.
+        if !s.leaving.load(Ordering::SeqCst) || !s.is_alive() {
+            return Err(PagerError::Config(format!("memory-server {addr} is a lender already")));
+        }
+        let pages = s.pages.load(Ordering::Acquire);
+        if pages > 0 {
+            return Err(PagerError::Config(format!(
+                "memory-server {addr} is still moving its {pages} pages away; it rejoins once they have moved"
+            )));
+        }
+        s.full.store(false, Ordering::Release);
+        s.leaving.store(false, Ordering::SeqCst);
+        self.update_weights();
+        tracing::info!(%addr, weight = self.weight_of(i), "memory-server rejoined: new pages may go to it again");
         Ok(i)
     }
 
@@ -539,6 +565,7 @@ impl PageStore for LenderStore {
                     addr: s.addr,
                     pages: s.pages.load(Ordering::Relaxed),
                     alive: s.is_alive(),
+                    leaving: s.leaving.load(Ordering::Acquire),
                     rtt_min: rtt.min(),
                     rtt_median: rtt.median(),
                     weight: f64::from_bits(s.weight.load(Ordering::Relaxed)),
@@ -571,6 +598,10 @@ impl PageStore for LenderStore {
 
     fn migrated_pages(&self) -> u64 {
         self.migrated.load(Ordering::Relaxed)
+    }
+
+    fn hot_pages_moved_nearer(&self) -> u64 {
+        self.moved_nearer.load(Ordering::Relaxed)
     }
 
     fn release_all(&self) {

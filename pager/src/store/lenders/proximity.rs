@@ -20,6 +20,13 @@
 //! - **Groups**: the copies or shards of a new group go to the nearest lenders with room after its
 //!   leader.
 //! - **Reads**: a page with several copies is read from the nearest live one.
+//! - **Hot pages**: a page faulted back from a lender (it is in use again) that the evictor
+//!   takes out once more is written to the nearest lender that can take it, instead of going back
+//!   to its old slot, when that lender weighs at least [`MIN_GAIN`] times as much as the nearest
+//!   copy (its round trip is at most half); a clean page then costs one write it would otherwise
+//!   not need. Pages evicted for the first time (cold) take their slot by share, so the farther
+//!   lenders hold the cold ones. Erasure-coded pages stay where they are (each read needs K
+//!   lenders whatever their order).
 //!
 //! The square makes distance dominate (a 5G hop ten times farther than a LAN lender gets 1% of
 //! the pages) while keeping far lenders usable when near ones are full. [`NEAR_ENOUGH`] is 500 us:
@@ -31,6 +38,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::lock;
+use super::migrate::MIN_GAIN;
 
 /// Round-trip samples kept per lender.
 pub(super) const WINDOW: usize = 8;
@@ -74,6 +82,21 @@ pub fn weight(rtt: Option<Duration>, nearest: Option<Duration>) -> f64 {
     let reference = nearest.unwrap_or(rtt).max(NEAR_ENOUGH).as_secs_f64();
     let rtt = rtt.max(NEAR_ENOUGH).as_secs_f64();
     (reference / rtt).min(1.0).powi(2)
+}
+
+/// Where a hot page should go: the heaviest of `candidates` (index, weight, can take a slot),
+/// when it weighs at least [`MIN_GAIN`] times as much as the heaviest of the page's live copies
+/// (`here`); `None`: it stays.
+pub(super) fn hot_home(
+    here: impl Iterator<Item = f64>,
+    candidates: impl Iterator<Item = (usize, f64, bool)>,
+) -> Option<usize> {
+    let here = here.fold(0.0, f64::max);
+    if here <= 0.0 {
+        return None; // no live copy: the page is written anew anyway
+    }
+    let (best, w) = candidates.filter(|c| c.2).map(|(i, w, _)| (i, w)).max_by(|a, b| a.1.total_cmp(&b.1))?;
+    (w >= MIN_GAIN * here).then_some(best)
 }
 
 /// A candidate for the next slot: how many pages it holds, its weight, and whether it can take
@@ -129,6 +152,21 @@ impl super::LenderStore {
         for ((_, s), m) in self.lenders.iter().zip(&rtts) {
             s.weight.store(weight(*m, nearest).to_bits(), Ordering::Relaxed);
         }
+    }
+
+    /// The lender a hot page at `places` should move to (see [`hot_home`]), among those that can
+    /// take a new slot and are `usable` from the calling thread.
+    pub(super) fn hot_home(&self, places: &super::Places, usable: impl Fn(usize) -> bool) -> Option<usize> {
+        if self.code.is_some() {
+            return None;
+        }
+        let here = places.copies().iter().filter(|loc| self.copy_valid(loc)).map(|loc| self.weight_of(loc.lender));
+        let candidates = self.lenders.iter().map(|(i, s)| {
+            let open =
+                s.is_alive() && !s.full.load(Ordering::Acquire) && !s.leaving.load(Ordering::Acquire) && usable(i);
+            (i, self.weight_of(i), open)
+        });
+        hot_home(here, candidates)
     }
 
     /// Lender `i`'s placement weight (1 for the nearest).
@@ -201,6 +239,26 @@ mod tests {
         let held = place(&weights, &[4000, u64::MAX, u64::MAX], 10_000);
         assert_eq!(held[0], 4000);
         assert!(held[1] > 5900 && held[2] < 100 && held[2] >= 1, "{held:?}");
+    }
+
+    #[test]
+    fn a_hot_page_moves_only_to_a_lender_at_least_four_times_heavier() {
+        let open = |w: &[f64]| w.iter().enumerate().map(|(i, &w)| (i, w, true)).collect::<Vec<_>>();
+        // On the 5G lender (0.05) with the LAN lender (1.0) open: to the LAN lender.
+        assert_eq!(hot_home([0.05].into_iter(), open(&[1.0, 0.05]).into_iter()), Some(0));
+        // Already on the nearest, or on one nearly as near: stays.
+        assert_eq!(hot_home([1.0].into_iter(), open(&[1.0, 0.05]).into_iter()), None);
+        assert_eq!(hot_home([0.3].into_iter(), open(&[1.0, 0.3]).into_iter()), None);
+        // Exactly MIN_GAIN heavier: moves.
+        assert_eq!(hot_home([0.25].into_iter(), open(&[1.0, 0.25]).into_iter()), Some(0));
+        // Two copies: the nearer copy counts.
+        assert_eq!(hot_home([0.01, 0.5].into_iter(), open(&[1.0, 0.5, 0.01]).into_iter()), None);
+        // The nearest cannot take a slot: the next heaviest that can, if heavy enough.
+        let c = [(0, 1.0, false), (1, 0.5, true), (2, 0.01, true)];
+        assert_eq!(hot_home([0.01].into_iter(), c.into_iter()), Some(1));
+        assert_eq!(hot_home([0.2].into_iter(), c.into_iter()), None);
+        // No live copy: not a move (the page is written anew anyway).
+        assert_eq!(hot_home(std::iter::empty(), open(&[1.0]).into_iter()), None);
     }
 
     #[test]

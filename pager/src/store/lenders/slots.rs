@@ -31,16 +31,22 @@ impl LenderStore {
             });
             let Some(i) = proximity::next_lender(candidates, n, start, |i| was_tried(&tried, i)) else { break };
             tried[i / 64] |= 1 << (i % 64);
-            if let Some(slot) = self.slot_from(i) {
-                if let Some(places) = self.locate(slot) {
-                    for loc in places.copies() {
-                        self.lenders[loc.lender].pages.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
+            if let Some(slot) = self.alloc_slot_on(i) {
                 return Some(slot);
             }
         }
         None
+    }
+
+    /// Reserves a slot in a group led by lender `i` (a hot page moving nearer, `proximity.rs`).
+    pub(super) fn alloc_slot_on(&self, i: usize) -> Option<Slot> {
+        let slot = self.slot_from(i)?;
+        if let Some(places) = self.locate(slot) {
+            for loc in places.copies() {
+                self.lenders[loc.lender].pages.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Some(slot)
     }
 
     fn slot_from(&self, i: usize) -> Option<Slot> {
