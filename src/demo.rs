@@ -53,6 +53,10 @@ pub struct DemoOptions {
     pub backup: Option<std::net::SocketAddr>,
     /// The longest a page waits to be written behind.
     pub backup_lag: std::time::Duration,
+    /// Hedged reads of replicated pages.
+    pub hedged_reads: bool,
+    /// A service-level objective on remote-fault service time.
+    pub slo: Option<coalesce_pager::Slo>,
     /// Find lenders (`--discover` on the local network, or `--registry`): wait this long for
     /// the first ones, then adopt any announced while the demo runs.
     pub discover: Option<(coalesce_pager::discover::Method, Duration)>,
@@ -158,6 +162,8 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
     config.repair_rate = opts.repair_rate;
     config.backup = opts.backup;
     config.backup_max_lag = opts.backup_lag;
+    config.hedged_reads = opts.hedged_reads;
+    config.slo = opts.slo;
     if let Some((method, wait)) = &opts.discover {
         config.discovery = Some(method.clone());
         config.discovery_wait = *wait;

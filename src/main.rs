@@ -51,6 +51,11 @@ enum Command {
         /// Do not print statistics on exit.
         #[arg(long)]
         quiet: bool,
+        /// A service-level objective on remote-fault service time, e.g. p99=500us: when a
+        /// second's faults miss it, the local share grows (up to --local-max); the statistics say
+        /// what share of faults met it.
+        #[arg(long)]
+        slo: Option<coalesce_pager::Slo>,
         #[command(flatten)]
         found: DiscoveryChoice,
         #[command(flatten)]
@@ -171,6 +176,11 @@ enum Command {
         /// verification (40 bytes each; 0: off).
         #[arg(long, default_value_t = 0)]
         history: usize,
+        /// A service-level objective on remote-fault service time, e.g. p99=500us: when a
+        /// second's faults miss it, the local share grows (up to --local-max); the statistics say
+        /// what share of faults met it.
+        #[arg(long)]
+        slo: Option<coalesce_pager::Slo>,
         #[command(flatten)]
         found: DiscoveryChoice,
         #[command(flatten)]
@@ -221,6 +231,10 @@ enum Command {
         /// checked page, racing that fault's prefetch window.
         #[arg(long, default_value_t = 10)]
         discards: u32,
+        /// A service-level objective (e.g. p99=1ms): the local share then moves under the
+        /// checks as the controller grows and shrinks it.
+        #[arg(long)]
+        slo: Option<coalesce_pager::Slo>,
         #[command(flatten)]
         found: DiscoveryChoice,
         #[command(flatten)]
@@ -313,6 +327,11 @@ struct LenderChoices {
     /// With --backup: the longest a page waits to be written behind, e.g. 1s or 200ms.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     backup_lag: std::time::Duration,
+    /// With copies (replicate:N): do not hedge reads. By default a read not answered within its
+    /// lender's recent 95th percentile is posted again to the next copy, and the first answer
+    /// wins (about 5% more reads; a lender that pauses is read around).
+    #[arg(long)]
+    no_hedge: bool,
 }
 
 fn main() -> ExitCode {
@@ -327,17 +346,20 @@ fn main() -> ExitCode {
             heap_size,
             provider,
             quiet,
+            slo,
             found,
-            lenders: LenderChoices { trusted_lenders, key_file, redundancy, repair_rate, backup, backup_lag },
+            lenders: LenderChoices { trusted_lenders, key_file, redundancy, repair_rate, backup, backup_lag, no_hedge },
             command,
         } => {
             let Ok(discover) = found.choice_or_say("coalesce") else { return ExitCode::from(125) };
             let opts = run::RunOptions {
                 discover,
+                slo,
                 key_file,
                 redundancy,
                 backup,
                 backup_lag,
+                hedged_reads: !no_hedge,
                 repair_rate: repair_rate.as_u64(),
                 servers,
                 embedded_server,
@@ -473,8 +495,9 @@ fn main() -> ExitCode {
             fault_threads,
             prefetch_window,
             history,
+            slo,
             found,
-            lenders: LenderChoices { trusted_lenders, key_file, redundancy, repair_rate, backup, backup_lag },
+            lenders: LenderChoices { trusted_lenders, key_file, redundancy, repair_rate, backup, backup_lag, no_hedge },
         } => {
             let key = match load_key(key_file.as_deref()) {
                 Ok(k) => k,
@@ -505,7 +528,9 @@ fn main() -> ExitCode {
                 repair_rate: usize::try_from(repair_rate.as_u64()).unwrap_or(usize::MAX),
                 backup,
                 backup_lag,
+                hedged_reads: !no_hedge,
                 discover,
+                slo,
             };
             let mut result = demo::run(&opts);
             let unavailable = result.as_ref().err().is_some_and(demo::DemoError::is_provider_unavailable);
@@ -541,8 +566,9 @@ fn main() -> ExitCode {
             history,
             prefetch_window,
             discards,
+            slo,
             found,
-            lenders: LenderChoices { trusted_lenders, key_file, redundancy, repair_rate, backup, backup_lag },
+            lenders: LenderChoices { trusted_lenders, key_file, redundancy, repair_rate, backup, backup_lag, no_hedge },
         } => {
             let key = match load_key(key_file.as_deref()) {
                 Ok(k) => k,
@@ -567,6 +593,7 @@ fn main() -> ExitCode {
                 seed,
                 servers,
                 discover,
+                slo,
                 history,
                 prefetch_window,
                 discard_percent: discards,
@@ -576,6 +603,7 @@ fn main() -> ExitCode {
                 repair_rate: usize::try_from(repair_rate.as_u64()).unwrap_or(usize::MAX),
                 backup,
                 backup_lag,
+                hedged_reads: !no_hedge,
             };
             match stress::run(&opts) {
                 Ok(Ok(reports)) => {

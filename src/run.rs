@@ -45,6 +45,10 @@ pub struct RunOptions {
     pub backup: Option<std::net::SocketAddr>,
     /// The longest a page waits to be written behind (`COALESCE_BACKUP_LAG`).
     pub backup_lag: std::time::Duration,
+    /// A service-level objective (`COALESCE_SLO`).
+    pub slo: Option<coalesce_pager::Slo>,
+    /// Hedged reads of replicated pages (`COALESCE_HEDGE`).
+    pub hedged_reads: bool,
     /// The program and its arguments.
     pub command: Vec<OsString>,
 }
@@ -180,6 +184,11 @@ pub fn run(opts: &RunOptions) -> Result<RunOutcome, RunError> {
         None => cmd.env_remove("COALESCE_BACKUP"),
     };
     cmd.env("COALESCE_BACKUP_LAG", format!("{}ms", opts.backup_lag.as_millis()));
+    cmd.env("COALESCE_HEDGE", if opts.hedged_reads { "1" } else { "0" });
+    match opts.slo {
+        Some(slo) => cmd.env("COALESCE_SLO", slo.to_string()),
+        None => cmd.env_remove("COALESCE_SLO"),
+    };
     match &opts.key_file {
         Some(path) => cmd.env("COALESCE_KEY_FILE", path),
         None => cmd.env_remove("COALESCE_KEY_FILE"),

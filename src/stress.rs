@@ -58,6 +58,10 @@ pub struct StressOptions {
     pub backup: Option<SocketAddr>,
     /// The longest a page waits to be written behind.
     pub backup_lag: std::time::Duration,
+    /// Hedged reads of replicated pages.
+    pub hedged_reads: bool,
+    /// A service-level objective (the local share moves under the checks).
+    pub slo: Option<coalesce_pager::Slo>,
     /// Page-table transitions kept in the history log.
     pub history: usize,
     /// Prefetch window in pages.
@@ -381,6 +385,8 @@ fn run_config(
     config.repair_rate = opts.repair_rate;
     config.backup = opts.backup;
     config.backup_max_lag = opts.backup_lag;
+    config.hedged_reads = opts.hedged_reads;
+    config.slo = opts.slo;
     if let Some((method, wait)) = &opts.discover {
         config.discovery = Some(method.clone());
         config.discovery_wait = *wait;
@@ -498,7 +504,7 @@ pub fn run(opts: &StressOptions) -> Result<Result<Vec<ConfigReport>, Box<Mismatc
         match run_config(opts, &servers, fraction, threads, per)? {
             Ok(r) => {
                 eprintln!(
-                    "  ok: {} page checks, {} page writes, {} pages discarded ({} installs skipped), {} remote faults, {} dirty evictions, {} write faults, {} hot pages moved nearer, {} migrated",
+                    "  ok: {} page checks, {} page writes, {} pages discarded ({} installs skipped), {} remote faults, {} dirty evictions, {} write faults, {} hot pages moved nearer, {} migrated, {} hedged reads ({} won), local share grown by {} pages",
                     r.pages_checked,
                     r.pages_written,
                     r.pages_discarded,
@@ -507,7 +513,10 @@ pub fn run(opts: &StressOptions) -> Result<Result<Vec<ConfigReport>, Box<Mismatc
                     r.stats.evictions_dirty,
                     r.stats.write_faults,
                     r.stats.hot_pages_moved_nearer,
-                    r.stats.pages_migrated
+                    r.stats.pages_migrated,
+                    r.stats.hedged_reads,
+                    r.stats.hedge_wins,
+                    r.stats.slo_local_grown_pages
                 );
                 reports.push(r);
             }

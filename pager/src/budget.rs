@@ -10,7 +10,10 @@ use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering};
 /// The budget and the pages reserved against it.
 #[derive(Debug)]
 pub(crate) struct Budget {
-    limit: usize,
+    /// The limit now: the budget, or more while a service-level objective needs it (`slo.rs`).
+    limit: AtomicUsize,
+    /// The budget as configured.
+    base: usize,
     /// Reservations past the limit stop here (except while held).
     max: usize,
     headroom: usize,
@@ -35,7 +38,8 @@ impl Budget {
     /// evictor keeps `headroom` of them free.
     pub(crate) fn new(limit: usize, headroom: usize, max: usize) -> Self {
         Self {
-            limit,
+            limit: AtomicUsize::new(limit),
+            base: limit,
             max: max.max(limit),
             headroom,
             resident: AtomicUsize::new(0),
@@ -57,8 +61,22 @@ impl Budget {
         (limit / 32).max(largest_install * installers).clamp(4, 4096).min(limit / 4)
     }
 
+    /// The limit now (the budget, unless grown for an objective).
     pub(crate) fn limit(&self) -> usize {
-        self.limit
+        self.limit.load(Ordering::Relaxed)
+    }
+
+    /// The budget as configured.
+    pub(crate) fn base(&self) -> usize {
+        self.base
+    }
+
+    /// Moves the limit to `pages`, kept between the budget and the maximum; returns the new
+    /// limit. The evictor brings the resident set down to a lower one.
+    pub(crate) fn set_limit(&self, pages: usize) -> usize {
+        let pages = pages.clamp(self.base, self.max.min(usize::MAX / 2));
+        self.limit.store(pages, Ordering::Relaxed);
+        pages
     }
 
     /// Pages the evictor keeps free below the limit.
@@ -101,7 +119,7 @@ impl Budget {
 
     /// Reserves room for `n` pages if the budget has it.
     pub(crate) fn take(&self, n: usize) -> bool {
-        self.take_within(n, self.limit)
+        self.take_within(n, self.limit())
     }
 
     /// Reserves room for `n` pages past the limit but within the maximum, counted as an
@@ -143,17 +161,17 @@ impl Budget {
 
     /// True when less than the headroom is free: time for the evictor.
     pub(crate) fn low_on_room(&self) -> bool {
-        self.resident() + self.headroom > self.limit
+        self.resident() + self.headroom > self.limit()
     }
 
     /// Above this many resident pages the evictor starts.
     pub(crate) fn high_water(&self) -> usize {
-        self.limit - self.headroom
+        self.limit() - self.headroom
     }
 
     /// The evictor stops at this many resident pages.
     pub(crate) fn low_water(&self) -> usize {
-        self.limit.saturating_sub(2 * self.headroom)
+        self.limit().saturating_sub(2 * self.headroom)
     }
 
     /// Waits up to `max` for room to be given back.

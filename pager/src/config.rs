@@ -68,6 +68,14 @@ pub struct PagerConfig {
     /// `ec:4+2`: 0 is about 7% faster at the median, and a stalled lender then costs the
     /// failover timeout).
     pub extra_shard_reads: usize,
+    /// With copies (`replicate:N`): hedge reads, reading a page again from its next copy when the
+    /// first lender has not answered within its recent 95th-percentile service time and taking
+    /// the first answer. Default `true`; costs about 5% more reads and a copy of each page read.
+    pub hedged_reads: bool,
+    /// A service-level objective on remote-fault service time, e.g. `p99=500us` (`None`, the
+    /// default: none). The pager counts the faults that meet it and, when a second's faults
+    /// miss it, grows the local share toward the local maximum (see [`crate::slo`]).
+    pub slo: Option<crate::Slo>,
     /// A backup tier: a `memory-server --persist` to which every page the lenders take is
     /// written behind (see [`store::BackupStore`]). `None` (the default): no backup.
     pub backup: Option<std::net::SocketAddr>,
@@ -112,6 +120,8 @@ impl PagerConfig {
             fetch_timeout: Duration::from_secs(5),
             failover_timeout: Duration::from_millis(500),
             extra_shard_reads: 1,
+            hedged_reads: true,
+            slo: None,
             backup: None,
             backup_max_lag: Duration::from_secs(1),
             backup_max_lag_pages: 4096,

@@ -88,6 +88,7 @@ mod prefetch;
 mod queue;
 mod region;
 mod registry;
+pub mod slo;
 mod stats;
 pub mod store;
 mod sync;
@@ -97,6 +98,7 @@ mod uffd;
 pub use config::{LocalMax, PagerConfig, MAX_FETCH_TIMEOUT};
 pub use entry::{Entry as PageEntry, PageState};
 pub use region::{FailureHandler, FetchFailure, Region, RegionOptions, RemoteVec};
+pub use slo::Slo;
 pub use stats::{ExitReport, PagerStats};
 pub use uffd::OpenError as UserfaultfdError;
 
@@ -182,6 +184,8 @@ pub(crate) struct Shared {
     pub(crate) stats: stats::Counters,
     pub(crate) shutdown: AtomicBool,
     pub(crate) history: Option<Arc<history::History>>,
+    /// The service-level objective's controller, when there is one.
+    pub(crate) slo: Option<slo::Controller>,
     /// Installs (`UFFDIO_COPY` into a region) hold it shared; reading userfaultfd messages and
     /// marking the pages of remove events holds it exclusive. See `fault::Handler::install_runs`.
     pub(crate) install_gate: RwLock<()>,
@@ -194,7 +198,7 @@ pub(crate) struct Shared {
 impl Shared {
     /// The prefetch window in use: the configured one, at most an eighth of the budget.
     pub(crate) fn prefetch_window(&self) -> usize {
-        self.config.prefetch_window.min(self.budget.limit() / 8).max(1)
+        self.config.prefetch_window.min(self.budget.base() / 8).max(1)
     }
 
     /// Finds the region and page index of an address.
@@ -301,11 +305,17 @@ impl Shared {
         s.overshoot_events = self.budget.overshoots();
         s.local_max_pages = self.budget.max() as u64;
         s.local_max_refusals = self.budget.refusals();
-        s.budget_pages = self.budget.limit() as u64;
+        s.budget_pages = self.budget.base() as u64;
+        s.local_limit_pages = self.budget.limit() as u64;
+        if let Some(c) = &self.slo {
+            s.slo = Some(c.slo());
+            (s.slo_faults, s.slo_faults_met, s.slo_local_grown_pages) = c.figures();
+        }
         s.remote_pages = self.store.remote_pages();
         s.rereplication_pending_pages = self.store.repair_pending();
         s.pages_migrated = self.store.migrated_pages();
         s.hot_pages_moved_nearer = self.store.hot_pages_moved_nearer();
+        (s.hedged_reads, s.hedge_wins) = self.store.hedged_reads();
         s.sealed = self.store.seals_pages();
         if let Some(rejected) = self.store.copies_rejected() {
             s.copies_rejected = rejected;
@@ -370,6 +380,7 @@ impl Pager {
             trailers: !config.trusted_lenders,
             redundancy,
             extra_shard_reads: config.extra_shard_reads,
+            hedged_reads: config.hedged_reads,
         };
         let client = rdma::client::ClientOptions {
             provider: config.provider,
@@ -437,6 +448,7 @@ impl Pager {
             inject_drop_dirty: AtomicBool::new(false),
             inject_move_undercount: AtomicBool::new(false),
             history: (config.history > 0).then(|| Arc::new(history::History::new(config.history))),
+            slo: config.slo.map(slo::Controller::new),
             config,
         });
         let mut pager = Self { shared: Arc::clone(&shared), threads: Vec::new() };
@@ -594,6 +606,9 @@ fn heartbeat_loop(shared: &Shared) {
         if last.elapsed() >= period {
             shared.store.maintain();
             last = std::time::Instant::now();
+        }
+        if let Some(c) = &shared.slo {
+            c.tick(&shared.budget);
         }
     }
 }

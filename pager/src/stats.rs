@@ -208,6 +208,21 @@ pub struct PagerStats {
     pub remote_fault_p999: Duration,
     /// Largest.
     pub remote_fault_max: Duration,
+    /// The service-level objective, if one was set.
+    #[serde(default)]
+    pub slo: Option<crate::Slo>,
+    /// Remote faults counted against it.
+    #[serde(default)]
+    pub slo_faults: u64,
+    /// Of those, the faults served within its target.
+    #[serde(default)]
+    pub slo_faults_met: u64,
+    /// Pages the local share grew by, in all, to keep the objective (it may have shrunk since).
+    #[serde(default)]
+    pub slo_local_grown_pages: u64,
+    /// Resident pages allowed now: the budget, or more while an objective needs it.
+    #[serde(default)]
+    pub local_limit_pages: u64,
     /// Bytes of pager metadata (page tables, slab table, free lists).
     pub metadata_bytes: u64,
     /// Records (page copies, or shards rebuilt with `ec:K+M`) written to another lender in the
@@ -225,6 +240,13 @@ pub struct PagerStats {
     /// heavier (half the round trip) than the one their copy was on.
     #[serde(default)]
     pub hot_pages_moved_nearer: u64,
+    /// Pages read again from their next copy because the first lender had not answered within
+    /// its recent 95th percentile (hedged reads, `replicate:N`).
+    #[serde(default)]
+    pub hedged_reads: u64,
+    /// Of those, pages the second read brought first.
+    #[serde(default)]
+    pub hedge_wins: u64,
     /// Pages made resident while eviction was held (around `fork`, which must see the whole
     /// heap locally): the budget does not apply to them, and they are not over-budget events.
     #[serde(default)]
@@ -328,6 +350,20 @@ impl fmt::Display for PagerStats {
             us(self.remote_fault_p999),
             us(self.remote_fault_max)
         )?;
+        if let Some(slo) = self.slo {
+            #[allow(clippy::cast_precision_loss)]
+            let met =
+                if self.slo_faults == 0 { 100.0 } else { self.slo_faults_met as f64 * 100.0 / self.slo_faults as f64 };
+            writeln!(
+                f,
+                "objective {slo}: {met:.1}% of {} remote faults within {} us; local share grown by {} pages in all, {} of {} pages allowed now",
+                self.slo_faults,
+                slo.target.as_micros(),
+                self.slo_local_grown_pages,
+                self.local_limit_pages,
+                self.budget_pages
+            )?;
+        }
         writeln!(
             f,
             "remote: {} pages; metadata {} bytes ({:.2} bytes per remote page)",
@@ -340,6 +376,13 @@ impl fmt::Display for PagerStats {
                 f,
                 "re-replication: {} pages copied to restore their redundancy, {} waiting",
                 self.rereplicated_pages, self.rereplication_pending_pages
+            )?;
+        }
+        if self.hedged_reads > 0 {
+            writeln!(
+                f,
+                "hedged reads: {} pages read again from another copy after a slow first answer, {} of them answered first there",
+                self.hedged_reads, self.hedge_wins
             )?;
         }
         if self.pages_migrated > 0 || self.hot_pages_moved_nearer > 0 {

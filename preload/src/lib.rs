@@ -27,6 +27,8 @@
 //! | `COALESCE_PREFETCH` | on | `0` turns prefetch off |
 //! | `COALESCE_FAULT_THREADS` | 1 | fault-handling threads (1 to 64) |
 //! | `COALESCE_REDUNDANCY` | `replicate:2` with two or more servers, else `none` | copies of each page on distinct lenders: `none` or `replicate:N` (N from 2 to 4) |
+//! | `COALESCE_SLO` | unset | a service-level objective on remote-fault service time, e.g. `p99=500us`: when a second's faults miss it, the heap's local share grows (up to `COALESCE_LOCAL_MAX`), and shrinks back once comfortably met |
+//! | `COALESCE_HEDGE` | `1` | with copies (`replicate:N`): `0` turns hedged reads off (a read not answered within its lender's recent 95th percentile is posted again to the next copy; the first answer wins) |
 //! | `COALESCE_REPAIR_RATE` | `256MiB` | bytes per second copied in the background to rebuild copies lost with a lender (or on a leaving one); `0`: off |
 //! | `COALESCE_KEY_FILE` | unset | the cluster key file (`coalesce keygen`), for lenders that require one |
 //! | `COALESCE_TRUSTED_LENDERS` | `0` | `1`: pages travel and rest in plaintext (faster; a lender can read and change them). By default every page is sealed (AES-256-GCM, a key that never leaves the process) |

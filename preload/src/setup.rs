@@ -38,6 +38,8 @@ struct Settings {
     repair_rate: usize,
     backup: Option<std::net::SocketAddr>,
     backup_lag: Duration,
+    hedged_reads: bool,
+    slo: Option<coalesce_pager::Slo>,
     history: usize,
     log: String,
 }
@@ -137,6 +139,15 @@ fn settings() -> Result<Option<Settings>, String> {
         }
         None => Duration::from_secs(1),
     };
+    let hedged_reads = match var("COALESCE_HEDGE").as_deref().map(str::trim) {
+        None | Some("1" | "on" | "true" | "yes") => true,
+        Some("0" | "off" | "false" | "no") => false,
+        Some(other) => return Err(format!("COALESCE_HEDGE={other:?} is neither 1 nor 0")),
+    };
+    let slo = match var("COALESCE_SLO") {
+        Some(s) => Some(s.parse::<coalesce_pager::Slo>().map_err(|e| format!("COALESCE_SLO: {e}"))?),
+        None => None,
+    };
     let history = match var("COALESCE_HISTORY") {
         Some(n) => n
             .trim()
@@ -170,6 +181,8 @@ fn settings() -> Result<Option<Settings>, String> {
         key,
         backup,
         backup_lag,
+        hedged_reads,
+        slo,
         history,
         log: var("COALESCE_LOG").unwrap_or_else(|| "warn".into()),
     }))
@@ -220,6 +233,8 @@ pub extern "C" fn init() {
     config.repair_rate = settings.repair_rate;
     config.backup = settings.backup;
     config.backup_max_lag = settings.backup_lag;
+    config.hedged_reads = settings.hedged_reads;
+    config.slo = settings.slo;
     config.discovery = settings.discovery.clone();
     config.discovery_wait = settings.discovery_wait;
     config.thread_start = Some(pager_thread_start);

@@ -491,6 +491,9 @@ impl Handler {
             Counters::add(&self.shared.stats.prefetched, ok - 1);
             let elapsed = started.elapsed();
             self.shared.stats.record_remote_fault(elapsed);
+            if let Some(c) = &self.shared.slo {
+                c.record(elapsed);
+            }
             region.record_fetch(elapsed);
         }
     }

@@ -512,6 +512,10 @@ impl PageStore for BackupStore {
         self.inner.hot_pages_moved_nearer()
     }
 
+    fn hedged_reads(&self) -> (u64, u64) {
+        self.inner.hedged_reads()
+    }
+
     fn checkpoint(&self, timeout: Duration) -> Result<(), PagerError> {
         let deadline = Instant::now() + timeout;
         let mut q = lock(&self.shared.queue);

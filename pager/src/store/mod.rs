@@ -324,6 +324,12 @@ pub trait PageStore: Send + Sync + fmt::Debug {
         0
     }
 
+    /// Pages read again from another copy because the first was slow (hedged), and how many of
+    /// those the second read brought first.
+    fn hedged_reads(&self) -> (u64, u64) {
+        (0, 0)
+    }
+
     /// Treats a lender as leaving (its registration expired, or it withdrew its announcement):
     /// no new pages go to it and its copies move to the other lenders while it still serves
     /// them, as in a drain. Unknown addresses are refused.

@@ -120,6 +120,10 @@ impl PageStore for SealedStore {
         self.inner.hot_pages_moved_nearer()
     }
 
+    fn hedged_reads(&self) -> (u64, u64) {
+        self.inner.hedged_reads()
+    }
+
     fn checkpoint(&self, timeout: Duration) -> Result<(), PagerError> {
         self.inner.checkpoint(timeout)
     }

@@ -31,7 +31,7 @@ const MAX_AREAS: usize = 4;
 
 /// After spinning, the longest one sleep for the lenders' replies lasts before the deadline is
 /// checked again.
-const WAIT_SLICE: Duration = Duration::from_millis(10);
+pub(super) const WAIT_SLICE: Duration = Duration::from_millis(10);
 
 /// A read left in flight after its batch had enough shards without it.
 #[derive(Debug, Clone, Copy)]
@@ -39,6 +39,13 @@ pub(super) struct Late {
     lender: usize,
     wr_id: u64,
     area: usize,
+}
+
+impl Late {
+    /// Read `wr_id` from `lender`, still in flight, holds staging area `area`.
+    pub(super) fn new(lender: usize, wr_id: u64, area: usize) -> Self {
+        Self { lender, wr_id, area }
+    }
 }
 
 /// One thread's staging for coded pages.
@@ -69,7 +76,7 @@ impl CodedState {
         self.late.retain(|l| l.lender != lender);
     }
 
-    fn lagging(&self, lender: usize) -> bool {
+    pub(super) fn lagging(&self, lender: usize) -> bool {
         self.late.iter().any(|l| l.lender == lender)
     }
 }
@@ -351,7 +358,11 @@ impl LenderIo {
 
     /// Takes the completions that have arrived on `lender`'s endpoint: each reaps a late read and
     /// is appended to `got` as (wr_id, status). A lost connection marks the lender failed.
-    fn gather(&mut self, lender: usize, got: &mut Vec<(u64, CompletionStatus)>) -> Result<(), TransferError> {
+    pub(super) fn gather(
+        &mut self,
+        lender: usize,
+        got: &mut Vec<(u64, CompletionStatus)>,
+    ) -> Result<(), TransferError> {
         let mut completions = std::mem::take(&mut self.coded.completions);
         completions.clear();
         let Some(ep) = self.endpoint(lender) else {
@@ -375,7 +386,7 @@ impl LenderIo {
     }
 
     /// Reaps late reads that have landed, without waiting.
-    fn poll_late(&mut self) {
+    pub(super) fn poll_late(&mut self) {
         let mut lenders: Vec<usize> = self.coded.late.iter().map(|l| l.lender).collect();
         lenders.dedup();
         let mut got = Vec::new();
@@ -384,11 +395,28 @@ impl LenderIo {
         }
     }
 
+    /// A staging area of at least `len` bytes that no read in flight can write into, without
+    /// waiting (`None`: every area is held).
+    /// Areas in `busy` (the caller's own reads in flight) are not handed out.
+    pub(super) fn free_area(&mut self, len: usize, busy: &[usize]) -> Result<Option<usize>, TransferError> {
+        let held = |a: usize, late: &[Late]| busy.contains(&a) || late.iter().any(|l| l.area == a);
+        if (0..self.coded.areas.len()).all(|a| held(a, &self.coded.late)) && self.coded.areas.len() >= MAX_AREAS {
+            return Ok(None);
+        }
+        self.area_besides(len, busy).map(Some)
+    }
+
     /// A staging area of at least `len` bytes that no read in flight can write into; waits for
     /// the oldest late read when every area is held.
     pub(super) fn area(&mut self, len: usize) -> Result<usize, TransferError> {
+        self.area_besides(len, &[])
+    }
+
+    /// [`Self::area`], not one of `busy` (the caller's own reads in flight); past [`MAX_AREAS`]
+    /// when only those hold the others.
+    pub(super) fn area_besides(&mut self, len: usize, busy: &[usize]) -> Result<usize, TransferError> {
         loop {
-            let held = |a: usize, late: &[Late]| late.iter().any(|l| l.area == a);
+            let held = |a: usize, late: &[Late]| busy.contains(&a) || late.iter().any(|l| l.area == a);
             let free = (0..self.coded.areas.len()).find(|&a| !held(a, &self.coded.late));
             match free {
                 Some(a) if self.coded.areas[a].len() >= len => return Ok(a),
@@ -396,7 +424,7 @@ impl LenderIo {
                     self.coded.areas[a] = LocalRegion::new(len.next_multiple_of(64 * 1024)).map_err(local)?;
                     return Ok(a);
                 }
-                None if self.coded.areas.len() < MAX_AREAS => {
+                None if self.coded.areas.len() < MAX_AREAS || self.coded.late.is_empty() => {
                     self.coded.areas.push(LocalRegion::new(len.next_multiple_of(64 * 1024)).map_err(local)?);
                     return Ok(self.coded.areas.len() - 1);
                 }

@@ -30,7 +30,7 @@ pub(super) struct LenderIo {
     bounce: Option<Arc<LocalRegion>>,
     completions: Vec<Completion>,
     /// The lender each slot of the last read batch was read from (for `distrust`).
-    read_from: Vec<(Slot, usize)>,
+    pub(super) read_from: Vec<(Slot, usize)>,
     /// Segments of one page, reused.
     scratch: Vec<Segment>,
     /// How many comebacks of each lender this thread has reconnected after.
@@ -470,6 +470,9 @@ impl PageIo for LenderIo {
     fn read_pages(&mut self, buf: &Arc<LocalRegion>, pages: &[PageTransfer], out: &mut Vec<Result<(), TransferError>>) {
         if self.store.code.is_some() {
             return self.read_coded(buf, pages, out);
+        }
+        if self.store.width > 1 && self.store.hedged_reads {
+            return self.read_hedged(buf, pages, out);
         }
         self.transfer(Direction::Read, buf, pages, out);
         let mut read_from = std::mem::take(&mut self.read_from);

@@ -49,6 +49,7 @@ use crate::{PagerError, PAGE_SIZE};
 
 mod coded_io;
 mod coding;
+mod hedge;
 mod io;
 mod liar;
 mod migrate;
@@ -134,6 +135,8 @@ struct Lender {
     rtt: Mutex<proximity::RttWindow>,
     /// Its placement weight (`f64` bits; see `proximity.rs`), updated by the upkeep thread.
     weight: AtomicU64,
+    /// Its recent read service times (`hedge.rs`).
+    service: Mutex<hedge::ServiceTimes>,
 }
 
 impl Lender {
@@ -216,6 +219,9 @@ pub struct LenderStore {
     migrated: AtomicU64,
     /// Hot pages written to a nearer lender than their old slot's (`proximity.rs`).
     moved_nearer: AtomicU64,
+    /// Reads of replicated pages are hedged (`hedge.rs`).
+    hedged_reads: bool,
+    hedges: hedge::HedgeCounters,
 }
 
 /// How a [`LenderStore`] connects and times out.
@@ -241,6 +247,9 @@ pub struct LenderStoreOptions {
     pub redundancy: Redundancy,
     /// Erasure-coded reads: shards read beyond the K needed (late binding; at most M).
     pub extra_shard_reads: usize,
+    /// With copies: read a page again from its next copy when the first has not answered within
+    /// its lender's recent 95th percentile, and take the first answer (`hedge.rs`).
+    pub hedged_reads: bool,
 }
 
 impl LenderStore {
@@ -297,6 +306,8 @@ impl LenderStore {
             migrating: AtomicU64::new(0),
             migrated: AtomicU64::new(0),
             moved_nearer: AtomicU64::new(0),
+            hedged_reads: options.hedged_reads,
+            hedges: hedge::HedgeCounters::default(),
         };
         store.update_weights();
         Ok(store)
@@ -604,6 +615,10 @@ impl PageStore for LenderStore {
         self.moved_nearer.load(Ordering::Relaxed)
     }
 
+    fn hedged_reads(&self) -> (u64, u64) {
+        (self.hedges.posted.load(Ordering::Relaxed), self.hedges.won.load(Ordering::Relaxed))
+    }
+
     fn release_all(&self) {
         let groups = self.groups.read().unwrap_or_else(PoisonError::into_inner).clone();
         for slab in groups.iter().flat_map(Group::slabs) {
@@ -648,6 +663,7 @@ fn open_lender(addr: SocketAddr, client: &ClientOptions) -> Result<Lender, Pager
         last_attempt: Mutex::new(None),
         rtt: Mutex::new(rtt),
         weight: AtomicU64::new(1f64.to_bits()),
+        service: Mutex::new(hedge::ServiceTimes::default()),
     })
 }
 
