@@ -51,6 +51,9 @@ enum Command {
         /// Do not print statistics on exit.
         #[arg(long)]
         quiet: bool,
+        /// Fault-handling threads of each process (1 to 64; `COALESCE_FAULT_THREADS`).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=64))]
+        fault_threads: u8,
         /// A service-level objective on remote-fault service time, e.g. p99=500us: when a
         /// second's faults miss it, the local share grows (up to --local-max); the statistics say
         /// what share of faults met it.
@@ -346,6 +349,7 @@ fn main() -> ExitCode {
             heap_size,
             provider,
             quiet,
+            fault_threads,
             slo,
             found,
             lenders: LenderChoices { trusted_lenders, key_file, redundancy, repair_rate, backup, backup_lag, no_hedge },
@@ -355,6 +359,7 @@ fn main() -> ExitCode {
             let opts = run::RunOptions {
                 discover,
                 slo,
+                fault_threads: usize::from(fault_threads),
                 key_file,
                 redundancy,
                 backup,
