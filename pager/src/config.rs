@@ -39,7 +39,12 @@ pub struct PagerConfig {
     /// Prefetch along detected trends.
     pub prefetch: bool,
     /// Pages fetched ahead along a trend, in the same request as the faulting page (1..=256).
+    /// The window a stream starts with; see `prefetch_window_max`.
     pub prefetch_window: usize,
+    /// The window a confirmed stream grows to: it doubles every time the stream uses a whole
+    /// window, up to this (at least `prefetch_window`, at most 256 and an eighth of the budget;
+    /// default 256). Costs `(1 + prefetch_window_max)` pages of staging per fault thread.
+    pub prefetch_window_max: usize,
     /// A fetch not completed within this time fails (the access gets SIGBUS).
     pub fetch_timeout: Duration,
     /// With copies on several lenders: a read whose pages all have another copy on a reachable
@@ -117,6 +122,7 @@ impl PagerConfig {
             fault_threads: 1,
             prefetch: true,
             prefetch_window: 64,
+            prefetch_window_max: 256,
             fetch_timeout: Duration::from_secs(5),
             failover_timeout: Duration::from_millis(500),
             extra_shard_reads: 1,
@@ -158,6 +164,9 @@ impl PagerConfig {
         }
         if self.prefetch_window == 0 || self.prefetch_window > 256 {
             return Err(PagerError::Config("prefetch_window must be between 1 and 256 pages".into()));
+        }
+        if self.prefetch_window_max == 0 || self.prefetch_window_max > 256 {
+            return Err(PagerError::Config("prefetch_window_max must be between 1 and 256 pages".into()));
         }
         if self.history > 1 << 24 {
             return Err(PagerError::Config(format!(

@@ -40,7 +40,7 @@
 //! asks) and counts an over-budget event, up to the local maximum ([`LocalMax`]) and no further:
 //! there [`Pager::may_allocate`] says no and an access that needs another local page waits up to
 //! the fetch timeout, then gets SIGBUS. Fixed overhead beside the budget: the staging buffers
-//! (`(1 + prefetch_window)` pages per handler thread, 64 pages for the evictor) and the metadata
+//! (`(1 + prefetch_window_max)` pages per handler thread, 64 pages for the evictor) and the metadata
 //! (12 bytes per page of every region: its 8-byte entry and a 4-byte write-out version).
 //!
 //! ```
@@ -199,6 +199,12 @@ impl Shared {
     /// The prefetch window in use: the configured one, at most an eighth of the budget.
     pub(crate) fn prefetch_window(&self) -> usize {
         self.config.prefetch_window.min(self.budget.base() / 8).max(1)
+    }
+
+    /// The largest window a confirmed stream grows to: the configured maximum, at most an
+    /// eighth of the budget, at least the starting window.
+    pub(crate) fn prefetch_window_max(&self) -> usize {
+        self.config.prefetch_window_max.min(self.budget.base() / 8).max(self.prefetch_window())
     }
 
     /// Finds the region and page index of an address.
@@ -433,7 +439,7 @@ impl Pager {
 
     fn start(config: PagerConfig, store: Arc<dyn store::PageStore>, uffd: uffd::Uffd) -> Result<Self, PagerError> {
         let limit = config.local_budget / PAGE_SIZE;
-        let window = config.prefetch_window.min(limit / 8).max(1);
+        let window = config.prefetch_window_max.max(config.prefetch_window).min(limit / 8).max(1);
         let headroom = budget::Budget::headroom_for(limit, 1 + window, config.fault_threads);
         let budget = budget::Budget::new(limit, headroom, config.local_max.pages(limit));
         let shared = Arc::new(Shared {

@@ -5,6 +5,12 @@
 //! Hits and waste: a prefetched page counts as a hit when it is written, or when a later fault of
 //! the same trend lands beyond it (the stream went past it without faulting, so it was used); it
 //! counts as wasted when it is evicted or discarded before either.
+//!
+//! Window size: a stream starts with the configured window; each time its next fault comes just
+//! past the window fetched before (it used the whole window), the window doubles, up to the
+//! largest allowed (`PagerConfig::prefetch_window_max`); any other fault takes it back to the
+//! start. A confirmed stream then costs one fault per 256 pages instead of per 64, while a short
+//! or broken one wastes no more than before.
 
 /// Deltas remembered per region.
 const HISTORY: usize = 8;
@@ -18,6 +24,8 @@ pub struct TrendDetector {
     pos: usize,
     /// The last window fetched: first page, stride, count.
     pub last_window: Option<(usize, isize, usize)>,
+    /// Windows in a row that the stream used to their end.
+    streak: u32,
 }
 
 impl TrendDetector {
@@ -31,6 +39,22 @@ impl TrendDetector {
         }
         self.last = Some(page);
         self.trend()
+    }
+
+    /// Notes whether a fault at `page` continues the stream just past the last window (before
+    /// [`Self::record`] and before `last_window` is taken).
+    pub fn confirm(&mut self, page: usize) {
+        let continues = self.last_window.is_some_and(|(start, stride, count)| {
+            let steps = isize::try_from(count).unwrap_or(isize::MAX);
+            start.checked_add_signed(stride.saturating_mul(steps)) == Some(page)
+        });
+        self.streak = if continues { self.streak.saturating_add(1) } else { 0 };
+    }
+
+    /// The window to fetch now: `base` doubled for every window the stream used to its end,
+    /// at most `max`.
+    pub fn window(&self, base: usize, max: usize) -> usize {
+        base.checked_shl(self.streak.min(8)).unwrap_or(max).min(max).max(base.min(max)).max(1)
     }
 
     /// The majority delta over the history (Boyer-Moore vote, then verified), if it is a stride.
@@ -84,5 +108,31 @@ mod tests {
             }
         }
         assert!(found < 5, "random faults should not look like a trend ({found})");
+    }
+
+    #[test]
+    fn the_window_doubles_while_the_stream_uses_it_and_starts_over_when_it_breaks() {
+        let mut t = TrendDetector::default();
+        assert_eq!(t.window(64, 256), 64);
+        // Windows of 64 after faults at 0, 65, 130 (each just past the last window).
+        t.last_window = Some((1, 1, 64));
+        t.confirm(65);
+        assert_eq!(t.window(64, 256), 128);
+        t.last_window = Some((66, 1, 128));
+        t.confirm(194);
+        assert_eq!(t.window(64, 256), 256);
+        t.last_window = Some((195, 1, 256));
+        t.confirm(451);
+        assert_eq!(t.window(64, 256), 256, "never past the maximum");
+        // A fault elsewhere: back to the start.
+        t.last_window = Some((452, 1, 256));
+        t.confirm(10);
+        assert_eq!(t.window(64, 256), 64);
+        // Downward streams too.
+        t.last_window = Some((99, -1, 50));
+        t.confirm(49);
+        assert_eq!(t.window(64, 256), 128);
+        // A maximum below the base wins.
+        assert_eq!(t.window(64, 16), 16);
     }
 }

@@ -53,7 +53,7 @@ struct Fetch {
 impl Handler {
     pub(crate) fn new(shared: Arc<Shared>) -> Result<Self, PagerError> {
         let io = Arc::clone(&shared.store).open_io()?;
-        let staging = LocalRegion::new((1 + shared.config.prefetch_window) * PAGE_SIZE).map_err(PagerError::Buffer)?;
+        let staging = LocalRegion::new((1 + shared.prefetch_window_max()) * PAGE_SIZE).map_err(PagerError::Buffer)?;
         let zero = vec![0; (1 + shared.config.prefetch_window) * PAGE_SIZE];
         let scratch = Scratch::new().map_err(|source| PagerError::Map { len: PAGE_SIZE, source })?;
         Ok(Self { shared, io, staging, scratch, zero, deferred: VecDeque::new(), outcomes: Vec::new() })
@@ -298,9 +298,9 @@ impl Handler {
         let stride = self.record_trend(region, page);
         let mut pages = vec![(page, entry)];
         if let Some(stride) = stride.filter(|_| region.prefetch_enabled(self.shared.config.prefetch)) {
-            pages.extend(
-                self.lock_window(region, page, stride, |e| e.state() == PageState::Absent && !e.remove_unhandled()),
-            );
+            pages.extend(self.lock_window(region, page, stride, self.shared.prefetch_window(), |e| {
+                e.state() == PageState::Absent && !e.remove_unhandled()
+            }));
         }
         match self.reserve_window(pages.len()) {
             0 => return self.fail_at_max(region, &pages),
@@ -380,6 +380,7 @@ impl Handler {
     /// returns the current trend.
     fn record_trend(&mut self, region: &RegionState, page: usize) -> Option<isize> {
         let mut trend = region.trend.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        trend.confirm(page);
         let stride = trend.record(page);
         // Pages of the previous prefetch window that the stream has now passed were used.
         if let Some((start, s, count)) = trend.last_window.take() {
@@ -399,17 +400,18 @@ impl Handler {
         stride
     }
 
-    /// Locks up to a window of pages along `stride` after `page` that satisfy `want`.
+    /// Locks up to `window` pages along `stride` after `page` that satisfy `want`.
     fn lock_window(
         &self,
         region: &RegionState,
         page: usize,
         stride: isize,
+        window: usize,
         want: impl Fn(Entry) -> bool,
     ) -> Vec<(usize, Entry)> {
         let mut out = Vec::new();
         let mut q = page;
-        for _ in 0..self.shared.prefetch_window() {
+        for _ in 0..window {
             match q.checked_add_signed(stride) {
                 Some(n) if n < region.table.len() => q = n,
                 _ => break,
@@ -427,7 +429,12 @@ impl Handler {
         let Some(stride) = stride.filter(|_| region.prefetch_enabled(self.shared.config.prefetch)) else {
             return Vec::new();
         };
-        let out = self.lock_window(region, page, stride, |e| e.state() == PageState::Remote && !e.remove_unhandled());
+        let window = {
+            let trend = region.trend.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            trend.window(self.shared.prefetch_window(), self.shared.prefetch_window_max())
+        };
+        let out =
+            self.lock_window(region, page, stride, window, |e| e.state() == PageState::Remote && !e.remove_unhandled());
         if let Some(&(first, _)) = out.first() {
             let mut trend = region.trend.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             trend.last_window = Some((first, stride, out.len()));
