@@ -172,7 +172,8 @@ enum Command {
         /// Fault-handling threads.
         #[arg(long, default_value_t = 1)]
         fault_threads: usize,
-        /// Pages fetched ahead along a detected trend (1..=256).
+        /// Pages fetched ahead along a detected trend at first (1..=256); a stream that uses its
+        /// whole window gets twice as many next time, up to 256.
         #[arg(long, default_value_t = 64)]
         prefetch_window: usize,
         /// Keep this many page-table transitions and print the history of a page that fails
@@ -227,7 +228,8 @@ enum Command {
         /// Page-table transitions kept for the report (40 bytes each).
         #[arg(long, default_value_t = 4_000_000)]
         history: usize,
-        /// Pages fetched ahead along a detected trend (1..=256).
+        /// Pages fetched ahead along a detected trend at first (1..=256); a stream that uses its
+        /// whole window gets twice as many next time, up to 256.
         #[arg(long, default_value_t = 64)]
         prefetch_window: usize,
         /// Percentage of forward sequential runs that discard (madvise) the pages just after a
