@@ -385,7 +385,14 @@ fn spawn_worker(mode: Mode, opts: &BenchOptions, cgroup: Option<&Cgroup>) -> Res
     let out = cmd.output().map_err(|e| BenchError::Worker { mode: mode.name(), reason: e.to_string() })?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
-        return Err(BenchError::Worker { mode: mode.name(), reason: format!("exit {:?}: {stdout}", out.status) });
+        // The worker said why on stderr (inherited); add only what it printed on stdout, if anything.
+        let status = out.status.code().map_or_else(|| format!("{}", out.status), |c| format!("exit status {c}"));
+        let reason = if stdout.trim().is_empty() {
+            format!("{status} (its error is above)")
+        } else {
+            format!("{status}: {}", stdout.trim())
+        };
+        return Err(BenchError::Worker { mode: mode.name(), reason });
     }
     stdout
         .lines()

@@ -323,9 +323,14 @@ impl fmt::Display for PagerStats {
             self.evictions_clean, self.evictions_dirty, self.writeback_failures, self.unshared_pages
         )?;
         writeln!(f, "traffic: {:.1} MiB in, {:.1} MiB out", mib(self.bytes_in), mib(self.bytes_out))?;
+        let grown = if self.local_limit_pages > self.budget_pages {
+            format!(" (grown to {} pages for the objective)", self.local_limit_pages)
+        } else {
+            String::new()
+        };
         writeln!(
             f,
-            "resident: {} pages now, peak {} of a {}-page budget; {} over-budget events",
+            "resident: {} pages now, peak {} of a {}-page budget{grown}; {} over-budget events",
             self.resident_pages, self.peak_resident_pages, self.budget_pages, self.overshoot_events
         )?;
         if self.held_pages > 0 {
