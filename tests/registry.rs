@@ -205,7 +205,7 @@ fn a_pager_retires_a_lender_whose_key_goes_and_takes_it_back_when_it_registers_a
             break;
         }
         assert!(Instant::now() < deadline, "never retired and taken back: {:?}", pager.lenders());
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(2));
     }
     assert_eq!(info(&a).pages, 0, "taken back before its pages moved: {:?}", pager.lenders());
     // New pages go to it again.
