@@ -225,13 +225,8 @@ fn a_program_under_coalesce_run_borrows_from_lenders_in_the_registry() {
     let _lender = registered(&etcd, "loopback", "10s");
     let out = Command::new(env!("CARGO_BIN_EXE_coalesce"))
         .args(["run", "--registry", &etcd.url(), "--discover-wait", "1s", "--local", "16MiB", "--"])
-        .args(["sh", "-c", "head -c 60000000 /dev/zero | sort | wc -c"])
+        .args(common::SORT_PIPELINE)
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "60000001");
-    let sort = stderr.lines().find(|l| l.contains("(sort)")).unwrap_or_else(|| panic!("no report from sort: {stderr}"));
-    let faults: u64 = sort.split(", ").find_map(|f| f.strip_suffix(" remote faults")?.parse().ok()).unwrap();
-    assert!(faults > 0, "sort paged nothing: {sort}");
+    assert!(common::sort_pipeline_faults(&out) > 0, "sort paged nothing");
 }

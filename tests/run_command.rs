@@ -8,6 +8,8 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
 fn coalesce() -> Command {
     Command::new(env!("CARGO_BIN_EXE_coalesce"))
 }
@@ -63,15 +65,10 @@ fn every_process_of_a_pipeline_reports_its_own_statistics() {
 fn fault_threads_are_chosen_per_run_and_absurd_counts_are_refused() {
     let out = coalesce()
         .args(["run", "--embedded-server", "--fault-threads", "2", "--local", "16MiB", "--"])
-        .args(["sh", "-c", "head -c 60000000 /dev/zero | sort | wc -c"])
+        .args(common::SORT_PIPELINE)
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "60000001");
-    let sort = stderr.lines().find(|l| l.contains("(sort)")).unwrap_or_else(|| panic!("no report from sort: {stderr}"));
-    let faults: u64 = sort.split(", ").find_map(|f| f.strip_suffix(" remote faults")?.parse().ok()).unwrap();
-    assert!(faults > 0, "sort paged nothing with two fault threads: {sort}");
+    assert!(common::sort_pipeline_faults(&out) > 0, "sort paged nothing with two fault threads");
     for absurd in ["0", "65", "lots"] {
         let out = coalesce().args(["run", "--fault-threads", absurd, "--", "true"]).output().unwrap();
         assert!(!out.status.success(), "--fault-threads {absurd} was accepted");

@@ -203,3 +203,17 @@ impl Drop for Netns {
         let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
     }
 }
+
+/// The sort pipeline the `coalesce run` tests give a program: 60 MB through `sort`.
+pub const SORT_PIPELINE: [&str; 3] = ["sh", "-c", "head -c 60000000 /dev/zero | sort | wc -c"];
+
+/// Checks the output of `coalesce run ... -- SORT_PIPELINE`: success, the right count, and a
+/// report of its own from `sort`; returns sort's remote faults.
+pub fn sort_pipeline_faults(out: &std::process::Output) -> u64 {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // sort ends its one line with a newline.
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "60000001");
+    let sort = stderr.lines().find(|l| l.contains("(sort)")).unwrap_or_else(|| panic!("no report from sort: {stderr}"));
+    sort.split(", ").find_map(|f| f.strip_suffix(" remote faults")?.parse().ok()).unwrap()
+}
