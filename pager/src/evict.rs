@@ -256,12 +256,15 @@ impl Evictor {
         for v in &mut moved {
             // A clean page whose lender copies are not whole still needs no write when a backup
             // tier holds this very version: it comes back from there.
-            let copy_intact = v.entry.slot().is_some_and(|slot| self.io.intact(slot))
-                || (!v.entry.is_dirty() && self.io.held_elsewhere(v.region.page_id(v.page)));
-            // A page faulted back (not a prefetched one never touched) is hot: written nearer
-            // when its copy is far (`proximity.rs` of the lender store).
-            let hot_and_far = !v.entry.is_prefetched()
-                && v.entry.slot().is_some_and(|slot| self.io.intact(slot) && self.io.wants_nearer(slot));
+            let own_intact = v.entry.slot().filter(|&slot| self.io.intact(slot));
+            let copy_intact =
+                own_intact.is_some() || (!v.entry.is_dirty() && self.io.held_elsewhere(v.region.page_id(v.page)));
+            // A clean page faulted back (not a prefetched one never touched) is hot: written
+            // nearer when its copy is far (`proximity.rs` of the lender store; `place` moves
+            // dirty ones itself).
+            let hot_and_far = !v.entry.is_dirty()
+                && !v.entry.is_prefetched()
+                && own_intact.is_some_and(|slot| self.io.wants_nearer(slot));
             v.needs_write = v.entry.is_dirty() || (v.entry.has_remote_copy() && !copy_intact) || hot_and_far;
             if !v.needs_write {
                 continue;

@@ -100,6 +100,16 @@ impl CopyRead {
     fn needed(&self, plans: &[PagePlan]) -> bool {
         self.outcome.is_none() && self.pages.iter().any(|&i| plans[i].done_by.is_none())
     }
+
+    /// Records the read's outcome; its pages no longer wait for it.
+    fn settle(&mut self, outcome: Result<(), TransferError>, plans: &mut [PagePlan]) {
+        if self.outcome.is_none() {
+            for &i in &self.pages {
+                plans[i].in_flight -= 1;
+            }
+        }
+        self.outcome = Some(outcome);
+    }
 }
 
 /// Per page of a batch: its copies nearest first, and which read filled it.
@@ -109,6 +119,15 @@ struct PagePlan {
     next: usize,
     /// The read (index into the batch's reads) that brought it, first.
     done_by: Option<usize>,
+    /// Its reads still in flight.
+    in_flight: u32,
+}
+
+impl PagePlan {
+    /// Not brought yet, and a read of it is still in flight.
+    fn waiting(&self) -> bool {
+        self.done_by.is_none() && self.in_flight > 0
+    }
 }
 
 impl LenderIo {
@@ -142,13 +161,13 @@ impl LenderIo {
             self.gather_copies(&mut reads, &mut plans);
             // Pages whose every read so far failed go to their next copy at once (failover).
             let failed: Vec<usize> = (0..pages.len())
-                .filter(|&i| out[i].is_ok() && plans[i].done_by.is_none() && !pending_for(&reads, i))
+                .filter(|&i| out[i].is_ok() && plans[i].done_by.is_none() && plans[i].in_flight == 0)
                 .filter(|&i| plans[i].next < plans[i].copies.len())
                 .collect();
             let slow: Vec<usize> = if !hedged && hedge_at.is_some_and(|t| Instant::now() >= t) {
                 hedged = true;
                 (0..pages.len())
-                    .filter(|&i| out[i].is_ok() && plans[i].done_by.is_none() && pending_for(&reads, i))
+                    .filter(|&i| out[i].is_ok() && plans[i].waiting())
                     .filter(|&i| plans[i].next < plans[i].copies.len())
                     .collect()
             } else {
@@ -165,14 +184,14 @@ impl LenderIo {
                     }
                 }
             }
-            let open = (0..pages.len()).any(|i| out[i].is_ok() && plans[i].done_by.is_none() && pending_for(&reads, i));
+            let open = (0..pages.len()).any(|i| out[i].is_ok() && plans[i].waiting());
             if !open {
                 break;
             }
             // Each read is given its own time from when it was posted.
             let Some(deadline) = reads.iter().filter(|r| r.needed(&plans)).map(CopyRead::deadline).min() else { break };
             if Instant::now() >= deadline {
-                self.time_out(&mut reads, &plans);
+                self.time_out(&mut reads, &mut plans);
                 continue;
             }
             let until = match hedge_at.filter(|_| !hedged) {
@@ -205,7 +224,7 @@ impl LenderIo {
                 if copies.is_empty() && out[i].is_ok() {
                     out[i] = Err(TransferError::LenderDown);
                 }
-                PagePlan { copies, next: 0, done_by: None }
+                PagePlan { copies, next: 0, done_by: None, in_flight: 0 }
             })
             .collect()
     }
@@ -261,7 +280,10 @@ impl LenderIo {
             let spare = idx.iter().all(|&i| plans[i].next < plans[i].copies.len());
             let limit = if spare { self.store.failover } else { self.store.timeout };
             let (wr_id, outcome) = match self.post(Direction::Read, lender, segments) {
-                Ok(id) => (Some(id), None),
+                Ok(id) => {
+                    idx.iter().for_each(|&i| plans[i].in_flight += 1);
+                    (Some(id), None)
+                }
                 Err(e) => (None, Some(Err(e))),
             };
             reads.push(CopyRead { lender, area, pages: idx, wr_id, posted: Instant::now(), limit, outcome, hedge });
@@ -280,7 +302,7 @@ impl LenderIo {
             got.clear();
             if let Err(e) = self.gather(lender, &mut got) {
                 for r in reads.iter_mut().filter(|r| r.lender == lender && r.outcome.is_none()) {
-                    r.outcome = Some(Err(e.clone()));
+                    r.settle(Err(e.clone()), plans);
                 }
                 continue;
             }
@@ -296,7 +318,7 @@ impl LenderIo {
                         plans[i].done_by.get_or_insert(k);
                     }
                 }
-                reads[k].outcome = Some(outcome);
+                reads[k].settle(outcome, plans);
             }
         }
     }
@@ -314,13 +336,13 @@ impl LenderIo {
 
     /// Reads that pages still wait for and that have had their time fail, and their lenders
     /// are marked failed (as any timeout does); their pages then go to their next copy.
-    fn time_out(&mut self, reads: &mut [CopyRead], plans: &[PagePlan]) {
+    fn time_out(&mut self, reads: &mut [CopyRead], plans: &mut [PagePlan]) {
         let now = Instant::now();
         for r in reads.iter_mut() {
             if r.needed(plans) && now >= r.deadline() {
                 let limit = r.limit;
                 self.fail_lender(r.lender, &format!("read: no reply within {limit:?}"));
-                r.outcome = Some(Err(TransferError::Timeout(limit)));
+                r.settle(Err(TransferError::Timeout(limit)), plans);
             }
         }
     }
@@ -369,11 +391,6 @@ impl LenderIo {
             }
         }
     }
-}
-
-/// True while a read of page `i` is still in flight.
-fn pending_for(reads: &[CopyRead], i: usize) -> bool {
-    reads.iter().any(|r| r.outcome.is_none() && r.pages.contains(&i))
 }
 
 #[cfg(all(test, not(coalesce_loom)))]

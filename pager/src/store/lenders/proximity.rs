@@ -157,7 +157,7 @@ impl super::LenderStore {
     /// The lender a hot page at `places` should move to (see [`hot_home`]), among those that can
     /// take a new slot and are `usable` from the calling thread.
     pub(super) fn hot_home(&self, places: &super::Places, usable: impl Fn(usize) -> bool) -> Option<usize> {
-        if self.code.is_some() {
+        if self.code.is_some() || self.lenders.len() < 2 {
             return None;
         }
         let here = places.copies().iter().filter(|loc| self.copy_valid(loc)).map(|loc| self.weight_of(loc.lender));
