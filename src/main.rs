@@ -64,7 +64,7 @@ enum Command {
         #[command(flatten)]
         lenders: LenderChoices,
         /// The program and its arguments (after --).
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        #[arg(trailing_var_arg = true, required = true)]
         command: Vec<std::ffi::OsString>,
     },
     /// Compare with Linux swap: one workload run in local memory, under swap (cgroup limit plus a

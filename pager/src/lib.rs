@@ -99,7 +99,7 @@ pub use config::{LocalMax, PagerConfig, MAX_FETCH_TIMEOUT};
 pub use entry::{Entry as PageEntry, PageState};
 pub use region::{FailureHandler, FetchFailure, Region, RegionOptions, RemoteVec};
 pub use slo::Slo;
-pub use stats::{ExitReport, PagerStats};
+pub use stats::{ExitReport, PagerStats, PreloadStats};
 pub use uffd::OpenError as UserfaultfdError;
 
 /// The page size the pager works in.

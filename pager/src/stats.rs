@@ -444,6 +444,29 @@ pub struct ExitReport {
     /// The program's name (`/proc/self/comm`; empty if unknown).
     #[serde(default)]
     pub program: String,
+    /// What the preload library did besides `malloc`: anonymous mappings, refusals, forks.
+    #[serde(default)]
+    pub preload: PreloadStats,
+}
+
+/// What the preload library did with a program's anonymous mappings (`mmap`) and forks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PreloadStats {
+    /// Anonymous mappings served from the paged heap.
+    pub mmaps_served: u64,
+    /// Most bytes mapped that way at one time.
+    pub mmap_peak_bytes: u64,
+    /// Anonymous mappings too large for what was left of the heap's address space, mapped by the
+    /// kernel outside the budget.
+    #[serde(default)]
+    pub mmaps_too_large: u64,
+    /// Calls refused because they would have changed the pager's region behind its back
+    /// (`mprotect` to other than read-write, `munmap` of `malloc`'s memory, ...).
+    pub calls_refused: u64,
+    /// `fork`s refused (`ENOMEM`) because the child would have needed more of the heap brought
+    /// back than `COALESCE_FORK_MAX` allows.
+    #[serde(default)]
+    pub forks_refused: u64,
 }
 
 impl ExitReport {
@@ -452,10 +475,20 @@ impl ExitReport {
         #[allow(clippy::cast_precision_loss)]
         let mib = self.peak_rss_bytes as f64 / 1048576.0;
         let p = &self.pager;
-        format!(
+        let mut line = format!(
             "pid {} ({}): peak RSS {mib:.1} MiB, {} remote faults, {} pages written back, {} pages could not be fetched",
             self.pid, self.program, p.remote_faults, p.evictions_dirty, p.fetch_failures
-        )
+        );
+        let m = &self.preload;
+        if m.mmaps_served > 0 {
+            #[allow(clippy::cast_precision_loss)]
+            let peak = m.mmap_peak_bytes as f64 / 1048576.0;
+            line += &format!(", {} mmaps served from the heap (peak {peak:.1} MiB)", m.mmaps_served);
+        }
+        if m.forks_refused > 0 {
+            line += &format!(", {} forks refused", m.forks_refused);
+        }
+        line
     }
 }
 
@@ -464,6 +497,15 @@ impl fmt::Display for ExitReport {
         writeln!(f, "coalesce pager statistics:\n{}", self.pager)?;
         #[allow(clippy::cast_precision_loss)]
         let mib = self.peak_rss_bytes as f64 / 1048576.0;
-        writeln!(f, "process peak RSS: {mib:.1} MiB (VmHWM)")
+        writeln!(f, "process peak RSS: {mib:.1} MiB (VmHWM)")?;
+        let m = &self.preload;
+        #[allow(clippy::cast_precision_loss)]
+        let peak = m.mmap_peak_bytes as f64 / 1048576.0;
+        writeln!(
+            f,
+            "anonymous mappings served from the paged heap: {} (peak {peak:.1} MiB), {} too large for it; {} calls on \
+             it refused, {} forks refused",
+            m.mmaps_served, m.mmaps_too_large, m.calls_refused, m.forks_refused
+        )
     }
 }

@@ -32,6 +32,8 @@
 //! | `COALESCE_REPAIR_RATE` | `256MiB` | bytes per second copied in the background to rebuild copies lost with a lender (or on a leaving one); `0`: off |
 //! | `COALESCE_KEY_FILE` | unset | the cluster key file (`coalesce keygen`), for lenders that require one |
 //! | `COALESCE_TRUSTED_LENDERS` | `0` | `1`: pages travel and rest in plaintext (faster; a lender can read and change them). By default every page is sealed (AES-256-GCM, a key that never leaves the process) |
+//! | `COALESCE_MMAP_MIN` | `64KiB` | private anonymous read-write `mmap`s at least this large are served from the paged heap (so allocators that take memory with `mmap`, like CPython's and jemalloc, stay within the budget); `off`: none (see "Anonymous mappings" below) |
+//! | `COALESCE_FORK_MAX` | `available` | how much of the heap a `fork` (without `exec`) may bring back from the lenders, since the child needs it all locally: a size, `available` (the memory the kernel reports available at the time), or `unlimited`. A fork that would need more fails with `ENOMEM` and one log line |
 //! | `COALESCE_HISTORY` | 0 | page-table transitions kept for a page-state violation's log (40 bytes each) |
 //! | `COALESCE_LOG` | `warn` | log filter (`tracing` syntax), written to stderr |
 //! | `COALESCE_STATS` | unset | `1` or `stderr`: print pager statistics on exit, as text; a directory: every process writes `coalesce-stats-PID.json` in it (a `coalesce_pager::ExitReport`: the pager's statistics, the peak RSS, the pid and program name; `coalesce run` reads them); any other value: a file to write the report to, as JSON (the last process to exit wins) |
@@ -52,14 +54,30 @@
 //!   kernel-mode faults (it refuses to run in user-mode-only userfaultfd).
 //! - mimalloc's purges (`madvise(MADV_DONTNEED)`) become remove events: the pages read as zero and
 //!   their remote copies are freed.
-//! - `fork` without `exec`: see [`setup::fork`]: the child gets a complete private heap.
-//!   `posix_spawn`, `vfork` and `fork`+`exec` need nothing special.
+//! - `fork` without `exec`: see [`setup::fork`]: the child gets a complete private heap (bounded
+//!   by `COALESCE_FORK_MAX`). `posix_spawn`, `vfork` and `fork`+`exec` need nothing special.
+//!
+//! ## Anonymous mappings
+//!
+//! `mmap`, `munmap`, `mremap`, `madvise` and `mprotect` are interposed too (`mapping_calls`,
+//! `mappings`): a private anonymous read-write mapping of at least `COALESCE_MMAP_MIN` bytes is a
+//! page-aligned block of the application heap, so allocators that map their own memory (CPython's
+//! arenas, jemalloc) stay within the budget. The kernel's semantics that programs rely on hold:
+//! zero pages, partial `munmap`, `mremap` growth and shrinking, `MADV_DONTNEED`/`MADV_FREE`
+//! zeroing, `MAP_FIXED` over a served mapping, fork. Everything else passes to the kernel
+//! unchanged, except calls that would change the pager's region behind its back, which fail
+//! loudly: `mprotect` of heap memory to anything but read-write (`EACCES`), `munmap`/`mremap` of
+//! `malloc`'s memory and `MAP_FIXED` over it (`EINVAL`). An unmapped page of a served mapping
+//! reads as zero rather than faulting.
 //!
 //! A panic can never unwind out of an exported function: Rust aborts at an `extern "C"` boundary.
 
 mod exports;
 mod heap;
+mod mapping_calls;
+mod mappings;
 pub mod setup;
+mod sys;
 
 #[global_allocator]
 static ALLOCATOR: heap::InternalAllocator = heap::InternalAllocator;

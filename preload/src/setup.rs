@@ -40,6 +40,8 @@ struct Settings {
     backup_lag: Duration,
     hedged_reads: bool,
     slo: Option<coalesce_pager::Slo>,
+    mmap_min: Option<usize>,
+    fork_max: ForkMax,
     history: usize,
     log: String,
 }
@@ -67,6 +69,53 @@ fn discovery() -> Result<Option<coalesce_pager::discover::Method>, String> {
         Some(_) if mdns => Err("COALESCE_DISCOVER and COALESCE_REGISTRY are both set: choose one".into()),
         Some(r) => r.trim().parse().map(|r| Some(Method::Registry(r))).map_err(|e| format!("COALESCE_REGISTRY: {e}")),
         None => Ok(mdns.then_some(Method::Mdns)),
+    }
+}
+
+/// How much of the heap a `fork` may bring back from the lenders (`COALESCE_FORK_MAX`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ForkMax {
+    /// The memory the kernel says is available at the time of the fork (the default): a fork
+    /// that would bring back more fails with `ENOMEM` instead of meeting the OOM killer.
+    Available,
+    /// At most this many bytes.
+    Bytes(u64),
+    /// No limit.
+    Unlimited,
+}
+
+static FORK_MAX: std::sync::OnceLock<ForkMax> = std::sync::OnceLock::new();
+static FORKS_REFUSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn fork_max() -> Result<ForkMax, String> {
+    Ok(match var("COALESCE_FORK_MAX").as_deref().map(str::trim) {
+        None | Some("available") => ForkMax::Available,
+        Some("unlimited") => ForkMax::Unlimited,
+        Some(_) => ForkMax::Bytes(size("COALESCE_FORK_MAX", "0")? as u64),
+    })
+}
+
+/// `MemAvailable` of /proc/meminfo in bytes.
+fn memory_available() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line["MemAvailable:".len()..].trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// `COALESCE_MMAP_MIN`: the smallest anonymous mapping served from the heap, or `off`.
+fn mmap_min() -> Result<Option<usize>, String> {
+    match var("COALESCE_MMAP_MIN").as_deref().map(str::trim) {
+        Some("off" | "0" | "none") => Ok(None),
+        Some(_) => {
+            let min = size("COALESCE_MMAP_MIN", "")?;
+            // Smaller than a page would serve the allocator's own metadata mappings.
+            if min < crate::mappings::PAGE {
+                return Err(format!("COALESCE_MMAP_MIN={min} is below a page (4096): give a size like 64KiB, or off"));
+            }
+            Ok(Some(min))
+        }
+        None => Ok(Some(crate::mapping_calls::DEFAULT_MIN_LEN)),
     }
 }
 
@@ -181,6 +230,8 @@ fn settings() -> Result<Option<Settings>, String> {
         key,
         backup,
         backup_lag,
+        mmap_min: mmap_min()?,
+        fork_max: fork_max()?,
         hedged_reads,
         slo,
         history,
@@ -264,6 +315,8 @@ pub extern "C" fn init() {
     }
     // SAFETY: getpid has no preconditions.
     OWNER_PID.store(unsafe { libc::getpid() }, Ordering::Release);
+    crate::mapping_calls::set_min_len(settings.mmap_min);
+    let _ = FORK_MAX.set(settings.fork_max);
     PAGER.store(std::ptr::from_ref(pager).cast_mut(), Ordering::Release);
     REGION.store(std::ptr::from_ref(region).cast_mut(), Ordering::Release);
     heap::unmark_internal_thread();
@@ -323,6 +376,10 @@ extern "C" fn at_exit() {
         pager: pager.stats(),
         peak_rss_bytes: peak_rss_bytes().unwrap_or(0),
         pid: std::process::id(),
+        preload: coalesce_pager::PreloadStats {
+            forks_refused: FORKS_REFUSED.load(Ordering::Relaxed),
+            ..crate::mappings::stats()
+        },
         program: std::fs::read_to_string("/proc/self/comm").map(|c| c.trim().to_owned()).unwrap_or_default(),
     };
     if dest == "1" || dest == "stderr" {
@@ -362,6 +419,11 @@ pub fn may_allocate(size: usize) -> bool {
     pager().is_none_or(|p| p.may_allocate(size))
 }
 
+/// The heap region's `[start, end)` once the pager runs.
+pub fn region_bounds() -> Option<(usize, usize)> {
+    region().map(|r| (r.as_ptr() as usize, r.as_ptr() as usize + r.len()))
+}
+
 fn region() -> Option<&'static Region<'static>> {
     let r = REGION.load(Ordering::Acquire);
     // SAFETY: the region was leaked and is never freed.
@@ -394,6 +456,13 @@ pub unsafe extern "C" fn fork() -> libc::pid_t {
         // SAFETY: calling glibc's fork.
         return unsafe { real() };
     };
+    if let Some(refusal) = fork_refusal(pager) {
+        FORKS_REFUSED.fetch_add(1, Ordering::Relaxed);
+        tracing::error!("{refusal}");
+        // SAFETY: setting errno.
+        unsafe { *libc::__errno_location() = libc::ENOMEM };
+        return -1;
+    }
     pager.hold_resident(true);
     // Pages the evictor was moving out when the hold began become remote a moment later: repeat
     // until a pass finds nothing to fetch twice in a row.
@@ -421,12 +490,33 @@ pub unsafe extern "C" fn fork() -> libc::pid_t {
             fetched * 4096 / (1 << 20)
         );
     }
+    // The child must not inherit the mapping table locked by another thread.
+    let table = crate::mappings::lock_for_fork();
     // SAFETY: calling glibc's fork.
     let pid = unsafe { real() };
+    drop(table);
     if pid != 0 {
         pager.hold_resident(false);
     }
     pid
+}
+
+/// Why a fork now would bring back more of the heap than `COALESCE_FORK_MAX` allows, if it would.
+fn fork_refusal(pager: &Pager) -> Option<String> {
+    let needed = pager.stats().remote_pages * 4096;
+    let (limit, what) = match FORK_MAX.get().copied().unwrap_or(ForkMax::Available) {
+        ForkMax::Unlimited => return None,
+        ForkMax::Bytes(b) => (b, "COALESCE_FORK_MAX"),
+        ForkMax::Available => (memory_available()?, "the memory available (MemAvailable)"),
+    };
+    (needed > limit).then(|| {
+        format!(
+            "fork refused (ENOMEM): the child needs the whole heap locally, and {} MiB of it is on lenders, more than \
+             {what} ({} MiB); use posix_spawn or vfork+exec, or set COALESCE_FORK_MAX to a larger size or `unlimited`",
+            needed >> 20,
+            limit >> 20
+        )
+    })
 }
 
 /// Logs to stderr through `tracing`, filtered by `RUST_LOG` if set, else by `default` (`COALESCE_LOG`).

@@ -1,7 +1,8 @@
 //! End-to-end tests of `libcoalesce.so`: the hazard probe under the preload (threads, read(2) into
-//! paged-out memory, allocator purges, fork without exec, fork+exec, posix_spawn), configuration
-//! errors, and real programs from Debian packages (python3, sqlite3, sort) whose output must match a
-//! plain run while their peak resident memory stays below the budget plus a fixed overhead.
+//! paged-out memory, allocator purges, fork without exec, fork+exec, posix_spawn, raw anonymous
+//! mappings), configuration errors, and real programs from Debian packages (python3 with and
+//! without its own allocator, sqlite3, sort, redis-server with a fork-based save) whose output must
+//! match a plain run while their peak resident memory stays below the budget plus a fixed overhead.
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::cast_precision_loss)]
 
@@ -166,6 +167,22 @@ fn fork_without_exec_sees_the_heap_as_it_was() {
 }
 
 #[test]
+fn a_fork_that_would_bring_back_more_than_fork_max_fails_with_enomem() {
+    let server = server();
+    let mut c = cmd(probe(), &["fork"]);
+    c.env("COALESCE_FORK_MAX", "8MiB");
+    let out = run(c, Some((&server, 32 * MIB)), b"");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // The probe's heap is far larger than 8 MiB: its fork fails, and the program says so.
+    assert_eq!(out.status, 1, "{stdout}\n{}", out.stderr);
+    assert!(stdout.contains("FAIL fork failed") || out.stderr.contains("FAIL fork failed"), "{stdout}");
+    assert!(out.stderr.contains("fork refused (ENOMEM)"), "{}", out.stderr);
+    let stats = out.stats.unwrap();
+    assert_eq!(stats.preload.forks_refused, 1, "{stats}");
+    assert_eq!(stats.pager.held_pages, 0, "nothing may be brought back for a refused fork:\n{stats}");
+}
+
+#[test]
 fn fork_then_exec() {
     probe_mode("fork-exec");
 }
@@ -182,6 +199,41 @@ fn allocator_purges_become_discards() {
     assert_eq!(out.status, 0, "{}", out.stderr);
     let stats = out.stats.unwrap();
     assert!(stats.pager.removed_pages > 0, "mimalloc's purges were not seen as discards:\n{stats}");
+}
+
+#[test]
+fn raw_anonymous_mappings_are_paged_and_keep_the_kernel_semantics() {
+    // 256 MiB mapped with mmap at a 32 MiB budget: zero pages, partial munmap, MADV_DONTNEED,
+    // MAP_FIXED, mremap growth and shrink, a fork child, small and file mappings.
+    let out = probe_mode("mmap");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stats = out.stats.unwrap();
+    let m = stats.preload;
+    assert!(m.mmaps_served >= 4, "the mappings were not served from the paged heap:\n{stats}");
+    assert!(m.mmap_peak_bytes >= 256 * MIB, "{stats}");
+    // mprotect to read-only and munmap of malloc's memory are refused, counted and said.
+    assert!(stdout.contains("refused: 2"), "{stdout}");
+    assert_eq!(m.calls_refused, 2, "{stats}");
+    assert_eq!(m.mmaps_too_large, 1, "a 64 GiB reservation does not fit the 8 GiB heap:\n{stats}");
+    assert!(out.stderr.contains("mprotect on the paged heap refused"), "{}", out.stderr);
+    assert!(stats.pager.remote_faults > 0, "nothing was paged back:\n{stats}");
+    // The budget held although the program touched 256 MiB (the fork child's copy is its own).
+    assert!(out.max_rss < 32 * MIB + FIXED_OVERHEAD, "peak RSS {} MiB", out.max_rss / MIB);
+}
+
+#[test]
+fn with_mmap_interception_off_mappings_pass_through() {
+    let server = server();
+    let mut c = cmd(probe(), &["mmap"]);
+    c.env("COALESCE_MMAP_MIN", "off");
+    let out = run(c, Some((&server, 32 * MIB)), b"");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status, 0, "{stdout}\n{}", out.stderr);
+    let stats = out.stats.unwrap();
+    assert_eq!(stats.preload.mmaps_served, 0, "{stats}");
+    // mprotect of its own mapping is the kernel's again; munmap of malloc's memory is still refused.
+    assert!(stdout.contains("refused: 1"), "{stdout}");
+    assert!(out.max_rss > 256 * MIB, "the mapping should be plain local memory: {} MiB", out.max_rss / MIB);
 }
 
 #[test]
@@ -227,6 +279,9 @@ fn misconfiguration_prints_one_line_and_exits_125() {
         ("COALESCE_LOCAL_MAX", "1MiB", "below the local budget"),
         ("COALESCE_REPAIR_RATE", "fast", "COALESCE_REPAIR_RATE"),
         ("COALESCE_REPAIR_RATE", "100GiB", "repair rate"),
+        ("COALESCE_MMAP_MIN", "big", "COALESCE_MMAP_MIN"),
+        ("COALESCE_MMAP_MIN", "100", "below a page"),
+        ("COALESCE_FORK_MAX", "lots", "COALESCE_FORK_MAX"),
     ] {
         let mut cmd = Command::new(probe());
         cmd.arg("hello").env("LD_PRELOAD", library()).env("COALESCE_SERVERS", "127.0.0.1:7").env(var, value);
@@ -252,7 +307,7 @@ fn program_available(path: &str) -> bool {
 
 /// Runs a real program plainly and under the preload; checks the output is identical and the
 /// preloaded peak RSS stays under budget + overhead; prints the figures.
-fn real_program(name: &str, build: impl Fn() -> Command, stdin: &[u8], budget: u64) {
+fn real_program(name: &str, build: impl Fn() -> Command, stdin: &[u8], budget: u64) -> ExitReport {
     let plain = run(build(), None, stdin);
     assert_eq!(plain.status, 0, "plain {name} failed: {}", plain.stderr);
     let server = server();
@@ -281,6 +336,7 @@ fn real_program(name: &str, build: impl Fn() -> Command, stdin: &[u8], budget: u
         FIXED_OVERHEAD / MIB
     );
     assert!(remote_faults > 0, "{name}: nothing was paged in from the server:\n{stats}");
+    stats
 }
 
 #[test]
@@ -304,6 +360,31 @@ fn python3_builds_and_checksums_objects() {
         b"",
         64 * MIB,
     );
+}
+
+#[test]
+fn python3_with_its_own_allocator_keeps_a_large_dict_within_the_budget() {
+    if !program_available("/usr/bin/python3") {
+        return;
+    }
+    // Small objects: CPython's allocator takes them from 1 MiB arenas it maps with mmap, not from
+    // malloc (PYTHONMALLOC unset). About 190 MiB of them at a 32 MiB budget.
+    let script = "import hashlib\n\
+        d = {i: str(i) * 3 for i in range(1_500_000)}\n\
+        h = hashlib.sha256()\n\
+        for k in range(0, 1_500_000, 7): h.update(d[k].encode())\n\
+        print(len(d), h.hexdigest())\n";
+    let stats = real_program(
+        "python3 (pymalloc)",
+        || {
+            let mut c = Command::new("/usr/bin/python3");
+            c.args(["-c", script]).env_remove("PYTHONMALLOC");
+            c
+        },
+        b"",
+        32 * MIB,
+    );
+    assert!(stats.preload.mmaps_served >= 100, "pymalloc's arenas were not served from the paged heap:\n{stats}");
 }
 
 #[test]
@@ -356,4 +437,120 @@ fn sort_of_a_few_hundred_mib_with_a_large_buffer() {
         128 * MIB,
     );
     let _ = std::fs::remove_file(&path);
+}
+
+/// A free TCP port on 127.0.0.1.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Sends one command to a Redis server and returns its reply (a status, an integer, an error or
+/// the contents of a bulk string) as text.
+fn redis(port: u16, command: &str) -> String {
+    use std::io::{BufRead, Read};
+    let stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
+    (&stream).write_all(format!("{command}\r\n").as_bytes()).unwrap();
+    let mut reader = std::io::BufReader::new(&stream);
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    let line = line.trim_end().to_owned();
+    match line.strip_prefix('$').map(str::parse::<usize>) {
+        Some(Ok(len)) => {
+            let mut body = vec![0; len + 2];
+            reader.read_exact(&mut body).unwrap();
+            String::from_utf8_lossy(&body[..len]).into_owned()
+        }
+        _ => line,
+    }
+}
+
+/// Waits until the Redis server on `port` answers PING.
+fn wait_for_redis(port: u16, server: &mut std::process::Child) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let up = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() && redis(port, "PING") == "+PONG";
+        if up {
+            return;
+        }
+        assert!(server.try_wait().unwrap().is_none(), "redis-server exited at start");
+        assert!(Instant::now() < deadline, "redis-server did not answer within 20 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn redis_server(port: u16, dir: &std::path::Path) -> Command {
+    let mut c = Command::new("/usr/bin/redis-server");
+    c.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args(["--enable-debug-command", "local", "--daemonize", "no", "--dir"])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    c
+}
+
+fn resident_bytes(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+}
+
+#[test]
+fn redis_loaded_past_its_budget_stays_within_it_and_saves_a_correct_dump_with_fork() {
+    if !program_available("/usr/bin/redis-server") {
+        return;
+    }
+    let budget = 64 * MIB;
+    let dir = std::env::temp_dir().join(format!("coalesce-redis-{}-{}", std::process::id(), fastrand::u64(..)));
+    std::fs::create_dir_all(&dir).unwrap();
+    let stats_file = dir.join("stats.json");
+    let lender = server();
+    let port = free_port();
+    let mut c = redis_server(port, &dir);
+    c.env("LD_PRELOAD", library())
+        .env("COALESCE_SERVERS", lender.addr().to_string())
+        .env("COALESCE_LOCAL", budget.to_string())
+        .env("COALESCE_STATS", &stats_file);
+    let mut preloaded = c.spawn().unwrap();
+    wait_for_redis(port, &mut preloaded);
+    // About 230 MiB of keys and values, several times the budget.
+    assert_eq!(redis(port, "DEBUG POPULATE 200000 key 1000"), "+OK");
+    let info = redis(port, "INFO memory");
+    let used: u64 = info.lines().find_map(|l| l.strip_prefix("used_memory:")).unwrap().trim().parse().unwrap();
+    let peak = resident_bytes(preloaded.id(), "VmHWM:");
+    eprintln!("redis: {} MiB used, peak RSS {} MiB before the save", used / MIB, peak / MIB);
+    assert!(used > budget + FIXED_OVERHEAD, "too little data to page: {used} bytes");
+    assert!(peak <= budget + FIXED_OVERHEAD, "peak RSS {} MiB past the budget and overhead", peak / MIB);
+    let digest = redis(port, "DEBUG DIGEST");
+    // A fork-based save: the child writes the dump while the parent keeps serving.
+    assert!(redis(port, "BGSAVE").contains("Background saving started"));
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let p = redis(port, "INFO persistence");
+        if p.contains("rdb_bgsave_in_progress:0") {
+            assert!(p.contains("rdb_last_bgsave_status:ok"), "the save failed: {p}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the save did not end within 300 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = redis(port, "SHUTDOWN NOSAVE");
+    let status = preloaded.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut preloaded.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(status.success() || status.code().is_none(), "redis-server under the preload: {status}: {stderr}");
+    let report: ExitReport = serde_json::from_str(&std::fs::read_to_string(&stats_file).unwrap()).unwrap();
+    eprintln!("{report}");
+    assert!(report.pager.remote_faults > 0, "nothing was paged:\n{report}");
+
+    // The dump, loaded by a plain server, holds exactly what the preloaded one held.
+    let port = free_port();
+    let mut plain = redis_server(port, &dir).spawn().unwrap();
+    wait_for_redis(port, &mut plain);
+    let loaded = redis(port, "DEBUG DIGEST");
+    assert_eq!(redis(port, "DBSIZE"), ":200000");
+    let _ = redis(port, "SHUTDOWN NOSAVE");
+    plain.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(loaded, digest, "the dump differs from the data");
 }

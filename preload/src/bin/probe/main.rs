@@ -1,10 +1,13 @@
 //! A program that exercises the hazards of an LD_PRELOAD heap: threads allocating and freeing
 //! across threads, read(2) into a paged-out buffer, allocator purges, fork without exec, fork+exec
-//! and posix_spawn, and allocating until `malloc` fails. Run it under `libcoalesce.so`; each mode prints `OK <mode>` or exits non-zero.
+//! and posix_spawn, allocating until `malloc` fails, and raw anonymous mappings (`mmap`, partial
+//! `munmap`, `mremap`, `madvise`, `MAP_FIXED`, `mprotect`). Run it under `libcoalesce.so`; each mode prints `OK <mode>` or exits non-zero.
 //! It uses only the C allocator (Rust's default global allocator is malloc), so every allocation
 //! goes through the preloaded library.
 
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
+
+mod mappings;
 
 use std::io::{Read, Write};
 use std::sync::mpsc;
@@ -256,6 +259,7 @@ fn main() {
         "fork-exec" => fork_exec(),
         "spawn" => spawn(),
         "hello" => println!("OK hello"),
+        "mmap" => mappings::run(),
         "until-enomem" => until_enomem(std::env::args().nth(2).and_then(|n| n.parse().ok()).unwrap_or(1024)),
         other => fail(&format!("unknown mode {other:?}")),
     }
