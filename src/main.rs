@@ -382,7 +382,7 @@ fn main() -> ExitCode {
                 Ok(outcome) => {
                     if !quiet {
                         eprintln!(
-                            "coalesce run: exit status {}, {:.3} s, peak resident memory {:.1} MiB (local budget {:.0} MiB)",
+                            "coalesce run: exit status {}, {:.3} s, peak resident memory {:.1} MiB (local budget {:.0} MiB per process)",
                             outcome.code,
                             outcome.elapsed.as_secs_f64(),
                             outcome.max_rss as f64 / 1048576.0,
@@ -396,10 +396,20 @@ fn main() -> ExitCode {
                             ),
                         }
                         if !outcome.others.is_empty() {
-                            eprintln!("other processes under the preload:");
+                            eprintln!("other processes under the preload (each has a budget of its own):");
                             for r in &outcome.others {
                                 eprintln!("  {}", r.summary());
                             }
+                            let all: Vec<&coalesce_pager::ExitReport> =
+                                outcome.stats.iter().chain(outcome.others.iter()).collect();
+                            eprintln!(
+                                "  total of {} processes: {:.1} MiB of peak RSS (summed; the peaks need not coincide), {} \
+                                 remote faults, {} over-budget events",
+                                all.len(),
+                                all.iter().map(|r| r.peak_rss_bytes).sum::<u64>() as f64 / 1048576.0,
+                                all.iter().map(|r| r.pager.remote_faults).sum::<u64>(),
+                                all.iter().map(|r| r.pager.overshoot_events).sum::<u64>()
+                            );
                         }
                     }
                     ExitCode::from(u8::try_from(outcome.code).unwrap_or(1))

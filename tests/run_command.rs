@@ -55,10 +55,22 @@ fn every_process_of_a_pipeline_reports_its_own_statistics() {
     assert!(out.status.success(), "{stderr}");
     // sort ends its one line with a newline.
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "60000001");
-    assert!(stderr.contains("other processes under the preload:"), "{stderr}");
-    let sort = stderr.lines().find(|l| l.contains("(sort)")).unwrap_or_else(|| panic!("no report from sort: {stderr}"));
+    assert!(stderr.contains("other processes under the preload (each has a budget of its own):"), "{stderr}");
+    assert!(stderr.contains("total of "), "no total: {stderr}");
+    let sort = stderr
+        .lines()
+        .find(|l| l.contains("(sort, parent "))
+        .unwrap_or_else(|| panic!("no report from sort: {stderr}"));
     let faults: u64 = sort.split(", ").find_map(|f| f.strip_suffix(" remote faults")?.parse().ok()).unwrap();
     assert!(faults > 0, "sort, the process that used the memory, paged nothing: {sort}");
+    // Each line names the process's parent: the pipeline's three are the shell's children.
+    let parent_of = |name: &str| {
+        let line =
+            stderr.lines().find(|l| l.contains(&format!("({name}, parent "))).unwrap_or_else(|| panic!("no {name}"));
+        line.split("parent ").nth(1).and_then(|r| r.split(')').next()).unwrap().to_owned()
+    };
+    assert_eq!(parent_of("head"), parent_of("sort"), "{stderr}");
+    assert_eq!(parent_of("wc"), parent_of("sort"), "{stderr}");
 }
 
 #[test]

@@ -444,6 +444,12 @@ pub struct ExitReport {
     /// The program's name (`/proc/self/comm`; empty if unknown).
     #[serde(default)]
     pub program: String,
+    /// The parent process id (0 if unknown).
+    #[serde(default)]
+    pub ppid: u32,
+    /// The command line, arguments separated by spaces (empty if unknown).
+    #[serde(default)]
+    pub command: String,
     /// What the preload library did besides `malloc`: anonymous mappings, refusals, forks.
     #[serde(default)]
     pub preload: PreloadStats,
@@ -476,9 +482,13 @@ impl ExitReport {
         let mib = self.peak_rss_bytes as f64 / 1048576.0;
         let p = &self.pager;
         let mut line = format!(
-            "pid {} ({}): peak RSS {mib:.1} MiB, {} remote faults, {} pages written back, {} pages could not be fetched",
-            self.pid, self.program, p.remote_faults, p.evictions_dirty, p.fetch_failures
+            "pid {} ({}, parent {}): peak RSS {mib:.1} MiB, {} remote faults, {} over-budget events, {} pages written \
+             back, {} pages could not be fetched",
+            self.pid, self.program, self.ppid, p.remote_faults, p.overshoot_events, p.evictions_dirty, p.fetch_failures
         );
+        if p.held_pages > 0 {
+            line += &format!(", {} pages brought local for a fork", p.held_pages);
+        }
         let m = &self.preload;
         if m.mmaps_served > 0 {
             #[allow(clippy::cast_precision_loss)]

@@ -381,6 +381,18 @@ extern "C" fn at_exit() {
             ..crate::mappings::stats()
         },
         program: std::fs::read_to_string("/proc/self/comm").map(|c| c.trim().to_owned()).unwrap_or_default(),
+        // SAFETY: getppid has no preconditions.
+        ppid: u32::try_from(unsafe { libc::getppid() }).unwrap_or(0),
+        command: std::fs::read("/proc/self/cmdline")
+            .map(|c| {
+                let words: Vec<String> = c
+                    .split(|b| *b == 0)
+                    .filter(|w| !w.is_empty())
+                    .map(|w| String::from_utf8_lossy(w).into_owned())
+                    .collect();
+                words.join(" ")
+            })
+            .unwrap_or_default(),
     };
     if dest == "1" || dest == "stderr" {
         eprint!("{report}");

@@ -214,6 +214,9 @@ pub fn sort_pipeline_faults(out: &std::process::Output) -> u64 {
     assert!(out.status.success(), "{stderr}");
     // sort ends its one line with a newline.
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "60000001");
-    let sort = stderr.lines().find(|l| l.contains("(sort)")).unwrap_or_else(|| panic!("no report from sort: {stderr}"));
+    let sort = stderr
+        .lines()
+        .find(|l| l.contains("(sort, parent "))
+        .unwrap_or_else(|| panic!("no report from sort: {stderr}"));
     sort.split(", ").find_map(|f| f.strip_suffix(" remote faults")?.parse().ok()).unwrap()
 }
