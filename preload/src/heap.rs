@@ -60,14 +60,6 @@ pub fn is_app_block(p: *const c_void) -> bool {
 /// `mi_option_purge_decommits` (position 5 of `mi_option_e` in mimalloc.h; the -sys crate has no
 /// constant for it).
 const MI_OPTION_PURGE_DECOMMITS: mi::mi_option_t = 5;
-/// `mi_option_purge_delay` (position 15 of `mi_option_e`).
-const MI_OPTION_PURGE_DELAY: mi::mi_option_t = 15;
-/// How long freed heap memory waits before mimalloc purges it, in milliseconds, unless
-/// `MIMALLOC_PURGE_DELAY` says otherwise. Every purge of the region is a remove event that the
-/// purging thread waits for the fault handler to read; mimalloc's 10 ms made a program that
-/// allocates and frees large blocks purge (and wait) hundreds of thousands of times (BENCHMARKS:
-/// "Discards").
-const PURGE_DELAY_MS: std::ffi::c_long = 100;
 
 /// Hands the pager region to mimalloc as the application heap's only source of memory.
 ///
@@ -89,10 +81,6 @@ pub unsafe fn adopt_region(base: *mut u8, len: usize) -> Result<(), String> {
     // so that MIMALLOC_PURGE_DECOMMITS=0 in the environment cannot change it.
     // SAFETY: as above.
     unsafe { mi::mi_option_set(MI_OPTION_PURGE_DECOMMITS, 1) };
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
-        // SAFETY: as above.
-        unsafe { mi::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS) };
-    }
     // Application threads allocate from heaps bound to this arena (see `app_heap`): mimalloc's
     // default heaps could otherwise keep filling segments of ordinary memory reserved before set-up.
     REGION_ARENA.store(id, Ordering::Release);
