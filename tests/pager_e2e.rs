@@ -610,3 +610,39 @@ fn pages_a_miscounted_move_took_are_found_in_staging_and_nothing_is_lost() {
     assert_eq!(stats.state_violations, 0, "{stats}");
     assert!(stats.evictions_dirty >= 256, "{stats}");
 }
+
+#[test]
+fn a_lender_that_was_full_is_asked_again_once_another_client_frees_its_memory() {
+    // 32 MiB to lend in 8 MiB slabs: the first pager takes three, the second the last one.
+    let server = ServerProcess::start(&["--capacity", "32MiB", "--slab-size", "8MiB"]);
+    let budget = 4 * MIB;
+    let first = pager(vec![server.addr], budget, 1);
+    let first_region = first.map(28 * MIB, RegionOptions::default()).unwrap();
+    for p in 0..first_region.len() / PAGE_SIZE {
+        fill_page(first_region.as_ptr() as usize, p, 1);
+    }
+    common::wait_stats(&first, "the first pager's pages going out", |s| {
+        s.remote_pages >= (20 * MIB / PAGE_SIZE) as u64
+    });
+
+    let mut config = PagerConfig::new(vec![server.addr], budget);
+    config.local_max = coalesce_pager::LocalMax::Unlimited;
+    let second = Pager::new(config).unwrap();
+    let region = second.map(32 * MIB, RegionOptions::default()).unwrap();
+    let (base, pages) = (region.as_ptr() as usize, region.len() / PAGE_SIZE);
+    for p in 0..pages {
+        fill_page(base, p, 2);
+    }
+    // The lender is full: the second pager's heap stays local past its budget.
+    common::wait_stats(&second, "the lender refusing slabs", |s| s.overshoot_events > 0);
+    assert!(second.stats().resident_pages > second.stats().budget_pages, "{}", second.stats());
+
+    // The first client leaves; its slabs go back to the lender, which has room again.
+    drop(first_region);
+    drop(first);
+    common::wait_stats(&second, "the second pager using the freed memory", |s| s.resident_pages <= s.budget_pages);
+    for p in 0..pages {
+        assert!(check_page(base, p, 2), "page {p}");
+    }
+    eprintln!("{}", second.stats());
+}

@@ -118,7 +118,11 @@ struct Lender {
     addr: SocketAddr,
     control: Mutex<ControlClient>,
     alive: AtomicBool,
+    /// It refused us a slab: no new groups there until it is asked again (`FULL_RETRY`).
     full: AtomicBool,
+    /// When it last refused a slab, and whether that was said already (once until it has room).
+    full_at: Mutex<Option<Instant>>,
+    full_told: AtomicBool,
     /// The lender is draining (leaving on purpose): its copies are read but moved elsewhere.
     leaving: AtomicBool,
     /// A copy it served came back changed: it is failed for good (never tried again).
@@ -144,7 +148,36 @@ impl Lender {
     fn is_alive(&self) -> bool {
         self.alive.load(Ordering::Acquire)
     }
+
+    /// It refused a slab (`why`): no new groups there for `FULL_RETRY`. Said once until it has
+    /// room again.
+    fn mark_full(&self, why: &str) {
+        self.full.store(true, Ordering::Release);
+        *lock(&self.full_at) = Some(Instant::now());
+        if !self.full_told.swap(true, Ordering::AcqRel) {
+            tracing::warn!(server = %self.addr, "memory-server is full: {why}; asked again every {FULL_RETRY:?}");
+        } else {
+            tracing::debug!(server = %self.addr, "memory-server is still full: {why}");
+        }
+    }
+
+    /// It granted a slab: it has room.
+    fn has_room(&self) {
+        self.full_told.store(false, Ordering::Release);
+    }
+
+    /// Lets new groups try it again once it has been full for `FULL_RETRY` (other clients of
+    /// its may have freed memory). Not a leaving lender: it stays full.
+    fn retry_if_full(&self) {
+        let due = lock(&self.full_at).is_some_and(|at| at.elapsed() >= FULL_RETRY);
+        if due && self.full.load(Ordering::Acquire) && !self.leaving.load(Ordering::Acquire) {
+            self.full.store(false, Ordering::Release);
+        }
+    }
 }
+
+/// How long a lender that refused a slab is left alone before it is asked again.
+const FULL_RETRY: Duration = Duration::from_secs(5);
 
 /// Where one copy of a slot lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -527,6 +560,7 @@ impl PageStore for LenderStore {
             if !s.is_alive() {
                 continue;
             }
+            s.retry_if_full();
             let t = Instant::now();
             let result = lock(&s.control).heartbeat();
             match result {
@@ -654,6 +688,8 @@ fn open_lender(addr: SocketAddr, client: &ClientOptions) -> Result<Lender, Pager
         control: Mutex::new(control),
         alive: AtomicBool::new(true),
         full: AtomicBool::new(false),
+        full_at: Mutex::new(None),
+        full_told: AtomicBool::new(false),
         leaving: AtomicBool::new(false),
         distrusted: AtomicBool::new(false),
         pages: AtomicU64::new(0),

@@ -164,10 +164,12 @@ impl Repairer {
             }
             let generation = s.generation.load(Ordering::Acquire);
             let grant = match lock(&s.control).alloc_slab() {
-                Ok(g) => g,
+                Ok(g) => {
+                    s.has_room();
+                    g
+                }
                 Err(rdma::client::ClientError::CapacityExhausted { message, .. }) => {
-                    s.full.store(true, Ordering::Release);
-                    tracing::warn!(server = %s.addr, "memory-server is full: {message}");
+                    s.mark_full(&message);
                     continue;
                 }
                 Err(e) => {

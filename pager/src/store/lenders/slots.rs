@@ -96,10 +96,12 @@ impl LenderStore {
                 continue;
             }
             let grant = match lock(&s.control).alloc_slab() {
-                Ok(g) => g,
+                Ok(g) => {
+                    s.has_room();
+                    g
+                }
                 Err(ClientError::CapacityExhausted { message, .. }) => {
-                    s.full.store(true, Ordering::Release);
-                    tracing::warn!(server = %s.addr, "memory-server is full: {message}");
+                    s.mark_full(&message);
                     if k == 0 {
                         return None;
                     }
@@ -134,8 +136,7 @@ impl LenderStore {
         if group.len < fewest || group.records == 0 || groups.len() >= MAX_SLABS {
             drop(groups);
             self.give_back(&group);
-            tracing::warn!(server = %self.lenders[leader].addr, "no slab group could be made; not using more remote memory there");
-            self.lenders[leader].full.store(true, Ordering::Release);
+            self.lenders[leader].mark_full("no slab group could be made there");
             return None;
         }
         if group.len < self.width && !self.degraded.swap(true, Ordering::AcqRel) {
