@@ -147,10 +147,14 @@ impl Budget {
     }
 
     /// Reserves room for `n` pages whatever the limit and the maximum (while held, or when the
-    /// pager shuts down), not counted as an over-budget event.
+    /// pager shuts down); counted as an over-budget event when it takes the resident set past the
+    /// limit.
     pub(crate) fn take_held(&self, n: usize) {
         let now = self.resident.fetch_add(n, Ordering::AcqRel) + n;
         self.peak.fetch_max(now as u64, Ordering::Relaxed);
+        if now > self.limit() {
+            self.overshoots.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Gives back room for `n` pages (unused reservations, or pages that left) and wakes waiters.
@@ -238,7 +242,7 @@ mod tests {
         assert!(b.take_over(2) && !b.take_over(3) && !b.would_pass_max(2) && b.would_pass_max(3));
         assert_eq!((b.resident(), b.peak(), b.overshoots()), (18, 18, 1));
         b.take_held(4);
-        assert_eq!((b.resident(), b.peak(), b.overshoots()), (22, 22, 1));
+        assert_eq!((b.resident(), b.peak(), b.overshoots()), (22, 22, 2));
         b.give_back(22);
         assert_eq!(b.resident(), 0);
         assert!(!b.low_on_room() && b.take(16));

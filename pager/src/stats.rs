@@ -248,7 +248,8 @@ pub struct PagerStats {
     #[serde(default)]
     pub hedge_wins: u64,
     /// Pages made resident while eviction was held (around `fork`, which must see the whole
-    /// heap locally): the budget does not apply to them, and they are not over-budget events.
+    /// heap locally): the budget does not apply to them; each reservation of them past the budget
+    /// is also an over-budget event.
     #[serde(default)]
     pub held_pages: u64,
     /// Pages are written behind to a backup tier (`--backup`); the `backup_*` fields count it.

@@ -164,6 +164,7 @@ fn fork_without_exec_sees_the_heap_as_it_was() {
     assert!(out.stderr.contains("fork: the child needs the whole heap"), "{}", out.stderr);
     let stats = out.stats.unwrap();
     assert!(stats.pager.held_pages > 0, "{stats}");
+    assert!(stats.pager.overshoot_events > 0, "pages past the budget for the fork are over-budget events:\n{stats}");
 }
 
 #[test]

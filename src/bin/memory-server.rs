@@ -230,6 +230,14 @@ fn main() -> ExitCode {
         eprintln!("memory-server: --drain-timeout {:?} is out of range: it must be at most 24h", cli.drain_timeout);
         return ExitCode::FAILURE;
     }
+    if cli.announce_interval < Duration::from_millis(100) || cli.announce_interval > Duration::from_secs(3600) {
+        eprintln!("memory-server: --announce-interval {:?} is out of range: 100ms to 1h", cli.announce_interval);
+        return ExitCode::FAILURE;
+    }
+    if cli.registry_ttl < Duration::from_secs(2) || cli.registry_ttl > Duration::from_secs(3600) {
+        eprintln!("memory-server: --registry-ttl {:?} is out of range: 2s to 1h", cli.registry_ttl);
+        return ExitCode::FAILURE;
+    }
     let config = match cli.config() {
         Ok(c) => c,
         Err(e) => {
@@ -244,8 +252,6 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    println!("listening on {}", handle.addr());
-    let _ = std::io::Write::flush(&mut std::io::stdout());
     let reload = match &cli.link_file {
         Some(path) => match signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP]) {
             Ok(s) => Some((s, path.clone())),
@@ -256,14 +262,6 @@ fn main() -> ExitCode {
         },
         None => None,
     };
-    if cli.announce_interval < Duration::from_millis(100) || cli.announce_interval > Duration::from_secs(3600) {
-        eprintln!("memory-server: --announce-interval {:?} is out of range: 100ms to 1h", cli.announce_interval);
-        return ExitCode::FAILURE;
-    }
-    if cli.registry_ttl < Duration::from_secs(2) || cli.registry_ttl > Duration::from_secs(3600) {
-        eprintln!("memory-server: --registry-ttl {:?} is out of range: 2s to 1h", cli.registry_ttl);
-        return ExitCode::FAILURE;
-    }
     let announcements = match start_announcements(&handle, &cli) {
         Ok(a) => a,
         Err(e) => {
@@ -272,6 +270,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Said once the server is reachable and announced: a registry that cannot be reached is
+    // refused above, before anyone is told an address.
+    println!("listening on {}", handle.addr());
+    let _ = std::io::Write::flush(&mut std::io::stdout());
     let leaving = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|scope| {
         if cli.announce || cli.registry.is_some() {
