@@ -51,9 +51,10 @@ enum Command {
         /// Do not print statistics on exit.
         #[arg(long)]
         quiet: bool,
-        /// Fault-handling threads of each process (1 to 64; `COALESCE_FAULT_THREADS`).
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=64))]
-        fault_threads: u8,
+        /// Fault-handling threads of each process (1 to 64; `COALESCE_FAULT_THREADS`). Default: 2
+        /// on machines with 4 or more CPUs, else 1.
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=64))]
+        fault_threads: Option<u8>,
         /// A service-level objective on remote-fault service time, e.g. p99=500us: when a
         /// second's faults miss it, the local share grows (up to --local-max); the statistics say
         /// what share of faults met it.
@@ -361,7 +362,7 @@ fn main() -> ExitCode {
             let opts = run::RunOptions {
                 discover,
                 slo,
-                fault_threads: usize::from(fault_threads),
+                fault_threads: fault_threads.map(usize::from),
                 key_file,
                 redundancy,
                 backup,

@@ -45,8 +45,9 @@ pub struct RunOptions {
     pub backup: Option<std::net::SocketAddr>,
     /// The longest a page waits to be written behind (`COALESCE_BACKUP_LAG`).
     pub backup_lag: std::time::Duration,
-    /// Fault-handling threads per process (`COALESCE_FAULT_THREADS`).
-    pub fault_threads: usize,
+    /// Fault-handling threads per process (`COALESCE_FAULT_THREADS`; `None`: the preload's
+    /// default for the machine).
+    pub fault_threads: Option<usize>,
     /// A service-level objective (`COALESCE_SLO`).
     pub slo: Option<coalesce_pager::Slo>,
     /// Hedged reads of replicated pages (`COALESCE_HEDGE`).
@@ -187,7 +188,9 @@ pub fn run(opts: &RunOptions) -> Result<RunOutcome, RunError> {
     };
     cmd.env("COALESCE_BACKUP_LAG", format!("{}ms", opts.backup_lag.as_millis()));
     cmd.env("COALESCE_HEDGE", if opts.hedged_reads { "1" } else { "0" });
-    cmd.env("COALESCE_FAULT_THREADS", opts.fault_threads.to_string());
+    if let Some(n) = opts.fault_threads {
+        cmd.env("COALESCE_FAULT_THREADS", n.to_string());
+    }
     match opts.slo {
         Some(slo) => cmd.env("COALESCE_SLO", slo.to_string()),
         None => cmd.env_remove("COALESCE_SLO"),

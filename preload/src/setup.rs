@@ -119,6 +119,18 @@ fn mmap_min() -> Result<Option<usize>, String> {
     }
 }
 
+/// Fault-handling threads when `COALESCE_FAULT_THREADS` is not set: 2 with 4 or more CPUs (a
+/// second handler, for faults and the allocator's discards, then has a core to run on), else 1
+/// (on 2 cores a second handler measured no faster: BENCHMARKS, "Many threads").
+fn default_fault_threads() -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    if cpus >= 4 {
+        2
+    } else {
+        1
+    }
+}
+
 fn settings() -> Result<Option<Settings>, String> {
     let discovery = discovery()?;
     let list = var("COALESCE_SERVERS");
@@ -154,7 +166,7 @@ fn settings() -> Result<Option<Settings>, String> {
             .ok()
             .filter(|n| (1..=64).contains(n))
             .ok_or_else(|| format!("COALESCE_FAULT_THREADS={n:?} is not a thread count from 1 to 64"))?,
-        None => 1,
+        None => default_fault_threads(),
     };
     let trusted_lenders = match var("COALESCE_TRUSTED_LENDERS").as_deref().map(str::trim) {
         None | Some("" | "0" | "off" | "false" | "no") => false,
