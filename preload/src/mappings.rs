@@ -195,9 +195,9 @@ fn errno() -> c_int {
 
 fn account(added: usize, removed: usize) {
     let live = if added >= removed {
-        LIVE_BYTES.fetch_add(added - removed, Ordering::Relaxed) + (added - removed)
+        LIVE_BYTES.fetch_add(added - removed, Ordering::Relaxed).saturating_add(added - removed)
     } else {
-        LIVE_BYTES.fetch_sub(removed - added, Ordering::Relaxed) - (removed - added)
+        LIVE_BYTES.fetch_sub(removed - added, Ordering::Relaxed).saturating_sub(removed - added)
     };
     PEAK_BYTES.fetch_max(live, Ordering::Relaxed);
 }
