@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use coalesce_pager::{Pager, PagerConfig, PagerError, RegionOptions, PAGE_SIZE};
+use coalesce_pager::{Pager, PagerConfig, PagerError, Region, RegionOptions, PAGE_SIZE};
 use common::ServerProcess;
 
 const MIB: usize = 1 << 20;
@@ -35,6 +35,17 @@ fn fill_page(base: usize, p: usize, t: u64) {
     for (w, v) in words.iter_mut().enumerate() {
         *v = word(t, p, w);
     }
+}
+
+/// A region of `len` bytes without prefetch, its first `pages` pages written by writer `t`;
+/// returns it and its base address.
+fn written_region(pager: &Pager, len: usize, pages: usize, t: u64) -> (Region<'_>, usize) {
+    let region = pager.map(len, RegionOptions { prefetch: Some(false), ..RegionOptions::default() }).unwrap();
+    let base = region.as_ptr() as usize;
+    for p in 0..pages {
+        fill_page(base, p, t);
+    }
+    (region, base)
 }
 
 fn check_page(base: usize, p: usize, t: u64) -> bool {
@@ -456,6 +467,47 @@ fn stress_faults_writes_and_eviction_race_on_shared_pages() {
     assert!(stats.peak_resident_pages <= stats.budget_pages);
 }
 
+/// A forked child that waits until [`WaitingChild::release`], then runs its task and exits with
+/// the task's code. The task may only call async-signal-safe functions and must not allocate.
+struct WaitingChild {
+    pid: libc::pid_t,
+    fds: [libc::c_int; 2],
+}
+
+impl WaitingChild {
+    fn fork(task: impl FnOnce() -> libc::c_int) -> Self {
+        let mut fds = [0; 2];
+        // SAFETY: pipe writes two descriptors into the array.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: the child only waits on the pipe, runs the task (async-signal-safe by contract)
+        // and ends without running the parent's destructors.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            let mut byte = 0u8;
+            // SAFETY: reads one byte into a local.
+            unsafe { libc::read(fds[0], (&raw mut byte).cast(), 1) };
+            let code = task();
+            // SAFETY: as above.
+            unsafe { libc::_exit(code) };
+        }
+        Self { pid, fds }
+    }
+
+    /// Lets the child run its task and reaps it; returns its wait status.
+    fn release(self) -> libc::c_int {
+        let mut status = 0;
+        // SAFETY: writes one byte to our own pipe, reaps our own child, closes our descriptors.
+        unsafe {
+            libc::write(self.fds[1], [1u8].as_ptr().cast(), 1);
+            libc::waitpid(self.pid, &raw mut status, 0);
+            libc::close(self.fds[0]);
+            libc::close(self.fds[1]);
+        }
+        status
+    }
+}
+
 #[test]
 fn pages_shared_with_a_forked_child_are_still_evicted_and_the_child_keeps_its_view() {
     let server = ServerProcess::start(&["--capacity", "256MiB", "--slab-size", "16MiB"]);
@@ -468,36 +520,22 @@ fn pages_shared_with_a_forked_child_are_still_evicted_and_the_child_keeps_its_vi
         fill_page(base, p, 1);
     }
     let mut in_core = vec![0u8; pages];
-    let mut fds = [0; 2];
-    // SAFETY: pipe writes two descriptors into the array.
-    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-    // SAFETY: the child only calls async-signal-safe functions (read, mincore, _exit) and reads
-    // memory; it allocates nothing.
-    let pid = unsafe { libc::fork() };
-    assert!(pid >= 0, "fork failed");
-    if pid == 0 {
-        let mut byte = 0u8;
-        // SAFETY: reads one byte into a local; mincore fills the vector allocated before fork.
-        unsafe {
-            libc::read(fds[0], (&raw mut byte).cast(), 1);
-            if libc::mincore(base as *mut libc::c_void, pages * PAGE_SIZE, in_core.as_mut_ptr()) != 0 {
-                libc::_exit(3);
-            }
+    let child = WaitingChild::fork(|| {
+        // SAFETY: mincore fills the vector allocated before fork.
+        if unsafe { libc::mincore(base as *mut libc::c_void, pages * PAGE_SIZE, in_core.as_mut_ptr()) } != 0 {
+            return 3;
         }
         // Every page the child has must still hold what it held at fork, whatever the parent did.
         let resident = in_core.iter().filter(|&&b| b & 1 != 0).count();
         let intact = (0..pages).filter(|&p| in_core[p] & 1 != 0).all(|p| check_page(base, p, 1));
-        // SAFETY: _exit ends the child without running the parent's destructors.
-        unsafe {
-            libc::_exit(if resident == 0 {
-                4
-            } else if intact {
-                0
-            } else {
-                5
-            })
+        if resident == 0 {
+            4
+        } else if intact {
+            0
+        } else {
+            5
         }
-    }
+    });
     // The parent only reads at first: its resident pages stay shared with the child, so the evictor
     // has to unshare them to keep the budget. Then it overwrites everything and checks it.
     for _ in 0..2 {
@@ -511,15 +549,7 @@ fn pages_shared_with_a_forked_child_are_still_evicted_and_the_child_keeps_its_vi
     for p in 0..pages {
         assert!(check_page(base, p, 2), "page {p} read back wrong after rewrite");
     }
-    // SAFETY: writes one byte to the pipe, then reaps the child.
-    let status = unsafe {
-        libc::write(fds[1], [1u8].as_ptr().cast(), 1);
-        let mut status = 0;
-        libc::waitpid(pid, &raw mut status, 0);
-        libc::close(fds[0]);
-        libc::close(fds[1]);
-        status
-    };
+    let status = child.release();
     assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "child saw changed pages: {status:#x}");
     let stats = pager.stats();
     eprintln!("{stats}");
@@ -587,11 +617,7 @@ fn a_written_page_is_never_filled_with_zeros_even_when_a_bug_drops_it() {
 fn pages_a_miscounted_move_took_are_found_in_staging_and_nothing_is_lost() {
     let server = ServerProcess::start(&["--capacity", "64MiB", "--slab-size", "16MiB"]);
     let pager = pager(vec![server.addr], 2 * MIB, 2);
-    let region = pager.map(8 * MIB, RegionOptions { prefetch: Some(false), ..RegionOptions::default() }).unwrap();
-    let base = region.as_ptr() as usize;
-    for p in 0..256 {
-        fill_page(base, p, 9);
-    }
+    let (region, base) = written_region(&pager, 8 * MIB, 256, 9);
     // Every multi-page move now reports EEXIST with nothing moved although it moved everything:
     // an evictor that believed the count would keep the pages as resident while their only copy
     // sits in the staging buffer it is about to empty.
@@ -609,6 +635,45 @@ fn pages_a_miscounted_move_took_are_found_in_staging_and_nothing_is_lost() {
     assert!(stats.move_miscounts > 0, "the injected miscount was not noticed: {stats}");
     assert_eq!(stats.state_violations, 0, "{stats}");
     assert!(stats.evictions_dirty >= 256, "{stats}");
+}
+
+#[test]
+fn a_page_discarded_while_the_evictor_unshares_it_reads_as_zero_and_nothing_deadlocks() {
+    // A fork leaves the pages shared; the evictor unshares each by writing to it. A discard
+    // (`madvise`) that zaps the page just before that write once made the write fault on a page
+    // whose lock the evictor held, while the fault handler waited for that lock: the process hung
+    // for ever (seen once in CI, in the preload's fork test). The injected delay puts the zap
+    // inside that window every time.
+    let server = ServerProcess::start(&["--capacity", "64MiB", "--slab-size", "16MiB"]);
+    let pager = pager(vec![server.addr], 16 * MIB, 1);
+    let pages = 4 * MIB / PAGE_SIZE;
+    let (region, base) = written_region(&pager, 4 * MIB, pages, 3);
+    // The child keeps the pages shared until it is released.
+    let child = WaitingChild::fork(|| 0);
+    pager.inject_unshare_delay(Duration::from_millis(20));
+    let not_resident = within(Duration::from_secs(60), "evicting pages discarded while being unshared", || {
+        std::thread::scope(|s| {
+            let evicting = s.spawn(|| region.evict(0, region.len()));
+            std::thread::sleep(Duration::from_millis(70));
+            // SAFETY: the range is the region's own mapping; its pages may be zapped at any time.
+            let rc = unsafe { libc::madvise(base as *mut libc::c_void, pages * PAGE_SIZE, libc::MADV_DONTNEED) };
+            assert_eq!(rc, 0, "madvise failed: {}", std::io::Error::last_os_error());
+            evicting.join().unwrap()
+        })
+    });
+    pager.inject_unshare_delay(Duration::ZERO);
+    child.release();
+    within(Duration::from_secs(60), "reading the discarded pages", || {
+        for p in 0..pages {
+            // SAFETY: reads a page of the live region.
+            let words = unsafe { std::slice::from_raw_parts((base + p * PAGE_SIZE) as *const u64, PAGE_SIZE / 8) };
+            assert!(words.iter().all(|&w| w == 0), "page {p} does not read as zero after its discard");
+        }
+    });
+    let stats = pager.stats();
+    eprintln!("{not_resident} pages not resident after the eviction\n{stats}");
+    assert!(stats.unshared_pages > 0, "the evictor unshared nothing: {stats}");
+    assert_eq!(stats.state_violations, 0, "{stats}");
 }
 
 #[test]

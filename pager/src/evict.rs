@@ -437,6 +437,22 @@ impl Evictor {
     /// page counts as dirty from here on.
     fn unshare(&self, v: &mut Victim) -> bool {
         let addr = v.region.page_addr(v.page);
+        let delay = self.shared.inject_unshare_delay_us.load(Ordering::Acquire);
+        if delay > 0 {
+            std::thread::sleep(Duration::from_micros(delay));
+        }
+        // The rewrite must not fault. A page the kernel zapped meanwhile (an `madvise` discard)
+        // would raise a missing fault that only a fault handler serves, and the handler waits
+        // for this page's lock, held here: a deadlock. An `madvise` zaps only once its remove
+        // event is read, and readers read and mark under the install gate, exclusively; so with
+        // the gate held shared, a page not marked discard-pending stays mapped until it is
+        // dropped. A marked one is left alone: the remove event takes it.
+        let gate = self.shared.install_gate.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if v.region.table.load(v.page).discard_pending() {
+            drop(gate);
+            tracing::debug!(page = v.page, "not unsharing a page that a discard is about to zap");
+            return false;
+        }
         if let Err(e) = self.shared.uffd.write_protect(addr, PAGE_SIZE, false) {
             tracing::debug!(error = %e, page = v.page, "cannot lift write protection to unshare a page");
             return false;
@@ -445,6 +461,7 @@ impl Evictor {
         v.unshared = true;
         Counters::add(&self.shared.stats.unshared, 1);
         cow::rewrite_first_word(addr);
+        drop(gate);
         true
     }
 
