@@ -4,6 +4,7 @@
 //! hands out `&mut [u8]`; callers copy in and out with [`LocalRegion::write_at`] and
 //! [`LocalRegion::read_at`], or take raw pointers for zero-copy use (e.g. `UFFDIO_COPY`).
 
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
@@ -72,6 +73,18 @@ impl LocalRegion {
         // cannot overlap it because it is a distinct borrow of ordinary memory or another region.
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.as_ptr().add(offset), src.len()) };
         Ok(())
+    }
+
+    /// Receives up to `len` bytes from the stream socket `fd` straight into `[offset, offset +
+    /// len)` (`recv(2)` with `MSG_DONTWAIT`): the shim's READ payloads land here without an
+    /// intermediate buffer. Returns the bytes received (0: end of stream); `WouldBlock` when none
+    /// are waiting.
+    pub(crate) fn receive_at(&self, offset: usize, len: usize, fd: BorrowedFd<'_>) -> std::io::Result<usize> {
+        self.check(offset, len).map_err(std::io::Error::other)?;
+        // SAFETY: the range was bounds-checked against the live mapping above; the mapping is raw
+        // memory that no Rust reference aliases, and recv writes at most `len` bytes into it.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), self.as_ptr().add(offset).cast(), len, libc::MSG_DONTWAIT) };
+        usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
     }
 
     /// Copies bytes at `offset` out of the region into `dst`.

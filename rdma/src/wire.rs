@@ -249,10 +249,35 @@ pub fn encode_completion(
     });
 }
 
-/// Decodes a completion body. The payload length must match `byte_len` for a successful READ and
-/// be empty otherwise.
-pub fn decode_completion(body: &[u8]) -> Result<WireCompletion<'_>, FrameError> {
-    let mut d = Decoder::new(body);
+/// Bytes of a completion body before its READ payload.
+pub const COMPLETION_PREFIX_LEN: usize = 16;
+
+/// The fields of a completion body before its payload: enough to know where a READ payload goes
+/// before it has arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CompletionPrefix {
+    /// Tag of the work request.
+    pub wr_id: u64,
+    /// What the target did.
+    pub status: RemoteStatus,
+    /// Which operation this completes.
+    pub opcode: Opcode,
+    /// Bytes moved.
+    pub byte_len: u32,
+}
+
+impl CompletionPrefix {
+    /// Length of the payload that follows: `byte_len` for a successful READ, else none.
+    pub fn payload_len(&self) -> usize {
+        if self.status == RemoteStatus::Success && self.opcode == Opcode::Read {
+            usize_from(self.byte_len)
+        } else {
+            0
+        }
+    }
+}
+
+fn decode_prefix(d: &mut Decoder<'_>) -> Result<CompletionPrefix, FrameError> {
     let wr_id = d.u64("wr_id")?;
     let status = RemoteStatus::from_wire(d.u8("status")?)?;
     let opcode = Opcode::from_wire(d.u8("opcode")?)?;
@@ -260,9 +285,22 @@ pub fn decode_completion(body: &[u8]) -> Result<WireCompletion<'_>, FrameError> 
         return Err(invalid("reserved", "must be zero".into()));
     }
     let byte_len = d.u32("byte length")?;
-    let payload_len = if status == RemoteStatus::Success && opcode == Opcode::Read { usize_from(byte_len) } else { 0 };
-    let payload = d.raw(payload_len, "read payload")?;
+    Ok(CompletionPrefix { wr_id, status, opcode, byte_len })
+}
+
+/// Decodes the first [`COMPLETION_PREFIX_LEN`] bytes of a completion body (the rest is ignored).
+pub fn decode_completion_prefix(body: &[u8]) -> Result<CompletionPrefix, FrameError> {
+    decode_prefix(&mut Decoder::new(body))
+}
+
+/// Decodes a completion body. The payload length must match `byte_len` for a successful READ and
+/// be empty otherwise.
+pub fn decode_completion(body: &[u8]) -> Result<WireCompletion<'_>, FrameError> {
+    let mut d = Decoder::new(body);
+    let prefix = decode_prefix(&mut d)?;
+    let payload = d.raw(prefix.payload_len(), "read payload")?;
     d.finish()?;
+    let CompletionPrefix { wr_id, status, opcode, byte_len } = prefix;
     Ok(WireCompletion { wr_id, status, opcode, byte_len, payload })
 }
 
@@ -325,12 +363,17 @@ mod tests {
             prop_assert_eq!(c.wr_id, wr_id);
             prop_assert_eq!(c.status, status);
             prop_assert_eq!(c.payload, &data[..len]);
+            // The prefix alone says the same, and where the payload starts.
+            let prefix = decode_completion_prefix(&body[..COMPLETION_PREFIX_LEN]).expect("prefix decodes");
+            prop_assert_eq!((prefix.wr_id, prefix.status, prefix.payload_len()), (wr_id, status, len));
+            prop_assert_eq!(&body[COMPLETION_PREFIX_LEN..], &data[..len]);
         }
 
         #[test]
         fn arbitrary_bodies_never_panic(kind in any::<u8>(), body in proptest::collection::vec(any::<u8>(), 0..256)) {
             let _ = decode_request(kind, &body);
             let _ = decode_completion(&body);
+            let _ = decode_completion_prefix(&body);
         }
     }
 

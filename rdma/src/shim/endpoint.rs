@@ -15,13 +15,15 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::sys;
-use crate::frame::{read_frame, usize_from, Decoder, Header, HEADER_LEN};
+use crate::frame::{read_frame, Decoder, HEADER_LEN};
 use crate::link::{LinkModel, RttRecorder, RttStats};
 use crate::region::LocalSlice;
-use crate::wire::{self, Opcode, RemoteSegment, RemoteStatus};
+use crate::wire::{self, Opcode, RemoteSegment};
 use crate::{Completion, CompletionStatus, EndpointOptions, PollMode, TransportError, WorkRequest};
 
-const RECV_CHUNK: usize = 256 * 1024;
+mod receive;
+
+use receive::DirectRead;
 
 #[derive(Debug)]
 struct Pending {
@@ -51,6 +53,8 @@ struct SendState {
 struct RecvState {
     rx: Vec<u8>,
     held: VecDeque<Held>,
+    /// A READ whose payload is being received straight into its local slices.
+    direct: Option<DirectRead>,
 }
 
 /// A shim queue pair connected to one memory-server's target.
@@ -186,7 +190,7 @@ impl ShimEndpoint {
                 }
             }),
         }
-        let response_len = HEADER_LEN + 16 + if opcode == Opcode::Read { total } else { 0 };
+        let response_len = HEADER_LEN + wire::COMPLETION_PREFIX_LEN + if opcode == Opcode::Read { total } else { 0 };
         let now = Instant::now();
         let deliver_at = link.schedule(now, buf.len(), response_len);
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
@@ -225,98 +229,6 @@ impl ShimEndpoint {
         Ok(())
     }
 
-    /// Receives whatever has arrived and turns complete frames into held completions.
-    fn pump(&self, recv: &mut RecvState) {
-        if self.broken.load(Ordering::Acquire) {
-            self.flush_pending(recv);
-            return;
-        }
-        loop {
-            let want = match pending_frame_len(&recv.rx) {
-                Some(total) if total > recv.rx.len() => (total - recv.rx.len()).max(RECV_CHUNK),
-                _ => RECV_CHUNK,
-            };
-            match sys::recv_into_spare(self.stream.as_fd(), &mut recv.rx, want) {
-                Ok(0) => {
-                    self.fail(recv, "the memory-server closed the connection");
-                    return;
-                }
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    self.fail(recv, &format!("receive failed: {e}"));
-                    return;
-                }
-            }
-        }
-        let mut pos = 0;
-        while recv.rx.len() - pos >= HEADER_LEN {
-            let head: [u8; HEADER_LEN] = match recv.rx[pos..pos + HEADER_LEN].try_into() {
-                Ok(h) => h,
-                Err(_) => break,
-            };
-            let header = match Header::decode(&head) {
-                Ok(h) => h,
-                Err(e) => {
-                    self.fail(recv, &format!("malformed frame from the target: {e}"));
-                    return;
-                }
-            };
-            let end = pos + HEADER_LEN + usize_from(header.body_len);
-            if recv.rx.len() < end {
-                break;
-            }
-            let result = self.complete(header.kind, &recv.rx[pos + HEADER_LEN..end]);
-            match result {
-                Ok(held) => recv.held.push_back(held),
-                Err(reason) => {
-                    self.fail(recv, &reason);
-                    return;
-                }
-            }
-            pos = end;
-        }
-        recv.rx.drain(..pos);
-    }
-
-    fn complete(&self, kind: u8, body: &[u8]) -> Result<Held, String> {
-        if kind != wire::KIND_COMPLETION {
-            return Err(format!("unexpected frame kind {kind:#04x} on a data connection"));
-        }
-        let wc = wire::decode_completion(body).map_err(|e| format!("malformed completion: {e}"))?;
-        let p = lock(&self.pending).pop_front().ok_or("a completion arrived with nothing outstanding")?;
-        if p.wr_id != wc.wr_id || p.opcode != wc.opcode {
-            return Err(format!(
-                "completion out of order: expected wr_id {} ({:?}), got {} ({:?})",
-                p.wr_id, p.opcode, wc.wr_id, wc.opcode
-            ));
-        }
-        self.outstanding.fetch_sub(1, Ordering::AcqRel);
-        let status = match wc.status {
-            RemoteStatus::Success => CompletionStatus::Success,
-            RemoteStatus::AccessError => CompletionStatus::RemoteAccessError,
-            RemoteStatus::InvalidRequest => CompletionStatus::RemoteInvalidRequest,
-        };
-        if status == CompletionStatus::Success && p.opcode == Opcode::Read {
-            if wc.payload.len() != p.expected_len {
-                return Err(format!("READ returned {} bytes, {} expected", wc.payload.len(), p.expected_len));
-            }
-            let mut at = 0;
-            for s in &p.local {
-                // The slice was bounds-checked at post time.
-                let _ = s.region.write_at(s.offset, &wc.payload[at..at + s.len]);
-                at += s.len;
-            }
-        }
-        let byte_len = usize_from(wc.byte_len);
-        Ok(Held {
-            deliver_at: p.deliver_at,
-            posted: p.posted,
-            completion: Completion { wr_id: p.wr_id, opcode: p.opcode, status, byte_len, rtt: Duration::ZERO },
-        })
-    }
-
     fn fail(&self, recv: &mut RecvState, reason: &str) {
         if !self.broken.swap(true, Ordering::AcqRel) {
             tracing::warn!(peer = %self.peer, reason, "shim connection lost; flushing outstanding requests");
@@ -326,6 +238,10 @@ impl ShimEndpoint {
     }
 
     fn flush_pending(&self, recv: &mut RecvState) {
+        // A READ cut off mid-payload: its slices hold part of it, and it completes as flushed.
+        if let Some(d) = recv.direct.take() {
+            recv.held.push_back(d.flushed());
+        }
         let mut pending = lock(&self.pending);
         for p in pending.drain(..) {
             self.outstanding.fetch_sub(1, Ordering::AcqRel);
@@ -470,14 +386,11 @@ pub(crate) fn wait_any(endpoints: &[&ShimEndpoint], timeout: Duration) -> Result
         .map_err(|e| TransportError::InvalidArgument(format!("waiting for completions failed: {e}")))
 }
 
-/// Total length of the frame at the start of `rx`, if its header is complete and valid.
-fn pending_frame_len(rx: &[u8]) -> Option<usize> {
-    let head: [u8; HEADER_LEN] = rx.get(..HEADER_LEN)?.try_into().ok()?;
-    Header::decode(&head).ok().map(|h| HEADER_LEN + usize_from(h.body_len))
-}
-
 impl Drop for ShimEndpoint {
     fn drop(&mut self) {
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
     }
 }
+
+#[cfg(test)]
+mod tests;
