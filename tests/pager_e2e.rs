@@ -650,7 +650,7 @@ fn a_page_discarded_while_the_evictor_unshares_it_reads_as_zero_and_nothing_dead
     let (region, base) = written_region(&pager, 4 * MIB, pages, 3);
     // The child keeps the pages shared until it is released.
     let child = WaitingChild::fork(|| 0);
-    pager.inject_unshare_delay(Duration::from_millis(20));
+    pager.inject_evictor_delay(Duration::from_millis(20));
     let not_resident = within(Duration::from_secs(60), "evicting pages discarded while being unshared", || {
         std::thread::scope(|s| {
             let evicting = s.spawn(|| region.evict(0, region.len()));
@@ -661,7 +661,7 @@ fn a_page_discarded_while_the_evictor_unshares_it_reads_as_zero_and_nothing_dead
             evicting.join().unwrap()
         })
     });
-    pager.inject_unshare_delay(Duration::ZERO);
+    pager.inject_evictor_delay(Duration::ZERO);
     child.release();
     within(Duration::from_secs(60), "reading the discarded pages", || {
         for p in 0..pages {
@@ -673,6 +673,44 @@ fn a_page_discarded_while_the_evictor_unshares_it_reads_as_zero_and_nothing_dead
     let stats = pager.stats();
     eprintln!("{not_resident} pages not resident after the eviction\n{stats}");
     assert!(stats.unshared_pages > 0, "the evictor unshared nothing: {stats}");
+    assert_eq!(stats.state_violations, 0, "{stats}");
+}
+
+#[test]
+fn a_page_put_back_while_the_handler_waits_for_it_and_an_madvise_waits_too_is_not_lost() {
+    // A dirty page whose write-back fails is put back with UFFDIO_COPY, which fails with EAGAIN
+    // while any userfaultfd message is unread. With the fault handler waiting for that very page
+    // (the program touched it while it was out) and an madvise elsewhere waiting for its message
+    // to be read, nobody read it: the put-back gave up after 100,000 tries and left the page
+    // unmapped while counted resident, so it was lost (poisoned, SIGBUS) instead of read back.
+    let server = ServerProcess::start(&["--capacity", "64MiB", "--slab-size", "16MiB"]);
+    let pager = pager(vec![server.addr], 16 * MIB, 1);
+    let (region, base) = written_region(&pager, MIB, 64, 5);
+    let (_other, other_base) = written_region(&pager, MIB, 1, 6);
+    server.signal(libc::SIGKILL);
+    pager.inject_evictor_delay(Duration::from_millis(50));
+    let touched = within(Duration::from_secs(60), "putting back a page the program waits for", || {
+        std::thread::scope(|s| {
+            s.spawn(|| region.evict(0, 64 * PAGE_SIZE));
+            std::thread::sleep(Duration::from_millis(15));
+            let toucher = s.spawn(|| check_page(base, 0, 5));
+            std::thread::sleep(Duration::from_millis(15));
+            // SAFETY: a page of our own region; its content may go.
+            let rc = unsafe { libc::madvise(other_base as *mut libc::c_void, PAGE_SIZE, libc::MADV_DONTNEED) };
+            assert_eq!(rc, 0, "madvise failed: {}", std::io::Error::last_os_error());
+            toucher.join().unwrap()
+        })
+    });
+    pager.inject_evictor_delay(Duration::ZERO);
+    assert!(touched, "page 0 read back wrong");
+    within(Duration::from_secs(60), "reading the pages back", || {
+        for p in 0..64 {
+            assert!(check_page(base, p, 5), "page {p} read back wrong");
+        }
+    });
+    let stats = pager.stats();
+    eprintln!("{stats}");
+    assert!(stats.writeback_failures > 0, "no write-back failed, so nothing was put back: {stats}");
     assert_eq!(stats.state_violations, 0, "{stats}");
 }
 

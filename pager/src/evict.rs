@@ -437,10 +437,7 @@ impl Evictor {
     /// page counts as dirty from here on.
     fn unshare(&self, v: &mut Victim) -> bool {
         let addr = v.region.page_addr(v.page);
-        let delay = self.shared.inject_unshare_delay_us.load(Ordering::Acquire);
-        if delay > 0 {
-            std::thread::sleep(Duration::from_micros(delay));
-        }
+        self.injected_delay();
         // The rewrite must not fault. A page the kernel zapped meanwhile (an `madvise` discard)
         // would raise a missing fault that only a fault handler serves, and the handler waits
         // for this page's lock, held here: a deadlock. An `madvise` zaps only once its remove
@@ -463,6 +460,14 @@ impl Evictor {
         cow::rewrite_first_word(addr);
         drop(gate);
         true
+    }
+
+    /// The test hook's delay (`Pager::inject_evictor_delay`), if set.
+    fn injected_delay(&self) {
+        let delay = self.shared.inject_evictor_delay_us.load(Ordering::Acquire);
+        if delay > 0 {
+            std::thread::sleep(Duration::from_micros(delay));
+        }
     }
 
     /// A victim that could not be moved out: a zapped page (ENOENT) now reads as zero and the
@@ -522,6 +527,7 @@ impl Evictor {
 
     /// Puts a dirty page that could not be written back into its region again.
     fn put_back(&self, v: &Victim) {
+        self.injected_delay();
         let addr = v.region.page_addr(v.page);
         let src = self.staging_addr(v.staging) as *const u8;
         let mut tries = 0;
@@ -535,9 +541,16 @@ impl Evictor {
             let result = self.shared.uffd.copy(addr, src, PAGE_SIZE, false);
             drop(gate);
             match result {
-                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && tries < 100_000 => {
-                    tries += 1;
-                    std::thread::yield_now();
+                // A message is pending: the fault handlers read it (they keep reading even while
+                // they wait for this page), so this ends; only shutdown stops the wait.
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && !self.shared.shutdown.load(Ordering::Acquire) => {
+                    if tries == 100_000 {
+                        tracing::warn!(
+                            addr = format_args!("{addr:#x}"),
+                            "still waiting to put a page back: a userfaultfd message stays unread"
+                        );
+                    }
+                    crate::table::backoff(&mut tries);
                 }
                 Ok(()) => return self.finish_put_back(v),
                 Err(e) => {

@@ -193,8 +193,8 @@ pub(crate) struct Shared {
     pub(crate) inject_drop_dirty: AtomicBool,
     /// Test hook: `UFFDIO_MOVE` of a run reports failure after moving it all (a kernel quirk).
     pub(crate) inject_move_undercount: AtomicBool,
-    /// Test hook: microseconds the evictor waits before unsharing a page (0: none).
-    pub(crate) inject_unshare_delay_us: AtomicU64,
+    /// Test hook: microseconds the evictor waits before unsharing a page or putting one back.
+    pub(crate) inject_evictor_delay_us: AtomicU64,
 }
 
 impl Shared {
@@ -455,7 +455,7 @@ impl Pager {
             install_gate: RwLock::new(()),
             inject_drop_dirty: AtomicBool::new(false),
             inject_move_undercount: AtomicBool::new(false),
-            inject_unshare_delay_us: AtomicU64::new(0),
+            inject_evictor_delay_us: AtomicU64::new(0),
             history: (config.history > 0).then(|| Arc::new(history::History::new(config.history))),
             slo: config.slo.map(slo::Controller::new),
             config,
@@ -547,12 +547,13 @@ impl Pager {
     }
 
     /// Test hook, not for production: the evictor waits `delay` before it unshares each page
-    /// shared with a forked child, widening the window in which the program may discard the page
-    /// (`madvise`) under it. Nothing may deadlock or be lost whatever lands in that window.
+    /// shared with a forked child and before it puts back each page whose write-back failed,
+    /// widening the windows in which the program may discard or touch the page, or make its own
+    /// `madvise` wait. Nothing may deadlock or be lost whatever lands in them.
     #[doc(hidden)]
-    pub fn inject_unshare_delay(&self, delay: Duration) {
+    pub fn inject_evictor_delay(&self, delay: Duration) {
         let us = u64::try_from(delay.as_micros()).unwrap_or(u64::MAX);
-        self.shared.inject_unshare_delay_us.store(us, Ordering::Release);
+        self.shared.inject_evictor_delay_us.store(us, Ordering::Release);
     }
 
     /// Adds a lender while the pager runs (for example one just discovered): new pages may go to

@@ -131,7 +131,9 @@ impl PageTable {
         }
     }
 
-    /// Takes the `BUSY` lock, waiting for another holder to release it.
+    /// Takes the `BUSY` lock, waiting for another holder to release it. For tests and models: a
+    /// fault handler must keep reading messages while it waits (`Handler::lock_page`).
+    #[cfg(test)]
     pub fn lock(&self, page: usize) -> Entry {
         let mut spins = 0u32;
         loop {

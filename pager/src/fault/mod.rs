@@ -22,6 +22,7 @@ use crate::store::{PageIo, PageTransfer, TransferError};
 use crate::uffd::{Event, Scratch, MSG_SIZE};
 use crate::{PagerError, Reservation, Shared, PAGE_SIZE};
 
+mod events;
 mod failure;
 mod install;
 
@@ -88,65 +89,6 @@ impl Handler {
         }
     }
 
-    /// Reads pending messages into the deferred queue (what `EAGAIN` asks for).
-    fn drain_events(&mut self) {
-        let mut buf = [[0u8; MSG_SIZE]; 16];
-        while let Ok(n) = self.read_and_mark(&mut buf) {
-            if n == 0 {
-                break;
-            }
-        }
-    }
-
-    /// Reads messages into the deferred queue, marking the pages of remove events, all under the
-    /// install gate (see `install_runs` and `Shared::wait_for_readers`).
-    fn read_and_mark(&mut self, buf: &mut [[u8; MSG_SIZE]]) -> io::Result<usize> {
-        let shared = Arc::clone(&self.shared);
-        // Nothing to read: leave the gate alone (an idle handler spins here, and taking the gate
-        // each time would hold up the other threads' installs).
-        if !shared.uffd.wait_readable(Duration::ZERO)? {
-            return Ok(0);
-        }
-        // Exclusive: no install is issued between reading a remove event and marking its pages
-        // (see `install_runs`).
-        let _gate = shared.install_gate.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let result = shared.uffd.read_events(buf);
-        if let Ok(n) = result {
-            for raw in &buf[..n] {
-                self.defer(Event::decode(raw));
-            }
-        }
-        result
-    }
-
-    /// Queues an event read from the userfaultfd. A remove event is counted on its pages at once:
-    /// the `madvise` behind it zaps them as soon as it has been read, before it is handled, and
-    /// until then a page found unmapped is expected rather than a lost page.
-    fn defer(&mut self, ev: Event) {
-        if let Event::Remove { start, end } = ev {
-            tracing::debug!(start = format_args!("{start:#x}"), end = format_args!("{end:#x}"), "remove event read");
-            self.for_pages(start, end, |region, page| region.table.begin_discard(page));
-        }
-        self.deferred.push_back(ev);
-    }
-
-    /// Calls `f` for every page of every region in `[start, end)`.
-    fn for_pages(&self, start: usize, end: usize, mut f: impl FnMut(&RegionState, usize)) {
-        let mut addr = start & !(PAGE_SIZE - 1);
-        while addr < end {
-            let Some((region, first)) = self.shared.lookup(addr) else {
-                addr += PAGE_SIZE;
-                continue;
-            };
-            let Some(region) = region.enter() else { return };
-            let last = ((end.min(region.base + region.len) - region.base).div_ceil(PAGE_SIZE)).min(region.table.len());
-            for page in first..last {
-                f(&region, page);
-            }
-            addr = region.base + last * PAGE_SIZE;
-        }
-    }
-
     fn handle(&mut self, ev: Event) {
         match ev {
             Event::Fault { addr, write, wp } => {
@@ -210,7 +152,7 @@ impl Handler {
         let t = &region.table;
         let addr = region.page_addr(page);
         loop {
-            let idle = t.wait_idle(page);
+            let idle = self.wait_idle(t, page);
             if idle.remove_unhandled() {
                 // Discarded by an madvise whose event another thread has read and not handled
                 // yet: apply it first, so that this fault sees the zero page the program expects.
@@ -331,7 +273,7 @@ impl Handler {
         let t = &region.table;
         let addr = region.page_addr(page);
         let e = loop {
-            let e = t.wait_idle(page);
+            let e = self.wait_idle(t, page);
             if !e.is_resident() {
                 // Evicted meanwhile: the retried access will fault as missing.
                 if let Some(e) = t.try_lock(page, |e| !e.is_resident()) {
@@ -523,23 +465,6 @@ impl Handler {
         for (&i, outcome) in idxs.iter().zip(self.outcomes.drain(..)) {
             fetches[i].outcome = outcome;
         }
-    }
-
-    /// Handles a remove event: the pages read as zeros from now on; remote copies are freed.
-    /// A page to which a fault already applied it is left alone: its state is newer than the
-    /// discard.
-    fn remove(&mut self, start: usize, end: usize) {
-        let shared = Arc::clone(&self.shared);
-        let mut freed_resident = 0;
-        self.for_pages(start, end, |region, page| {
-            let e = region.table.lock(page);
-            if e.remove_unhandled() {
-                freed_resident += apply_remove(&shared, region, page, e);
-            } else {
-                region.table.unlock(page, e, Transition::NotInstalled);
-            }
-        });
-        self.shared.unreserve(freed_resident);
     }
 }
 
