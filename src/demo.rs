@@ -35,6 +35,8 @@ pub struct DemoOptions {
     pub random_reads: usize,
     /// Prefetch on.
     pub prefetch: bool,
+    /// Fetch the next window of a stream ahead, meanwhile (`PagerConfig::prefetch_ahead`).
+    pub prefetch_ahead: bool,
     /// Fault-handling threads.
     pub fault_threads: usize,
     /// Prefetch window in pages.
@@ -153,6 +155,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
     config.device = opts.device.clone();
     config.link = opts.link.clone();
     config.prefetch = opts.prefetch;
+    config.prefetch_ahead = opts.prefetch_ahead;
     config.fault_threads = opts.fault_threads;
     config.prefetch_window = opts.prefetch_window;
     config.history = opts.history;

@@ -170,6 +170,10 @@ enum Command {
         /// Turn prefetch off.
         #[arg(long)]
         no_prefetch: bool,
+        /// Fetch only the window a fault asks for, not also the next one ahead of a stream (on a
+        /// thread of its own) while the program reads it.
+        #[arg(long)]
+        no_prefetch_ahead: bool,
         /// Fault-handling threads.
         #[arg(long, default_value_t = 1)]
         fault_threads: usize,
@@ -510,6 +514,7 @@ fn main() -> ExitCode {
             passes,
             random_reads,
             no_prefetch,
+            no_prefetch_ahead,
             fault_threads,
             prefetch_window,
             history,
@@ -537,6 +542,7 @@ fn main() -> ExitCode {
                 passes,
                 random_reads,
                 prefetch: !no_prefetch,
+                prefetch_ahead: !no_prefetch_ahead,
                 fault_threads,
                 prefetch_window,
                 history,

@@ -504,12 +504,14 @@ pub fn run(opts: &StressOptions) -> Result<Result<Vec<ConfigReport>, Box<Mismatc
         match run_config(opts, &servers, fraction, threads, per)? {
             Ok(r) => {
                 eprintln!(
-                    "  ok: {} page checks, {} page writes, {} pages discarded ({} installs skipped), {} remote faults, {} dirty evictions, {} write faults, {} hot pages moved nearer, {} migrated, {} hedged reads ({} won), local share grown by {} pages",
+                    "  ok: {} page checks, {} page writes, {} pages discarded ({} installs skipped), {} remote faults ({} pages prefetched, {} of them a window ahead), {} dirty evictions, {} write faults, {} hot pages moved nearer, {} migrated, {} hedged reads ({} won), local share grown by {} pages",
                     r.pages_checked,
                     r.pages_written,
                     r.pages_discarded,
                     r.stats.installs_skipped,
                     r.stats.remote_faults,
+                    r.stats.prefetched_pages,
+                    r.stats.prefetched_ahead,
                     r.stats.evictions_dirty,
                     r.stats.write_faults,
                     r.stats.hot_pages_moved_nearer,

@@ -150,6 +150,42 @@ fn clean_pages_are_dropped_without_writing_them_back() {
 }
 
 #[test]
+fn a_stream_meets_windows_fetched_ahead_and_every_page_reads_back() {
+    let server = ServerProcess::start(&["--capacity", "256MiB", "--slab-size", "16MiB"]);
+    let mut faults = Vec::new();
+    for ahead in [true, false] {
+        let mut config = PagerConfig::new(vec![server.addr], 8 * MIB);
+        config.prefetch_ahead = ahead;
+        let pager = Pager::new(config).unwrap();
+        let region = pager.map(64 * MIB, RegionOptions::default()).unwrap();
+        let base = region.as_ptr() as usize;
+        let pages = region.len() / PAGE_SIZE;
+        for p in 0..pages {
+            fill_page(base, p, 4);
+        }
+        let before = pager.stats();
+        for p in 0..pages {
+            assert!(check_page(base, p, 4), "page {p} read back wrong (prefetch ahead: {ahead})");
+        }
+        // Backwards too: a stream with a negative stride.
+        for p in (0..pages).rev() {
+            assert!(check_page(base, p, 4), "page {p} read back wrong going down (prefetch ahead: {ahead})");
+        }
+        let stats = pager.stats();
+        eprintln!("prefetch ahead {ahead}:\n{stats}");
+        if ahead {
+            assert!(stats.prefetched_ahead > 0, "no window was fetched ahead: {stats}");
+        } else {
+            assert_eq!(stats.prefetched_ahead, 0, "{stats}");
+        }
+        assert_eq!(stats.state_violations, 0, "{stats}");
+        assert!(stats.peak_resident_pages <= stats.budget_pages, "{stats}");
+        faults.push(stats.remote_faults - before.remote_faults);
+    }
+    eprintln!("remote faults of the two passes: {} with windows ahead, {} without", faults[0], faults[1]);
+}
+
+#[test]
 fn pages_spread_over_two_servers() {
     let a = ServerProcess::start(&["--capacity", "256MiB", "--slab-size", "16MiB"]);
     let b = ServerProcess::start(&["--capacity", "256MiB", "--slab-size", "16MiB"]);

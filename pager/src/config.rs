@@ -45,6 +45,10 @@ pub struct PagerConfig {
     /// window, up to this (at least `prefetch_window`, at most 256 and an eighth of the budget;
     /// default 256). Costs `(1 + prefetch_window_max)` pages of staging per fault thread.
     pub prefetch_window_max: usize,
+    /// While a stream goes on, fetch the window after the one a fault fetches, on a thread of
+    /// its own, so that the stream meets installed pages instead of a fault (default on; with
+    /// `prefetch` only). Costs one more thread and its staging buffer.
+    pub prefetch_ahead: bool,
     /// A fetch not completed within this time fails (the access gets SIGBUS).
     pub fetch_timeout: Duration,
     /// With copies on several lenders: a read whose pages all have another copy on a reachable
@@ -123,6 +127,7 @@ impl PagerConfig {
             prefetch: true,
             prefetch_window: 64,
             prefetch_window_max: 256,
+            prefetch_ahead: true,
             fetch_timeout: Duration::from_secs(5),
             failover_timeout: Duration::from_millis(500),
             extra_shard_reads: 1,

@@ -3,7 +3,9 @@
 //! A [`Pager`] maps regions larger than the local memory budget. Pages it cannot keep locally live
 //! on memory servers; touching one raises a userfaultfd fault that a handler thread serves by
 //! fetching the page with a one-sided READ (plus a prefetch window along any detected trend, in the
-//! same request) and installing it atomically with `UFFDIO_COPY`.
+//! same request) and installing it atomically with `UFFDIO_COPY`. While a stream goes on, the
+//! window after that one is fetched ahead by a thread of its own as the program reads
+//! ([`PagerConfig::prefetch_ahead`]).
 //!
 //! - **First touch** of a never-written page installs a zero page, no network.
 //! - **Dirty tracking**: pages are installed write-protected; the first write faults, marks the
@@ -40,7 +42,7 @@
 //! asks) and counts an over-budget event, up to the local maximum ([`LocalMax`]) and no further:
 //! there [`Pager::may_allocate`] says no and an access that needs another local page waits up to
 //! the fetch timeout, then gets SIGBUS. Fixed overhead beside the budget: the staging buffers
-//! (`(1 + prefetch_window_max)` pages per handler thread, 64 pages for the evictor) and the metadata
+//! (`(1 + prefetch_window_max)` pages per handler thread and for the prefetch-ahead thread, 64 pages for the evictor) and the metadata
 //! (12 bytes per page of every region: its 8-byte entry and a 4-byte write-out version).
 //!
 //! ```
@@ -189,6 +191,8 @@ pub(crate) struct Shared {
     /// Installs (`UFFDIO_COPY` into a region) hold it shared; reading userfaultfd messages and
     /// marking the pages of remove events holds it exclusive. See `fault::Handler::install_runs`.
     pub(crate) install_gate: RwLock<()>,
+    /// The window waiting for the prefetch-ahead thread.
+    pub(crate) ahead: fault::AheadQueue,
     /// Test hook: the evictor drops dirty pages as if clean (the bug class of issue #7).
     pub(crate) inject_drop_dirty: AtomicBool,
     /// Test hook: `UFFDIO_MOVE` of a run reports failure after moving it all (a kernel quirk).
@@ -290,6 +294,11 @@ impl Shared {
         if self.budget.low_on_room() {
             self.queue.kick();
         }
+    }
+
+    /// Whether the prefetch-ahead thread runs.
+    pub(crate) fn prefetches_ahead(&self) -> bool {
+        self.config.prefetch && self.config.prefetch_ahead
     }
 
     /// Waits until every thread reading userfaultfd messages has marked the remove events it
@@ -442,7 +451,8 @@ impl Pager {
     fn start(config: PagerConfig, store: Arc<dyn store::PageStore>, uffd: uffd::Uffd) -> Result<Self, PagerError> {
         let limit = config.local_budget / PAGE_SIZE;
         let window = config.prefetch_window_max.max(config.prefetch_window).min(limit / 8).max(1);
-        let headroom = budget::Budget::headroom_for(limit, 1 + window, config.fault_threads);
+        let ahead = config.prefetch && config.prefetch_ahead; // `Shared::prefetches_ahead`
+        let headroom = budget::Budget::headroom_for(limit, 1 + window, config.fault_threads + usize::from(ahead));
         let budget = budget::Budget::new(limit, headroom, config.local_max.pages(limit));
         let shared = Arc::new(Shared {
             uffd,
@@ -453,6 +463,7 @@ impl Pager {
             stats: stats::Counters::default(),
             shutdown: AtomicBool::new(false),
             install_gate: RwLock::new(()),
+            ahead: fault::AheadQueue::default(),
             inject_drop_dirty: AtomicBool::new(false),
             inject_move_undercount: AtomicBool::new(false),
             inject_evictor_delay_us: AtomicU64::new(0),
@@ -468,6 +479,10 @@ impl Pager {
                 history::set_thread_tag(tag);
                 handler.run();
             })?;
+        }
+        if ahead {
+            let handler = fault::Handler::ahead(Arc::clone(&shared))?;
+            pager.spawn("prefetch-ahead".into(), move || handler.run_ahead())?;
         }
         let evictor = evict::Evictor::new(Arc::clone(&shared))?;
         pager.spawn("evictor".into(), move || {

@@ -16,6 +16,8 @@ pub struct Counters {
     pub(crate) write_faults: AtomicU64,
     pub(crate) prefetched: AtomicU64,
     pub(crate) prefetch_hits: AtomicU64,
+    pub(crate) prefetched_ahead: AtomicU64,
+    pub(crate) prefetch_ahead_dropped: AtomicU64,
     pub(crate) prefetch_wasted: AtomicU64,
     pub(crate) evictions_clean: AtomicU64,
     pub(crate) evictions_dirty: AtomicU64,
@@ -48,6 +50,8 @@ impl Default for Counters {
             write_faults: AtomicU64::new(0),
             prefetched: AtomicU64::new(0),
             prefetch_hits: AtomicU64::new(0),
+            prefetched_ahead: AtomicU64::new(0),
+            prefetch_ahead_dropped: AtomicU64::new(0),
             prefetch_wasted: AtomicU64::new(0),
             evictions_clean: AtomicU64::new(0),
             evictions_dirty: AtomicU64::new(0),
@@ -91,6 +95,8 @@ impl Counters {
             write_faults: r(&self.write_faults),
             prefetched_pages: r(&self.prefetched),
             prefetch_hits: r(&self.prefetch_hits),
+            prefetched_ahead: r(&self.prefetched_ahead),
+            prefetch_ahead_dropped: r(&self.prefetch_ahead_dropped),
             prefetch_wasted: r(&self.prefetch_wasted),
             evictions_clean: r(&self.evictions_clean),
             evictions_dirty: r(&self.evictions_dirty),
@@ -135,6 +141,13 @@ pub struct PagerStats {
     pub prefetched_pages: u64,
     /// Prefetched pages later used.
     pub prefetch_hits: u64,
+    /// Of the prefetched pages, those fetched one window ahead of a stream, while it read the
+    /// window before (`PagerConfig::prefetch_ahead`).
+    #[serde(default)]
+    pub prefetched_ahead: u64,
+    /// Windows ahead not fetched for want of room in the budget.
+    #[serde(default)]
+    pub prefetch_ahead_dropped: u64,
     /// Prefetched pages evicted or discarded unused.
     pub prefetch_wasted: u64,
     /// Evictions of clean pages (dropped, no network).
@@ -315,8 +328,12 @@ impl fmt::Display for PagerStats {
         )?;
         writeln!(
             f,
-            "prefetch: {} pages, {} hits, {} wasted",
-            self.prefetched_pages, self.prefetch_hits, self.prefetch_wasted
+            "prefetch: {} pages ({} one window ahead; {} windows ahead dropped for want of room), {} hits, {} wasted",
+            self.prefetched_pages,
+            self.prefetched_ahead,
+            self.prefetch_ahead_dropped,
+            self.prefetch_hits,
+            self.prefetch_wasted
         )?;
         writeln!(
             f,

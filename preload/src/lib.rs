@@ -25,6 +25,7 @@
 //! | `COALESCE_DEVICE` | first | RDMA device of the verbs provider, e.g. `rxe0` |
 //! | `COALESCE_FETCH_TIMEOUT` | `5s` | a page not fetched in this time raises SIGBUS in the access |
 //! | `COALESCE_PREFETCH` | on | `0` turns prefetch off |
+//! | `COALESCE_PREFETCH_AHEAD` | `1` | `0`: a stream's faults fetch their window only, not also the next one ahead (on a thread of its own) |
 //! | `COALESCE_FAULT_THREADS` | 2 with 4 or more CPUs, else 1 | fault-handling threads (1 to 64); they also take the allocator's discards (remove events) |
 //! | `COALESCE_REDUNDANCY` | `replicate:2` with two or more servers, else `none` | copies of each page on distinct lenders: `none` or `replicate:N` (N from 2 to 4) |
 //! | `COALESCE_SLO` | unset | a service-level objective on remote-fault service time, e.g. `p99=500us`: when a second's faults miss it, the heap's local share grows (up to `COALESCE_LOCAL_MAX`), and shrinks back once comfortably met |

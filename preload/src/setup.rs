@@ -31,6 +31,7 @@ struct Settings {
     device: Option<String>,
     fetch_timeout: Duration,
     prefetch: bool,
+    prefetch_ahead: bool,
     fault_threads: usize,
     trusted_lenders: bool,
     key: Option<rdma::secure::ClusterKey>,
@@ -159,6 +160,11 @@ fn settings() -> Result<Option<Settings>, String> {
         None => Duration::from_secs(5),
     };
     let prefetch = !matches!(var("COALESCE_PREFETCH").as_deref(), Some("0" | "off" | "false"));
+    let prefetch_ahead = match var("COALESCE_PREFETCH_AHEAD").as_deref().map(str::trim) {
+        None | Some("1" | "on" | "true") => true,
+        Some("0" | "off" | "false") => false,
+        Some(other) => return Err(format!("COALESCE_PREFETCH_AHEAD={other:?} is neither 1 nor 0")),
+    };
     let fault_threads = match var("COALESCE_FAULT_THREADS") {
         Some(n) => n
             .trim()
@@ -232,6 +238,7 @@ fn settings() -> Result<Option<Settings>, String> {
         device: var("COALESCE_DEVICE"),
         fetch_timeout,
         prefetch,
+        prefetch_ahead,
         fault_threads,
         trusted_lenders,
         redundancy,
@@ -288,6 +295,7 @@ pub extern "C" fn init() {
     config.device = settings.device.clone();
     config.fetch_timeout = settings.fetch_timeout;
     config.prefetch = settings.prefetch;
+    config.prefetch_ahead = settings.prefetch_ahead;
     config.fault_threads = settings.fault_threads;
     config.history = settings.history;
     config.trusted_lenders = settings.trusted_lenders;

@@ -26,6 +26,11 @@ const SPINS_BEFORE_READING: u32 = 64;
 impl Handler {
     /// Reads pending messages into the deferred queue (what `EAGAIN` asks for).
     pub(super) fn drain_events(&mut self) {
+        if !self.reads_events {
+            // The fault handlers read them; give them the CPU.
+            std::thread::yield_now();
+            return;
+        }
         let mut buf = [[0u8; MSG_SIZE]; 16];
         while let Ok(n) = self.read_and_mark(&mut buf) {
             if n == 0 {

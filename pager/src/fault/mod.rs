@@ -22,10 +22,12 @@ use crate::store::{PageIo, PageTransfer, TransferError};
 use crate::uffd::{Event, Scratch, MSG_SIZE};
 use crate::{PagerError, Reservation, Shared, PAGE_SIZE};
 
+mod ahead;
 mod events;
 mod failure;
 mod install;
 
+pub(crate) use ahead::{AheadJob, AheadQueue};
 pub(crate) use failure::{report_violation, POISONED_NOTE};
 use install::Install;
 
@@ -41,6 +43,8 @@ pub(crate) struct Handler {
     zero: Vec<u8>,
     deferred: VecDeque<Event>,
     outcomes: Vec<Result<(), TransferError>>,
+    /// False on the prefetch-ahead thread, which leaves userfaultfd messages to the handlers.
+    reads_events: bool,
 }
 
 /// A page taken for one fetch.
@@ -51,13 +55,35 @@ struct Fetch {
     outcome: Result<(), TransferError>,
 }
 
+/// Locked pages to fetch, each given the next staging slot.
+fn fetches_of(pages: impl Iterator<Item = (usize, Entry)>) -> Vec<Fetch> {
+    pages
+        .enumerate()
+        .map(|(i, (page, entry))| Fetch { page, entry, staging: i, outcome: Err(TransferError::NoSuchSlot) })
+        .collect()
+}
+
+/// A page a prefetch may take: only on a lender, and not being discarded.
+fn is_fetchable(e: Entry) -> bool {
+    e.state() == PageState::Remote && !e.remove_unhandled()
+}
+
 impl Handler {
     pub(crate) fn new(shared: Arc<Shared>) -> Result<Self, PagerError> {
         let io = Arc::clone(&shared.store).open_io()?;
         let staging = LocalRegion::new((1 + shared.prefetch_window_max()) * PAGE_SIZE).map_err(PagerError::Buffer)?;
         let zero = vec![0; (1 + shared.config.prefetch_window) * PAGE_SIZE];
         let scratch = Scratch::new().map_err(|source| PagerError::Map { len: PAGE_SIZE, source })?;
-        Ok(Self { shared, io, staging, scratch, zero, deferred: VecDeque::new(), outcomes: Vec::new() })
+        Ok(Self {
+            shared,
+            io,
+            staging,
+            scratch,
+            zero,
+            deferred: VecDeque::new(),
+            outcomes: Vec::new(),
+            reads_events: true,
+        })
     }
 
     pub(crate) fn run(mut self) {
@@ -375,11 +401,16 @@ impl Handler {
             let trend = region.trend.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             trend.window(self.shared.prefetch_window(), self.shared.prefetch_window_max())
         };
-        let out =
-            self.lock_window(region, page, stride, window, |e| e.state() == PageState::Remote && !e.remove_unhandled());
-        if let Some(&(first, _)) = out.first() {
+        let out = self.lock_window(region, page, stride, window, is_fetchable);
+        if let (Some(&(first, _)), Some(&(last, _))) = (out.first(), out.last()) {
+            // The window after this one is fetched ahead, meanwhile, by the prefetch-ahead thread;
+            // the stream's next fault is then expected past both.
+            let ahead = if self.shared.prefetches_ahead() { window } else { 0 };
+            if ahead > 0 {
+                self.shared.ahead.post(AheadJob { region: region.id, after: last, stride, steps: ahead });
+            }
             let mut trend = region.trend.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            trend.last_window = Some((first, stride, out.len()));
+            trend.last_window = Some((first, stride, out.len() + ahead));
         }
         out
     }
@@ -387,11 +418,7 @@ impl Handler {
     fn remote_fault(&mut self, region: &RegionState, page: usize, entry: Entry, write: bool) {
         let started = Instant::now();
         let extra = self.prefetch_window(region, page);
-        let mut fetches: Vec<Fetch> = std::iter::once((page, entry))
-            .chain(extra)
-            .enumerate()
-            .map(|(i, (page, entry))| Fetch { page, entry, staging: i, outcome: Err(TransferError::NoSuchSlot) })
-            .collect();
+        let mut fetches = fetches_of(std::iter::once((page, entry)).chain(extra));
         match self.reserve_window(fetches.len()) {
             0 => {
                 let pages: Vec<(usize, Entry)> = fetches.iter().map(|f| (f.page, f.entry)).collect();
@@ -399,42 +426,7 @@ impl Handler {
             }
             k => fetches.drain(k..).for_each(|f| region.table.unlock(f.page, f.entry, Transition::NotInstalled)),
         }
-        self.fetch(region, &mut fetches);
-        let rejected = fetches.iter().filter(|f| f.outcome == Err(TransferError::Corrupt)).count();
-        Counters::add(&self.shared.stats.copies_rejected, rejected as u64);
-        let t = &region.table;
-        // Failed pages first: the faulting one is poisoned, prefetched ones are simply left remote.
-        for (i, f) in fetches.iter().enumerate().filter(|(_, f)| f.outcome.is_err()) {
-            if i == 0 {
-                self.fail_page(region, f);
-            } else {
-                t.unlock(f.page, f.entry, Transition::NotInstalled);
-            }
-        }
-        let good: Vec<(usize, &Fetch)> = fetches.iter().enumerate().filter(|(_, f)| f.outcome.is_ok()).collect();
-        let pages: Vec<(usize, Entry)> = good.iter().map(|(_, f)| (f.page, f.entry)).collect();
-        let staging = self.staging.as_ptr().cast_const();
-        // Staging slots are inside the staging region, sized for the window.
-        let src_of = |k: usize| staging.wrapping_add(good[k].1.staging * PAGE_SIZE);
-        let wp_of = |k: usize| !(good[k].0 == 0 && write);
-        let done = self.install_runs(region, &pages, src_of, wp_of);
-        let mut installed = 0usize;
-        for (&(i, f), outcome) in good.iter().zip(&done) {
-            if *outcome == Install::Discarded {
-                continue;
-            }
-            if *outcome == Install::Done {
-                let e = if i == 0 { f.entry.installed(write) } else { f.entry.prefetched() };
-                t.unlock(f.page, e, if i == 0 { Transition::Fetched } else { Transition::Prefetched });
-                self.shared.queue.push(region.id, f.page);
-                installed += 1;
-            } else {
-                t.unlock(f.page, f.entry, Transition::NotInstalled);
-            }
-        }
-        self.shared.unreserve(fetches.len() - installed);
-        let ok = fetches.iter().filter(|f| f.outcome.is_ok()).count() as u64;
-        Counters::add(&self.shared.stats.bytes_in, ok * PAGE_SIZE as u64);
+        let ok = self.fetch_and_install(region, &mut fetches, Some(write));
         if fetches[0].outcome.is_ok() {
             Counters::add(&self.shared.stats.remote_faults, 1);
             Counters::add(&self.shared.stats.prefetched, ok - 1);
@@ -445,6 +437,55 @@ impl Handler {
             }
             region.record_fetch(elapsed);
         }
+    }
+
+    /// Fetches `fetches` (locked, their room reserved) and installs those that came. With
+    /// `fault` (whether the access writes), the first is the faulting page: it fails loudly if it
+    /// cannot be fetched and is installed for the access; the others are prefetched, and left
+    /// remote if they cannot be. Returns how many pages were fetched.
+    fn fetch_and_install(&mut self, region: &RegionState, fetches: &mut [Fetch], fault: Option<bool>) -> u64 {
+        self.fetch(region, fetches);
+        let rejected = fetches.iter().filter(|f| f.outcome == Err(TransferError::Corrupt)).count();
+        Counters::add(&self.shared.stats.copies_rejected, rejected as u64);
+        let t = &region.table;
+        let faulting = |i: usize| i == 0 && fault.is_some();
+        // Failed pages first: the faulting one is poisoned, prefetched ones are simply left remote.
+        for (i, f) in fetches.iter().enumerate().filter(|(_, f)| f.outcome.is_err()) {
+            if faulting(i) {
+                self.fail_page(region, f);
+            } else {
+                t.unlock(f.page, f.entry, Transition::NotInstalled);
+            }
+        }
+        let good: Vec<(usize, &Fetch)> = fetches.iter().enumerate().filter(|(_, f)| f.outcome.is_ok()).collect();
+        let pages: Vec<(usize, Entry)> = good.iter().map(|(_, f)| (f.page, f.entry)).collect();
+        let staging = self.staging.as_ptr().cast_const();
+        // Staging slots are inside the staging region, sized for the window.
+        let src_of = |k: usize| staging.wrapping_add(good[k].1.staging * PAGE_SIZE);
+        let wp_of = |k: usize| !(faulting(good[k].0) && fault == Some(true));
+        let done = self.install_runs(region, &pages, src_of, wp_of);
+        let mut installed = 0usize;
+        for (&(i, f), outcome) in good.iter().zip(&done) {
+            if *outcome == Install::Discarded {
+                continue;
+            }
+            if *outcome == Install::Done {
+                let (e, why) = if faulting(i) {
+                    (f.entry.installed(fault == Some(true)), Transition::Fetched)
+                } else {
+                    (f.entry.prefetched(), Transition::Prefetched)
+                };
+                t.unlock(f.page, e, why);
+                self.shared.queue.push(region.id, f.page);
+                installed += 1;
+            } else {
+                t.unlock(f.page, f.entry, Transition::NotInstalled);
+            }
+        }
+        self.shared.unreserve(fetches.len() - installed);
+        let ok = fetches.iter().filter(|f| f.outcome.is_ok()).count() as u64;
+        Counters::add(&self.shared.stats.bytes_in, ok * PAGE_SIZE as u64);
+        ok
     }
 
     /// Reads every page of `fetches` into its staging slot, in one batch of the store.
