@@ -136,6 +136,83 @@ fn batches_move_many_pages_in_one_request() {
     }
 }
 
+/// The server sends long READ payloads straight from the slab (gathered, up to 1,024 buffers per
+/// system call) and appends short ones to their response: a READ of the most segments a request
+/// may have, of odd lengths over two slabs, pipelined between short READs, comes back whole and
+/// in order.
+#[test]
+fn a_read_of_the_most_segments_comes_back_whole_and_between_short_reads() {
+    let server = ServerProcess::start(&["--capacity", "64MiB", "--slab-size", "8MiB"]);
+    let mut client = ControlClient::connect(server.addr, &ClientOptions::default()).unwrap();
+    let slabs = [client.alloc_slab().unwrap(), client.alloc_slab().unwrap()];
+    let ep = endpoint(&mut client);
+    // Fill both slabs with a pattern that differs at every byte of every page.
+    let buf = LocalRegion::new(64 * PAGE).unwrap();
+    for (s, slab) in slabs.iter().enumerate() {
+        for chunk in 0..usize::try_from(slab.len).unwrap() / (64 * PAGE) {
+            for p in 0..64 {
+                buf.write_at(p * PAGE, &pattern(s as u64 + 10, (chunk * 64 + p) as u64)).unwrap();
+            }
+            let at = slab.addr + (chunk * 64 * PAGE) as u64;
+            ep.post(&WorkRequest::write(
+                0,
+                vec![Segment { local: LocalSlice::new(&buf, 0, 64 * PAGE).unwrap(), remote_addr: at, rkey: slab.rkey }],
+            ))
+            .unwrap();
+            wait_ok(&ep);
+        }
+    }
+    let expected = |s: usize, offset: usize, len: usize| -> Vec<u8> {
+        (offset..offset + len).map(|b| pattern(s as u64 + 10, (b / PAGE) as u64)[b % PAGE]).collect()
+    };
+    // 1,024 segments of 1..=3,000 bytes at scattered offsets, alternating slabs.
+    let mut rng = fastrand::Rng::with_seed(11);
+    let mut wanted = Vec::new();
+    let mut local_at = 0usize;
+    for i in 0..rdma::wire::MAX_SEGMENTS {
+        let s = i % 2;
+        let len = rng.usize(1..=3000);
+        let offset = rng.usize(0..usize::try_from(slabs[s].len).unwrap() - len);
+        wanted.push((s, offset, len, local_at));
+        local_at += len;
+    }
+    let big = LocalRegion::new(local_at.next_multiple_of(PAGE)).unwrap();
+    let segs: Vec<Segment> = wanted
+        .iter()
+        .map(|&(s, offset, len, at)| Segment {
+            local: LocalSlice::new(&big, at, len).unwrap(),
+            remote_addr: slabs[s].addr + offset as u64,
+            rkey: slabs[s].rkey,
+        })
+        .collect();
+    let small = LocalRegion::new(2 * PAGE).unwrap();
+    let short = |slot: usize, offset: usize| Segment {
+        local: LocalSlice::new(&small, slot * PAGE, 100).unwrap(),
+        remote_addr: slabs[0].addr + offset as u64,
+        rkey: slabs[0].rkey,
+    };
+    ep.post(&WorkRequest::read(1, vec![short(0, 5000)])).unwrap();
+    ep.post(&WorkRequest::read(2, segs)).unwrap();
+    ep.post(&WorkRequest::read(3, vec![short(1, 7000)])).unwrap();
+    let ids: Vec<(u64, usize)> = (0..3)
+        .map(|_| {
+            let c = wait_ok(&ep);
+            (c.wr_id, c.byte_len)
+        })
+        .collect();
+    assert_eq!(ids, vec![(1, 100), (2, local_at), (3, 100)]);
+    let mut got = vec![0u8; 100];
+    small.read_at(0, &mut got).unwrap();
+    assert!(got == expected(0, 5000, 100), "the short READ before");
+    small.read_at(PAGE, &mut got).unwrap();
+    assert!(got == expected(0, 7000, 100), "the short READ after");
+    for (i, &(s, offset, len, at)) in wanted.iter().enumerate() {
+        let mut got = vec![0u8; len];
+        big.read_at(at, &mut got).unwrap();
+        assert!(got == expected(s, offset, len), "segment {i} ({len} bytes at {offset} of slab {s})");
+    }
+}
+
 #[test]
 fn wrong_rkey_and_out_of_bounds_fail_cleanly_and_the_server_keeps_serving() {
     let server = ServerProcess::start(&["--capacity", "16MiB", "--slab-size", "1MiB"]);

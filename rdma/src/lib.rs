@@ -116,6 +116,7 @@ pub mod link;
 pub mod region;
 pub mod secure;
 pub mod shim;
+mod sys;
 #[cfg(feature = "verbs")]
 pub mod verbs;
 #[cfg(not(feature = "verbs"))]

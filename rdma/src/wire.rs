@@ -249,6 +249,20 @@ pub fn encode_completion(
     });
 }
 
+/// Appends the head of a successful READ completion (frame header and completion prefix) whose
+/// `byte_len`-byte payload the sender writes right after it, straight from the memory it lies in:
+/// the head and the payload together are exactly what [`encode_completion`] would append.
+pub fn encode_read_completion_head(out: &mut Vec<u8>, wr_id: u64, byte_len: usize) {
+    let byte_len = u32::try_from(byte_len).unwrap_or(u32::MAX);
+    let body_len = u32::try_from(COMPLETION_PREFIX_LEN).unwrap_or(u32::MAX).saturating_add(byte_len);
+    out.extend_from_slice(&crate::frame::Header::encode(KIND_COMPLETION, body_len));
+    out.extend_from_slice(&wr_id.to_le_bytes());
+    out.push(RemoteStatus::Success.to_wire());
+    out.push(Opcode::Read.to_wire());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&byte_len.to_le_bytes());
+}
+
 /// Bytes of a completion body before its READ payload.
 pub const COMPLETION_PREFIX_LEN: usize = 16;
 
@@ -367,6 +381,14 @@ mod tests {
             let prefix = decode_completion_prefix(&body[..COMPLETION_PREFIX_LEN]).expect("prefix decodes");
             prop_assert_eq!((prefix.wr_id, prefix.status, prefix.payload_len()), (wr_id, status, len));
             prop_assert_eq!(&body[COMPLETION_PREFIX_LEN..], &data[..len]);
+            // A READ's head followed by its payload is the same frame, byte for byte.
+            if ok {
+                let mut sent = Vec::new();
+                encode_read_completion_head(&mut sent, wr_id, data.len());
+                prop_assert_eq!(sent.len(), HEADER_LEN + COMPLETION_PREFIX_LEN);
+                sent.extend_from_slice(&data);
+                prop_assert_eq!(sent, out);
+            }
         }
 
         #[test]

@@ -14,10 +14,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use super::sys;
 use crate::frame::{read_frame, Decoder, HEADER_LEN};
 use crate::link::{LinkModel, RttRecorder, RttStats};
 use crate::region::LocalSlice;
+use crate::sys;
 use crate::wire::{self, Opcode, RemoteSegment};
 use crate::{Completion, CompletionStatus, EndpointOptions, PollMode, TransportError, WorkRequest};
 

@@ -3,5 +3,4 @@
 //! registered memory.
 
 pub mod endpoint;
-mod sys;
 pub mod target;

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -14,15 +15,25 @@ use memmap2::MmapMut;
 use crate::frame::{read_frame, ReadFrameError};
 use crate::link::SharedLink;
 use crate::wire::{
-    decode_request, encode_completion, DataRequest, Opcode, RemoteSegment, RemoteStatus, KIND_DATA_CONNECT_OK,
-    KIND_DATA_CONNECT_REFUSED,
+    decode_request, encode_completion, encode_read_completion_head, DataRequest, Opcode, RemoteSegment, RemoteStatus,
+    KIND_DATA_CONNECT_OK, KIND_DATA_CONNECT_REFUSED,
 };
 
-#[derive(Debug, Clone, Copy)]
+mod read_payload;
+use read_payload::ReadPayload;
+
+/// READ payloads of at least this many bytes are sent straight from registered memory (one copy,
+/// in the kernel); shorter ones are copied behind their head so that a burst of small responses
+/// still goes out in one write.
+const SEND_IN_PLACE_MIN: usize = 32 * 1024;
+
+#[derive(Debug, Clone)]
 struct RegionEntry {
     base: usize,
     len: usize,
     owner: u64,
+    /// The mapping itself: a READ being sent from it keeps it mapped after deregistration.
+    map: Arc<MmapMut>,
 }
 
 /// Counters of the target, shared by every data connection.
@@ -50,13 +61,14 @@ pub struct MemoryRegistry {
     pub stats: TargetStats,
 }
 
-/// A mapping registered for remote access. Dropping it deregisters the rkey first, then unmaps, so
-/// no target thread can touch the memory after it is gone.
+/// A mapping registered for remote access. Dropping it deregisters the rkey first, so no new
+/// access can reach the memory; it is unmapped then, or once the last READ being sent from it is
+/// sent.
 #[derive(Debug)]
 pub struct RegisteredMemory {
     registry: Arc<MemoryRegistry>,
     rkey: u32,
-    map: MmapMut,
+    map: Arc<MmapMut>,
 }
 
 impl RegisteredMemory {
@@ -107,7 +119,8 @@ impl MemoryRegistry {
                 break candidate;
             }
         };
-        regions.insert(rkey, RegionEntry { base: map.as_ptr() as usize, len: map.len(), owner });
+        let map = Arc::new(map);
+        regions.insert(rkey, RegionEntry { base: map.as_ptr() as usize, len: map.len(), owner, map: Arc::clone(&map) });
         drop(regions);
         Ok(RegisteredMemory { registry: Arc::clone(self), rkey, map })
     }
@@ -195,10 +208,19 @@ pub fn serve_bound_connection(
     tracing::debug!(%peer, session = %crate::ids::short(session_id), "data connection open");
     match link {
         None => {
-            conn.serve(&mut reader, |out, _, _, more_buffered| {
-                // Flush only when no further request is already buffered: responses to a burst go
-                // out in one write.
-                writer.write_all(out).is_ok() && (more_buffered || writer.flush().is_ok())
+            conn.serve(&mut reader, |out, payload, _, _, more_buffered| match payload {
+                // A long READ payload goes from where it lies, behind the responses buffered so far.
+                Some(p) if p.len() >= SEND_IN_PLACE_MIN => {
+                    writer.flush().is_ok() && p.send(out, writer.get_ref().as_fd()).is_ok()
+                }
+                _ => {
+                    if let Some(p) = payload {
+                        p.append_to(out);
+                    }
+                    // Flush only when no further request is already buffered: responses to a
+                    // burst go out in one write.
+                    writer.write_all(out).is_ok() && (more_buffered || writer.flush().is_ok())
+                }
             });
         }
         Some(link) => std::thread::scope(|scope| {
@@ -211,7 +233,10 @@ pub fn serve_bound_connection(
                 return;
             }
             let mut follower = link.follower();
-            conn.serve(&mut reader, |out, arrival, request_len, _| {
+            conn.serve(&mut reader, |out, payload, arrival, request_len, _| {
+                if let Some(p) = payload {
+                    p.append_to(out);
+                }
                 let at = follower.deliver_at(arrival, request_len, out.len());
                 tx.send((at, out.to_vec())).is_ok()
             });
@@ -253,10 +278,15 @@ struct Connection<'a> {
 }
 
 impl Connection<'_> {
-    /// Reads and executes requests, handing each encoded response to `respond` (with the instant
-    /// its request was read, the request's length and whether more requests are buffered);
-    /// stops when `respond` returns false or the connection ends.
-    fn serve(&self, reader: &mut BufReader<TcpStream>, mut respond: impl FnMut(&[u8], Instant, usize, bool) -> bool) {
+    /// Reads and executes requests, handing each encoded response to `respond` (with a READ's
+    /// payload to send after it, the instant its request was read, the request's length and
+    /// whether more requests are buffered); stops when `respond` returns false or the connection
+    /// ends.
+    fn serve(
+        &self,
+        reader: &mut BufReader<TcpStream>,
+        mut respond: impl FnMut(&mut Vec<u8>, Option<&ReadPayload>, Instant, usize, bool) -> bool,
+    ) {
         let (peer, shown_session) = (self.peer, crate::ids::short(self.session_id));
         let mut out = Vec::new();
         let mut body = Vec::new();
@@ -278,15 +308,15 @@ impl Connection<'_> {
             };
             let arrival = Instant::now();
             out.clear();
-            match decode_request(header.kind, &body) {
+            let payload = match decode_request(header.kind, &body) {
                 Ok(req) => execute(self.registry, self.session_id, &req, &mut out),
                 Err(e) => {
                     self.registry.stats.malformed_connections.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(%peer, session = %shown_session, kind = header.kind, reason = %e, "closing data connection: malformed request");
                     break;
                 }
-            }
-            if !respond(&out, arrival, body.len(), !reader.buffer().is_empty()) {
+            };
+            if !respond(&mut out, payload.as_ref(), arrival, body.len(), !reader.buffer().is_empty()) {
                 break;
             }
         }
@@ -321,7 +351,9 @@ fn wait_for_frame(
     }
 }
 
-fn execute(registry: &MemoryRegistry, owner: u64, req: &DataRequest<'_>, out: &mut Vec<u8>) {
+/// Executes one request, encoding its response into `out`; a successful READ's payload is left
+/// where it lies, returned for the caller to send after `out`.
+fn execute(registry: &MemoryRegistry, owner: u64, req: &DataRequest<'_>, out: &mut Vec<u8>) -> Option<ReadPayload> {
     let stats = &registry.stats;
     match req {
         DataRequest::Ping { wr_id } => encode_completion(out, *wr_id, RemoteStatus::Success, Opcode::Ping, 0, |_| {}),
@@ -334,35 +366,35 @@ fn execute(registry: &MemoryRegistry, owner: u64, req: &DataRequest<'_>, out: &m
             let Some(resolved) = resolve(&regions, owner, segments) else {
                 stats.access_errors.fetch_add(1, Ordering::Relaxed);
                 encode_completion(out, *wr_id, RemoteStatus::AccessError, Opcode::Read, 0, |_| {});
-                return;
+                return None;
             };
-            let total: usize = resolved.iter().map(|&(_, l)| l).sum();
-            encode_completion(out, *wr_id, RemoteStatus::Success, Opcode::Read, total, |payload| {
-                let mut at = 0;
-                for &(addr, len) in &resolved {
-                    // SAFETY: `resolve` proved `[addr, addr + len)` lies inside a registered
-                    // mapping, and the registry read lock held here keeps that mapping alive (a
-                    // `RegisteredMemory` deregisters under the write lock before it unmaps).
-                    // `payload` is a distinct Vec. Concurrent WRITEs to the same bytes by the same
-                    // session give unspecified bytes, exactly as with a NIC.
-                    unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, payload[at..].as_mut_ptr(), len) };
-                    at += len;
+            // Every mapping the segments lie in (they resolved, so each rkey is registered).
+            let mut mappings: Vec<Arc<MmapMut>> = Vec::new();
+            for e in segments.iter().filter_map(|s| regions.get(&s.rkey)) {
+                if !mappings.iter().any(|m| Arc::ptr_eq(m, &e.map)) {
+                    mappings.push(Arc::clone(&e.map));
                 }
-            });
+            }
+            drop(regions);
+            let payload = ReadPayload::new(resolved, mappings);
+            encode_read_completion_head(out, *wr_id, payload.len());
             stats.reads.fetch_add(1, Ordering::Relaxed);
-            stats.bytes_read.fetch_add(total as u64, Ordering::Relaxed);
+            stats.bytes_read.fetch_add(payload.len() as u64, Ordering::Relaxed);
+            return Some(payload);
         }
         DataRequest::Write { wr_id, segments, payload } => {
             let regions = registry.regions.read().unwrap_or_else(std::sync::PoisonError::into_inner);
             let Some(resolved) = resolve(&regions, owner, segments) else {
                 stats.access_errors.fetch_add(1, Ordering::Relaxed);
                 encode_completion(out, *wr_id, RemoteStatus::AccessError, Opcode::Write, 0, |_| {});
-                return;
+                return None;
             };
             let mut at = 0;
             for &(addr, len) in &resolved {
-                // SAFETY: as for READ: bounds proved by `resolve`, mapping kept alive by the read
-                // lock; the payload length equals the sum of the segment lengths (checked by the
+                // SAFETY: bounds proved by `resolve`, mapping kept alive by the read lock (a
+                // `RegisteredMemory` deregisters under the write lock before it unmaps). Concurrent
+                // accesses to the same bytes by the same session give unspecified bytes, exactly
+                // as with a NIC. The payload length equals the sum of the segment lengths (checked by the
                 // decoder), so `payload[at..at + len]` is in bounds.
                 unsafe { std::ptr::copy_nonoverlapping(payload[at..at + len].as_ptr(), addr as *mut u8, len) };
                 at += len;
@@ -373,6 +405,7 @@ fn execute(registry: &MemoryRegistry, owner: u64, req: &DataRequest<'_>, out: &m
             encode_completion(out, *wr_id, RemoteStatus::Success, Opcode::Write, at, |_| {});
         }
     }
+    None
 }
 
 /// Reads the first frame of a fresh connection, for a dispatcher that accepts both control and data

@@ -1,6 +1,6 @@
-//! Thin, checked wrappers over the socket system calls the shim's client needs beyond `std`:
-//! per-call non-blocking `recv`/`send` (so the socket stays blocking for everything else) and
-//! `ppoll` with a microsecond timeout.
+//! Thin, checked wrappers over the system calls the providers need beyond `std`: per-call
+//! non-blocking `recv`/`send` (so the socket stays blocking for everything else), `ppoll` with a
+//! microsecond timeout, and the target's gathered send of READ payloads from where they lie.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -12,6 +12,61 @@ pub fn send_nonblocking(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
     let n =
         unsafe { libc::send(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
     usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
+/// The most buffers one `sendmsg(2)` takes (`IOV_MAX` on Linux).
+const IOV_MAX: usize = 1024;
+
+/// Sends `head`, then the bytes of every `(address, length)` in `segments`, in order, with
+/// `sendmsg(2)` (`MSG_NOSIGNAL`: a closed peer gives `EPIPE`, never `SIGPIPE`), blocking until all
+/// are sent; the kernel copies them straight from where they lie.
+///
+/// # Safety
+///
+/// Every segment must be memory readable for its whole length that stays mapped until the call
+/// returns (it may change meanwhile: the bytes sent are then some mix, as with a NIC).
+pub unsafe fn send_all_from(fd: BorrowedFd<'_>, head: &[u8], segments: &[(usize, usize)]) -> io::Result<()> {
+    let mut iov: Vec<libc::iovec> = std::iter::once((head.as_ptr() as usize, head.len()))
+        .chain(segments.iter().copied())
+        .filter(|&(_, len)| len > 0)
+        .map(|(addr, len)| libc::iovec { iov_base: addr as *mut libc::c_void, iov_len: len })
+        .collect();
+    let mut at = 0;
+    while at < iov.len() {
+        let end = (at + IOV_MAX).min(iov.len());
+        let batch = &mut iov[at..end];
+        // SAFETY: an all-zero msghdr is valid (no address, no control data, no buffers).
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = batch.as_mut_ptr();
+        msg.msg_iovlen = batch.len();
+        // SAFETY: `msg` points at `batch.len()` iovecs, each naming readable memory that stays
+        // mapped for the call (`head` is borrowed; the segments by this function's contract), and
+        // `fd` is a live borrowed descriptor. The kernel only reads the buffers.
+        let sent = unsafe { libc::sendmsg(fd.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        let Ok(mut sent) = usize::try_from(sent) else {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        };
+        if sent == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        // Skip what went out; a buffer sent in part keeps its rest.
+        while sent > 0 {
+            let first = &mut iov[at];
+            if sent >= first.iov_len {
+                sent -= first.iov_len;
+                at += 1;
+            } else {
+                first.iov_base = first.iov_base.cast::<u8>().wrapping_add(sent).cast();
+                first.iov_len -= sent;
+                sent = 0;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Waits until any of `fds` is readable or `timeout` passes. Returns whether one is ready.
