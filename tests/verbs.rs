@@ -1,7 +1,7 @@
 //! The verbs provider end to end, on a real RDMA device (Soft-RoCE in the test VM of
 //! `soft-roce-setup/`): a transport test (READ and WRITE of many pages through a `memory-server`
-//! process, a wrong rkey failing cleanly while the server keeps serving) and a pager test (data
-//! verified under eviction). Without a device (or a build without `--features verbs`) each test
+//! process, a wrong rkey failing cleanly while the server keeps serving), a blocking wait woken by
+//! the device's completion event, and a pager test (data verified under eviction). Without a device (or a build without `--features verbs`) each test
 //! says why and passes, unless `COALESCE_REQUIRE_VERBS=1` (set in the VM) makes that a failure.
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::cast_possible_truncation)]
@@ -116,6 +116,52 @@ fn verbs_reads_and_writes_many_pages_and_a_wrong_rkey_fails_cleanly() {
     ep3.post(&WorkRequest::read(79, vec![seg])).unwrap();
     assert_eq!(wait_one(&ep3).status, CompletionStatus::RemoteAccessError);
     eprintln!("verbs READ round trip: {:?}", ep2.rtt_stats());
+}
+
+/// A blocking wait sleeps on the endpoint's completion channel: with nothing outstanding it
+/// times out without a wake-up; waiting for a READ of 4 MiB (far longer than the wait's first
+/// polls) it arms the queue, sleeps, and the device's completion event wakes it.
+#[test]
+fn a_blocking_wait_sleeps_until_the_device_reports_the_completion() {
+    let Some(device) = device() else { return };
+    let server = verbs_server(&device);
+    let options = ClientOptions { provider: ProviderKind::Verbs, ..ClientOptions::default() };
+    let mut client = ControlClient::connect(server.addr, &options).unwrap();
+    let slab = client.alloc_slab().unwrap();
+    let ep_options = EndpointOptions { device: Some(device.clone()), ..EndpointOptions::default() };
+    let ep = client.connect_endpoint(ProviderKind::Verbs, &ep_options).unwrap();
+    let mut out = Vec::new();
+    assert_eq!(ep.wait(&mut out, 1, Duration::from_millis(100), PollMode::Block).unwrap(), 0);
+    assert_eq!(ep.completion_event_wakeups(), 0, "a wake-up with nothing outstanding");
+
+    const PAGES: usize = rdma::wire::MAX_SEGMENTS;
+    let buf = LocalRegion::new(PAGES * PAGE_SIZE).unwrap();
+    for k in 0..PAGES {
+        buf.write_at(k * PAGE_SIZE, &pattern(5, k as u64)).unwrap();
+    }
+    let segments = |buf: &std::sync::Arc<LocalRegion>| -> Vec<Segment> {
+        (0..PAGES)
+            .map(|k| Segment {
+                local: LocalSlice::new(buf, k * PAGE_SIZE, PAGE_SIZE).unwrap(),
+                remote_addr: slab.addr + (k * PAGE_SIZE) as u64,
+                rkey: slab.rkey,
+            })
+            .collect()
+    };
+    ep.post(&WorkRequest::write(1, segments(&buf))).unwrap();
+    assert_eq!(wait_ok(&ep).wr_id, 1);
+    let back = LocalRegion::new(PAGES * PAGE_SIZE).unwrap();
+    let woken_before = ep.completion_event_wakeups();
+    ep.post(&WorkRequest::read(2, segments(&back))).unwrap();
+    out.clear();
+    assert_eq!(ep.wait(&mut out, 1, Duration::from_secs(10), PollMode::Block).unwrap(), 1, "no completion in 10 s");
+    assert_eq!((out[0].wr_id, out[0].status), (2, CompletionStatus::Success), "{:?}", out[0]);
+    assert!(ep.completion_event_wakeups() > woken_before, "the wait was not woken by a completion event");
+    let mut page = vec![0u8; PAGE_SIZE];
+    for k in 0..PAGES {
+        back.read_at(k * PAGE_SIZE, &mut page).unwrap();
+        assert!(page == pattern(5, k as u64), "page {k} read back wrong");
+    }
 }
 
 #[test]

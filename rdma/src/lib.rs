@@ -501,6 +501,15 @@ impl Endpoint {
         }
     }
 
+    /// Blocking waits that slept until the device reported a completion (verbs endpoints, which
+    /// sleep on a completion channel; 0 for shim endpoints, which sleep on their socket).
+    pub fn completion_event_wakeups(&self) -> u64 {
+        match &self.inner {
+            Inner::Shim(_) => 0,
+            Inner::Verbs(e) => e.event_wakeups(),
+        }
+    }
+
     /// Measured round trips of this link.
     pub fn rtt_stats(&self) -> RttStats {
         match &self.inner {

@@ -15,8 +15,9 @@
 //! A request of n segments is posted as n chained work requests, only the last signaled; one
 //! completion reports it. After a failed request (a wrong rkey, say) the queue pair is in the
 //! error state, as on any RNIC: later requests complete as [`CompletionStatus::Flushed`]; connect
-//! a new endpoint. Blocking waits poll the completion queue every few microseconds (no completion
-//! channel). One request in 16 has its round trip timed (for [`VerbsEndpoint::rtt_stats`] and the
+//! a new endpoint. Blocking waits sleep on the endpoint's completion channel until the device
+//! reports a completion (`events.rs`); where a channel cannot be made, or with
+//! `COALESCE_VERBS_WAIT=poll` ([`WAIT_ENV`]), they poll the queue every few microseconds. One request in 16 has its round trip timed (for [`VerbsEndpoint::rtt_stats`] and the
 //! completion's `rtt`; the others report zero): clock reads are not free everywhere.
 
 use std::collections::HashMap;
@@ -42,13 +43,22 @@ use crate::link::{RttRecorder, RttStats};
 use crate::region::LocalRegion;
 use crate::{Completion, CompletionStatus, Opcode, PollMode, ProviderKind, TransportError, WorkRequest};
 
+mod events;
+use events::CompletionEvents;
+
 /// Port used on every device (Soft-RoCE and single-port RNICs).
 const PORT: u8 = 1;
 /// Reads (and atomics) in flight per queue pair, both directions. 0 makes READs hang.
 const MAX_RD_ATOMIC: u8 = 16;
 /// Send queue depth: every segment of every outstanding request takes one entry.
 const SEND_QUEUE_DEPTH: u32 = 8192;
-/// How long a blocking wait sleeps between polls of the completion queue.
+/// `poll` in this environment variable makes blocking waits poll the completion queue between
+/// short sleeps instead of sleeping on a completion channel (`events`, the default): a choice for
+/// hosts where the device's completion events are slow to arrive (an emulated guest, say).
+pub const WAIT_ENV: &str = "COALESCE_VERBS_WAIT";
+
+/// How long a blocking wait sleeps between polls of the completion queue when the endpoint has no
+/// completion channel.
 const BLOCK_POLL_INTERVAL: Duration = Duration::from_micros(5);
 
 /// `ibv_wc_status` values this provider tells apart.
@@ -143,10 +153,38 @@ impl VerbsDevice {
         self.ctx.alloc_pd().map_err(|e| verbs_error("allocating a protection domain", e))
     }
 
-    fn create_cq(&self, entries: u32) -> Result<Arc<BasicCompletionQueue>, TransportError> {
+    /// A completion queue of `entries`, reporting its completions as events on `events` if given.
+    fn create_cq(
+        &self,
+        entries: u32,
+        events: Option<&CompletionEvents>,
+    ) -> Result<Arc<BasicCompletionQueue>, TransportError> {
         let mut builder = self.ctx.create_cq_builder();
         builder.setup_cqe(entries);
+        if let Some(events) = events {
+            builder.setup_comp_channel(events.channel(), 0);
+        }
         builder.build().map_err(|e| verbs_error("creating a completion queue", e))
+    }
+
+    /// A completion channel for an endpoint's blocking waits, or `None` (said once) if the device
+    /// cannot make one or `COALESCE_VERBS_WAIT=poll` asks for none: the waits then poll.
+    fn completion_events(&self) -> Option<CompletionEvents> {
+        if std::env::var_os(WAIT_ENV).is_some_and(|v| v == "poll") {
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| tracing::info!("{WAIT_ENV}=poll: blocking waits poll the completion queue"));
+            return None;
+        }
+        match CompletionEvents::new(&self.ctx) {
+            Ok(events) => Some(events),
+            Err(e) => {
+                static SAID: std::sync::Once = std::sync::Once::new();
+                SAID.call_once(|| {
+                    tracing::warn!(device = %self.name, error = %e, "no completion channel: blocking waits poll the completion queue");
+                });
+                None
+            }
+        }
     }
 
     /// Makes an RC queue pair in `pd` with `cq` for both queues; returns it with its first PSN.
@@ -245,7 +283,7 @@ impl VerbsDomain {
         Ok(Self {
             device: Arc::clone(device),
             pd: device.alloc_pd()?,
-            cq: device.create_cq(16)?,
+            cq: device.create_cq(16, None)?,
             qps: Mutex::new(Vec::new()),
         })
     }
@@ -291,6 +329,10 @@ pub struct VerbsEndpoint {
     device: Arc<VerbsDevice>,
     pd: Arc<ProtectionDomain>,
     cq: Arc<BasicCompletionQueue>,
+    /// What blocking waits sleep on (`None`: they poll).
+    events: Option<CompletionEvents>,
+    /// Blocking waits woken by a completion event.
+    event_wakeups: std::sync::atomic::AtomicU64,
     qp: Mutex<BasicQueuePair>,
     /// Local regions used so far, by base address, with their registrations.
     registrations: Mutex<HashMap<usize, Registered>>,
@@ -318,7 +360,8 @@ impl VerbsEndpoint {
         exchange: impl FnOnce(QpAddress) -> Result<QpAddress, TransportError>,
     ) -> Result<Self, TransportError> {
         let pd = device.alloc_pd()?;
-        let cq = device.create_cq(SEND_QUEUE_DEPTH)?;
+        let events = device.completion_events();
+        let cq = device.create_cq(SEND_QUEUE_DEPTH, events.as_ref())?;
         let (mut qp, psn) = device.create_qp(&pd, &cq)?;
         let remote = exchange(device.address(&qp, psn))?;
         device.connect_qp(&mut qp, psn, &remote)?;
@@ -326,6 +369,8 @@ impl VerbsEndpoint {
             device: Arc::clone(device),
             pd,
             cq,
+            events,
+            event_wakeups: std::sync::atomic::AtomicU64::new(0),
             qp: Mutex::new(qp),
             registrations: Mutex::new(HashMap::new()),
             pending: Mutex::new(Vec::new()),
@@ -452,7 +497,8 @@ impl VerbsEndpoint {
         n
     }
 
-    /// Waits up to `timeout` for completions.
+    /// Waits up to `timeout` for completions: polls while `mode` says to spin, then sleeps on the
+    /// completion channel.
     pub fn wait(&self, out: &mut Vec<Completion>, max: usize, timeout: Duration, mode: PollMode) -> usize {
         // The clock is first read after 64 empty polls: a short wait never reads it.
         let mut start: Option<Instant> = None;
@@ -477,9 +523,48 @@ impl VerbsEndpoint {
                 return 0;
             }
             if elapsed >= spin_for {
+                let n = self.sleep_until_completion(out, max, timeout - elapsed);
+                if n > 0 {
+                    return n;
+                }
+            }
+        }
+    }
+
+    /// Sleeps until the device reports a completion or `left` passes: arms the queue, polls it
+    /// once more (a completion that came before the arming raises no event), then waits for the
+    /// event. Returns the completions that the last poll found. Without a channel (or if arming
+    /// fails) it sleeps a few microseconds instead.
+    fn sleep_until_completion(&self, out: &mut Vec<Completion>, max: usize, left: Duration) -> usize {
+        let Some(events) = &self.events else {
+            std::thread::sleep(BLOCK_POLL_INTERVAL);
+            return 0;
+        };
+        if let Err(e) = events.arm(&self.cq) {
+            tracing::debug!(peer = %self.peer, error = %e, "arming the completion queue failed; polling");
+            std::thread::sleep(BLOCK_POLL_INTERVAL);
+            return 0;
+        }
+        let n = self.poll(out, max);
+        if n > 0 {
+            return n;
+        }
+        match events.wait(left) {
+            Ok(true) => {
+                self.event_wakeups.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::debug!(peer = %self.peer, error = %e, "waiting on the completion channel failed; polling");
                 std::thread::sleep(BLOCK_POLL_INTERVAL);
             }
         }
+        0
+    }
+
+    /// Blocking waits so far that slept until a completion event woke them.
+    pub fn event_wakeups(&self) -> u64 {
+        self.event_wakeups.load(Ordering::Relaxed)
     }
 
     /// Requests posted and not yet completed.

@@ -110,6 +110,11 @@ impl VerbsEndpoint {
     }
 
     /// Unreachable in this build.
+    pub fn event_wakeups(&self) -> u64 {
+        0
+    }
+
+    /// Unreachable in this build.
     pub fn rtt_stats(&self) -> RttStats {
         RttStats::default()
     }

@@ -16,7 +16,12 @@ ib_read_lat -d rxe0 -x 1 -s 4096 -n 5000 10.0.0.1 | grep -E "#bytes|^ 4096"
 wait
 echo "== 4 KiB RDMA READ latency: coalesce latency --provider verbs"
 /coalesce/coalesce latency --provider verbs --device rxe0 --ops 5000 || status=1
+echo "== the same, blocking waits polling instead of sleeping on the completion channel"
+COALESCE_VERBS_WAIT=poll /coalesce/coalesce latency --provider verbs --device rxe0 --ops 5000 | grep blocking || status=1
 
 echo "== pager over verbs: coalesce demo --provider verbs"
 /coalesce/coalesce demo --provider verbs --device rxe0 --size 128MiB --local 32MiB --random-reads 20000 || status=1
+echo "== the same, waits polling instead of sleeping on the completion channel"
+COALESCE_VERBS_WAIT=poll /coalesce/coalesce demo --provider verbs --device rxe0 --size 128MiB --local 32MiB \
+    --random-reads 20000 | grep -E "random reads that faulted|service time" || status=1
 exit $status
