@@ -1,7 +1,8 @@
 //! The verbs provider end to end, on a real RDMA device (Soft-RoCE in the test VM of
 //! `soft-roce-setup/`): a transport test (READ and WRITE of many pages through a `memory-server`
 //! process, a wrong rkey failing cleanly while the server keeps serving), a blocking wait woken by
-//! the device's completion event, and a pager test (data verified under eviction). Without a device (or a build without `--features verbs`) each test
+//! the device's completion event, a READ from a killed lender failing instead of hanging, and a
+//! pager test (data verified under eviction). Without a device (or a build without `--features verbs`) each test
 //! says why and passes, unless `COALESCE_REQUIRE_VERBS=1` (set in the VM) makes that a failure.
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::cast_possible_truncation)]
@@ -162,6 +163,37 @@ fn a_blocking_wait_sleeps_until_the_device_reports_the_completion() {
         back.read_at(k * PAGE_SIZE, &mut page).unwrap();
         assert!(page == pattern(5, k as u64), "page {k} read back wrong");
     }
+}
+
+/// A lender that dies mid-session: its queue pairs are gone, so the device gets no answer to a
+/// READ; the RC transport retries (6 times, about 67 ms apart) and then completes the request
+/// with an error, well within the wait's 10 s, instead of leaving it outstanding (with a retry
+/// count of 7, which Soft-RoCE takes as "forever", it never completed).
+#[test]
+fn a_read_from_a_dead_lender_completes_with_an_error_instead_of_hanging() {
+    let Some(device) = device() else { return };
+    let server = verbs_server(&device);
+    let options = ClientOptions { provider: ProviderKind::Verbs, ..ClientOptions::default() };
+    let mut client = ControlClient::connect(server.addr, &options).unwrap();
+    let slab = client.alloc_slab().unwrap();
+    let ep_options = EndpointOptions { device: Some(device.clone()), ..EndpointOptions::default() };
+    let ep = client.connect_endpoint(ProviderKind::Verbs, &ep_options).unwrap();
+    let buf = LocalRegion::new(PAGE_SIZE).unwrap();
+    let read = |wr_id| {
+        let local = LocalSlice::new(&buf, 0, PAGE_SIZE).unwrap();
+        WorkRequest::read(wr_id, vec![Segment { local, remote_addr: slab.addr, rkey: slab.rkey }])
+    };
+    ep.post(&read(1)).unwrap();
+    assert_eq!(wait_ok(&ep).wr_id, 1);
+    server.signal(libc::SIGKILL);
+    let _ = server.wait();
+    let started = std::time::Instant::now();
+    ep.post(&read(2)).unwrap();
+    let c = wait_one(&ep);
+    assert_eq!(c.wr_id, 2);
+    assert_ne!(c.status, CompletionStatus::Success, "a READ from a dead lender succeeded: {c:?}");
+    assert_eq!(ep.outstanding(), 0);
+    eprintln!("dead lender reported after {:?} as {:?}", started.elapsed(), c.status);
 }
 
 #[test]

@@ -50,6 +50,14 @@ use events::CompletionEvents;
 const PORT: u8 = 1;
 /// Reads (and atomics) in flight per queue pair, both directions. 0 makes READs hang.
 const MAX_RD_ATOMIC: u8 = 16;
+/// The RC transport's retransmission timeout, as the exponent of 4.096 us: 2^14, 67 ms (a request
+/// with no acknowledgement is sent again after that). Long enough for a loaded software RoCE
+/// responder, short enough that a dead lender is noticed well within the pager's fetch timeout.
+const RC_TIMEOUT: u8 = 14;
+/// Retransmissions before a request completes with an error. Not 7: Soft-RoCE (like `rnr_retry`
+/// on every device) takes 7 as "retry forever", and a READ from a lender that died then never
+/// completed at all (found by `tests/verbs.rs`).
+const RC_RETRIES: u8 = 6;
 /// Send queue depth: every segment of every outstanding request takes one entry.
 const SEND_QUEUE_DEPTH: u32 = 8192;
 /// `poll` in this environment variable makes blocking waits poll the completion queue between
@@ -232,8 +240,12 @@ impl VerbsDevice {
         let mut attr = QueuePairAttribute::new();
         attr.setup_state(QueuePairState::ReadyToSend)
             .setup_sq_psn(local_psn)
-            .setup_timeout(14)
-            .setup_retry_cnt(7)
+            // A request with no answer (a lender that died, a lost path) is sent again after
+            // 4.096 us x 2^14 = 67 ms, up to 6 times; then it completes with an error (the pager
+            // marks the lender failed and fails over) about half a second after it was posted.
+            // READ and WRITE never meet receiver-not-ready NAKs (those are for SENDs).
+            .setup_timeout(RC_TIMEOUT)
+            .setup_retry_cnt(RC_RETRIES)
             .setup_rnr_retry(7)
             .setup_max_read_atomic(MAX_RD_ATOMIC);
         qp.modify(&attr).map_err(|e| verbs_error("moving the queue pair to RTS", e))
