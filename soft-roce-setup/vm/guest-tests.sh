@@ -19,6 +19,19 @@ echo "== 4 KiB RDMA READ latency: coalesce latency --provider verbs"
 echo "== the same, blocking waits polling instead of sleeping on the completion channel"
 COALESCE_VERBS_WAIT=poll /coalesce/coalesce latency --provider verbs --device rxe0 --ops 5000 | grep blocking || status=1
 
+echo "== the same two, with every vCPU loaded by a busy loop"
+busy=""
+for _ in $(grep -c ^processor /proc/cpuinfo | xargs seq); do
+    ( while :; do :; done ) &
+    busy="$busy $!"
+done
+ib_read_lat -d rxe0 -x 1 -s 4096 -n 2000 >/tmp/perftest-server-loaded.log 2>&1 &
+sleep 1
+ib_read_lat -d rxe0 -x 1 -s 4096 -n 2000 10.0.0.1 | grep -E "^ 4096"
+wait $!
+/coalesce/coalesce latency --provider verbs --device rxe0 --ops 2000 | grep READ || status=1
+kill $busy
+
 echo "== pager over verbs: coalesce demo --provider verbs"
 /coalesce/coalesce demo --provider verbs --device rxe0 --size 128MiB --local 32MiB --random-reads 20000 || status=1
 echo "== the same, waits polling instead of sleeping on the completion channel"
