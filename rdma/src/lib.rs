@@ -479,18 +479,24 @@ impl Endpoint {
 
     /// Waits until any of `endpoints` may have a completion ready (then [`Endpoint::poll`] each),
     /// or `timeout` passes: one sleep for several queue pairs, instead of spinning over them.
-    /// Shim endpoints wait on their sockets together; with a verbs endpoint among them the wait
-    /// is at most 50 us (verbs completions are polled).
+    /// Shim endpoints wait on their sockets and verbs endpoints on their completion channels,
+    /// all together; a verbs endpoint without a channel (`COALESCE_VERBS_WAIT=poll`) makes the
+    /// wait at most 50 us.
     pub fn wait_any(endpoints: &[&Endpoint], timeout: Duration) -> Result<(), TransportError> {
         let mut shims = Vec::with_capacity(endpoints.len());
+        let mut channels = Vec::new();
         let mut timeout = timeout;
         for e in endpoints {
             match &e.inner {
                 Inner::Shim(s) => shims.push(s),
-                Inner::Verbs(_) => timeout = timeout.min(Duration::from_micros(50)),
+                Inner::Verbs(v) => match v.readiness() {
+                    verbs::Readiness::Now => return Ok(()),
+                    verbs::Readiness::Channel(fd) => channels.push(fd),
+                    verbs::Readiness::Poll => timeout = timeout.min(Duration::from_micros(50)),
+                },
             }
         }
-        shim::endpoint::wait_any(&shims, timeout)
+        shim::endpoint::wait_any(&shims, channels, timeout)
     }
 
     /// Work requests posted and not yet completed.

@@ -335,6 +335,17 @@ struct Pending {
 /// hosts (a slow clock source, an emulated guest), and every request would pay it twice.
 const RTT_SAMPLE_EVERY: u64 = 16;
 
+/// What a wait over several endpoints may do about one verbs endpoint.
+#[derive(Debug)]
+pub enum Readiness<'a> {
+    /// A completion is ready: do not sleep.
+    Now,
+    /// Sleep until this descriptor (the armed completion channel) is readable.
+    Channel(std::os::fd::BorrowedFd<'a>),
+    /// No channel: sleep at most a few microseconds, then poll.
+    Poll,
+}
+
 /// The client side of one RC queue pair.
 #[derive(Debug)]
 pub struct VerbsEndpoint {
@@ -343,6 +354,8 @@ pub struct VerbsEndpoint {
     cq: Arc<BasicCompletionQueue>,
     /// What blocking waits sleep on (`None`: they poll).
     events: Option<CompletionEvents>,
+    /// Completions taken from the queue by `readiness`, for the next `poll`.
+    ready: Mutex<Vec<Completion>>,
     /// Blocking waits woken by a completion event.
     event_wakeups: std::sync::atomic::AtomicU64,
     qp: Mutex<BasicQueuePair>,
@@ -382,6 +395,7 @@ impl VerbsEndpoint {
             pd,
             cq,
             events,
+            ready: Mutex::new(Vec::new()),
             event_wakeups: std::sync::atomic::AtomicU64::new(0),
             qp: Mutex::new(qp),
             registrations: Mutex::new(HashMap::new()),
@@ -468,8 +482,42 @@ impl VerbsEndpoint {
         }
     }
 
-    /// Appends up to `max` completions without blocking.
+    /// Appends up to `max` completions without blocking: those [`VerbsEndpoint::readiness`] set
+    /// aside first, then the queue's.
     pub fn poll(&self, out: &mut Vec<Completion>, max: usize) -> usize {
+        let taken = {
+            let mut ready = self.ready.lock().unwrap_or_else(PoisonError::into_inner);
+            let take = ready.len().min(max);
+            out.extend(ready.drain(..take));
+            take
+        };
+        if taken == max {
+            return taken;
+        }
+        taken + self.poll_queue(out, max - taken)
+    }
+
+    /// Whether a wait over several endpoints ([`crate::Endpoint::wait_any`]) should not sleep,
+    /// may sleep on this endpoint's completion channel (armed here), or must poll it.
+    pub fn readiness(&self) -> Readiness<'_> {
+        if !self.ready.lock().unwrap_or_else(PoisonError::into_inner).is_empty() {
+            return Readiness::Now;
+        }
+        let Some(events) = &self.events else { return Readiness::Poll };
+        if events.arm(&self.cq).is_err() {
+            return Readiness::Poll;
+        }
+        // A completion that came before the arming raises no event: set it aside for `poll`.
+        let mut found = Vec::new();
+        if self.poll_queue(&mut found, 16) > 0 {
+            self.ready.lock().unwrap_or_else(PoisonError::into_inner).extend(found);
+            return Readiness::Now;
+        }
+        Readiness::Channel(events.fd())
+    }
+
+    /// Appends up to `max` completions from the completion queue.
+    fn poll_queue(&self, out: &mut Vec<Completion>, max: usize) -> usize {
         let mut n = 0;
         let Ok(poller) = self.cq.start_poll() else { return 0 };
         let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);

@@ -39,6 +39,17 @@ impl VerbsDevice {
     }
 }
 
+/// What a wait over several endpoints may do about one verbs endpoint (only `Poll` here).
+#[derive(Debug)]
+pub enum Readiness<'a> {
+    /// A completion is ready.
+    Now,
+    /// Sleep until this descriptor is readable.
+    Channel(std::os::fd::BorrowedFd<'a>),
+    /// Sleep at most a few microseconds, then poll.
+    Poll,
+}
+
 /// A session's target side (never made in this build).
 #[derive(Debug)]
 pub struct VerbsDomain(());
@@ -107,6 +118,11 @@ impl VerbsEndpoint {
     /// Unreachable in this build.
     pub fn outstanding(&self) -> usize {
         0
+    }
+
+    /// Unreachable in this build.
+    pub fn readiness(&self) -> Readiness<'_> {
+        Readiness::Poll
     }
 
     /// Unreachable in this build.

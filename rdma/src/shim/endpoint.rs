@@ -361,11 +361,16 @@ pub(crate) enum Readiness<'a> {
     Socket(std::os::fd::BorrowedFd<'a>),
 }
 
-/// Waits until any of `endpoints` may have a completion to deliver, or `timeout` passes.
-pub(crate) fn wait_any(endpoints: &[&ShimEndpoint], timeout: Duration) -> Result<(), TransportError> {
+/// Waits until any of `endpoints` may have a completion to deliver, any of `more_fds` is
+/// readable, or `timeout` passes.
+pub(crate) fn wait_any(
+    endpoints: &[&ShimEndpoint],
+    more_fds: Vec<std::os::fd::BorrowedFd<'_>>,
+    timeout: Duration,
+) -> Result<(), TransportError> {
     let now = Instant::now();
     let mut until = now + timeout;
-    let mut fds = Vec::with_capacity(endpoints.len());
+    let mut fds = more_fds;
     for e in endpoints {
         match e.readiness() {
             Readiness::Now => return Ok(()),
