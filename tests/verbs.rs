@@ -1,8 +1,9 @@
 //! The verbs provider end to end, on a real RDMA device (Soft-RoCE in the test VM of
 //! `soft-roce-setup/`): a transport test (READ and WRITE of many pages through a `memory-server`
-//! process, a wrong rkey failing cleanly while the server keeps serving), a blocking wait woken by
-//! the device's completion event, a READ from a killed lender failing instead of hanging, and a
-//! pager test (data verified under eviction). Without a device (or a build without `--features verbs`) each test
+//! process, a wrong rkey failing cleanly while the server keeps serving), blocking waits woken by
+//! the device's completion events (on one queue pair and over two), a READ from a killed lender
+//! failing instead of hanging, and pager tests (data verified under eviction; two copies and a
+//! lender killed mid-pass). Without a device (or a build without `--features verbs`) each test
 //! says why and passes, unless `COALESCE_REQUIRE_VERBS=1` (set in the VM) makes that a failure.
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::cast_possible_truncation)]
@@ -11,6 +12,7 @@ mod common;
 
 use std::time::Duration;
 
+use coalesce_pager::store::Redundancy;
 use coalesce_pager::{Pager, PagerConfig, RegionOptions, PAGE_SIZE};
 use common::{pattern, wait_ok, wait_one, ServerProcess};
 use rdma::client::{ClientOptions, ControlClient};
@@ -165,6 +167,38 @@ fn a_blocking_wait_sleeps_until_the_device_reports_the_completion() {
     }
 }
 
+/// A wait over several queue pairs (`Endpoint::wait_any`, as erasure-coded and hedged reads use)
+/// sleeps on their completion channels together: it returns once one of them has a completion,
+/// not after a few microseconds with nothing (as when verbs endpoints could only be polled).
+#[test]
+fn a_wait_over_two_queue_pairs_sleeps_until_one_has_a_completion() {
+    let Some(device) = device() else { return };
+    let server = verbs_server(&device);
+    let options = ClientOptions { provider: ProviderKind::Verbs, ..ClientOptions::default() };
+    let mut client = ControlClient::connect(server.addr, &options).unwrap();
+    let slab = client.alloc_slab().unwrap();
+    let ep_options = EndpointOptions { device: Some(device.clone()), ..EndpointOptions::default() };
+    let idle = client.connect_endpoint(ProviderKind::Verbs, &ep_options).unwrap();
+    let busy = client.connect_endpoint(ProviderKind::Verbs, &ep_options).unwrap();
+    const PAGES: usize = rdma::wire::MAX_SEGMENTS;
+    let buf = LocalRegion::new(PAGES * PAGE_SIZE).unwrap();
+    for round in 0..3u64 {
+        let segments = (0..PAGES)
+            .map(|k| Segment {
+                local: LocalSlice::new(&buf, k * PAGE_SIZE, PAGE_SIZE).unwrap(),
+                remote_addr: slab.addr + (k * PAGE_SIZE) as u64,
+                rkey: slab.rkey,
+            })
+            .collect();
+        busy.post(&WorkRequest::read(round, segments)).unwrap();
+        rdma::Endpoint::wait_any(&[&idle, &busy], Duration::from_secs(10)).unwrap();
+        let mut out = Vec::new();
+        let n = idle.poll(&mut out, 16) + busy.poll(&mut out, 16);
+        assert_eq!(n, 1, "round {round}: the wait returned with nothing completed");
+        assert_eq!((out[0].wr_id, out[0].status), (round, CompletionStatus::Success), "{:?}", out[0]);
+    }
+}
+
 /// A lender that dies mid-session: its queue pairs are gone, so the device gets no answer to a
 /// READ; the RC transport retries (6 times, about 67 ms apart) and then completes the request
 /// with an error, well within the wait's 10 s, instead of leaving it outstanding (with a retry
@@ -233,4 +267,61 @@ fn pager_over_verbs_keeps_data_intact_under_eviction() {
     assert!(stats.remote_faults > 0 && stats.evictions_dirty as usize >= pages - (16 << 20) / PAGE_SIZE, "{stats}");
     assert_eq!(stats.fetch_failures, 0, "{stats}");
     assert!(stats.peak_resident_pages <= stats.budget_pages, "{stats}");
+}
+
+/// Two copies of every page over verbs, and one lender killed while a pass reads everything back:
+/// the pager notices (its control connection breaks, or the RC transport gives up on a READ after
+/// about 0.5 s), marks it failed and reads the other copies; every page reads back and no fault
+/// fails.
+#[test]
+fn pager_over_verbs_with_two_copies_survives_a_lender_killed_mid_pass() {
+    let Some(device) = device() else { return };
+    let lender = || {
+        ServerProcess::start(&[
+            "--capacity",
+            "256MiB",
+            "--slab-size",
+            "16MiB",
+            "--provider",
+            "verbs",
+            "--device",
+            &device,
+        ])
+    };
+    let (keep, victim) = (lender(), lender());
+    let victim_addr = victim.addr;
+    let mut config = PagerConfig::new(vec![keep.addr, victim.addr], 8 << 20);
+    config.provider = ProviderKind::Verbs;
+    config.device = Some(device.clone());
+    config.redundancy = Some(Redundancy::Replicate(2));
+    let pager = Pager::new(config).unwrap();
+    let region = pager.map(48 << 20, RegionOptions::default()).unwrap();
+    let base = region.as_ptr() as usize;
+    let pages = region.len() / PAGE_SIZE;
+    for p in 0..pages {
+        let data = pattern(11, p as u64);
+        // SAFETY: writes of the live region's own pages.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), (base + p * PAGE_SIZE) as *mut u8, PAGE_SIZE) };
+    }
+    let stats = pager.stats();
+    assert_eq!(stats.writeback_failures, 0, "both lenders took every write: {stats}");
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        drop(victim); // SIGKILL
+    });
+    for pass in 0..2 {
+        for p in 0..pages {
+            // SAFETY: reads of the live region.
+            let got = unsafe { std::slice::from_raw_parts((base + p * PAGE_SIZE) as *const u8, PAGE_SIZE) };
+            assert!(got == pattern(11, p as u64).as_slice(), "pass {pass}: page {p} read back wrong");
+        }
+    }
+    killer.join().unwrap();
+    let stats = pager.stats();
+    eprintln!("{stats}");
+    assert_eq!(stats.fetch_failures, 0, "{stats}");
+    let dead: Vec<_> = pager.server_pages().into_iter().filter(|&(_, _, alive)| !alive).map(|(a, _, _)| a).collect();
+    assert_eq!(dead, vec![victim_addr], "the killed lender is the one marked failed");
+    eprintln!("longest remote fault: {:?}", stats.remote_fault_max);
+    drop(keep);
 }
