@@ -2,7 +2,8 @@
 //! two edge lenders with two copies of every page, and a farther `memory-server --persist DIR`
 //! to which every page is written behind. When every edge lender is lost, pages come back from
 //! the backup; a page written again after its last write-behind fails loudly, never as an older
-//! version. A backup server killed with SIGKILL and started again replays its log.
+//! version. A backup server killed with SIGKILL and started again replays its log. The backups of
+//! a borrower that crashed expire.
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::cast_possible_truncation)]
 
@@ -209,5 +210,72 @@ fn a_lost_backup_server_bounds_the_queue_and_costs_the_lenders_nothing() {
     assert_eq!(stats.fetch_failures, 0, "{stats}");
     drop(region);
     drop(pager);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Pages the backup server holds (of every client), as its statistics say.
+fn backup_pages(backup: &ServerProcess) -> u64 {
+    let mut client =
+        rdma::client::ControlClient::connect(backup.addr, &rdma::client::ClientOptions::default()).unwrap();
+    client.stats().unwrap().backup_pages
+}
+
+/// Polls `backup_pages` until `done` holds, for at most 60 s.
+fn wait_backup_pages(backup: &ServerProcess, what: &str, done: impl Fn(u64) -> bool) -> u64 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let n = backup_pages(backup);
+        if done(n) {
+            return n;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: the backup server holds {n} pages");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A borrower killed with SIGKILL leaves its backups behind, and nothing can ever read them:
+/// once it has had no session for `--backup-expiry` they are dropped. A live borrower's backups
+/// stay however long it writes nothing, and go when it exits cleanly.
+#[test]
+fn the_backups_of_a_crashed_borrower_expire_and_a_live_ones_stay() {
+    coalesce::init_logging("error");
+    let dir = temp_dir("expiry");
+    let (a, b) = (ServerProcess::start(&LENDER), ServerProcess::start(&LENDER));
+    let mut args = backup_args(&dir);
+    args.extend(["--backup-expiry", "2s", "--lease", "1s"].map(String::from));
+    let backup = ServerProcess::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
+
+    let servers = format!("{},{}", a.addr, b.addr);
+    let mut crashing = std::process::Command::new(env!("CARGO_BIN_EXE_coalesce"))
+        .args(["demo", "--servers", &servers, "--backup", &backup.addr.to_string(), "--backup-lag", "50ms"])
+        .args(["--size", "16MiB", "--local", "4MiB", "--passes", "100000", "--random-reads", "0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_backup_pages(&backup, "the demo's pages written behind", |n| n >= 1024);
+    crashing.kill().unwrap();
+    let _ = crashing.wait();
+    let crashed = backup_pages(&backup);
+
+    let pager = Pager::new(config(&[&a, &b], &backup, Duration::from_millis(50))).unwrap();
+    let mut region = pager.map(16 * MIB, RegionOptions::default()).unwrap();
+    let pages = region.len() / PAGE_SIZE;
+    fill(&mut region, 0..pages, 3);
+    region.evict(0, region.len());
+    pager.checkpoint(Duration::from_secs(30)).unwrap();
+    let live = pager.stats().backup_written_pages;
+    assert!(live >= pages as u64, "{}", pager.stats());
+
+    // The crashed borrower's session lapses (1 s) and its backups expire (2 s more); the live
+    // one's stay, idle, for several expiry periods.
+    let left = wait_backup_pages(&backup, "the crashed borrower's backups expiring", |n| n < crashed + live);
+    assert_eq!(left, live, "only the live borrower's pages are left");
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(backup_pages(&backup), live, "the live, idle borrower's backups were dropped");
+    assert_eq!(read_back(&region, 0..pages, 3), Vec::<usize>::new());
+    drop(region);
+    drop(pager);
+    wait_backup_pages(&backup, "the live borrower's backups dropped at its clean exit", |n| n == 0);
     let _ = std::fs::remove_dir_all(&dir);
 }

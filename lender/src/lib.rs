@@ -138,6 +138,10 @@ pub struct ServerConfig {
     /// How long a backup page may wait for its fsync when no client asks for one
     /// (`--fsync-interval`; a client's checkpoint syncs at once).
     pub fsync_interval: Duration,
+    /// The backups of a client that has had no session here for this long are dropped
+    /// (`--backup-expiry`): a borrower that exited cleanly drops its own at once, one that
+    /// crashed leaves them behind, and nothing can read them once it is gone.
+    pub backup_expiry: Duration,
     /// Emulate this link on everything the server sends, data and control (`--link`): the
     /// distance a borrower measures to this lender. `None`: the real link. Change it while the
     /// server runs with [`ServerHandle::set_link`].
@@ -166,6 +170,7 @@ impl ServerConfig {
             device: None,
             persist: None,
             fsync_interval: Duration::from_secs(1),
+            backup_expiry: Duration::from_secs(24 * 3600),
             link: None,
         }
     }
@@ -209,6 +214,12 @@ impl ServerConfig {
             return Err(ServerError::Config(format!(
                 "--fsync-interval {} is out of range: it must be between 1ms and 1h",
                 humantime_like(self.fsync_interval)
+            )));
+        }
+        if self.backup_expiry < Duration::from_secs(1) || self.backup_expiry > Duration::from_secs(365 * 86_400) {
+            return Err(ServerError::Config(format!(
+                "--backup-expiry {} is out of range: it must be between 1s and 365 days",
+                humantime_like(self.backup_expiry)
             )));
         }
         if self.max_connections == 0 || self.max_connections > 1_000_000 {
@@ -283,6 +294,8 @@ mod tests {
             (ServerConfig { max_connections_per_peer: 0, ..ok.clone() }, "--max-connections-per-peer"),
             (ServerConfig { quota: Some(4096), ..ok.clone() }, "--quota"),
             (ServerConfig { handshake_timeout: Duration::from_secs(86_400), ..ok.clone() }, "--handshake-timeout"),
+            (ServerConfig { backup_expiry: Duration::ZERO, ..ok.clone() }, "--backup-expiry"),
+            (ServerConfig { backup_expiry: Duration::from_secs(400 * 86_400), ..ok.clone() }, "--backup-expiry"),
             (ServerConfig { listen: SocketAddr::from(([0, 0, 0, 0], 7470)), ..ok.clone() }, "--key-file"),
         ];
         for (config, flag) in cases {

@@ -258,6 +258,11 @@ impl PageLog {
         Ok(Some((e.version, record[HEADER + KEY..].to_vec())))
     }
 
+    /// The clients with pages kept.
+    pub fn clients(&self) -> std::collections::HashSet<u64> {
+        self.index.keys().map(|&(c, _, _)| c).collect()
+    }
+
     /// Drops every page of `client` (a tombstone is appended); returns how many.
     pub fn forget(&mut self, client: u64) -> Result<u64, PersistError> {
         let pages = self.index.keys().filter(|&&(c, _, _)| c == client).count() as u64;

@@ -245,7 +245,7 @@ pub fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
                     "the backup log had damaged records (skipped) or a torn tail (cut off)"
                 );
             }
-            Some(crate::backup::Backups::new(log))
+            Some(crate::backup::Backups::new(log, config.backup_expiry))
         }
         None => None,
     };
@@ -367,6 +367,7 @@ fn reap_loop(shared: &Shared) {
         shared.peers.prune(Instant::now());
         if let Some(b) = &shared.backups {
             b.sync_if_due();
+            b.expire(Instant::now(), |client| shared.sessions().has_session(client));
         }
         for r in shared.sessions().reap(Instant::now()) {
             tracing::info!(

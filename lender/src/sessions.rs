@@ -297,6 +297,11 @@ impl Sessions {
         Ok(())
     }
 
+    /// True when `client_id` has a live session.
+    pub fn has_session(&self, client_id: u64) -> bool {
+        self.by_client.contains_key(&client_id)
+    }
+
     /// True when `secret` opens live session `session_id`.
     pub fn check_secret(&self, session_id: u64, secret: u64) -> bool {
         self.client_of_session

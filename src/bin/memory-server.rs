@@ -90,6 +90,11 @@ struct Cli {
     /// syncs at once; a killed server loses nothing, a machine crash at most this much).
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     fsync_interval: Duration,
+    /// With --persist: drop the backups of a client that has had no session here for this long
+    /// (a borrower that crashed leaves its backups behind; one that exits cleanly drops them
+    /// at once). Between 1s and 365 days.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    backup_expiry: Duration,
     /// Emulate this link on everything the server sends (data and control): loopback, lan,
     /// 5g-urllc, wifi, or e.g. "delay=2ms,jitter=100us,bandwidth=1Gbit". Borrowers measure it as
     /// this lender's distance.
@@ -210,6 +215,7 @@ impl Cli {
             device: self.device.clone(),
             persist: self.persist.clone(),
             fsync_interval: self.fsync_interval,
+            backup_expiry: self.backup_expiry,
             link,
         })
     }
