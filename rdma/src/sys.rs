@@ -55,7 +55,8 @@ pub unsafe fn send_all_from(fd: BorrowedFd<'_>, head: &[u8], segments: &[(usize,
         }
         // Skip what went out; a buffer sent in part keeps its rest.
         while sent > 0 {
-            let first = &mut iov[at];
+            // The kernel never reports more than it was given; stop rather than index past.
+            let Some(first) = iov.get_mut(at) else { break };
             if sent >= first.iov_len {
                 sent -= first.iov_len;
                 at += 1;
