@@ -35,6 +35,18 @@ fn verbs_server(device: &str) -> ServerProcess {
     ServerProcess::start(&["--capacity", "1GiB", "--slab-size", "16MiB", "--provider", "verbs", "--device", device])
 }
 
+/// A control client of `server` that asks for the verbs provider.
+fn verbs_client(server: &ServerProcess) -> ControlClient {
+    let options = ClientOptions { provider: ProviderKind::Verbs, ..ClientOptions::default() };
+    ControlClient::connect(server.addr, &options).unwrap()
+}
+
+/// A new verbs queue pair of `client` on `device`.
+fn verbs_endpoint(client: &mut ControlClient, device: &str) -> rdma::Endpoint {
+    let options = EndpointOptions { device: Some(device.to_owned()), ..EndpointOptions::default() };
+    client.connect_endpoint(ProviderKind::Verbs, &options).unwrap()
+}
+
 #[test]
 fn verbs_reads_and_writes_many_pages_and_a_wrong_rkey_fails_cleanly() {
     let Some(device) = device() else { return };
@@ -128,11 +140,9 @@ fn verbs_reads_and_writes_many_pages_and_a_wrong_rkey_fails_cleanly() {
 fn a_blocking_wait_sleeps_until_the_device_reports_the_completion() {
     let Some(device) = device() else { return };
     let server = verbs_server(&device);
-    let options = ClientOptions { provider: ProviderKind::Verbs, ..ClientOptions::default() };
-    let mut client = ControlClient::connect(server.addr, &options).unwrap();
+    let mut client = verbs_client(&server);
     let slab = client.alloc_slab().unwrap();
-    let ep_options = EndpointOptions { device: Some(device.clone()), ..EndpointOptions::default() };
-    let ep = client.connect_endpoint(ProviderKind::Verbs, &ep_options).unwrap();
+    let ep = verbs_endpoint(&mut client, &device);
     let mut out = Vec::new();
     assert_eq!(ep.wait(&mut out, 1, Duration::from_millis(100), PollMode::Block).unwrap(), 0);
     assert_eq!(ep.completion_event_wakeups(), 0, "a wake-up with nothing outstanding");
@@ -174,12 +184,10 @@ fn a_blocking_wait_sleeps_until_the_device_reports_the_completion() {
 fn a_wait_over_two_queue_pairs_sleeps_until_one_has_a_completion() {
     let Some(device) = device() else { return };
     let server = verbs_server(&device);
-    let options = ClientOptions { provider: ProviderKind::Verbs, ..ClientOptions::default() };
-    let mut client = ControlClient::connect(server.addr, &options).unwrap();
+    let mut client = verbs_client(&server);
     let slab = client.alloc_slab().unwrap();
-    let ep_options = EndpointOptions { device: Some(device.clone()), ..EndpointOptions::default() };
-    let idle = client.connect_endpoint(ProviderKind::Verbs, &ep_options).unwrap();
-    let busy = client.connect_endpoint(ProviderKind::Verbs, &ep_options).unwrap();
+    let idle = verbs_endpoint(&mut client, &device);
+    let busy = verbs_endpoint(&mut client, &device);
     const PAGES: usize = rdma::wire::MAX_SEGMENTS;
     let buf = LocalRegion::new(PAGES * PAGE_SIZE).unwrap();
     for round in 0..3u64 {
@@ -207,11 +215,9 @@ fn a_wait_over_two_queue_pairs_sleeps_until_one_has_a_completion() {
 fn a_read_from_a_dead_lender_completes_with_an_error_instead_of_hanging() {
     let Some(device) = device() else { return };
     let server = verbs_server(&device);
-    let options = ClientOptions { provider: ProviderKind::Verbs, ..ClientOptions::default() };
-    let mut client = ControlClient::connect(server.addr, &options).unwrap();
+    let mut client = verbs_client(&server);
     let slab = client.alloc_slab().unwrap();
-    let ep_options = EndpointOptions { device: Some(device.clone()), ..EndpointOptions::default() };
-    let ep = client.connect_endpoint(ProviderKind::Verbs, &ep_options).unwrap();
+    let ep = verbs_endpoint(&mut client, &device);
     let buf = LocalRegion::new(PAGE_SIZE).unwrap();
     let read = |wr_id| {
         let local = LocalSlice::new(&buf, 0, PAGE_SIZE).unwrap();
