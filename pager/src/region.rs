@@ -302,6 +302,18 @@ impl<'p> Region<'p> {
         (records, now)
     }
 
+    /// The lender that holds the remote copy of the page at byte `offset` (its first live copy,
+    /// or the lender of its first data shard when erasure-coded), as named in failure reports;
+    /// `None` while the page has no remote copy.
+    pub fn lender_of(&self, offset: usize) -> Option<std::net::SocketAddr> {
+        let page = offset / PAGE_SIZE;
+        if page >= self.state.table.len() {
+            return None;
+        }
+        let slot = self.state.table.load(page).slot()?;
+        self.pager.shared().store.lender_of(slot)
+    }
+
     /// This region's statistics.
     pub fn stats(&self) -> RegionStats {
         RegionStats {
