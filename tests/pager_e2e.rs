@@ -751,6 +751,32 @@ fn a_page_put_back_while_the_handler_waits_for_it_and_an_madvise_waits_too_is_no
 }
 
 #[test]
+fn a_dirty_page_that_can_be_neither_written_back_nor_put_back_is_poisoned_and_counted_lost() {
+    // The lender is gone, so every write-back fails; the put-back that should then keep the page
+    // resident fails too (injected: the kernel refusing the copy). The page's contents are gone:
+    // every access must fail loudly. It used to be marked resident while unmapped, so the next
+    // eviction or access took it for a bug in the page states.
+    let server = ServerProcess::start(&["--capacity", "64MiB", "--slab-size", "16MiB"]);
+    let pager = pager(vec![server.addr], 16 * MIB, 1);
+    let (region, base) = written_region(&pager, MIB, 64, 7);
+    server.signal(libc::SIGKILL);
+    pager.inject_put_back_failure(true);
+    let not_resident =
+        within(Duration::from_secs(60), "evicting pages that cannot be kept", || region.evict(0, 64 * PAGE_SIZE));
+    pager.inject_put_back_failure(false);
+    assert_eq!(not_resident, 64, "{}", pager.stats());
+    for p in 0..64 {
+        let read = common::kernel_read(base + p * PAGE_SIZE);
+        assert_eq!(read.map_err(|e| e.raw_os_error()), Err(Some(libc::EFAULT)), "page {p} was readable");
+    }
+    let stats = pager.stats();
+    assert_eq!(stats.lost_pages, 64, "{stats}");
+    assert!(stats.writeback_failures >= 64, "{stats}");
+    assert_eq!(stats.state_violations, 0, "{stats}");
+    assert_eq!(region.stats().fetch_failures, 64, "{stats}");
+}
+
+#[test]
 fn a_lender_that_was_full_is_asked_again_once_another_client_frees_its_memory() {
     // 32 MiB to lend in 8 MiB slabs: the first pager takes three, the second the last one.
     let server = ServerProcess::start(&["--capacity", "32MiB", "--slab-size", "8MiB"]);

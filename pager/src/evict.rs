@@ -9,7 +9,8 @@
 //!    dropped while mapped nor kept while gone;
 //! 3. dirty pages are written back, one batched WRITE per server; clean pages need no network;
 //! 4. only after the write completes is the page marked remote; a failed write puts the page back
-//!    with `UFFDIO_COPY`, still dirty, so nothing is lost;
+//!    with `UFFDIO_COPY`, still dirty, so nothing is lost (if the kernel refuses that copy too,
+//!    the page is poisoned and counted lost: SIGBUS on access, never zeros);
 //! 5. the staging buffer (registered with a second, event-less userfaultfd, as `UFFDIO_MOVE`
 //!    requires of its destination) is emptied with `madvise(MADV_DONTNEED)`.
 //!
@@ -538,7 +539,11 @@ impl Evictor {
             if v.region.table.load(v.page).remove_unhandled() {
                 break;
             }
-            let result = self.shared.uffd.copy(addr, src, PAGE_SIZE, false);
+            let result = if self.shared.inject_put_back_failure.load(Ordering::Acquire) {
+                Err(io::Error::from_raw_os_error(libc::ENOMEM))
+            } else {
+                self.shared.uffd.copy(addr, src, PAGE_SIZE, false)
+            };
             drop(gate);
             match result {
                 // A message is pending: the fault handlers read it (they keep reading even while
@@ -553,10 +558,7 @@ impl Evictor {
                     crate::table::backoff(&mut tries);
                 }
                 Ok(()) => return self.finish_put_back(v),
-                Err(e) => {
-                    tracing::error!(addr = format_args!("{addr:#x}"), error = %e, "could not put a page back after a failed write-back");
-                    return self.finish_put_back(v);
-                }
+                Err(e) => return self.lose_page(v, &e),
             }
         }
         // The program discarded the page while it was out: it is a zero page now.
@@ -566,6 +568,30 @@ impl Evictor {
         }
         let freed = crate::fault::apply_remove(&self.shared, &v.region, v.page, v.entry);
         self.shared.unreserve(freed);
+    }
+
+    /// A dirty page that could be neither written back nor put back (`error`): its contents are
+    /// gone. It is poisoned, so that every access to it raises SIGBUS (never zeros, never stale
+    /// bytes), and said in the log with its address.
+    fn lose_page(&self, v: &Victim, error: &io::Error) {
+        let addr = v.region.page_addr(v.page);
+        let lender = v.slot.or(v.entry.slot()).and_then(|s| self.shared.store.lender_of(s));
+        tracing::error!(
+            addr = format_args!("{addr:#x}"),
+            lender = %lender.map_or_else(|| "none".into(), |a| a.to_string()),
+            error = %error,
+            "a page whose write-back failed could not be put back either: its contents are lost, and every \
+             access to it raises SIGBUS"
+        );
+        if let Some(slot) = v.slot.filter(|&s| Some(s) != v.entry.slot()) {
+            self.shared.store.free(slot);
+        }
+        Counters::add(&self.shared.stats.writeback_failures, 1);
+        Counters::add(&self.shared.stats.lost_pages, 1);
+        v.region.failures.fetch_add(1, Ordering::Relaxed);
+        // Not mapped any more: its next access faults, and the handler installs the poison.
+        v.region.table.unlock(v.page, v.entry.poisoned(), Transition::Poisoned);
+        self.shared.unreserve(1);
     }
 
     /// Unlocks a page put back after a failed write-back: resident and dirty.

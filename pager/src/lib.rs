@@ -199,6 +199,8 @@ pub(crate) struct Shared {
     pub(crate) inject_move_undercount: AtomicBool,
     /// Test hook: microseconds the evictor waits before unsharing a page or putting one back.
     pub(crate) inject_evictor_delay_us: AtomicU64,
+    /// Test hook: put-backs fail (`Pager::inject_put_back_failure`).
+    pub(crate) inject_put_back_failure: AtomicBool,
 }
 
 impl Shared {
@@ -467,6 +469,7 @@ impl Pager {
             inject_drop_dirty: AtomicBool::new(false),
             inject_move_undercount: AtomicBool::new(false),
             inject_evictor_delay_us: AtomicU64::new(0),
+            inject_put_back_failure: AtomicBool::new(false),
             history: (config.history > 0).then(|| Arc::new(history::History::new(config.history))),
             slo: config.slo.map(slo::Controller::new),
             config,
@@ -569,6 +572,15 @@ impl Pager {
     pub fn inject_evictor_delay(&self, delay: Duration) {
         let us = u64::try_from(delay.as_micros()).unwrap_or(u64::MAX);
         self.shared.inject_evictor_delay_us.store(us, Ordering::Release);
+    }
+
+    /// Test hook, not for production: while `true`, putting back a page whose write-back failed
+    /// fails as if the kernel refused the copy (`ENOMEM`). The page's contents are then lost: it
+    /// must be poisoned (SIGBUS on access, counted in [`PagerStats::lost_pages`]), never read as
+    /// zeros or left counted resident while unmapped.
+    #[doc(hidden)]
+    pub fn inject_put_back_failure(&self, on: bool) {
+        self.shared.inject_put_back_failure.store(on, Ordering::Release);
     }
 
     /// Adds a lender while the pager runs (for example one just discovered): new pages may go to

@@ -28,6 +28,7 @@ pub struct Counters {
     pub(crate) removed_pages: AtomicU64,
     pub(crate) remote_freed: AtomicU64,
     pub(crate) writeback_failures: AtomicU64,
+    pub(crate) lost_pages: AtomicU64,
     pub(crate) unshared: AtomicU64,
     pub(crate) refills: AtomicU64,
     pub(crate) found_unmapped: AtomicU64,
@@ -62,6 +63,7 @@ impl Default for Counters {
             removed_pages: AtomicU64::new(0),
             remote_freed: AtomicU64::new(0),
             writeback_failures: AtomicU64::new(0),
+            lost_pages: AtomicU64::new(0),
             unshared: AtomicU64::new(0),
             refills: AtomicU64::new(0),
             found_unmapped: AtomicU64::new(0),
@@ -107,6 +109,7 @@ impl Counters {
             removed_pages: r(&self.removed_pages),
             remote_freed: r(&self.remote_freed),
             writeback_failures: r(&self.writeback_failures),
+            lost_pages: r(&self.lost_pages),
             unshared_pages: r(&self.unshared),
             refilled_pages: r(&self.refills),
             found_unmapped: r(&self.found_unmapped),
@@ -172,8 +175,12 @@ pub struct PagerStats {
     pub removed_pages: u64,
     /// Remote copies freed because their page was discarded.
     pub remote_freed: u64,
-    /// Write-backs that failed (the page stayed resident; nothing was lost).
+    /// Write-backs that failed (the page stayed resident; nothing was lost unless it is also
+    /// counted in [`PagerStats::lost_pages`]).
     pub writeback_failures: u64,
+    /// Dirty pages whose write-back failed and that could not be put back into local memory
+    /// either (the kernel refused the copy): poisoned, every access raises SIGBUS.
+    pub lost_pages: u64,
     /// Pages resident now.
     pub resident_pages: u64,
     /// Most pages resident at once.
@@ -438,10 +445,11 @@ impl fmt::Display for PagerStats {
         )?;
         write!(
             f,
-            "failures: {} pages could not be fetched ({} copies refused as changed by their lender; pages {}); {} page-state violations (bugs, caught and poisoned); {} move miscounts",
+            "failures: {} pages could not be fetched ({} copies refused as changed by their lender; pages {}); {} pages lost (neither written back nor put back); {} page-state violations (bugs, caught and poisoned); {} move miscounts",
             self.fetch_failures,
             self.copies_rejected,
             if self.sealed { "sealed" } else { "in plaintext" },
+            self.lost_pages,
             self.state_violations,
             self.move_miscounts
         )
