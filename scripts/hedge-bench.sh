@@ -6,7 +6,8 @@
 # hedging costs when nothing is slow). Prints the demo's latency and hedging lines per run.
 #
 # usage: scripts/hedge-bench.sh   (build first: cargo build --release --workspace)
-# env:   ROUNDS (2), PAUSE_MS (10), PERIOD_MS (50), READS (200000), LINK (loopback)
+# env:   ROUNDS (2), PAUSE_MS (10), PERIOD_MS (50), READS (200000), LINK (loopback),
+#        SIZE (128MiB), LOCAL (32MiB), PAUSING ("yes no": which of the two parts to run)
 set -u
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-2}; PAUSE_MS=${PAUSE_MS:-10}; PERIOD_MS=${PERIOD_MS:-50}; READS=${READS:-200000}
@@ -27,10 +28,10 @@ pause_loop() {
 }
 demo() {
   ./target/release/coalesce demo --servers "${addrs[0]},${addrs[1]}" --redundancy replicate:2 \
-    --size 128MiB --local 32MiB --random-reads "$READS" "$@" 2>/dev/null |
+    --size "${SIZE:-128MiB}" --local "${LOCAL:-32MiB}" --random-reads "$READS" "$@" 2>/dev/null |
     grep -E "random reads that faulted|remote fault service time|hedged reads" | sed 's/^/    /'
 }
-for pausing in yes no; do
+for pausing in ${PAUSING:-yes no}; do
   for round in $(seq "$ROUNDS"); do
     for hedge in on off; do
       echo "lender ${addrs[1]} pausing: $pausing (${PAUSE_MS} ms of every ${PERIOD_MS} ms), hedging $hedge, round $round"

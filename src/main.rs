@@ -158,7 +158,7 @@ enum Command {
         /// shim instead of failing.
         #[arg(long)]
         fallback_to_shim: bool,
-        /// Link emulation: loopback, lan, 5g-urllc, wifi, or e.g. delay=1ms,jitter=100us,bandwidth=1Gbit.
+        /// Link emulation: loopback, lan, 5g-urllc, wifi, or e.g. delay=1ms,jitter=100us,bandwidth=1Gbit,stall=50ms@1%.
         #[arg(long, default_value = "loopback")]
         link: LinkProfile,
         /// Sequential read passes.
@@ -292,7 +292,7 @@ enum Command {
         /// Bytes per request.
         #[arg(long, default_value = "4KiB")]
         size: ByteSize,
-        /// Link emulation: loopback, lan, 5g-urllc, wifi, or e.g. delay=1ms,jitter=100us,bandwidth=1Gbit.
+        /// Link emulation: loopback, lan, 5g-urllc, wifi, or e.g. delay=1ms,jitter=100us,bandwidth=1Gbit,stall=50ms@1%.
         #[arg(long, default_value = "loopback")]
         link: LinkProfile,
         /// Data-path provider: shim or verbs.

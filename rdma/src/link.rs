@@ -1,7 +1,7 @@
 //! Link emulation and latency telemetry for the software NIC.
 //!
-//! A [`LinkProfile`] describes a link by its one-way delay, jitter and bandwidth cap; named profiles
-//! reproduce proximity on one machine. [`LinkModel`] schedules when each completion may be delivered
+//! A [`LinkProfile`] describes a link by its one-way delay, jitter, bandwidth cap and occasional
+//! stalls (a heavy tail); named profiles reproduce proximity on one machine. [`LinkModel`] schedules when each completion may be delivered
 //! (request serialisation + delay + jitter, then the same for the response), keeping completions in
 //! order as an RC queue pair does. [`RttStats`] is the per-link telemetry callers read for placement.
 
@@ -23,6 +23,13 @@ pub struct LinkProfile {
     pub jitter: Duration,
     /// Bandwidth cap in bits per second per direction (`None`: no cap).
     pub bandwidth_bps: Option<u64>,
+    /// Occasional stalls, the heavy tail of a real link (Wi-Fi's retries, contention, power-save
+    /// buffering and off-channel scans): each message, in each direction, is held up with this
+    /// probability in parts per million ...
+    pub stall_ppm: u32,
+    /// ... by an extra delay drawn from an exponential distribution of this mean. Messages behind
+    /// a held one wait for it (delivery stays in order).
+    pub stall_mean: Duration,
 }
 
 impl Default for LinkProfile {
@@ -34,7 +41,14 @@ impl Default for LinkProfile {
 impl LinkProfile {
     /// No emulation at all: the real loopback link.
     pub fn loopback() -> Self {
-        Self { name: "loopback".into(), one_way_delay: Duration::ZERO, jitter: Duration::ZERO, bandwidth_bps: None }
+        Self {
+            name: "loopback".into(),
+            one_way_delay: Duration::ZERO,
+            jitter: Duration::ZERO,
+            bandwidth_bps: None,
+            stall_ppm: 0,
+            stall_mean: Duration::ZERO,
+        }
     }
 
     /// Names of the built-in profiles, with a one-line description each.
@@ -42,31 +56,36 @@ impl LinkProfile {
         ("loopback", "no added delay"),
         ("lan", "100 us one-way, 20 us jitter, 10 Gbit/s (a rack or campus LAN)"),
         ("5g-urllc", "1 ms one-way, 100 us jitter, 100 Mbit/s (5G ultra-reliable low latency)"),
-        ("wifi", "20 ms one-way, 5 ms jitter, 50 Mbit/s (a busy Wi-Fi hop)"),
+        ("wifi", "20 ms one-way, 5 ms jitter, 50 Mbit/s, 1% of messages stalled 100 ms on average (a busy Wi-Fi hop)"),
     ];
 
     /// Looks up a built-in profile by name.
     pub fn named(name: &str) -> Option<Self> {
         let us = Duration::from_micros;
-        let (delay, jitter, bw) = match name {
+        let (delay, jitter, bw, stall_ppm, stall_mean) = match name {
             "loopback" => return Some(Self::loopback()),
-            "lan" => (us(100), us(20), 10_000_000_000),
-            "5g-urllc" => (us(1000), us(100), 100_000_000),
-            "wifi" => (us(20_000), us(5_000), 50_000_000),
+            "lan" => (us(100), us(20), 10_000_000_000, 0, Duration::ZERO),
+            "5g-urllc" => (us(1000), us(100), 100_000_000, 0, Duration::ZERO),
+            // Wi-Fi's tail: a frame waits out MAC retries and rate adaptation, other stations, a
+            // power-save sleep (beacons come every 102.4 ms) or an off-channel scan.
+            "wifi" => (us(20_000), us(5_000), 50_000_000, 10_000, us(100_000)),
             _ => return None,
         };
-        Some(Self { name: name.into(), one_way_delay: delay, jitter, bandwidth_bps: Some(bw) })
+        Some(Self { name: name.into(), one_way_delay: delay, jitter, bandwidth_bps: Some(bw), stall_ppm, stall_mean })
     }
 
     /// True when the profile adds nothing (the model is skipped entirely).
     pub fn is_passthrough(&self) -> bool {
-        self.one_way_delay.is_zero() && self.jitter.is_zero() && self.bandwidth_bps.is_none()
+        self.one_way_delay.is_zero()
+            && self.jitter.is_zero()
+            && self.bandwidth_bps.is_none()
+            && (self.stall_ppm == 0 || self.stall_mean.is_zero())
     }
 }
 
 /// Error parsing a link profile.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid link profile {input:?}: {reason}. Use one of loopback, lan, 5g-urllc, wifi, or e.g. \"delay=2ms,jitter=100us,bandwidth=1Gbit\"")]
+#[error("invalid link profile {input:?}: {reason}. Use one of loopback, lan, 5g-urllc, wifi, or e.g. \"delay=2ms,jitter=100us,bandwidth=1Gbit,stall=50ms@1%\"")]
 pub struct LinkProfileError {
     input: String,
     reason: String,
@@ -89,6 +108,14 @@ fn parse_bandwidth(s: &str) -> Option<u64> {
     // Truncation to whole bits per second is intended; a cap below 1 bit/s is refused.
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     (bps.is_finite() && bps >= 1.0).then_some(bps as u64)
+}
+
+/// `"1%"` or `"0.5%"` as parts per million; `None` unless within 0-100%.
+fn parse_share_ppm(s: &str) -> Option<u32> {
+    let percent: f64 = s.strip_suffix('%')?.trim().parse().ok()?;
+    // Rounded to whole parts per million, within 0..=1e6 (checked first).
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    (percent.is_finite() && (0.0..=100.0).contains(&percent)).then(|| (percent * 10_000.0).round() as u32)
 }
 
 impl FromStr for LinkProfile {
@@ -116,7 +143,15 @@ impl FromStr for LinkProfile {
                             .ok_or_else(|| err(format!("bandwidth {value:?} is not like 100Mbit or 1Gbit")))?,
                     )
                 }
-                other => return Err(err(format!("unknown key {other:?} (expected delay, jitter, bandwidth)"))),
+                "stall" => {
+                    let (mean, rate) = value.trim().split_once('@').ok_or_else(|| {
+                        err(format!("stall {value:?} is not like 50ms@1% (mean extra delay @ share of messages)"))
+                    })?;
+                    p.stall_mean = humantime::parse_duration(mean.trim()).map_err(|e| err(format!("stall: {e}")))?;
+                    p.stall_ppm = parse_share_ppm(rate.trim())
+                        .ok_or_else(|| err(format!("stall share {rate:?} is not a percentage from 0% to 100%")))?;
+                }
+                other => return Err(err(format!("unknown key {other:?} (expected delay, jitter, bandwidth, stall)"))),
             }
         }
         Ok(p)
@@ -127,9 +162,18 @@ impl fmt::Display for LinkProfile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} (delay {:?}, jitter {:?}", self.name, self.one_way_delay, self.jitter)?;
         match self.bandwidth_bps {
-            Some(b) => write!(f, ", {} Mbit/s)", b / 1_000_000),
-            None => write!(f, ", no bandwidth cap)"),
+            Some(b) => write!(f, ", {} Mbit/s", b / 1_000_000)?,
+            None => write!(f, ", no bandwidth cap")?,
         }
+        if self.stall_ppm > 0 && !self.stall_mean.is_zero() {
+            write!(
+                f,
+                ", {}% of messages stalled {:?} on average",
+                f64::from(self.stall_ppm) / 10_000.0,
+                self.stall_mean
+            )?;
+        }
+        write!(f, ")")
     }
 }
 
@@ -164,13 +208,28 @@ impl LinkModel {
         }
     }
 
+    /// The random part of one message's delay: its jitter, and a stall now and then.
     fn jitter(&mut self) -> Duration {
         let j = self.profile.jitter;
-        if j.is_zero() {
+        let jitter = if j.is_zero() {
+            Duration::ZERO
+        } else {
+            Duration::from_nanos(self.rng.u64(0..=u64::try_from(j.as_nanos()).unwrap_or(u64::MAX)))
+        };
+        jitter + self.stall()
+    }
+
+    /// An exponentially distributed stall of the profile's mean, for one message in
+    /// `1e6 / stall_ppm`; nothing for the others.
+    fn stall(&mut self) -> Duration {
+        if self.profile.stall_ppm == 0 || self.rng.u32(0..1_000_000) >= self.profile.stall_ppm {
             return Duration::ZERO;
         }
-        let max = u64::try_from(j.as_nanos()).unwrap_or(u64::MAX);
-        Duration::from_nanos(self.rng.u64(0..=max))
+        // Inverse transform: -mean * ln(U) with U uniform in (0, 1]; capped at 100 means, so that
+        // one draw cannot hold a connection for hours.
+        let u = 1.0 - self.rng.f64();
+        let factor = (-u.ln()).min(100.0);
+        self.profile.stall_mean.mul_f64(factor)
     }
 
     /// Schedules a request of `request_bytes` posted at `now` whose response carries
@@ -328,6 +387,15 @@ mod tests {
         assert!("moon".parse::<LinkProfile>().is_err());
         assert!("delay=fast".parse::<LinkProfile>().is_err());
         assert!("bandwidth=12parsecs".parse::<LinkProfile>().is_err());
+        let s: LinkProfile = "delay=1ms,stall=50ms@0.5%".parse().expect("custom");
+        assert_eq!((s.stall_mean, s.stall_ppm), (Duration::from_millis(50), 5_000));
+        assert!(s.to_string().contains("0.5% of messages stalled 50ms"), "{s}");
+        for bad in
+            ["stall=50ms", "stall=50ms@101%", "stall=50ms@-1%", "stall=50ms@NaN%", "stall=fast@1%", "stall=5ms@1"]
+        {
+            assert!(bad.parse::<LinkProfile>().is_err(), "{bad}");
+        }
+        assert!("stall=10ms@1%".parse::<LinkProfile>().is_ok_and(|p| !p.is_passthrough()));
     }
 
     #[test]
@@ -340,6 +408,20 @@ mod tests {
         let t2 = m.schedule(now, 1000, 0).expect("scheduled");
         assert!(t2 >= t1, "completions stay in order");
         assert!(LinkModel::new(LinkProfile::loopback()).schedule(now, 1, 1).is_none());
+    }
+
+    #[test]
+    fn stalls_hold_about_their_share_of_messages_for_about_their_mean() {
+        let mut m = LinkModel::new("stall=10ms@2%".parse().expect("custom"));
+        m.rng = fastrand::Rng::with_seed(7);
+        let draws: Vec<Duration> = (0..100_000).map(|_| m.stall()).collect();
+        let stalled: Vec<&Duration> = draws.iter().filter(|d| !d.is_zero()).collect();
+        // 2% of 100,000 (binomial: standard deviation 44); mean 10 ms (standard error 0.07 ms).
+        assert!((1_800..2_200).contains(&stalled.len()), "{}", stalled.len());
+        let mean = stalled.iter().map(|d| d.as_secs_f64()).sum::<f64>() / stalled.len() as f64;
+        assert!((0.009..0.011).contains(&mean), "{mean}");
+        assert!(stalled.iter().all(|d| **d <= Duration::from_secs(1)), "capped at 100 means");
+        assert!(LinkProfile::named("wifi").is_some_and(|w| w.stall_ppm == 10_000));
     }
 
     #[test]

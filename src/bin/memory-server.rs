@@ -25,7 +25,7 @@ use rdma::ProviderKind;
         (within a second, in their heartbeats) that it is leaving, keeps serving them while they move \
         their pages to other lenders, and exits once no slab is left or at --drain-timeout. A second \
         signal exits at once.\n\n\
-        --link emulates a link (lan, 5g-urllc, wifi, or delay=..,jitter=..,bandwidth=..) on \
+        --link emulates a link (lan, 5g-urllc, wifi, or delay=..,jitter=..,bandwidth=..,stall=..@..%) on \
         everything this server sends, so that one machine can hold lenders at different distances; \
         with --link-file the profile is read from a file, and again on SIGHUP (the lender moved)."
 )]
@@ -96,7 +96,7 @@ struct Cli {
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     backup_expiry: Duration,
     /// Emulate this link on everything the server sends (data and control): loopback, lan,
-    /// 5g-urllc, wifi, or e.g. "delay=2ms,jitter=100us,bandwidth=1Gbit". Borrowers measure it as
+    /// 5g-urllc, wifi, or e.g. "delay=2ms,jitter=100us,bandwidth=1Gbit,stall=50ms@1%". Borrowers measure it as
     /// this lender's distance.
     #[arg(long, conflicts_with = "link_file")]
     link: Option<rdma::LinkProfile>,
