@@ -7,7 +7,9 @@
 #
 # usage: scripts/hedge-bench.sh   (build first: cargo build --release --workspace)
 # env:   ROUNDS (2), PAUSE_MS (10), PERIOD_MS (50), READS (200000), LINK (loopback),
-#        SIZE (128MiB), LOCAL (32MiB), PAUSING ("yes no": which of the two parts to run)
+#        SIZE (128MiB), LOCAL (32MiB), PAUSING ("yes no": which of the two parts to run),
+#        SLO (unset; e.g. p99=60ms: a third run per round, hedging with that objective, and every
+#        run with --local-max LOCAL so that the objective controller cannot grow the local share)
 set -u
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-2}; PAUSE_MS=${PAUSE_MS:-10}; PERIOD_MS=${PERIOD_MS:-50}; READS=${READS:-200000}
@@ -28,16 +30,20 @@ pause_loop() {
 }
 demo() {
   ./target/release/coalesce demo --servers "${addrs[0]},${addrs[1]}" --redundancy replicate:2 \
-    --size "${SIZE:-128MiB}" --local "${LOCAL:-32MiB}" --random-reads "$READS" "$@" 2>/dev/null |
-    grep -E "random reads that faulted|remote fault service time|hedged reads" | sed 's/^/    /'
+    --size "${SIZE:-128MiB}" --local "${LOCAL:-32MiB}" --random-reads "$READS" ${SLO:+--local-max "${LOCAL:-32MiB}"} "$@" 2>/dev/null |
+    grep -E "random reads that faulted|remote fault service time|hedged reads|objective" | sed 's/^/    /'
 }
 for pausing in ${PAUSING:-yes no}; do
   for round in $(seq "$ROUNDS"); do
-    for hedge in on off; do
+    for hedge in ${SLO:+slo} on off; do
       echo "lender ${addrs[1]} pausing: $pausing (${PAUSE_MS} ms of every ${PERIOD_MS} ms), hedging $hedge, round $round"
       pauser=""
       if [ "$pausing" = yes ]; then pause_loop & pauser=$!; fi
-      if [ "$hedge" = on ]; then demo; else demo --no-hedge; fi
+      case $hedge in
+        slo) echo "    (objective $SLO)"; demo --slo "$SLO" ;;
+        on) demo ;;
+        off) demo --no-hedge ;;
+      esac
       if [ -n "$pauser" ]; then kill "$pauser"; wait "$pauser" 2>/dev/null; kill -CONT "${pids[1]}"; fi
     done
   done

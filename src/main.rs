@@ -56,8 +56,9 @@ enum Command {
         #[arg(long, value_parser = clap::value_parser!(u8).range(1..=64))]
         fault_threads: Option<u8>,
         /// A service-level objective on remote-fault service time, e.g. p99=500us: when a
-        /// second's faults miss it, the local share grows (up to --local-max); the statistics say
-        /// what share of faults met it.
+        /// second's faults miss it, the local share grows (up to --local-max), and replicated
+        /// reads are hedged soon enough for the other copy to answer within it; the statistics
+        /// say what share of faults met it.
         #[arg(long)]
         slo: Option<coalesce_pager::Slo>,
         #[command(flatten)]
@@ -186,8 +187,9 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         history: usize,
         /// A service-level objective on remote-fault service time, e.g. p99=500us: when a
-        /// second's faults miss it, the local share grows (up to --local-max); the statistics say
-        /// what share of faults met it.
+        /// second's faults miss it, the local share grows (up to --local-max), and replicated
+        /// reads are hedged soon enough for the other copy to answer within it; the statistics
+        /// say what share of faults met it.
         #[arg(long)]
         slo: Option<coalesce_pager::Slo>,
         #[command(flatten)]
@@ -242,7 +244,7 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         discards: u32,
         /// A service-level objective (e.g. p99=1ms): the local share then moves under the
-        /// checks as the controller grows and shrinks it.
+        /// checks as the controller grows and shrinks it, and replicated reads are hedged sooner.
         #[arg(long)]
         slo: Option<coalesce_pager::Slo>,
         #[command(flatten)]

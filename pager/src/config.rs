@@ -83,7 +83,9 @@ pub struct PagerConfig {
     pub hedged_reads: bool,
     /// A service-level objective on remote-fault service time, e.g. `p99=500us` (`None`, the
     /// default: none). The pager counts the faults that meet it and, when a second's faults
-    /// miss it, grows the local share toward the local maximum (see [`crate::slo`]).
+    /// miss it, grows the local share toward the local maximum (see [`crate::slo`]); with
+    /// copies, a read is hedged sooner than its lender's 95th percentile when a later hedge
+    /// would answer past the target.
     pub slo: Option<crate::Slo>,
     /// A backup tier: a `memory-server --persist` to which every page the lenders take is
     /// written behind (see [`store::BackupStore`]). `None` (the default): no backup.

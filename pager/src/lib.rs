@@ -400,6 +400,7 @@ impl Pager {
             redundancy,
             extra_shard_reads: config.extra_shard_reads,
             hedged_reads: config.hedged_reads,
+            hedge_within: config.slo.map(|slo| slo.target),
         };
         let client = rdma::client::ClientOptions {
             provider: config.provider,

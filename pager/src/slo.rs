@@ -12,7 +12,8 @@
 //!
 //! The actions that need no objective run all the time beneath it: hot pages move to nearer
 //! lenders as they leave local memory, pages migrate toward nearer lenders, and reads of
-//! replicated pages are hedged. When the network cannot meet the objective at all, the local
+//! replicated pages are hedged (sooner when a hedge after the 95th percentile would answer past
+//! the target: `store/lenders/hedge.rs`). When the network cannot meet the objective at all, the local
 //! share ends at the local maximum: the program then runs from local memory as far as it may,
 //! best effort, as the coalescent model asks.
 //!

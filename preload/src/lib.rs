@@ -28,7 +28,7 @@
 //! | `COALESCE_PREFETCH_AHEAD` | `1` | `0`: a stream's faults fetch their window only, not also the next one ahead (on a thread of its own) |
 //! | `COALESCE_FAULT_THREADS` | 2 with 4 or more CPUs, else 1 | fault-handling threads (1 to 64); they also take the allocator's discards (remove events) |
 //! | `COALESCE_REDUNDANCY` | `replicate:2` with two or more servers, else `none` | copies of each page on distinct lenders: `none` or `replicate:N` (N from 2 to 4) |
-//! | `COALESCE_SLO` | unset | a service-level objective on remote-fault service time, e.g. `p99=500us`: when a second's faults miss it, the heap's local share grows (up to `COALESCE_LOCAL_MAX`), and shrinks back once comfortably met |
+//! | `COALESCE_SLO` | unset | a service-level objective on remote-fault service time, e.g. `p99=500us`: when a second's faults miss it, the heap's local share grows (up to `COALESCE_LOCAL_MAX`), and shrinks back once comfortably met; replicated reads are hedged soon enough to meet it |
 //! | `COALESCE_HEDGE` | `1` | with copies (`replicate:N`): `0` turns hedged reads off (a read not answered within its lender's recent 95th percentile is posted again to the next copy; the first answer wins) |
 //! | `COALESCE_REPAIR_RATE` | `256MiB` | bytes per second copied in the background to rebuild copies lost with a lender (or on a leaving one); `0`: off |
 //! | `COALESCE_KEY_FILE` | unset | the cluster key file (`coalesce keygen`), for lenders that require one |

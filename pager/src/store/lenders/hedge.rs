@@ -11,6 +11,14 @@
 //! reused only once it has landed or its connection was dropped. The winner's bytes are copied
 //! out (one copy of a page, about a microsecond, beside a fault of 100 us or more).
 //!
+//! With a service-level objective ([`crate::PagerConfig::slo`], target T) a hedge must also come
+//! back in time: when the 95th percentile plus the other copies' median service time (this
+//! lender's own until they have been timed) would pass T, the read is hedged at T minus that
+//! median instead, so that a slow first copy costs at most
+//! about T (on a link whose round trip is far above its median one time in fifty, that is most of
+//! its p99). A target the other copies' median cannot meet changes nothing (hedging sooner could
+//! not help, and would double the reads).
+//!
 //! Service times are kept per lender over its last [`WINDOW`] reads (every thread's); until a
 //! lender has [`MIN_SAMPLES`] of them, reads from it are not hedged. The hedge delay is at least
 //! [`MIN_DELAY`] (below it, hedging would double the reads of a healthy lender for nothing) and at
@@ -37,12 +45,13 @@ pub(super) const MIN_SAMPLES: usize = 16;
 /// The shortest hedge delay.
 pub const MIN_DELAY: Duration = Duration::from_micros(200);
 
-/// The last [`WINDOW`] read service times of one lender, and their 95th percentile (recomputed
-/// every [`MIN_SAMPLES`] samples).
+/// The last [`WINDOW`] read service times of one lender, and their median and 95th percentile
+/// (recomputed every [`MIN_SAMPLES`] samples).
 #[derive(Debug, Default)]
 pub(super) struct ServiceTimes {
     samples: VecDeque<Duration>,
     fresh: usize,
+    p50: Option<Duration>,
     p95: Option<Duration>,
 }
 
@@ -58,6 +67,7 @@ impl ServiceTimes {
             self.fresh = 0;
             let mut sorted: Vec<Duration> = self.samples.iter().copied().collect();
             sorted.sort_unstable();
+            self.p50 = sorted.get(sorted.len() / 2).copied();
             self.p95 = sorted.get(sorted.len() * 95 / 100).copied();
         }
     }
@@ -66,6 +76,27 @@ impl ServiceTimes {
     pub(super) fn p95(&self) -> Option<Duration> {
         self.p95
     }
+
+    /// The median, once [`MIN_SAMPLES`] reads were timed.
+    pub(super) fn p50(&self) -> Option<Duration> {
+        self.p50
+    }
+}
+
+/// The delay after which a read is hedged: `p95` of its lender, or sooner when a hedge after it
+/// would come back (in about `other_p50`, the other copies' median) later than `within` and a
+/// sooner one would not; never below [`MIN_DELAY`] nor above `limit` (the failover time).
+pub(super) fn hedge_delay(
+    p95: Duration,
+    within: Option<Duration>,
+    other_p50: Option<Duration>,
+    limit: Duration,
+) -> Duration {
+    let in_time = match (within, other_p50) {
+        (Some(within), Some(p50)) if within > p50 => p95.min(within - p50),
+        _ => p95,
+    };
+    in_time.clamp(MIN_DELAY, limit.max(MIN_DELAY))
 }
 
 /// Hedges posted and won, for the statistics.
@@ -133,8 +164,22 @@ impl PagePlan {
 impl LenderIo {
     /// The delay after which a read from `lender` is hedged (`None`: not yet known).
     fn hedge_delay(&self, lender: usize) -> Option<Duration> {
-        let p95 = super::lock(&self.store.lenders.get(lender)?.service).p95()?;
-        Some(p95.clamp(MIN_DELAY, self.store.failover.max(MIN_DELAY)))
+        let (p95, own_p50) = {
+            let times = super::lock(&self.store.lenders.get(lender)?.service);
+            (times.p95()?, times.p50())
+        };
+        // The soonest answer a hedge could get: the smallest median of the other live lenders,
+        // or, while none has been timed (reads go to the nearest copy), this lender's own.
+        let other_p50 = self.store.hedge_within.and_then(|_| {
+            self.store
+                .lenders
+                .iter()
+                .filter(|&(j, s)| j != lender && s.is_alive())
+                .filter_map(|(_, s)| super::lock(&s.service).p50())
+                .min()
+                .or(own_p50)
+        });
+        Some(hedge_delay(p95, self.store.hedge_within, other_p50, self.store.failover))
     }
 
     /// Reads every page from its nearest copy, hedged (see the module comment).
@@ -415,5 +460,25 @@ mod tests {
             s.record(Duration::from_micros(300));
         }
         assert_eq!(s.p95(), Some(Duration::from_micros(300)));
+        assert_eq!(s.p50(), Some(Duration::from_micros(300)));
+    }
+
+    #[test]
+    fn an_objective_hedges_sooner_only_when_a_hedge_can_still_meet_it() {
+        let ms = Duration::from_millis;
+        let limit = ms(1000);
+        // No objective: the 95th percentile, within its bounds.
+        assert_eq!(hedge_delay(ms(50), None, Some(ms(46)), limit), ms(50));
+        assert_eq!(hedge_delay(Duration::from_micros(20), None, None, limit), MIN_DELAY);
+        assert_eq!(hedge_delay(ms(5000), None, None, limit), limit);
+        // 50 + 46 would answer past 60: hedge at 60 - 46.
+        assert_eq!(hedge_delay(ms(50), Some(ms(60)), Some(ms(46)), limit), ms(14));
+        // The p95 hedge answers in time anyway: unchanged.
+        assert_eq!(hedge_delay(ms(10), Some(ms(60)), Some(ms(46)), limit), ms(10));
+        // Out of the other copies' reach, or their median unknown: unchanged.
+        assert_eq!(hedge_delay(ms(50), Some(ms(40)), Some(ms(46)), limit), ms(50));
+        assert_eq!(hedge_delay(ms(50), Some(ms(60)), None, limit), ms(50));
+        // Never below the shortest delay.
+        assert_eq!(hedge_delay(ms(50), Some(ms(46)), Some(Duration::from_micros(45_950)), limit), MIN_DELAY);
     }
 }

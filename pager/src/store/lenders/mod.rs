@@ -254,6 +254,8 @@ pub struct LenderStore {
     moved_nearer: AtomicU64,
     /// Reads of replicated pages are hedged (`hedge.rs`).
     hedged_reads: bool,
+    /// [`LenderStoreOptions::hedge_within`].
+    hedge_within: Option<Duration>,
     hedges: hedge::HedgeCounters,
 }
 
@@ -283,6 +285,11 @@ pub struct LenderStoreOptions {
     /// With copies: read a page again from its next copy when the first has not answered within
     /// its lender's recent 95th percentile, and take the first answer (`hedge.rs`).
     pub hedged_reads: bool,
+    /// The service time a hedged read should still answer within (the objective's target,
+    /// [`crate::PagerConfig::slo`]): a read whose hedge after the 95th percentile would come back
+    /// later than this, going by the other copies' median, is hedged sooner (`hedge.rs`).
+    /// `None`: after the 95th percentile only.
+    pub hedge_within: Option<Duration>,
 }
 
 impl LenderStore {
@@ -340,6 +347,7 @@ impl LenderStore {
             migrated: AtomicU64::new(0),
             moved_nearer: AtomicU64::new(0),
             hedged_reads: options.hedged_reads,
+            hedge_within: options.hedge_within,
             hedges: hedge::HedgeCounters::default(),
         };
         store.update_weights();
