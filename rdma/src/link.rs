@@ -110,6 +110,9 @@ fn parse_bandwidth(s: &str) -> Option<u64> {
     (bps.is_finite() && bps >= 1.0).then_some(bps as u64)
 }
 
+/// The longest delay, jitter or mean stall a custom profile may ask for.
+pub const MAX_DELAY: Duration = Duration::from_secs(10);
+
 /// `"1%"` or `"0.5%"` as parts per million; `None` unless within 0-100%.
 fn parse_share_ppm(s: &str) -> Option<u32> {
     let percent: f64 = s.strip_suffix('%')?.trim().parse().ok()?;
@@ -131,9 +134,16 @@ impl FromStr for LinkProfile {
         }
         let mut p = Self::loopback();
         p.name = "custom".into();
+        let bounded = |key: &str, text: &str| {
+            let d = humantime::parse_duration(text.trim()).map_err(|e| err(format!("{key}: {e}")))?;
+            if d > MAX_DELAY {
+                return Err(err(format!("{key} {text:?} is longer than {MAX_DELAY:?}, the most a link may add")));
+            }
+            Ok(d)
+        };
         for part in s.split(',') {
             let (key, value) = part.split_once('=').ok_or_else(|| err(format!("{part:?} is not key=value")))?;
-            let dur = || humantime::parse_duration(value.trim()).map_err(|e| err(format!("{key}: {e}")));
+            let dur = || bounded(key, value);
             match key.trim() {
                 "delay" => p.one_way_delay = dur()?,
                 "jitter" => p.jitter = dur()?,
@@ -147,7 +157,7 @@ impl FromStr for LinkProfile {
                     let (mean, rate) = value.trim().split_once('@').ok_or_else(|| {
                         err(format!("stall {value:?} is not like 50ms@1% (mean extra delay @ share of messages)"))
                     })?;
-                    p.stall_mean = humantime::parse_duration(mean.trim()).map_err(|e| err(format!("stall: {e}")))?;
+                    p.stall_mean = bounded("stall", mean)?;
                     p.stall_ppm = parse_share_ppm(rate.trim())
                         .ok_or_else(|| err(format!("stall share {rate:?} is not a percentage from 0% to 100%")))?;
                 }
@@ -225,11 +235,14 @@ impl LinkModel {
         if self.profile.stall_ppm == 0 || self.rng.u32(0..1_000_000) >= self.profile.stall_ppm {
             return Duration::ZERO;
         }
-        // Inverse transform: -mean * ln(U) with U uniform in (0, 1]; capped at 100 means, so that
-        // one draw cannot hold a connection for hours.
+        // Inverse transform: -mean * ln(U) with U uniform in (0, 1]; capped at 100 means (and at
+        // 100 times `MAX_DELAY` for a profile built by hand), so that one draw cannot hold a
+        // connection for hours.
         let u = 1.0 - self.rng.f64();
         let factor = (-u.ln()).min(100.0);
-        self.profile.stall_mean.mul_f64(factor)
+        Duration::try_from_secs_f64(self.profile.stall_mean.as_secs_f64() * factor)
+            .unwrap_or(Duration::MAX)
+            .min(MAX_DELAY.saturating_mul(100))
     }
 
     /// Schedules a request of `request_bytes` posted at `now` whose response carries
@@ -390,9 +403,17 @@ mod tests {
         let s: LinkProfile = "delay=1ms,stall=50ms@0.5%".parse().expect("custom");
         assert_eq!((s.stall_mean, s.stall_ppm), (Duration::from_millis(50), 5_000));
         assert!(s.to_string().contains("0.5% of messages stalled 50ms"), "{s}");
-        for bad in
-            ["stall=50ms", "stall=50ms@101%", "stall=50ms@-1%", "stall=50ms@NaN%", "stall=fast@1%", "stall=5ms@1"]
-        {
+        for bad in [
+            "stall=50ms",
+            "stall=50ms@101%",
+            "stall=50ms@-1%",
+            "stall=50ms@NaN%",
+            "stall=fast@1%",
+            "stall=5ms@1",
+            "stall=100000000h@1%",
+            "delay=100000000h",
+            "jitter=11s",
+        ] {
             assert!(bad.parse::<LinkProfile>().is_err(), "{bad}");
         }
         assert!("stall=10ms@1%".parse::<LinkProfile>().is_ok_and(|p| !p.is_passthrough()));
