@@ -558,6 +558,13 @@ impl Evictor {
                     crate::table::backoff(&mut tries);
                 }
                 Ok(()) => return self.finish_put_back(v),
+                // Already mapped: the page never left (only its locker maps it), so its bytes are
+                // there; it stays resident. (A CI run under load poisoned such a page when every
+                // error but EAGAIN was taken as loss.)
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                    tracing::warn!(addr = format_args!("{addr:#x}"), "a page to put back was still mapped; kept");
+                    return self.finish_put_back(v);
+                }
                 Err(e) => return self.lose_page(v, &e),
             }
         }
