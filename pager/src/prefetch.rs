@@ -26,13 +26,18 @@ pub struct TrendDetector {
     pub last_window: Option<(usize, isize, usize)>,
     /// Windows in a row that the stream used to their end.
     streak: u32,
+    /// The stride of the stream the fault being recorded continues (set by [`Self::confirm`]).
+    continuing: Option<isize>,
 }
 
 impl TrendDetector {
-    /// Records a fault at `page`; returns the stride of the current trend, if any.
+    /// Records a fault at `page`; returns the stride of the current trend, if any. A fault that
+    /// continues a stream (see [`Self::confirm`]) counts as one step of its stride, not as the
+    /// distance from the fault before: a stream that skips whole windows without faulting keeps
+    /// its trend.
     pub fn record(&mut self, page: usize) -> Option<isize> {
         if let Some(last) = self.last {
-            let delta = page.wrapping_sub(last).cast_signed();
+            let delta = self.continuing.take().unwrap_or_else(|| page.wrapping_sub(last).cast_signed());
             self.deltas[self.pos] = delta;
             self.pos = (self.pos + 1) % HISTORY;
             self.len = (self.len + 1).min(HISTORY);
@@ -41,14 +46,18 @@ impl TrendDetector {
         self.trend()
     }
 
-    /// Notes whether a fault at `page` continues the stream just past the last window (before
+    /// Notes whether a fault at `page` continues the stream: just past the last window, or inside
+    /// it past its first page (the stream caught up with pages still on their way; before
     /// [`Self::record`] and before `last_window` is taken).
     pub fn confirm(&mut self, page: usize) {
-        let continues = self.last_window.is_some_and(|(start, stride, count)| {
-            let steps = isize::try_from(count).unwrap_or(isize::MAX);
-            start.checked_add_signed(stride.saturating_mul(steps)) == Some(page)
+        self.continuing = self.last_window.and_then(|(start, stride, count)| {
+            let delta = page.wrapping_sub(start).cast_signed();
+            let continues = stride != 0
+                && delta % stride == 0
+                && (1..=isize::try_from(count).unwrap_or(isize::MAX)).contains(&(delta / stride));
+            continues.then_some(stride)
         });
-        self.streak = if continues { self.streak.saturating_add(1) } else { 0 };
+        self.streak = if self.continuing.is_some() { self.streak.saturating_add(1) } else { 0 };
     }
 
     /// The window to fetch now: `base` doubled for every window the stream used to its end,
@@ -134,5 +143,35 @@ mod tests {
         assert_eq!(t.window(64, 256), 128);
         // A maximum below the base wins.
         assert_eq!(t.window(64, 16), 16);
+    }
+
+    #[test]
+    fn a_stream_that_skips_whole_windows_keeps_its_trend_and_its_window() {
+        // Each fault fetches a window and one more window ahead, so the stream's faults are
+        // `2 * window + 1` pages apart, a distance that grows with the window: still one stream.
+        let mut t = TrendDetector::default();
+        let mut page = 1000;
+        for p in [997, 998, 999] {
+            t.confirm(p);
+            t.record(p);
+        }
+        for _ in 0..20 {
+            t.confirm(page);
+            assert_eq!(t.record(page), Some(1), "the stream lost its trend at page {page}");
+            let window = t.window(64, 256);
+            t.last_window = Some((page + 1, 1, 2 * window));
+            page += 2 * window + 1;
+        }
+        assert_eq!(t.window(64, 256), 256);
+        // Caught up with pages still on their way (inside the window): the same stream.
+        let (start, _, count) = t.last_window.unwrap_or_default();
+        let inside = start + count / 2;
+        t.confirm(inside);
+        assert_eq!(t.record(inside), Some(1));
+        assert_eq!(t.window(64, 256), 256);
+        // The window's first page again is not progress: back to the start.
+        t.last_window = Some((inside + 1, 1, 512));
+        t.confirm(inside + 1);
+        assert_eq!(t.window(64, 256), 64);
     }
 }
