@@ -42,7 +42,7 @@
 //! asks) and counts an over-budget event, up to the local maximum ([`LocalMax`]) and no further:
 //! there [`Pager::may_allocate`] says no and an access that needs another local page waits up to
 //! the fetch timeout, then gets SIGBUS. Fixed overhead beside the budget: the staging buffers
-//! (`(1 + prefetch_window_max)` pages per handler thread and for the prefetch-ahead thread, 64 pages for the evictor) and the metadata
+//! (`(1 + prefetch_window_max)` pages per handler thread and for the prefetch-ahead thread, 512 pages for the evictor, emptied after every batch) and the metadata
 //! (12 bytes per page of every region: its 8-byte entry and a 4-byte write-out version).
 //!
 //! ```
