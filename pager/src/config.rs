@@ -7,6 +7,11 @@ use rdma::{LinkProfile, ProviderKind};
 
 use crate::{store, PagerError, PAGE_SIZE};
 
+/// The largest prefetch window: with its faulting page, sealed (a segment per page and one per
+/// trailer), it fits one request of at most `rdma::wire::MAX_SEGMENTS` (1024) segments.
+pub const MAX_PREFETCH_WINDOW: usize = rdma::wire::MAX_SEGMENTS / 2 - 1;
+const _: () = assert!((1 + MAX_PREFETCH_WINDOW) * 2 <= rdma::wire::MAX_SEGMENTS);
+
 /// The longest fetch timeout accepted (a longer one is a typo, and deadlines must not overflow).
 pub const MAX_FETCH_TIMEOUT: Duration = Duration::from_secs(3600);
 
@@ -42,8 +47,10 @@ pub struct PagerConfig {
     /// The window a stream starts with; see `prefetch_window_max`.
     pub prefetch_window: usize,
     /// The window a confirmed stream grows to: it doubles every time the stream uses a whole
-    /// window, up to this (at least `prefetch_window`, at most 256 and an eighth of the budget;
-    /// default 256). Costs `(1 + prefetch_window_max)` pages of staging per fault thread.
+    /// window, up to this (at least `prefetch_window`, at most an eighth of the budget; default
+    /// and largest 511, so that a window and its faulting page, sealed, fit one request: a
+    /// segment per page and one per trailer, at most 1024). Costs `(1 + prefetch_window_max)`
+    /// pages of staging per fault thread and for the prefetch-ahead thread.
     pub prefetch_window_max: usize,
     /// While a stream goes on, fetch the window after the one a fault fetches, on a thread of
     /// its own, so that the stream meets installed pages instead of a fault (default on; with
@@ -128,7 +135,7 @@ impl PagerConfig {
             fault_threads: 1,
             prefetch: true,
             prefetch_window: 64,
-            prefetch_window_max: 256,
+            prefetch_window_max: MAX_PREFETCH_WINDOW,
             prefetch_ahead: true,
             fetch_timeout: Duration::from_secs(5),
             failover_timeout: Duration::from_millis(500),
@@ -172,8 +179,10 @@ impl PagerConfig {
         if self.prefetch_window == 0 || self.prefetch_window > 256 {
             return Err(PagerError::Config("prefetch_window must be between 1 and 256 pages".into()));
         }
-        if self.prefetch_window_max == 0 || self.prefetch_window_max > 256 {
-            return Err(PagerError::Config("prefetch_window_max must be between 1 and 256 pages".into()));
+        if self.prefetch_window_max == 0 || self.prefetch_window_max > MAX_PREFETCH_WINDOW {
+            return Err(PagerError::Config(format!(
+                "prefetch_window_max must be between 1 and {MAX_PREFETCH_WINDOW} pages"
+            )));
         }
         if self.history > 1 << 24 {
             return Err(PagerError::Config(format!(
@@ -312,5 +321,15 @@ mod tests {
         let mut c = PagerConfig::new(Vec::new(), 1 << 20);
         c.local_max = LocalMax::Bytes(1 << 19);
         assert!(c.validate().expect_err("below the budget").to_string().contains("below the local budget"));
+    }
+
+    #[test]
+    fn the_largest_prefetch_window_is_the_default_and_fits_one_sealed_request() {
+        let mut c = PagerConfig::new(Vec::new(), 1 << 30);
+        assert_eq!(c.prefetch_window_max, MAX_PREFETCH_WINDOW);
+        assert!(c.validate().is_ok());
+        c.prefetch_window_max = MAX_PREFETCH_WINDOW + 1;
+        let e = c.validate().expect_err("past the largest window").to_string();
+        assert!(e.contains("prefetch_window_max must be between 1 and 511"), "{e}");
     }
 }

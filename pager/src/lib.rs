@@ -97,7 +97,7 @@ mod sync;
 mod table;
 mod uffd;
 
-pub use config::{LocalMax, PagerConfig, MAX_FETCH_TIMEOUT};
+pub use config::{LocalMax, PagerConfig, MAX_FETCH_TIMEOUT, MAX_PREFETCH_WINDOW};
 pub use entry::{Entry as PageEntry, PageState};
 pub use region::{FailureHandler, FetchFailure, Region, RegionOptions, RemoteVec};
 pub use slo::Slo;

@@ -9,7 +9,7 @@
 //! Window size: a stream starts with the configured window; each time its next fault comes just
 //! past the window fetched before (it used the whole window), the window doubles, up to the
 //! largest allowed (`PagerConfig::prefetch_window_max`); any other fault takes it back to the
-//! start. A confirmed stream then costs one fault per 256 pages instead of per 64, while a short
+//! start. A confirmed stream then costs one fault per 511 pages instead of per 64, while a short
 //! or broken one wastes no more than before.
 
 /// Deltas remembered per region.
