@@ -75,18 +75,6 @@ impl LocalRegion {
         Ok(())
     }
 
-    /// Receives up to `len` bytes from the stream socket `fd` straight into `[offset, offset +
-    /// len)` (`recv(2)` with `MSG_DONTWAIT`): the shim's READ payloads land here without an
-    /// intermediate buffer. Returns the bytes received (0: end of stream); `WouldBlock` when none
-    /// are waiting.
-    pub(crate) fn receive_at(&self, offset: usize, len: usize, fd: BorrowedFd<'_>) -> std::io::Result<usize> {
-        self.check(offset, len).map_err(std::io::Error::other)?;
-        // SAFETY: the range was bounds-checked against the live mapping above; the mapping is raw
-        // memory that no Rust reference aliases, and recv writes at most `len` bytes into it.
-        let n = unsafe { libc::recv(fd.as_raw_fd(), self.as_ptr().add(offset).cast(), len, libc::MSG_DONTWAIT) };
-        usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
-    }
-
     /// Copies bytes at `offset` out of the region into `dst`.
     pub fn read_at(&self, offset: usize, dst: &mut [u8]) -> Result<(), TransportError> {
         self.check(offset, dst.len())?;
@@ -108,11 +96,58 @@ pub struct LocalSlice {
     pub len: usize,
 }
 
+/// Most slices [`LocalSlice::receive_into`] fills in one system call.
+const MAX_IOVECS: usize = 128;
+
 impl LocalSlice {
     /// Names `[offset, offset + len)` of `region`, checking bounds.
     pub fn new(region: &Arc<LocalRegion>, offset: usize, len: usize) -> Result<Self, TransportError> {
         region.check(offset, len)?;
         Ok(Self { region: Arc::clone(region), offset, len })
+    }
+
+    /// Receives up to `max` bytes from the stream socket `fd` straight into `slices` in order,
+    /// starting `skip` bytes into the first: one `recvmsg(2)` (`MSG_DONTWAIT`) fills as many
+    /// slices as have data waiting (at most 128), where one `recv` per slice would cost a system
+    /// call per page. Returns the bytes received (0: end of stream); `WouldBlock` when none are
+    /// waiting; `InvalidInput` when there is no room to receive into.
+    pub(crate) fn receive_into(
+        slices: &[LocalSlice],
+        skip: usize,
+        max: usize,
+        fd: BorrowedFd<'_>,
+    ) -> std::io::Result<usize> {
+        let invalid = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, what.to_string());
+        let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_IOVECS];
+        let mut count = 0;
+        let (mut skip, mut left) = (skip, max);
+        for s in slices {
+            if left == 0 || count == MAX_IOVECS {
+                break;
+            }
+            let len = s.len.checked_sub(skip).ok_or_else(|| invalid("receive past the end of a slice"))?.min(left);
+            let at = s.offset.checked_add(skip).ok_or_else(|| invalid("slice offset overflows"))?;
+            s.region.check(at, len).map_err(std::io::Error::other)?;
+            if len > 0 {
+                iov[count] = libc::iovec { iov_base: s.region.as_ptr().wrapping_add(at).cast(), iov_len: len };
+                count += 1;
+            }
+            left -= len;
+            skip = 0;
+        }
+        if count == 0 {
+            return Err(invalid("no room to receive into"));
+        }
+        // SAFETY: `msghdr` is plain data for which all zeroes is a valid value (no name, no
+        // control data, no flags).
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iov.as_mut_ptr();
+        msg.msg_iovlen = count;
+        // SAFETY: every iovec names a bounds-checked range of a live mapping (each slice holds
+        // its region alive) that no Rust reference aliases; recvmsg writes at most `iov_len`
+        // bytes into each, and `iov` outlives the call.
+        let n = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT) };
+        usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
     }
 }
 
@@ -131,5 +166,48 @@ mod tests {
         assert!(r.read_at(usize::MAX, &mut out).is_err());
         assert!(LocalSlice::new(&r, 8192, 1).is_err());
         assert!(LocalRegion::new(0).is_err());
+    }
+
+    #[test]
+    fn receives_across_slices_of_several_regions_in_one_call_and_never_past_max() {
+        use std::io::Write;
+        use std::os::fd::AsFd;
+        let (mut tx, rx) = std::os::unix::net::UnixStream::pair().expect("socket pair");
+        let (a, b) = (LocalRegion::new(4096).expect("map"), LocalRegion::new(4096).expect("map"));
+        let slices = vec![
+            LocalSlice::new(&a, 100, 10).expect("in bounds"),
+            LocalSlice::new(&b, 0, 0).expect("in bounds"),
+            LocalSlice::new(&b, 4000, 20).expect("in bounds"),
+            LocalSlice::new(&a, 0, 30).expect("in bounds"),
+        ];
+        let sent: Vec<u8> = (1..=56).collect();
+        tx.write_all(&sent).expect("send");
+        // Skip 4 bytes of the first slice, and stop 2 bytes short of the last one.
+        let n = LocalSlice::receive_into(&slices, 4, 6 + 20 + 28, rx.as_fd()).expect("receive");
+        assert_eq!(n, 54);
+        let mut got = [0u8; 30];
+        a.read_at(104, &mut got[..6]).expect("read");
+        assert_eq!(&got[..6], &sent[..6]);
+        b.read_at(4000, &mut got[..20]).expect("read");
+        assert_eq!(&got[..20], &sent[6..26]);
+        a.read_at(0, &mut got).expect("read");
+        assert_eq!(&got[..28], &sent[26..54]);
+        assert_eq!(&got[28..], &[0, 0], "nothing received past max");
+        // The rest is still in the socket.
+        let n = LocalSlice::receive_into(&slices[3..], 28, 2, rx.as_fd()).expect("receive");
+        assert_eq!(n, 2);
+        a.read_at(28, &mut got[..2]).expect("read");
+        assert_eq!(&got[..2], &sent[54..56]);
+        // Nothing waiting: would block. Bad positions: refused before any system call.
+        let e = LocalSlice::receive_into(&slices, 0, 10, rx.as_fd()).expect_err("nothing waiting");
+        assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
+        let e = LocalSlice::receive_into(&slices, 11, 10, rx.as_fd()).expect_err("past the slice");
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
+        let e = LocalSlice::receive_into(&slices, 0, 0, rx.as_fd()).expect_err("no room");
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
+        let forged = [LocalSlice { region: Arc::clone(&a), offset: 4090, len: 10 }];
+        assert!(LocalSlice::receive_into(&forged, 0, 10, rx.as_fd()).is_err(), "out of the region's bounds");
+        drop(tx);
+        assert_eq!(LocalSlice::receive_into(&slices, 0, 10, rx.as_fd()).expect("end of stream"), 0);
     }
 }

@@ -27,6 +27,8 @@ pub(super) struct DirectRead {
     /// Payload bytes in place so far.
     received: usize,
     total: usize,
+    /// Where the next byte goes: a slice of `local` and the offset in it.
+    cursor: (usize, usize),
 }
 
 impl DirectRead {
@@ -146,7 +148,8 @@ impl ShimEndpoint {
             rtt: Duration::ZERO,
         };
         let held = Held { deliver_at: p.deliver_at, posted: p.posted, completion };
-        recv.direct = Some(DirectRead { held, local: p.local, received, total });
+        let cursor = locate(&p.local, received);
+        recv.direct = Some(DirectRead { held, local: p.local, received, total, cursor });
         Ok(())
     }
 
@@ -155,13 +158,16 @@ impl ShimEndpoint {
     fn receive_direct(&self, recv: &mut RecvState) -> Result<bool, String> {
         let Some(d) = recv.direct.as_mut() else { return Ok(true) };
         while d.received < d.total {
-            let (slice, offset) = locate(&d.local, d.received);
-            let Some(s) = d.local.get(slice) else {
+            let (slice, offset) = d.cursor;
+            let Some(rest) = d.local.get(slice..).filter(|rest| !rest.is_empty()) else {
                 return Err("a READ payload longer than its work request's buffers".into());
             };
-            match s.region.receive_at(s.offset + offset, s.len - offset, self.stream.as_fd()) {
+            match LocalSlice::receive_into(rest, offset, d.total - d.received, self.stream.as_fd()) {
                 Ok(0) => return Err("the memory-server closed the connection".into()),
-                Ok(n) => d.received += n,
+                Ok(n) => {
+                    d.received += n;
+                    d.cursor = advance(&d.local, d.cursor, n);
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(format!("receive failed: {e}")),
@@ -239,6 +245,19 @@ fn locate(local: &[LocalSlice], mut at: usize) -> (usize, usize) {
             return (i, at);
         }
         at -= s.len;
+    }
+    (local.len(), 0)
+}
+
+/// The position `n` bytes after `(slice, offset)` in `local` (past the end: `local.len()`).
+fn advance(local: &[LocalSlice], (mut slice, offset): (usize, usize), n: usize) -> (usize, usize) {
+    let mut at = offset + n;
+    while let Some(s) = local.get(slice) {
+        if at < s.len {
+            return (slice, at);
+        }
+        at -= s.len;
+        slice += 1;
     }
     (local.len(), 0)
 }
