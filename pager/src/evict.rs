@@ -1,5 +1,7 @@
-//! The evictor thread: keeps resident pages below the budget with CLOCK over the ring of resident
-//! pages, and evicts race-free:
+//! The evictor threads (`PagerConfig::evictor_threads`, two by default, each with its own
+//! staging buffer and store I/O): keep resident pages below the budget with CLOCK over the shared
+//! ring of resident pages, and evict race-free (a victim is locked, so no two evictors ever hold
+//! the same page):
 //!
 //! 1. lock the victim (`BUSY`): faults on it wait, and nobody else changes it;
 //! 2. `UFFDIO_MOVE` it out of the region into a staging slot: atomic, so a racing access simply
@@ -81,6 +83,18 @@ impl Victim {
     }
 }
 
+/// Victims an evictor holds, released from the queue's count when the batch is done.
+struct Held {
+    shared: Arc<Shared>,
+    n: usize,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.shared.queue.release(self.n);
+    }
+}
+
 /// The eviction thread's state.
 #[derive(Debug)]
 pub(crate) struct Evictor {
@@ -157,11 +171,13 @@ impl Evictor {
     /// Picks up to `want` victims with CLOCK and locks them. Pages of regions over their latency
     /// bound are spared, unless nothing else can go: the bound is best effort, the budget is not.
     fn select(&self, want: usize) -> Vec<Victim> {
-        let (victims, spared) = self.scan(want, true);
-        if !victims.is_empty() || spared == 0 {
+        let (victims, spared, busy) = self.scan(want, true);
+        // Busy pages (being faulted in) may go soon, and another evictor's victims make room:
+        // only with neither is it sure that nothing but the bounded pages can go.
+        if !victims.is_empty() || spared == 0 || busy > 0 || self.shared.queue.held() > 0 {
             return victims;
         }
-        let victims = self.scan(want, false).0;
+        let (victims, _, _) = self.scan(want, false);
         for v in &victims {
             v.region.evicted_over_bound.fetch_add(1, Ordering::Relaxed);
         }
@@ -175,14 +191,15 @@ impl Evictor {
     }
 
     /// One CLOCK pass; with `spare_bounded`, pages of regions over their latency bound stay (and
-    /// are counted in the second value).
-    fn scan(&self, want: usize, spare_bounded: bool) -> (Vec<Victim>, usize) {
+    /// are counted in the second value). The third value counts the busy pages passed over.
+    fn scan(&self, want: usize, spare_bounded: bool) -> (Vec<Victim>, usize, usize) {
         let shared = &self.shared;
         let mut ring = shared.queue.ring();
         let limit = ring.len() * 2 + 1;
         let mut active: HashMap<u32, Arc<ActiveRegion>> = HashMap::new();
         let mut victims = Vec::new();
         let mut spared = 0;
+        let mut busy = 0;
         // Pages the application asked to evict come first, whatever their reference bit.
         for (rid, page32) in shared.queue.take_forced(want) {
             let Some(region) = shared.regions.get(rid).and_then(|r| r.enter()) else { continue };
@@ -217,6 +234,7 @@ impl Evictor {
                 continue; // stale entry
             }
             if e.is_busy() {
+                busy += 1;
                 ring.push_back((rid, page32));
                 continue;
             }
@@ -232,10 +250,16 @@ impl Evictor {
             }
             match region.table.try_lock(page, |e| e.is_resident() && !e.is_referenced()) {
                 Some(entry) => victims.push(Victim::locked(region, page, entry)),
-                None => ring.push_back((rid, page32)),
+                None => {
+                    busy += 1;
+                    ring.push_back((rid, page32));
+                }
             }
         }
-        (victims, spared)
+        // Counted while the ring is still locked: the next scan sees these victims as held.
+        shared.queue.hold(victims.len());
+        drop(ring);
+        (victims, spared, busy)
     }
 
     /// Evicts up to `want` pages; returns how many, and whether a dirty page found no remote room.
@@ -244,6 +268,7 @@ impl Evictor {
         if victims.is_empty() {
             return (0, false);
         }
+        let _held = Held { shared: Arc::clone(&self.shared), n: victims.len() };
         // Step 2: move every victim out of its region into its own staging slot.
         let (mut moved, shared_pages) = self.move_victims(victims);
         for v in &moved {

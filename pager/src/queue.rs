@@ -2,6 +2,7 @@
 //! application asked to evict now, and the evictor's wake-up.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -17,6 +18,8 @@ pub(crate) struct EvictQueue {
     forced: Mutex<Vec<QueuedPage>>,
     kicked: Mutex<bool>,
     kick: Condvar,
+    /// Victims the evictors hold (locked, being evicted).
+    held: AtomicUsize,
 }
 
 fn queued(region: u32, page: usize) -> QueuedPage {
@@ -32,6 +35,22 @@ impl EvictQueue {
     /// The ring, for a CLOCK scan (pages are popped from the front and pushed back).
     pub(crate) fn ring(&self) -> MutexGuard<'_, VecDeque<QueuedPage>> {
         lock(&self.ring)
+    }
+
+    /// Notes `n` more victims held by an evictor; called during its scan, with the ring locked,
+    /// so that the next scan (by any evictor) sees them.
+    pub(crate) fn hold(&self, n: usize) {
+        self.held.fetch_add(n, Ordering::AcqRel);
+    }
+
+    /// Notes `n` victims released (evicted, or kept).
+    pub(crate) fn release(&self, n: usize) {
+        self.held.fetch_sub(n, Ordering::AcqRel);
+    }
+
+    /// Victims the evictors hold now.
+    pub(crate) fn held(&self) -> usize {
+        self.held.load(Ordering::Acquire)
     }
 
     /// Asks for `pages` of `region` to be evicted first, and wakes the evictor.
@@ -51,12 +70,12 @@ impl EvictQueue {
         !lock(&self.forced).is_empty()
     }
 
-    /// Wakes the evictor.
+    /// Wakes the evictors.
     pub(crate) fn kick(&self) {
         let mut kicked = lock(&self.kicked);
         if !*kicked {
             *kicked = true;
-            self.kick.notify_one();
+            self.kick.notify_all();
         }
     }
 
