@@ -214,6 +214,9 @@ enum Command {
         /// Fault-thread counts to run, comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "1,2")]
         fault_threads: Vec<usize>,
+        /// Evictor threads in every configuration (1..=8).
+        #[arg(long, default_value_t = 1)]
+        evictor_threads: usize,
         /// Application threads.
         #[arg(long, default_value_t = 4)]
         app_threads: usize,
@@ -583,6 +586,7 @@ fn main() -> ExitCode {
             size,
             fractions,
             fault_threads,
+            evictor_threads,
             app_threads,
             duration,
             hogs,
@@ -612,6 +616,7 @@ fn main() -> ExitCode {
                 size,
                 fractions,
                 fault_threads,
+                evictor_threads,
                 app_threads,
                 duration: duration.into(),
                 hogs,

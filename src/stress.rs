@@ -31,6 +31,8 @@ pub struct StressOptions {
     pub fractions: Vec<usize>,
     /// Fault-thread counts to run.
     pub fault_threads: Vec<usize>,
+    /// Evictor threads in every configuration.
+    pub evictor_threads: usize,
     /// Application threads.
     pub app_threads: usize,
     /// Total time over every configuration of the matrix.
@@ -377,6 +379,7 @@ fn run_config(
 ) -> Result<Result<ConfigReport, Box<Mismatch>>, StressError> {
     let mut config = PagerConfig::new(servers.to_vec(), opts.size / fraction);
     config.fault_threads = fault_threads;
+    config.evictor_threads = opts.evictor_threads;
     config.history = opts.history;
     config.prefetch_window = opts.prefetch_window;
     config.trusted_lenders = opts.trusted_lenders;
@@ -496,7 +499,8 @@ pub fn run(opts: &StressOptions) -> Result<Result<Vec<ConfigReport>, Box<Mismatc
     let mut reports = Vec::new();
     for (fraction, threads) in configs {
         eprintln!(
-            "stress: 1/{fraction} local, {threads} fault thread(s), {} app threads, {} hogs, {:.0} s",
+            "stress: 1/{fraction} local, {threads} fault thread(s), {} evictor thread(s), {} app threads, {} hogs, {:.0} s",
+            opts.evictor_threads,
             opts.app_threads,
             opts.hogs,
             per.as_secs_f64()

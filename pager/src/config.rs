@@ -41,9 +41,12 @@ pub struct PagerConfig {
     pub local_max: LocalMax,
     /// Fault-handling threads.
     pub fault_threads: usize,
-    /// Evictor threads (1..=8; default 2). Each evicts batches on its own: while one waits for
-    /// a write-back to complete, another moves pages out, so dirty pages leave faster (a
-    /// write-heavy fill of 1 GiB into 256 MiB took about 20% less time with two than with one).
+    /// Evictor threads (1..=8; default 1). Each evicts batches on its own: while one waits for
+    /// a write-back to complete, another moves pages out, so dirty pages leave faster (writing
+    /// 1 GiB into a 256 MiB budget took about 25% less time with two than with one). But each
+    /// scattered page an evictor moves out interrupts every CPU the program runs on, and two
+    /// evictors do that twice as often: random reads over the same region took about 20% longer
+    /// and their p99.9 went from about 0.5 ms to 4 ms (BENCHMARKS.md, "Streams at memory speed").
     /// Each costs a staging buffer of 512 pages.
     pub evictor_threads: usize,
     /// Prefetch along detected trends.
@@ -138,7 +141,7 @@ impl PagerConfig {
             local_budget,
             local_max: LocalMax::default(),
             fault_threads: 1,
-            evictor_threads: 2,
+            evictor_threads: 1,
             prefetch: true,
             prefetch_window: 64,
             prefetch_window_max: MAX_PREFETCH_WINDOW,
@@ -343,9 +346,9 @@ mod tests {
     }
 
     #[test]
-    fn evictor_threads_are_two_by_default_and_bounded() {
+    fn evictor_threads_are_one_by_default_and_bounded() {
         let mut c = PagerConfig::new(Vec::new(), 1 << 30);
-        assert_eq!(c.evictor_threads, 2);
+        assert_eq!(c.evictor_threads, 1);
         for bad in [0, 9] {
             c.evictor_threads = bad;
             let e = c.validate().expect_err("out of range").to_string();

@@ -1,4 +1,4 @@
-//! The evictor threads (`PagerConfig::evictor_threads`, two by default, each with its own
+//! The evictor threads (`PagerConfig::evictor_threads`, one by default, each with its own
 //! staging buffer and store I/O): keep resident pages below the budget with CLOCK over the shared
 //! ring of resident pages, and evict race-free (a victim is locked, so no two evictors ever hold
 //! the same page):

@@ -12,7 +12,7 @@
 //!   page dirty and unprotects it. Clean pages are dropped without network; dirty ones are written
 //!   back (batched, one request per server) before they are dropped.
 //! - **Eviction** keeps resident pages within the budget (see [`PagerConfig::local_budget`]):
-//!   evictor threads (two by default) run CLOCK (second chance) over the ring of resident pages in install order.
+//!   evictor threads (one by default) run CLOCK (second chance) over the ring of resident pages in install order.
 //!   The reference bit is set when a page is faulted in and on its first write: the only accesses
 //!   user space sees without scanning page tables. A victim is taken out of the region with
 //!   `UFFDIO_MOVE` into a staging buffer (atomic: a racing access faults and waits; no
