@@ -171,13 +171,13 @@ impl Evictor {
     /// Picks up to `want` victims with CLOCK and locks them. Pages of regions over their latency
     /// bound are spared, unless nothing else can go: the bound is best effort, the budget is not.
     fn select(&self, want: usize) -> Vec<Victim> {
-        let (victims, spared, busy) = self.scan(want, true);
-        // Busy pages (being faulted in) may go soon, and another evictor's victims make room:
-        // only with neither is it sure that nothing but the bounded pages can go.
-        if !victims.is_empty() || spared == 0 || busy > 0 || self.shared.queue.held() > 0 {
+        let (victims, spared) = self.scan(want, true);
+        // Another evictor's victims make room: only when none are held is it sure that nothing
+        // but the bounded pages can go.
+        if !victims.is_empty() || spared == 0 || self.shared.queue.held() > 0 {
             return victims;
         }
-        let (victims, _, _) = self.scan(want, false);
+        let victims = self.scan(want, false).0;
         for v in &victims {
             v.region.evicted_over_bound.fetch_add(1, Ordering::Relaxed);
         }
@@ -191,15 +191,14 @@ impl Evictor {
     }
 
     /// One CLOCK pass; with `spare_bounded`, pages of regions over their latency bound stay (and
-    /// are counted in the second value). The third value counts the busy pages passed over.
-    fn scan(&self, want: usize, spare_bounded: bool) -> (Vec<Victim>, usize, usize) {
+    /// are counted in the second value).
+    fn scan(&self, want: usize, spare_bounded: bool) -> (Vec<Victim>, usize) {
         let shared = &self.shared;
         let mut ring = shared.queue.ring();
         let limit = ring.len() * 2 + 1;
         let mut active: HashMap<u32, Arc<ActiveRegion>> = HashMap::new();
         let mut victims = Vec::new();
         let mut spared = 0;
-        let mut busy = 0;
         // Pages the application asked to evict come first, whatever their reference bit.
         for (rid, page32) in shared.queue.take_forced(want) {
             let Some(region) = shared.regions.get(rid).and_then(|r| r.enter()) else { continue };
@@ -234,7 +233,6 @@ impl Evictor {
                 continue; // stale entry
             }
             if e.is_busy() {
-                busy += 1;
                 ring.push_back((rid, page32));
                 continue;
             }
@@ -250,16 +248,13 @@ impl Evictor {
             }
             match region.table.try_lock(page, |e| e.is_resident() && !e.is_referenced()) {
                 Some(entry) => victims.push(Victim::locked(region, page, entry)),
-                None => {
-                    busy += 1;
-                    ring.push_back((rid, page32));
-                }
+                None => ring.push_back((rid, page32)),
             }
         }
         // Counted while the ring is still locked: the next scan sees these victims as held.
         shared.queue.hold(victims.len());
         drop(ring);
-        (victims, spared, busy)
+        (victims, spared)
     }
 
     /// Evicts up to `want` pages; returns how many, and whether a dirty page found no remote room.
