@@ -12,7 +12,8 @@
 //!   page dirty and unprotects it. Clean pages are dropped without network; dirty ones are written
 //!   back (batched, one request per server) before they are dropped.
 //! - **Eviction** keeps resident pages within the budget (see [`PagerConfig::local_budget`]):
-//!   evictor threads (one by default) run CLOCK (second chance) over the ring of resident pages in install order.
+//!   evictor threads (one by default) run CLOCK (second chance) over the ring of resident pages
+//!   in install order.
 //!   The reference bit is set when a page is faulted in and on its first write: the only accesses
 //!   user space sees without scanning page tables. A victim is taken out of the region with
 //!   `UFFDIO_MOVE` into a staging buffer (atomic: a racing access faults and waits; no
@@ -42,8 +43,9 @@
 //! asks) and counts an over-budget event, up to the local maximum ([`LocalMax`]) and no further:
 //! there [`Pager::may_allocate`] says no and an access that needs another local page waits up to
 //! the fetch timeout, then gets SIGBUS. Fixed overhead beside the budget: the staging buffers
-//! (`(1 + prefetch_window_max)` pages per handler thread and for the prefetch-ahead thread, 512 pages per evictor thread, emptied after every batch) and the metadata
-//! (12 bytes per page of every region: its 8-byte entry and a 4-byte write-out version).
+//! (`(1 + prefetch_window_max)` pages per handler thread and for the prefetch-ahead thread, 512
+//! pages per evictor thread, emptied after every batch) and the metadata (12 bytes per page of
+//! every region: its 8-byte entry and a 4-byte write-out version).
 //!
 //! ```
 //! use coalesce_pager::{Pager, PagerConfig, RegionOptions};

@@ -239,14 +239,8 @@ fn scatter(local: &[LocalSlice], mut at: usize, mut bytes: &[u8]) {
 
 /// The slice holding byte `at` of a payload scattered over `local`, and the offset in it (past
 /// the end: `local.len()`).
-fn locate(local: &[LocalSlice], mut at: usize) -> (usize, usize) {
-    for (i, s) in local.iter().enumerate() {
-        if at < s.len {
-            return (i, at);
-        }
-        at -= s.len;
-    }
-    (local.len(), 0)
+fn locate(local: &[LocalSlice], at: usize) -> (usize, usize) {
+    advance(local, (0, 0), at)
 }
 
 /// The position `n` bytes after `(slice, offset)` in `local` (past the end: `local.len()`).
