@@ -9,7 +9,8 @@
 # env:   ROUNDS (2), PAUSE_MS (10), PERIOD_MS (50), READS (200000), LINK (loopback),
 #        SIZE (128MiB), LOCAL (32MiB), PAUSING ("yes no": which of the two parts to run),
 #        SLO (unset; e.g. p99=60ms: a third run per round, hedging with that objective, and every
-#        run with --local-max LOCAL so that the objective controller cannot grow the local share)
+#        run with --local-max LOCAL so that the objective controller cannot grow the local share),
+#        MODES (which runs each round makes, in order: any of slo, on, off; default all of them)
 set -u
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-2}; PAUSE_MS=${PAUSE_MS:-10}; PERIOD_MS=${PERIOD_MS:-50}; READS=${READS:-200000}
@@ -35,7 +36,7 @@ demo() {
 }
 for pausing in ${PAUSING:-yes no}; do
   for round in $(seq "$ROUNDS"); do
-    for hedge in ${SLO:+slo} on off; do
+    for hedge in ${MODES:-${SLO:+slo} on off}; do
       echo "lender ${addrs[1]} pausing: $pausing (${PAUSE_MS} ms of every ${PERIOD_MS} ms), hedging $hedge, round $round"
       pauser=""
       if [ "$pausing" = yes ]; then pause_loop & pauser=$!; fi

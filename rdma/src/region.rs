@@ -1,8 +1,10 @@
 //! Registered local memory: the buffers that one-sided READs land in and WRITEs send from.
 //!
-//! The "NIC" (a provider's receive path) writes into a region behind Rust's back, so a region never
-//! hands out `&mut [u8]`; callers copy in and out with [`LocalRegion::write_at`] and
-//! [`LocalRegion::read_at`], or take raw pointers for zero-copy use (e.g. `UFFDIO_COPY`).
+//! The "NIC" (a provider's receive path) writes into a region behind Rust's back, so a region
+//! hands out no lasting references; callers copy in and out with [`LocalRegion::write_at`] and
+//! [`LocalRegion::read_at`], take raw pointers for zero-copy use (e.g. `UFFDIO_COPY`), or work on
+//! a range in place for the length of one call to the unsafe [`LocalRegion::modify_at`], whose
+//! caller vouches that nothing else touches the range meanwhile.
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -69,8 +71,9 @@ impl LocalRegion {
     pub fn write_at(&self, offset: usize, src: &[u8]) -> Result<(), TransportError> {
         self.check(offset, src.len())?;
         // SAFETY: the range was bounds-checked against the live mapping above; the mapping is raw
-        // memory that no Rust reference aliases (the region never hands out slices), and `src`
-        // cannot overlap it because it is a distinct borrow of ordinary memory or another region.
+        // memory that no lasting Rust reference aliases (only `modify_at` lends a slice, whose
+        // caller promised that nothing else, this call included, touches that range meanwhile),
+        // so `src` cannot overlap the destination range.
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.as_ptr().add(offset), src.len()) };
         Ok(())
     }
@@ -78,10 +81,33 @@ impl LocalRegion {
     /// Copies bytes at `offset` out of the region into `dst`.
     pub fn read_at(&self, offset: usize, dst: &mut [u8]) -> Result<(), TransportError> {
         self.check(offset, dst.len())?;
-        // SAFETY: bounds checked above; `dst` is an exclusive borrow and cannot alias the mapping
-        // (the region never hands out references into itself).
+        // SAFETY: bounds checked above; `dst` is an exclusive borrow and cannot alias the source
+        // range (a slice lent by `modify_at` may be `dst` only for another range, or another
+        // region: its caller promised that nothing else touches the lent range meanwhile).
         unsafe { std::ptr::copy_nonoverlapping(self.as_ptr().add(offset), dst.as_mut_ptr(), dst.len()) };
         Ok(())
+    }
+
+    /// Runs `f` on `[offset, offset + len)` as a mutable slice: work in place, without copying
+    /// the bytes out and back (e.g. opening a sealed page where it landed).
+    ///
+    /// # Safety
+    ///
+    /// While `f` runs, nothing else may read or write the range: no other thread, no outstanding
+    /// work request (a READ landing there or a WRITE sending from there), and no access through
+    /// this region's own methods from inside `f`.
+    pub unsafe fn modify_at<R>(
+        &self,
+        offset: usize,
+        len: usize,
+        f: impl FnOnce(&mut [u8]) -> R,
+    ) -> Result<R, TransportError> {
+        self.check(offset, len)?;
+        // SAFETY: the range was bounds-checked against the live mapping (which `&self` keeps
+        // mapped for the whole call), and the caller guarantees that nothing else accesses it
+        // while the slice lives; the slice does not outlive `f`.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(self.as_ptr().add(offset), len) };
+        Ok(f(bytes))
     }
 }
 
@@ -166,6 +192,27 @@ mod tests {
         assert!(r.read_at(usize::MAX, &mut out).is_err());
         assert!(LocalSlice::new(&r, 8192, 1).is_err());
         assert!(LocalRegion::new(0).is_err());
+    }
+
+    #[test]
+    fn modifies_a_range_in_place_and_checks_bounds() {
+        let r = LocalRegion::new(8192).expect("map");
+        r.write_at(4096, b"abcd").expect("in bounds");
+        // SAFETY: this test is the region's only user.
+        let sum = unsafe {
+            r.modify_at(4097, 2, |bytes| {
+                bytes.make_ascii_uppercase();
+                bytes.iter().map(|&b| u32::from(b)).sum::<u32>()
+            })
+        };
+        assert_eq!(sum.expect("in bounds"), u32::from(b'B') + u32::from(b'C'));
+        let mut out = [0u8; 4];
+        r.read_at(4096, &mut out).expect("in bounds");
+        assert_eq!(&out, b"aBCd");
+        // SAFETY: as above; out of bounds, `f` never runs.
+        assert!(unsafe { r.modify_at::<()>(8190, 3, |_| unreachable!("out of bounds")) }.is_err());
+        // SAFETY: as above.
+        assert!(unsafe { r.modify_at::<()>(usize::MAX, 2, |_| unreachable!("overflow")) }.is_err());
     }
 
     #[test]

@@ -71,7 +71,11 @@ fn is_fetchable(e: Entry) -> bool {
 impl Handler {
     pub(crate) fn new(shared: Arc<Shared>) -> Result<Self, PagerError> {
         let io = Arc::clone(&shared.store).open_io()?;
-        let staging = LocalRegion::new((1 + shared.prefetch_window_max()) * PAGE_SIZE).map_err(PagerError::Buffer)?;
+        // A fault's page and its window, then the room the store asks for (a sealing store's
+        // tags: pages are opened where they land, in their staging slots).
+        let slots = 1 + shared.prefetch_window_max();
+        let room = shared.store.read_room(slots);
+        let staging = LocalRegion::new(slots * PAGE_SIZE + room).map_err(PagerError::Buffer)?;
         let zero = vec![0; (1 + shared.config.prefetch_window) * PAGE_SIZE];
         let scratch = Scratch::new().map_err(|source| PagerError::Map { len: PAGE_SIZE, source })?;
         Ok(Self {

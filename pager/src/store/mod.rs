@@ -272,6 +272,15 @@ pub trait PageStore: Send + Sync + fmt::Debug {
     /// Whether pages are sealed before they reach a lender.
     fn seals_pages(&self) -> bool;
 
+    /// Bytes at the end of a buffer that a caller of [`PageIo::read_pages`] for up to `pages`
+    /// pages should leave to the store (no page asked for may lie in them): a sealing store
+    /// receives the tags there and opens each page where it landed, instead of copying it in
+    /// and out of a buffer of its own. Without that room reads still work, through the copies.
+    /// Default: 0.
+    fn read_room(&self, _pages: usize) -> usize {
+        0
+    }
+
     /// Periodic upkeep (lease heartbeats); a lender that lost our session is marked failed.
     fn maintain(&self);
 
@@ -360,7 +369,9 @@ pub trait PageRepair: Send + fmt::Debug {
 /// One thread's I/O on a store: batched reads and writes, each page with its own outcome.
 pub trait PageIo: Send + fmt::Debug {
     /// Reads every page into `buf` at its offset: all requests are posted before any is waited
-    /// for. `out` is cleared and gets one outcome per page, in order.
+    /// for. `out` is cleared and gets one outcome per page, in order. The store may use the last
+    /// [`PageStore::read_room`] bytes of `buf` during the call; a page that failed may be left
+    /// with any bytes.
     fn read_pages(&mut self, buf: &Arc<LocalRegion>, pages: &[PageTransfer], out: &mut Vec<Result<(), TransferError>>);
 
     /// Writes every page from `buf` at its offset, as [`PageIo::read_pages`] reads. The bytes of

@@ -81,7 +81,7 @@ fn nonce_bytes(id: PageId) -> [u8; 12] {
 impl PageStore for SealedStore {
     fn open_io(self: Arc<Self>) -> Result<Box<dyn PageIo>, PagerError> {
         let inner = Arc::clone(&self.inner).open_io()?;
-        Ok(Box::new(SealedIo { store: self, inner, wire: None, transfers: Vec::new(), page: vec![0; PAGE_SIZE] }))
+        Ok(Box::new(SealedIo { store: self, inner, wire: None, transfers: Vec::new() }))
     }
 
     fn free(&self, slot: Slot) {
@@ -98,6 +98,10 @@ impl PageStore for SealedStore {
 
     fn seals_pages(&self) -> bool {
         true
+    }
+
+    fn read_room(&self, pages: usize) -> usize {
+        pages.saturating_mul(TRAILER_LEN)
     }
 
     fn copies_rejected(&self) -> Option<u64> {
@@ -166,8 +170,10 @@ impl PageStore for SealedStore {
     }
 }
 
-/// One thread's sealed I/O: pages are sealed into (and opened from) this thread's own wire
-/// buffer, never in the caller's buffer (whose plaintext must survive a failed write-back).
+/// One thread's sealed I/O. Pages are sealed into this thread's own wire buffer, never in the
+/// caller's buffer (whose plaintext must survive a failed write-back). They are opened where
+/// they land: in the caller's buffer when it left room for the tags at its end
+/// ([`PageStore::read_room`]), else in the wire buffer, then copied out.
 #[derive(Debug)]
 struct SealedIo {
     store: Arc<SealedStore>,
@@ -175,7 +181,17 @@ struct SealedIo {
     /// Ciphertexts of a batch at `i * PAGE_SIZE`, then their tags.
     wire: Option<Arc<LocalRegion>>,
     transfers: Vec<PageTransfer>,
-    page: Vec<u8>,
+}
+
+/// Where the tags of `pages` go when they are read into `buf` itself: its last
+/// `pages.len() * TRAILER_LEN` bytes, if no page lies in them.
+fn tags_in(buf: &LocalRegion, pages: &[PageTransfer]) -> Option<usize> {
+    let tags = buf.len().checked_sub(pages.len().checked_mul(TRAILER_LEN)?)?;
+    pages.iter().all(|p| p.offset.checked_add(PAGE_SIZE).is_some_and(|end| end <= tags)).then_some(tags)
+}
+
+fn local(e: rdma::TransportError) -> TransferError {
+    TransferError::Local(e.to_string())
 }
 
 impl SealedIo {
@@ -188,7 +204,7 @@ impl SealedIo {
             Some(w) if w.len() >= need => Arc::clone(w),
             _ => {
                 let size = need.next_multiple_of(PAGE_SIZE).max(PAGE_SIZE);
-                let w = LocalRegion::new(size).map_err(|e| TransferError::Local(e.to_string()))?;
+                let w = LocalRegion::new(size).map_err(local)?;
                 self.wire = Some(Arc::clone(&w));
                 w
             }
@@ -204,41 +220,64 @@ impl SealedIo {
         Ok(wire)
     }
 
-    /// Seals page `i` of the batch from `buf` into the wire buffer.
-    fn seal(&mut self, buf: &LocalRegion, wire: &LocalRegion, i: usize, p: &PageTransfer) -> Result<(), TransferError> {
-        let local = |e: rdma::TransportError| TransferError::Local(e.to_string());
-        buf.read_at(p.offset, &mut self.page).map_err(local)?;
-        let n = nonce_bytes(p.id);
-        let tag = self
-            .store
-            .key
-            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(n), Aad::from(n), &mut self.page)
-            .map_err(|_| TransferError::Local("sealing a page failed".into()))?;
+    /// Seals page `i` of the batch from `buf` into the wire buffer: copied there, then sealed in
+    /// place.
+    fn seal(&self, buf: &LocalRegion, wire: &LocalRegion, i: usize, p: &PageTransfer) -> Result<(), TransferError> {
         let t = &self.transfers[i];
-        wire.write_at(t.offset, &self.page).map_err(local)?;
+        let n = nonce_bytes(p.id);
+        // SAFETY: the wire buffer belongs to this `SealedIo`, which one thread uses; no work
+        // request on it is outstanding (every batch ends complete, or with its connections
+        // dropped so that nothing is sent from it late); `buf` is another region.
+        let sealed = unsafe {
+            wire.modify_at(t.offset, PAGE_SIZE, |page| {
+                buf.read_at(p.offset, page).map_err(local)?;
+                self.store
+                    .key
+                    .seal_in_place_separate_tag(Nonce::assume_unique_for_key(n), Aad::from(n), page)
+                    .map_err(|_| TransferError::Local("sealing a page failed".into()))
+            })
+        };
+        let tag = sealed.map_err(local)??;
         wire.write_at(t.trailer.unwrap_or(0), tag.as_ref()).map_err(local)
     }
 
-    /// Opens page `i` of the batch from the wire buffer into `buf`.
-    fn open(&mut self, buf: &LocalRegion, wire: &LocalRegion, i: usize, p: &PageTransfer) -> Result<(), TransferError> {
-        let local = |e: rdma::TransportError| TransferError::Local(e.to_string());
+    /// Opens page `i` of the batch in `at` (the caller's buffer, or the wire buffer), where it
+    /// landed; its tag is at the transfer's trailer. A page that fails to open is zeroed.
+    ///
+    /// # Safety
+    ///
+    /// The page's range of `at` is this call's alone: its read completed (or its connection
+    /// was dropped, so that nothing lands there late), and nothing else reads or writes it.
+    unsafe fn open_where_landed(&self, at: &LocalRegion, i: usize, p: &PageTransfer) -> Result<(), TransferError> {
         let t = self.transfers[i];
-        wire.read_at(t.offset, &mut self.page).map_err(local)?;
         let mut tag = [0u8; TRAILER_LEN];
-        wire.read_at(t.trailer.unwrap_or(0), &mut tag).map_err(local)?;
+        at.read_at(t.trailer.unwrap_or(0), &mut tag).map_err(local)?;
         let n = nonce_bytes(p.id);
-        let opened = self.store.key.open_in_place_separate_tag(
-            Nonce::assume_unique_for_key(n),
-            Aad::from(n),
-            Tag::from(tag),
-            &mut self.page,
-            0..,
-        );
-        if opened.is_err() {
-            self.page.fill(0);
-            return Err(TransferError::Corrupt);
+        // SAFETY: the caller vouches that the range is this call's alone (see above).
+        let opened = unsafe {
+            at.modify_at(t.offset, PAGE_SIZE, |page| {
+                let opened = self
+                    .store
+                    .key
+                    .open_in_place_separate_tag(
+                        Nonce::assume_unique_for_key(n),
+                        Aad::from(n),
+                        Tag::from(tag),
+                        page,
+                        0..,
+                    )
+                    .is_ok();
+                if !opened {
+                    page.fill(0);
+                }
+                opened
+            })
+        };
+        if opened.map_err(local)? {
+            Ok(())
+        } else {
+            Err(TransferError::Corrupt)
         }
-        buf.write_at(p.offset, &self.page).map_err(local)
     }
 }
 
@@ -250,25 +289,46 @@ fn fail_all(out: &mut Vec<Result<(), TransferError>>, n: usize, e: TransferError
 
 impl SealedIo {
     /// Reads a batch and opens every copy; a copy that fails to open is counted and its holder
-    /// distrusted.
+    /// distrusted. Pages land in `buf` when it has room for the tags at its end, else in the
+    /// wire buffer (and are copied to `buf` once opened).
     fn read_and_open(
         &mut self,
         buf: &Arc<LocalRegion>,
         pages: &[PageTransfer],
         out: &mut Vec<Result<(), TransferError>>,
     ) {
-        let wire = match self.prepare(pages) {
-            Ok(w) => w,
-            Err(e) => return fail_all(out, pages.len(), e),
+        let in_place = tags_in(buf, pages);
+        let landing = match in_place {
+            Some(tags) => {
+                self.transfers.clear();
+                self.transfers.extend(
+                    pages.iter().enumerate().map(|(i, p)| PageTransfer { trailer: Some(tags + i * TRAILER_LEN), ..*p }),
+                );
+                Arc::clone(buf)
+            }
+            None => match self.prepare(pages) {
+                Ok(w) => w,
+                Err(e) => return fail_all(out, pages.len(), e),
+            },
         };
         let transfers = std::mem::take(&mut self.transfers);
-        self.inner.read_pages(&wire, &transfers, out);
+        self.inner.read_pages(&landing, &transfers, out);
         self.transfers = transfers;
         for (i, p) in pages.iter().enumerate() {
             if out[i].is_err() {
                 continue;
             }
-            out[i] = self.open(buf, &wire, i, p);
+            // SAFETY: the page's read completed (its outcome is a success); its range of
+            // `landing` is this batch's alone: the caller lent `buf`'s pages and tag room for
+            // the call (`PageIo::read_pages`), and the wire buffer is this thread's own.
+            out[i] = unsafe { self.open_where_landed(&landing, i, p) };
+            if out[i].is_ok() && in_place.is_none() {
+                let mut page = [0u8; PAGE_SIZE];
+                out[i] = landing
+                    .read_at(self.transfers[i].offset, &mut page)
+                    .and_then(|()| buf.write_at(p.offset, &page))
+                    .map_err(local);
+            }
             if out[i] == Err(TransferError::Corrupt) {
                 let why = format!(
                     "the copy of page {} (region {}, version {}) failed authentication",
@@ -350,5 +410,96 @@ impl PageIo for SealedIo {
 
     fn wants_nearer(&self, slot: Slot) -> bool {
         self.inner.wants_nearer(slot)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryStore;
+
+    fn id(page: u32) -> PageId {
+        PageId { region: 7, page, version: 1 }
+    }
+
+    /// Page `k` of a test: every byte `k + 1`.
+    fn plain(k: usize) -> Vec<u8> {
+        vec![u8::try_from(k + 1).expect("few pages"); PAGE_SIZE]
+    }
+
+    /// Seals four pages to an in-memory store; returns the store, the I/O and the transfers.
+    fn sealed_four() -> (Arc<MemoryStore>, Box<dyn PageIo>, Vec<PageTransfer>) {
+        let store = Arc::new(MemoryStore::new(64));
+        let sealed = Arc::new(SealedStore::new(Arc::clone(&store) as Arc<dyn PageStore>).expect("sealing layer"));
+        let mut io = Arc::clone(&sealed).open_io().expect("io");
+        let src = LocalRegion::new(4 * PAGE_SIZE).expect("map");
+        let mut pages = Vec::new();
+        for k in 0..4 {
+            src.write_at(k * PAGE_SIZE, &plain(k)).expect("in bounds");
+            let slot = io.place(None).expect("room");
+            pages.push(PageTransfer::page(slot, k * PAGE_SIZE, id(u32::try_from(k).expect("few"))));
+        }
+        let mut out = Vec::new();
+        io.write_pages(&src, &pages, &mut out);
+        assert!(out.iter().all(Result::is_ok), "{out:?}");
+        let mut kept = vec![0u8; PAGE_SIZE];
+        src.read_at(0, &mut kept).expect("in bounds");
+        assert_eq!(kept, plain(0), "the caller's plaintext survives the write");
+        assert_ne!(store.page(pages[0].slot).expect("a copy"), plain(0), "the store holds ciphertext");
+        (store, io, pages)
+    }
+
+    /// Reads the pages back into `buf`; returns the outcomes and the bytes of each page.
+    fn read_back(
+        io: &mut Box<dyn PageIo>,
+        pages: &[PageTransfer],
+        buf: &Arc<LocalRegion>,
+    ) -> (Vec<Result<(), TransferError>>, Vec<Vec<u8>>) {
+        let mut out = Vec::new();
+        io.read_pages(buf, pages, &mut out);
+        let bytes = pages
+            .iter()
+            .map(|p| {
+                let mut b = vec![0u8; PAGE_SIZE];
+                buf.read_at(p.offset, &mut b).expect("in bounds");
+                b
+            })
+            .collect();
+        (out, bytes)
+    }
+
+    #[test]
+    fn pages_open_where_they_land_with_room_for_the_tags_and_through_a_copy_without() {
+        let (store, mut io, pages) = sealed_four();
+        let room = LocalRegion::new(4 * PAGE_SIZE + 4 * TRAILER_LEN).expect("map");
+        let tight = LocalRegion::new(4 * PAGE_SIZE).expect("map");
+        for buf in [&room, &tight] {
+            assert_eq!(tags_in(buf, &pages).is_some(), Arc::ptr_eq(buf, &room));
+            let (out, bytes) = read_back(&mut io, &pages, buf);
+            assert!(out.iter().all(Result::is_ok), "{out:?}");
+            for (k, b) in bytes.iter().enumerate() {
+                assert!(*b == plain(k), "page {k} did not come back as written");
+            }
+        }
+        // A changed copy fails to open on both paths, and leaves zeros, not ciphertext.
+        let mut record = store.record(pages[2].slot).expect("record");
+        record[9] ^= 1;
+        assert!(store.set_record(pages[2].slot, &record));
+        for buf in [&room, &tight] {
+            let (out, bytes) = read_back(&mut io, &pages[2..3], buf);
+            assert_eq!(out, vec![Err(TransferError::Corrupt)]);
+            assert!(bytes[0].iter().all(|&b| b == 0), "a page that failed to open is zeroed");
+        }
+    }
+
+    #[test]
+    fn the_tags_go_only_where_no_page_lies() {
+        let buf = LocalRegion::new(2 * PAGE_SIZE + 32).expect("map");
+        let at = |offset| PageTransfer::page(Slot::from_raw(0), offset, id(0));
+        assert_eq!(tags_in(&buf, &[at(0), at(PAGE_SIZE)]), Some(2 * PAGE_SIZE));
+        assert_eq!(tags_in(&buf, &[at(PAGE_SIZE)]), Some(2 * PAGE_SIZE + 16));
+        // Three tags would reach into the second page.
+        assert_eq!(tags_in(&buf, &[at(0), at(PAGE_SIZE), at(0)]), None);
+        assert_eq!(tags_in(&buf, &[at(usize::MAX - 5)]), None);
     }
 }
