@@ -1,7 +1,8 @@
 //! The verbs provider end to end, on a real RDMA device (Soft-RoCE in the test VM of
 //! `soft-roce-setup/`): a transport test (READ and WRITE of many pages through a `memory-server`
 //! process, a wrong rkey failing cleanly while the server keeps serving), blocking waits woken by
-//! the device's completion events (on one queue pair and over two), a READ from a killed lender
+//! the device's completion events (on one queue pair and over two), no completion lost when more
+//! complete at once than a poll asks for, a READ from a killed lender
 //! failing instead of hanging, and pager tests (data verified under eviction; two copies and a
 //! lender killed mid-pass). Without a device (or a build without `--features verbs`) each test
 //! says why and passes, unless `COALESCE_REQUIRE_VERBS=1` (set in the VM) makes that a failure.
@@ -205,6 +206,42 @@ fn a_wait_over_two_queue_pairs_sleeps_until_one_has_a_completion() {
         assert_eq!(n, 1, "round {round}: the wait returned with nothing completed");
         assert_eq!((out[0].wr_id, out[0].status), (round, CompletionStatus::Success), "{:?}", out[0]);
     }
+}
+
+/// Completions are taken from the queue only as many as the caller asks for: 48 READs complete
+/// together and are collected four at a time, every one of them (sideway's poller took 32 from
+/// the queue at each poll, and those beyond what the caller asked for were lost: their requests
+/// never completed).
+#[test]
+fn completions_beyond_what_a_poll_asks_for_stay_queued_for_the_next() {
+    let Some(device) = device() else { return };
+    let server = verbs_server(&device);
+    let mut client = verbs_client(&server);
+    let slab = client.alloc_slab().unwrap();
+    let ep = verbs_endpoint(&mut client, &device);
+    const REQUESTS: u64 = 48;
+    let buf = LocalRegion::new(PAGE_SIZE).unwrap();
+    for wr_id in 0..REQUESTS {
+        let local = LocalSlice::new(&buf, 0, PAGE_SIZE).unwrap();
+        let remote_addr = slab.addr + wr_id * PAGE_SIZE as u64;
+        ep.post(&WorkRequest::read(wr_id, vec![Segment { local, remote_addr, rkey: slab.rkey }])).unwrap();
+    }
+    // Let them complete before the first poll, so that the queue holds more than one poll takes.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while seen.len() < REQUESTS as usize && std::time::Instant::now() < deadline {
+        let mut out = Vec::new();
+        let n = ep.wait(&mut out, 4, Duration::from_secs(1), PollMode::Block).unwrap();
+        assert!(n <= 4, "a wait for at most 4 completions returned {n}");
+        for c in out {
+            assert_eq!(c.status, CompletionStatus::Success, "{c:?}");
+            seen.push(c.wr_id);
+        }
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, (0..REQUESTS).collect::<Vec<_>>(), "completions were lost");
+    assert_eq!(ep.outstanding(), 0);
 }
 
 /// A lender that dies mid-session: its queue pairs are gone, so the device gets no answer to a

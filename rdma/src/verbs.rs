@@ -17,8 +17,10 @@
 //! error state, as on any RNIC: later requests complete as [`CompletionStatus::Flushed`]; connect
 //! a new endpoint. Blocking waits sleep on the endpoint's completion channel until the device
 //! reports a completion (`events.rs`); where a channel cannot be made, or with
-//! `COALESCE_VERBS_WAIT=poll` ([`WAIT_ENV`]), they poll the queue every few microseconds. One request in 16 has its round trip timed (for [`VerbsEndpoint::rtt_stats`] and the
-//! completion's `rtt`; the others report zero): clock reads are not free everywhere.
+//! `COALESCE_VERBS_WAIT=poll` ([`WAIT_ENV`]), they poll the queue every few microseconds. A poll
+//! takes no more completions from the queue than its caller asks for, into an array on the stack
+//! (`poll.rs`). One request in 16 has its round trip timed (for [`VerbsEndpoint::rtt_stats`] and
+//! the completion's `rtt`; the others report zero): clock reads are not free everywhere.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -44,6 +46,7 @@ use crate::region::LocalRegion;
 use crate::{Completion, CompletionStatus, Opcode, PollMode, ProviderKind, TransportError, WorkRequest};
 
 mod events;
+mod poll;
 use events::CompletionEvents;
 
 /// Port used on every device (Soft-RoCE and single-port RNICs).
@@ -133,8 +136,9 @@ impl VerbsDevice {
                 unavailable(format!("{} has no GID on port 1: give its network interface an address", names[index]))
             })?;
         let gid_index = u8::try_from(entry.gid_index()).map_err(|_| unavailable("GID index above 255".into()))?;
-        tracing::info!(device = %names[index], gid = %entry.gid(), gid_index, "verbs device opened");
-        Ok(Arc::new(Self { gid: entry.gid(), gid_index, mtu: port.active_mtu(), name: names[index].clone(), ctx }))
+        let mtu = port.active_mtu();
+        tracing::info!(device = %names[index], gid = %entry.gid(), gid_index, ?mtu, "verbs device opened");
+        Ok(Arc::new(Self { gid: entry.gid(), gid_index, mtu, name: names[index].clone(), ctx }))
     }
 
     /// The device `name` (or the first one), opened once per process: every connection made
@@ -518,43 +522,55 @@ impl VerbsEndpoint {
 
     /// Appends up to `max` completions from the completion queue.
     fn poll_queue(&self, out: &mut Vec<Completion>, max: usize) -> usize {
+        let mut wcs = [poll::WorkCompletion { wr_id: 0, status: 0 }; poll::BATCH];
         let mut n = 0;
-        let Ok(poller) = self.cq.start_poll() else { return 0 };
-        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
-        for wc in poller {
-            // Every work request of a failed chain (and every later one) completes with an error;
-            // the first completion of a request reports it, the rest are dropped.
-            let Some(k) = pending.iter().position(|(id, _)| *id == wc.wr_id()) else { continue };
-            let (_, p) = pending.swap_remove(k);
-            let status = match wc.status() {
-                WC_SUCCESS => CompletionStatus::Success,
-                WC_REM_ACCESS_ERR => CompletionStatus::RemoteAccessError,
-                WC_REM_INV_REQ_ERR => CompletionStatus::RemoteInvalidRequest,
-                other => {
-                    if self.failed.swap(other, Ordering::AcqRel) == 0 {
-                        tracing::warn!(peer = %self.peer, status = other, "verbs request failed; the queue pair is now in the error state");
-                    }
-                    CompletionStatus::Flushed
-                }
-            };
-            let rtt = p.posted.map_or(Duration::ZERO, |t| t.elapsed());
-            if status == CompletionStatus::Success && p.posted.is_some() {
-                self.rtt.lock().unwrap_or_else(PoisonError::into_inner).record(rtt);
+        while n < max {
+            let want = (max - n).min(poll::BATCH);
+            let found = poll::poll(&self.cq, &mut wcs, want);
+            if found == 0 {
+                break;
             }
-            self.outstanding.fetch_sub(1, Ordering::AcqRel);
-            out.push(Completion {
-                wr_id: wc.wr_id(),
-                opcode: p.opcode,
-                status,
-                byte_len: if status == CompletionStatus::Success { p.bytes } else { 0 },
-                rtt,
-            });
-            n += 1;
-            if n >= max {
+            let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+            for wc in &wcs[..found] {
+                // Every work request of a failed chain (and every later one) completes with an
+                // error; the first completion of a request reports it, the rest are dropped.
+                let Some(k) = pending.iter().position(|(id, _)| *id == wc.wr_id) else { continue };
+                let (_, p) = pending.swap_remove(k);
+                out.push(self.completion(wc, p));
+                n += 1;
+            }
+            if found < want {
                 break;
             }
         }
         n
+    }
+
+    /// The completion of the request `p` that `wc` reports.
+    fn completion(&self, wc: &poll::WorkCompletion, p: Pending) -> Completion {
+        let status = match wc.status {
+            WC_SUCCESS => CompletionStatus::Success,
+            WC_REM_ACCESS_ERR => CompletionStatus::RemoteAccessError,
+            WC_REM_INV_REQ_ERR => CompletionStatus::RemoteInvalidRequest,
+            other => {
+                if self.failed.swap(other, Ordering::AcqRel) == 0 {
+                    tracing::warn!(peer = %self.peer, status = other, "verbs request failed; the queue pair is now in the error state");
+                }
+                CompletionStatus::Flushed
+            }
+        };
+        let rtt = p.posted.map_or(Duration::ZERO, |t| t.elapsed());
+        if status == CompletionStatus::Success && p.posted.is_some() {
+            self.rtt.lock().unwrap_or_else(PoisonError::into_inner).record(rtt);
+        }
+        self.outstanding.fetch_sub(1, Ordering::AcqRel);
+        Completion {
+            wr_id: wc.wr_id,
+            opcode: p.opcode,
+            status,
+            byte_len: if status == CompletionStatus::Success { p.bytes } else { 0 },
+            rtt,
+        }
     }
 
     /// Waits up to `timeout` for completions: polls while `mode` says to spin, then sleeps on the
