@@ -28,6 +28,9 @@ pub struct LatencyOptions {
     pub device: Option<String>,
     /// The cluster key, for a lender that requires one (an embedded lender then does too).
     pub key: Option<rdma::secure::ClusterKey>,
+    /// Every request goes to the slab's first `size` bytes, as perftest's `ib_read_lat` does;
+    /// otherwise each goes to a random `size`-aligned place in the slab (as a pager's faults do).
+    pub same_page: bool,
 }
 
 /// The lenders to measure: `server` (`None`: an embedded one) or, with `discover`, every lender
@@ -55,6 +58,8 @@ pub fn targets(
 pub struct LatencyReport {
     /// What was measured.
     pub label: String,
+    /// Shortest round trip (perftest's `t_min`: the path's cost without scheduling delays).
+    pub min: Duration,
     /// Median round trip.
     pub p50: Duration,
     /// 99th percentile.
@@ -73,9 +78,10 @@ impl std::fmt::Display for LatencyReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{:<28} n={:<7} median {:>8.1} us   p99 {:>8.1} us   p99.9 {:>8.1} us   mean {:>8.1} us   max {:>9.1} us",
+            "{:<40} n={:<7} min {:>7.1} us   median {:>8.1} us   p99 {:>8.1} us   p99.9 {:>8.1} us   mean {:>8.1} us   max {:>9.1} us",
             self.label,
             self.ops,
+            self.min.as_secs_f64() * 1e6,
             self.p50.as_secs_f64() * 1e6,
             self.p99.as_secs_f64() * 1e6,
             self.p999.as_secs_f64() * 1e6,
@@ -133,7 +139,13 @@ pub fn run(opts: &LatencyOptions) -> Result<Vec<LatencyReport>, LatencyError> {
     let mut reports = Vec::new();
     for (opcode, op_name) in [(Opcode::Write, "WRITE"), (Opcode::Read, "READ")] {
         for (mode, mode_name) in [(PollMode::Block, "blocking"), (PollMode::Spin, "busy-poll")] {
-            let label = format!("{} {} {}", human(opts.size), op_name, mode_name);
+            let label = format!(
+                "{} {} {}{}",
+                human(opts.size),
+                op_name,
+                mode_name,
+                if opts.same_page { ", same page" } else { "" }
+            );
             reports.push(measure(&ep, &buf, slab.addr, slab.rkey, pages, opcode, mode, opts, label)?);
         }
     }
@@ -170,7 +182,7 @@ fn measure(
     let warmup = (opts.ops / 10).max(10);
     let mut rng = fastrand::Rng::with_seed(42);
     for i in 0..warmup + opts.ops {
-        let remote_addr = base + rng.u64(0..pages) * opts.size as u64;
+        let remote_addr = if opts.same_page { base } else { base + rng.u64(0..pages) * opts.size as u64 };
         let seg = Segment { local: LocalSlice::new(buf, 0, opts.size)?, remote_addr, rkey };
         let wr = WorkRequest { wr_id: i as u64, opcode, segments: vec![seg] };
         let start = Instant::now();
@@ -190,6 +202,7 @@ fn measure(
     let d = Duration::from_nanos;
     Ok(LatencyReport {
         label,
+        min: d(hist.min()),
         p50: d(hist.value_at_quantile(0.5)),
         p99: d(hist.value_at_quantile(0.99)),
         p999: d(hist.value_at_quantile(0.999)),

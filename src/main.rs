@@ -310,6 +310,11 @@ enum Command {
         /// lender then requires it too.
         #[arg(long)]
         key_file: Option<PathBuf>,
+        /// Send every request to the same remote page, as perftest's ib_read_lat does (for a
+        /// like-for-like comparison with it); by default each goes to a random page of the slab,
+        /// as a pager's faults do.
+        #[arg(long)]
+        same_page: bool,
     },
 }
 
@@ -697,7 +702,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Latency { server, found, ops, size, link, provider, device, key_file } => {
+        Command::Latency { server, found, ops, size, link, provider, device, key_file, same_page } => {
             let key = match load_key(key_file.as_deref()) {
                 Ok(k) => k,
                 Err(code) => return code,
@@ -731,6 +736,7 @@ fn main() -> ExitCode {
                     provider,
                     device: device.clone(),
                     key: key.clone(),
+                    same_page,
                 };
                 match latency::run(&opts) {
                     Ok(reports) => {

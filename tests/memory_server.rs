@@ -206,3 +206,36 @@ fn the_command_line_explains_itself_and_refuses_bad_flags() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot listen on"));
 }
+
+/// `coalesce latency --same-page` against a real memory-server: four measurements, each labelled
+/// as reading one page, with the minimum and median the Soft-RoCE guest script compares with
+/// perftest's `t_min` and `t_typical` (it parses them from these lines).
+#[test]
+fn latency_reports_minimum_and_median_and_says_when_it_reads_one_page() {
+    let server = ServerProcess::start(&[]);
+    let out = Command::new(env!("CARGO_BIN_EXE_coalesce"))
+        .args(["latency", "--server", &server.addr.to_string(), "--ops", "200", "--same-page"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let figure = |line: &str, name: &str| -> f64 {
+        let rest =
+            &line[line.find(&format!(" {name} ")).unwrap_or_else(|| panic!("no {name} in {line}")) + name.len() + 2..];
+        rest.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{name} in {line}"))
+    };
+    let lines: Vec<&str> = stdout.lines().filter(|l| l.contains(" n=")).collect();
+    assert_eq!(lines.len(), 4, "{stdout}");
+    for (line, label) in lines.iter().zip(["WRITE blocking", "WRITE busy-poll", "READ blocking", "READ busy-poll"]) {
+        assert!(line.starts_with(&format!("4 KiB {label}, same page")), "{line}");
+        assert!(line.contains("n=200 "), "{line}");
+        let (min, median, p99) = (figure(line, "min"), figure(line, "median"), figure(line, "p99"));
+        assert!(min > 0.0 && min <= median && median <= p99, "{line}");
+    }
+    let random = Command::new(env!("CARGO_BIN_EXE_coalesce"))
+        .args(["latency", "--server", &server.addr.to_string(), "--ops", "50"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&random.stdout);
+    assert!(random.status.success() && !stdout.contains("same page") && stdout.contains("READ busy-poll "), "{stdout}");
+}
