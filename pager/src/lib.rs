@@ -397,7 +397,7 @@ impl Pager {
             endpoint,
             timeout: config.fetch_timeout,
             failover: config.failover_timeout,
-            spin: config.spin,
+            spin: config.reply_spin,
             trailers: !config.trusted_lenders,
             redundancy,
             extra_shard_reads: config.extra_shard_reads,

@@ -273,7 +273,8 @@ pub struct LenderStoreOptions {
     /// With several copies, reads (whose pages all have another usable copy) and writes give up
     /// on a stalled lender after this long (capped by `timeout`).
     pub failover: Duration,
-    /// How long a waiting thread busy-polls before it sleeps.
+    /// How long a thread waiting for a reply busy-polls before it sleeps
+    /// ([`crate::PagerConfig::reply_spin`]).
     pub spin: Duration,
     /// Keep a [`TRAILER_LEN`]-byte trailer beside each page (needed by a sealing layer).
     pub trailers: bool,
