@@ -112,6 +112,7 @@ fn run_command(args: RunArgs) -> ExitCode {
         }
     }
 }
+
 /// `coalesce bench`.
 fn bench_command(args: BenchArgs) -> ExitCode {
     let BenchArgs {
@@ -169,6 +170,7 @@ fn bench_command(args: BenchArgs) -> ExitCode {
         }
     }
 }
+
 /// `coalesce bench-worker`.
 fn bench_worker_command(args: BenchWorkerArgs) -> ExitCode {
     let BenchWorkerArgs { mode, size, local, passes, random_reads, trusted_lenders, redundancy, servers, found } = args;
@@ -183,6 +185,7 @@ fn bench_worker_command(args: BenchWorkerArgs) -> ExitCode {
         }
     }
 }
+
 /// `coalesce demo`.
 fn demo_command(args: DemoArgs) -> ExitCode {
     let DemoArgs {
@@ -260,6 +263,7 @@ fn demo_command(args: DemoArgs) -> ExitCode {
         }
     }
 }
+
 /// `coalesce stress`.
 fn stress_command(args: StressArgs) -> ExitCode {
     let StressArgs {
@@ -332,6 +336,7 @@ fn stress_command(args: StressArgs) -> ExitCode {
         }
     }
 }
+
 /// `coalesce keygen`.
 fn keygen_command(args: KeygenArgs) -> ExitCode {
     let KeygenArgs { file } = args;
@@ -346,6 +351,7 @@ fn keygen_command(args: KeygenArgs) -> ExitCode {
         }
     }
 }
+
 /// `coalesce lenders`.
 fn lenders_command(args: LendersArgs) -> ExitCode {
     let LendersArgs { servers, found, pings, provider, key_file } = args;
@@ -383,6 +389,7 @@ fn lenders_command(args: LendersArgs) -> ExitCode {
         }
     }
 }
+
 /// `coalesce latency`.
 fn latency_command(args: LatencyArgs) -> ExitCode {
     let LatencyArgs { server, found, ops, size, link, provider, device, key_file, same_page } = args;
