@@ -30,6 +30,8 @@ struct Settings {
     provider: rdma::ProviderKind,
     device: Option<String>,
     fetch_timeout: Duration,
+    /// `None`: the pager's default.
+    reply_spin: Option<Duration>,
     prefetch: bool,
     prefetch_ahead: bool,
     fault_threads: usize,
@@ -159,6 +161,13 @@ fn settings() -> Result<Option<Settings>, String> {
             .ok_or_else(|| format!("COALESCE_FETCH_TIMEOUT={t:?} is not a duration like 5s or 500ms"))?,
         None => Duration::from_secs(5),
     };
+    let reply_spin = match var("COALESCE_REPLY_SPIN") {
+        Some(t) => Some(
+            parse_duration(&t)
+                .ok_or_else(|| format!("COALESCE_REPLY_SPIN={t:?} is not a duration like 200us or 0.1ms"))?,
+        ),
+        None => None,
+    };
     let prefetch = !matches!(var("COALESCE_PREFETCH").as_deref(), Some("0" | "off" | "false"));
     let prefetch_ahead = match var("COALESCE_PREFETCH_AHEAD").as_deref().map(str::trim) {
         None | Some("1" | "on" | "true") => true,
@@ -237,6 +246,7 @@ fn settings() -> Result<Option<Settings>, String> {
         provider,
         device: var("COALESCE_DEVICE"),
         fetch_timeout,
+        reply_spin,
         prefetch,
         prefetch_ahead,
         fault_threads,
@@ -260,7 +270,9 @@ fn settings() -> Result<Option<Settings>, String> {
 
 fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
-    let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
+    let (num, mult) = if let Some(n) = s.strip_suffix("us").or_else(|| s.strip_suffix("µs")) {
+        (n, 1e-6)
+    } else if let Some(n) = s.strip_suffix("ms") {
         (n, 1e-3)
     } else if let Some(n) = s.strip_suffix('s') {
         (n, 1.0)
@@ -294,6 +306,9 @@ pub extern "C" fn init() {
     config.provider = settings.provider;
     config.device = settings.device.clone();
     config.fetch_timeout = settings.fetch_timeout;
+    if let Some(spin) = settings.reply_spin {
+        config.reply_spin = spin;
+    }
     config.prefetch = settings.prefetch;
     config.prefetch_ahead = settings.prefetch_ahead;
     config.fault_threads = settings.fault_threads;

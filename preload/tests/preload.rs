@@ -268,6 +268,21 @@ fn without_servers_the_program_runs_on_plain_local_memory() {
 }
 
 #[test]
+fn a_reply_spin_set_in_the_environment_is_taken_and_pages_still_come_back() {
+    let server = server();
+    for spin in ["0us", "0.5ms"] {
+        let mut c = cmd(probe(), &["read-into"]);
+        c.env("COALESCE_REPLY_SPIN", spin);
+        let out = run(c, Some((&server, 32 * MIB)), b"");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status, 0, "COALESCE_REPLY_SPIN={spin}: {stdout}\n{}", out.stderr);
+        assert!(stdout.contains("OK read-into"), "{stdout}");
+        let stats = out.stats.as_ref().expect("statistics were written");
+        assert!(stats.pager.remote_faults > 0, "the reads must have waited for replies: {stats}");
+    }
+}
+
+#[test]
 fn misconfiguration_prints_one_line_and_exits_125() {
     for (var, value, expect) in [
         ("COALESCE_LOCAL", "lots", "COALESCE_LOCAL"),
@@ -276,6 +291,8 @@ fn misconfiguration_prints_one_line_and_exits_125() {
         ("COALESCE_PROVIDER", "carrier-pigeon", "COALESCE_PROVIDER"),
         ("COALESCE_FETCH_TIMEOUT", "1e30", "COALESCE_FETCH_TIMEOUT"),
         ("COALESCE_FETCH_TIMEOUT", "1e19s", "fetch timeout"),
+        ("COALESCE_REPLY_SPIN", "soon", "COALESCE_REPLY_SPIN"),
+        ("COALESCE_REPLY_SPIN", "2s", "reply spin 2s is above the maximum of 1 s"),
         ("COALESCE_LOCAL_MAX", "lots", "COALESCE_LOCAL_MAX"),
         ("COALESCE_LOCAL_MAX", "1MiB", "below the local budget"),
         ("COALESCE_REPAIR_RATE", "fast", "COALESCE_REPAIR_RATE"),
