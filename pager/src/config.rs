@@ -72,10 +72,12 @@ pub struct PagerConfig {
     /// to the lenders that answer. The stalled lender is tried again a second later and trusted
     /// again if it kept its session. Default 500 ms.
     pub failover_timeout: Duration,
-    /// How long an idle handler thread busy-polls before it sleeps in the kernel.
+    /// How long an idle handler thread polls before it sleeps in the kernel (yielding the CPU
+    /// between polls to any thread that wants it).
     pub spin: Duration,
-    /// How long a thread waiting for a lender's reply (a fault's read, a write-back) busy-polls
-    /// before it sleeps in the kernel (default 200 us, at most 1 s). A reply that comes while the
+    /// How long a thread waiting for a lender's reply (a fault's read, a write-back) polls before
+    /// it sleeps in the kernel (default 200 us, at most 1 s; on the shim it yields the CPU
+    /// between polls, see [`rdma::PollMode::SpinThenBlock`]). A reply that comes while the
     /// thread sleeps costs a wake-up, slow on virtual machines: on a 2-vCPU test machine 200 us
     /// instead of 50 us lowered the faulted-read p99 by 13-26% in four of five alternated pairs
     /// (BENCHMARKS.md, "Spinning for the reply"). The price is CPU time, only while a reply is

@@ -333,7 +333,10 @@ pub enum PollMode {
     Block,
     /// Busy-poll until the deadline (lowest latency, burns a core).
     Spin,
-    /// Busy-poll for the given time, then block.
+    /// Poll for the given time, then block. On the shim each poll is followed by a yield of the
+    /// CPU (`sched_yield`), taken at once by any thread that wants it (the lender's, when it
+    /// runs on the same machine, or the program's, woken by the fault just served); on verbs
+    /// the completion queue is busy-polled.
     SpinThenBlock(Duration),
 }
 

@@ -112,7 +112,9 @@ impl Handler {
             }
             let since = *idle_since.get_or_insert_with(Instant::now);
             if since.elapsed() < self.shared.config.spin {
-                std::hint::spin_loop();
+                // Yield between checks: the program thread just woken (or a lender on this
+                // machine) takes the CPU at once instead of waiting for this spin to end.
+                std::thread::yield_now();
             } else {
                 let _ = self.shared.uffd.wait_readable(Duration::from_millis(50));
             }

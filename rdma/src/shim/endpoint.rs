@@ -335,7 +335,13 @@ impl ShimEndpoint {
             }
             if now < spin_until {
                 drop(recv);
-                std::hint::spin_loop();
+                if mode == PollMode::Spin {
+                    std::hint::spin_loop();
+                } else {
+                    // Spinning while a thread that could answer (a lender on this machine) or
+                    // use the answer waits for this CPU would only delay the reply.
+                    std::thread::yield_now();
+                }
                 continue;
             }
             let next_delivery = recv.held.front().and_then(|h| h.deliver_at);
