@@ -179,11 +179,12 @@ fn the_command_line_explains_itself_and_refuses_bad_flags() {
         "--max-connections",
         "--max-connections-per-peer",
         "--handshake-timeout",
+        "--poll-spin",
     ];
     for flag in flags {
         assert!(text.contains(flag), "--help does not explain {flag}");
     }
-    let cases: [(&[&str], &str); 8] = [
+    let cases: [(&[&str], &str); 10] = [
         (&["--capacity", "lots"], "capacity"),
         (&["--capacity", "100TiB"], "--overcommit"),
         (&["--quota", "4KiB"], "--quota"),
@@ -192,6 +193,8 @@ fn the_command_line_explains_itself_and_refuses_bad_flags() {
         (&["--capacity", "1MiB", "--slab-size", "64MiB"], "smaller than one slab"),
         (&["--slab-size", "1000"], "multiple of 4 KiB"),
         (&["--lease", "soon"], "lease"),
+        (&["--poll-spin", "20ms"], "--poll-spin 20ms is out of range"),
+        (&["--poll-spin", "briefly"], "poll-spin"),
     ];
     for (args, expected) in cases {
         let out = Command::new(bin).args(["--listen", "127.0.0.1:0"]).args(args).output().unwrap();

@@ -101,6 +101,49 @@ fn ten_thousand_random_pages_round_trip_with_32_outstanding() {
     assert!(stats.writes >= PAGES as u64 && stats.reads > PAGES as u64, "{stats:?}");
 }
 
+/// One request at a time, with pauses longer and shorter than the server's spin: a data
+/// connection's thread that checks for the next request (`--poll-spin`, yielding between checks)
+/// and then sleeps serves every request and every byte, whether the request comes while it
+/// spins, after it fell asleep, or never spins at all (`0s`); so does a client that yields
+/// while it waits (`PollMode::SpinThenBlock`).
+#[test]
+fn requests_one_at_a_time_round_trip_whether_the_server_spins_or_sleeps() {
+    const PAGES: usize = 300;
+    for spin in ["0s", "200us", "10ms"] {
+        let server = ServerProcess::start(&["--capacity", "8MiB", "--slab-size", "4MiB", "--poll-spin", spin]);
+        let mut client = ControlClient::connect(server.addr, &ClientOptions::default()).unwrap();
+        let slab = client.alloc_slab().unwrap();
+        let ep = endpoint(&mut client);
+        let buf = LocalRegion::new(PAGE).unwrap();
+        let mut page_buf = vec![0u8; PAGE];
+        let mode = PollMode::SpinThenBlock(Duration::from_micros(100));
+        let one = |wr: WorkRequest| {
+            let mut out = Vec::new();
+            assert_eq!(ep.wait(&mut out, 1, Duration::ZERO, PollMode::Block).unwrap(), 0, "nothing is in flight");
+            ep.post(&wr).unwrap();
+            assert_eq!(ep.wait(&mut out, 1, Duration::from_secs(10), mode).unwrap(), 1, "--poll-spin {spin}: no reply");
+            assert_eq!(out[0].status, CompletionStatus::Success, "--poll-spin {spin}: {:?}", out[0]);
+        };
+        for p in 0..PAGES {
+            buf.write_at(0, &pattern(3, p as u64)).unwrap();
+            one(WorkRequest::write(p as u64, vec![seg(&buf, 0, slab.addr + (p * PAGE) as u64, slab.rkey)]));
+            // Every seventh request comes after the server's thread has gone back to sleep.
+            if p % 7 == 0 {
+                std::thread::sleep(Duration::from_millis(12));
+            }
+        }
+        for p in (0..PAGES).rev() {
+            buf.write_at(0, &[0xEE; PAGE]).unwrap();
+            one(WorkRequest::read(p as u64, vec![seg(&buf, 0, slab.addr + (p * PAGE) as u64, slab.rkey)]));
+            buf.read_at(0, &mut page_buf).unwrap();
+            assert!(page_buf == pattern(3, p as u64), "--poll-spin {spin}: page {p} read back wrong");
+            if p % 11 == 0 {
+                std::thread::sleep(Duration::from_millis(12));
+            }
+        }
+    }
+}
+
 #[test]
 fn batches_move_many_pages_in_one_request() {
     let server = ServerProcess::start(&["--capacity", "64MiB", "--slab-size", "4MiB"]);

@@ -146,7 +146,18 @@ pub struct ServerConfig {
     /// distance a borrower measures to this lender. `None`: the real link. Change it while the
     /// server runs with [`ServerHandle::set_link`].
     pub link: Option<rdma::LinkProfile>,
+    /// After answering a request, a shim data connection's thread keeps checking its socket for
+    /// the next one this long before it sleeps, yielding the CPU between checks to any thread
+    /// that wants it (`--poll-spin`; at most 10 ms; zero, the default: sleep at once). A
+    /// borrower faulting page after page then finds the thread awake instead of paying its
+    /// wake-up; but each yield hands a busy CPU to its other thread for a whole time slice, so
+    /// on a machine whose cores are busy with other work it makes replies slower (BENCHMARKS.md,
+    /// "A lender that polls"). Verbs connections take no thread of the server's.
+    pub poll_spin: Duration,
 }
+
+/// The longest [`ServerConfig::poll_spin`] accepted.
+pub const MAX_POLL_SPIN: Duration = Duration::from_millis(10);
 
 impl ServerConfig {
     /// Defaults on 127.0.0.1 with an OS-chosen port: 4 GiB (or half the available memory, if
@@ -172,6 +183,7 @@ impl ServerConfig {
             fsync_interval: Duration::from_secs(1),
             backup_expiry: Duration::from_secs(24 * 3600),
             link: None,
+            poll_spin: Duration::ZERO,
         }
     }
 
@@ -220,6 +232,12 @@ impl ServerConfig {
             return Err(ServerError::Config(format!(
                 "--backup-expiry {} is out of range: it must be between 1s and 365 days",
                 humantime_like(self.backup_expiry)
+            )));
+        }
+        if self.poll_spin > MAX_POLL_SPIN {
+            return Err(ServerError::Config(format!(
+                "--poll-spin {} is out of range: it must be at most 10ms (0s: sleep at once)",
+                humantime_like(self.poll_spin)
             )));
         }
         if self.max_connections == 0 || self.max_connections > 1_000_000 {
@@ -297,6 +315,7 @@ mod tests {
             (ServerConfig { backup_expiry: Duration::ZERO, ..ok.clone() }, "--backup-expiry"),
             (ServerConfig { backup_expiry: Duration::from_secs(400 * 86_400), ..ok.clone() }, "--backup-expiry"),
             (ServerConfig { listen: SocketAddr::from(([0, 0, 0, 0], 7470)), ..ok.clone() }, "--key-file"),
+            (ServerConfig { poll_spin: Duration::from_millis(11), ..ok.clone() }, "--poll-spin"),
         ];
         for (config, flag) in cases {
             let err = config.validate().expect_err(flag).to_string();
@@ -306,6 +325,8 @@ mod tests {
         assert!(overcommitted.validate().is_ok(), "--overcommit accepts it");
         let exposed = ServerConfig { listen: SocketAddr::from(([0, 0, 0, 0], 7470)), insecure: true, ..ok.clone() };
         assert!(exposed.validate().is_ok(), "--insecure accepts it");
+        let sleeping = ServerConfig { poll_spin: Duration::ZERO, ..ok.clone() };
+        assert!(sleeping.validate().is_ok(), "--poll-spin 0s sleeps at once");
     }
 
     #[test]

@@ -433,6 +433,7 @@ fn serve(stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) {
                         &shared.registry,
                         shared.as_ref(),
                         shared.link.as_ref(),
+                        shared.config.poll_spin,
                     );
                 }
             }

@@ -125,6 +125,13 @@ struct Cli {
     /// With --announce: this lender's class, for borrowers' tables (e.g. edge, rack, phone).
     #[arg(long, default_value = "edge")]
     class: String,
+    /// After answering a request, a data connection's thread keeps checking for the next one
+    /// this long before it sleeps, yielding the CPU to anything else that wants it: a borrower
+    /// faulting page after page then finds it awake. Worth it only where this machine's cores
+    /// are otherwise idle: each yield to a busy neighbour costs it a time slice (shim provider;
+    /// e.g. 200us; at most 10ms; 0s: sleep at once, using no CPU between requests).
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    poll_spin: Duration,
 }
 
 /// What this lender announces about itself now.
@@ -217,6 +224,7 @@ impl Cli {
             fsync_interval: self.fsync_interval,
             backup_expiry: self.backup_expiry,
             link,
+            poll_spin: self.poll_spin,
         })
     }
 }

@@ -197,6 +197,7 @@ pub fn serve_bound_connection(
     registry: &MemoryRegistry,
     sessions: &dyn SessionCheck,
     link: Option<&SharedLink>,
+    poll_spin: Duration,
 ) {
     let Ok(peer) = stream.peer_addr() else { return };
     let _ = stream.set_nodelay(true);
@@ -204,7 +205,7 @@ pub fn serve_bound_connection(
     let Ok(read_half) = stream.try_clone() else { return };
     let mut reader = BufReader::with_capacity(256 * 1024, read_half);
     let mut writer = BufWriter::with_capacity(256 * 1024, stream);
-    let conn = Connection { peer, session_id, secret, registry, sessions };
+    let conn = Connection { peer, session_id, secret, registry, sessions, poll_spin };
     tracing::debug!(%peer, session = %crate::ids::short(session_id), "data connection open");
     match link {
         None => {
@@ -275,6 +276,9 @@ struct Connection<'a> {
     secret: u64,
     registry: &'a MemoryRegistry,
     sessions: &'a dyn SessionCheck,
+    /// How long to keep checking for the next request before sleeping (see
+    /// [`spin_for_request`]).
+    poll_spin: Duration,
 }
 
 impl Connection<'_> {
@@ -291,6 +295,9 @@ impl Connection<'_> {
         let mut out = Vec::new();
         let mut body = Vec::new();
         loop {
+            if reader.buffer().is_empty() && !self.poll_spin.is_zero() {
+                spin_for_request(reader.get_ref(), self.poll_spin);
+            }
             if !wait_for_frame(reader, peer, self.session_id, self.secret, self.sessions) {
                 break;
             }
@@ -320,6 +327,26 @@ impl Connection<'_> {
                 break;
             }
         }
+    }
+}
+
+/// Checks `stream` for the next request until one arrives or `spin` passes, yielding the CPU
+/// between checks to any thread that wants it. A borrower faulting page after page then finds
+/// this thread awake: in `recv` it would have slept, and its wake-up (an idle CPU's, tens of
+/// microseconds in a VM) would have been part of every fault. Yielding keeps the spin from
+/// delaying the borrower's own threads when they share the CPUs (a lender on loopback).
+fn spin_for_request(stream: &TcpStream, spin: Duration) {
+    let start = Instant::now();
+    loop {
+        // A readable socket, or one that cannot be polled: the blocking read that follows says
+        // which.
+        if !matches!(crate::sys::wait_fd(stream.as_fd(), false, Duration::ZERO), Ok(false)) {
+            return;
+        }
+        if start.elapsed() >= spin {
+            return;
+        }
+        std::thread::yield_now();
     }
 }
 
