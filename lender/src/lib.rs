@@ -150,9 +150,9 @@ pub struct ServerConfig {
     /// the next one this long before it sleeps, yielding the CPU between checks to any thread
     /// that wants it (`--poll-spin`; at most 10 ms; zero, the default: sleep at once). A
     /// borrower faulting page after page then finds the thread awake instead of paying its
-    /// wake-up; but each yield hands a busy CPU to its other thread for a whole time slice, so
-    /// on a machine whose cores are busy with other work it makes replies slower (BENCHMARKS.md,
-    /// "A lender that polls"). Verbs connections take no thread of the server's.
+    /// wake-up; but on a machine whose cores are busy with other work it made replies much slower
+    /// (most likely each yield gives a busy core's time slice away; BENCHMARKS.md, "A lender
+    /// that polls"). Verbs connections take no thread of the server's.
     pub poll_spin: Duration,
 }
 
@@ -236,8 +236,9 @@ impl ServerConfig {
         }
         if self.poll_spin > MAX_POLL_SPIN {
             return Err(ServerError::Config(format!(
-                "--poll-spin {} is out of range: it must be at most 10ms (0s: sleep at once)",
-                humantime_like(self.poll_spin)
+                "--poll-spin {} is out of range: it must be at most {} (0s: sleep at once)",
+                humantime_like(self.poll_spin),
+                humantime_like(MAX_POLL_SPIN)
             )));
         }
         if self.max_connections == 0 || self.max_connections > 1_000_000 {

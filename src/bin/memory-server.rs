@@ -128,7 +128,7 @@ struct Cli {
     /// After answering a request, a data connection's thread keeps checking for the next one
     /// this long before it sleeps, yielding the CPU to anything else that wants it: a borrower
     /// faulting page after page then finds it awake. Worth it only where this machine's cores
-    /// are otherwise idle: each yield to a busy neighbour costs it a time slice (shim provider;
+    /// are otherwise idle: with busy neighbours it made replies much slower (shim provider;
     /// e.g. 200us; at most 10ms; 0s: sleep at once, using no CPU between requests).
     #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
     poll_spin: Duration,
