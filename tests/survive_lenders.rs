@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use coalesce_pager::store::Redundancy;
 use coalesce_pager::{Pager, PagerConfig, RegionOptions, PAGE_SIZE};
-use common::{wait_stats, ServerProcess};
+use common::{wait_stats, ServerProcess, StallingProxy};
 
 const MIB: usize = 1 << 20;
 const WORDS: usize = PAGE_SIZE / 8;
@@ -163,6 +163,28 @@ fn a_restarted_lender_is_taken_back_and_a_second_loss_is_survived() {
     assert_eq!(pager.stats().fetch_failures, 0, "{}", pager.stats());
     drop(region);
     drop(b);
+}
+
+#[test]
+fn a_lender_that_stalls_right_after_granting_its_session_is_started_without_and_taken_in_later() {
+    coalesce::init_logging("warn");
+    let a = ServerProcess::start(&ARGS);
+    let b = ServerProcess::start(&ARGS);
+    // b grants the pager's first session, then answers nothing on it (the round-trip probe times
+    // out after a quarter of the 5 s lease); it answers every later connection.
+    let proxy = StallingProxy::start(b.addr, 1);
+    let pager = Pager::new(PagerConfig::new(vec![a.addr, proxy.addr], 4 * MIB))
+        .expect("a lender that stalls at the probe does not stop the pager");
+    let at_start = pager.server_pages();
+    assert!(at_start.contains(&(a.addr, 0, true)) && at_start.contains(&(proxy.addr, 0, false)), "{at_start:?}");
+    wait_alive(&pager, proxy.addr);
+    assert!(proxy.accepted.load(std::sync::atomic::Ordering::SeqCst) >= 2, "b was tried again");
+    let mut region = pager.map(32 * MIB, RegionOptions::default()).unwrap();
+    fill(&mut region, 1);
+    check(&region, 1, "after b was taken in");
+    let held = pager.server_pages();
+    assert!(held.iter().all(|&(_, n, alive)| alive && n > 0), "both lenders hold pages: {held:?}");
+    assert_eq!(pager.stats().fetch_failures, 0, "{}", pager.stats());
 }
 
 #[test]

@@ -220,3 +220,64 @@ pub fn sort_pipeline_faults(out: &std::process::Output) -> u64 {
         .unwrap_or_else(|| panic!("no report from sort: {stderr}"));
     sort.split(", ").find_map(|f| f.strip_suffix(" remote faults")?.parse().ok()).unwrap()
 }
+
+/// A TCP proxy on 127.0.0.1 in front of `target`, standing in for a lender that grants a session
+/// and then stalls: on the first `stalls` connections through it, the server's replies stop once
+/// the client has sent its second request (they are read and dropped); later connections pass
+/// everything. Plaintext connections only (a request is one write).
+pub struct StallingProxy {
+    pub addr: SocketAddr,
+    /// Connections accepted so far.
+    pub accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl StallingProxy {
+    pub fn start(target: SocketAddr, stalls: usize) -> Self {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+        let count = std::sync::Arc::clone(&accepted);
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let stalling = count.fetch_add(1, Ordering::SeqCst) < stalls;
+                let Ok(server) = std::net::TcpStream::connect(target) else { continue };
+                Self::pump_pair(client, server, stalling);
+            }
+        });
+        Self { addr, accepted }
+    }
+
+    fn pump_pair(client: std::net::TcpStream, server: std::net::TcpStream, stalling: bool) {
+        use std::io::{Read, Write};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stalled = std::sync::Arc::new(AtomicBool::new(false));
+        let (mut c_in, mut c_out) = (client.try_clone().unwrap(), client);
+        let (mut s_in, mut s_out) = (server.try_clone().unwrap(), server);
+        let flag = std::sync::Arc::clone(&stalled);
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 1 << 16];
+            let mut requests = 0;
+            while let Ok(n @ 1..) = c_in.read(&mut buf) {
+                requests += 1;
+                if stalling && requests == 2 {
+                    flag.store(true, Ordering::SeqCst);
+                }
+                if s_out.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            let _ = s_out.shutdown(std::net::Shutdown::Both);
+        });
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 1 << 16];
+            while let Ok(n @ 1..) = s_in.read(&mut buf) {
+                if !stalled.load(Ordering::SeqCst) && c_out.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            let _ = c_out.shutdown(std::net::Shutdown::Both);
+        });
+    }
+}

@@ -368,6 +368,9 @@ impl LenderStore {
             PagerError::Config(format!("cannot add memory-server {addr}: a pager uses at most {MAX_LENDERS} lenders"))
         })?;
         self.update_weights();
+        if !self.lenders[i].is_alive() {
+            return Ok(i);
+        }
         tracing::info!(
             %addr,
             lenders = self.lenders.len(),
@@ -673,7 +676,9 @@ impl PageStore for LenderStore {
     }
 }
 
-/// Opens a control session with the lender at `addr`.
+/// Opens a control session with the lender at `addr`. A lender that cannot be reached or refuses
+/// the session is an error; one that grants it and then does not answer the round-trip probe (a
+/// stall, a lost connection) starts as failed, and is tried again like any failed lender.
 fn open_lender(addr: SocketAddr, client: &ClientOptions) -> Result<Lender, PagerError> {
     let mut control = ControlClient::connect(addr, client).map_err(|source| PagerError::Server { addr, source })?;
     // A stalled lender must not hold up the heartbeats of the others past their lease.
@@ -681,21 +686,34 @@ fn open_lender(addr: SocketAddr, client: &ClientOptions) -> Result<Lender, Pager
     control.set_timeout(timeout).map_err(|source| PagerError::Server { addr, source })?;
     // Its distance, measured before any page goes to it.
     let mut rtt = proximity::RttWindow::default();
+    let mut probe_failure = None;
     for _ in 0..3 {
         let t = Instant::now();
-        control.heartbeat().map_err(|source| PagerError::Server { addr, source })?;
+        if let Err(e) = control.heartbeat() {
+            probe_failure = Some(e);
+            break;
+        }
         rtt.record(t.elapsed());
     }
-    tracing::info!(
-        %addr,
-        lease = ?control.session().lease,
-        rtt_us = rtt.median().map_or(0, |t| t.as_micros()),
-        "connected to memory-server"
-    );
+    let alive = probe_failure.is_none();
+    match &probe_failure {
+        None => tracing::info!(
+            %addr,
+            lease = ?control.session().lease,
+            rtt_us = rtt.median().map_or(0, |t| t.as_micros()),
+            "connected to memory-server"
+        ),
+        Some(e) => tracing::warn!(
+            %addr,
+            error = %e,
+            "memory-server granted a session but did not answer its round-trip probe within {timeout:?}; \
+             starting without it, and trying it again every {REVIVE_INTERVAL:?}"
+        ),
+    }
     Ok(Lender {
         addr,
         control: Mutex::new(control),
-        alive: AtomicBool::new(true),
+        alive: AtomicBool::new(alive),
         full: AtomicBool::new(false),
         full_at: Mutex::new(None),
         full_told: AtomicBool::new(false),
@@ -705,7 +723,8 @@ fn open_lender(addr: SocketAddr, client: &ClientOptions) -> Result<Lender, Pager
         slots: Mutex::new(ServerSlots::default()),
         generation: AtomicU64::new(0),
         revivals: AtomicU64::new(0),
-        last_attempt: Mutex::new(None),
+        // A lender failed at the probe is tried again after a full interval, not at once.
+        last_attempt: Mutex::new((!alive).then(Instant::now)),
         rtt: Mutex::new(rtt),
         weight: AtomicU64::new(1f64.to_bits()),
         service: Mutex::new(hedge::ServiceTimes::default()),
