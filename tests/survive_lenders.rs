@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use coalesce_pager::store::Redundancy;
 use coalesce_pager::{Pager, PagerConfig, RegionOptions, PAGE_SIZE};
-use common::{wait_stats, ServerProcess, StallingProxy};
+use common::{wait_stats, RefusingProxy, ServerProcess, StallingProxy};
 
 const MIB: usize = 1 << 20;
 const WORDS: usize = PAGE_SIZE / 8;
@@ -182,6 +182,35 @@ fn a_lender_that_stalls_right_after_granting_its_session_is_started_without_and_
     let mut region = pager.map(32 * MIB, RegionOptions::default()).unwrap();
     fill(&mut region, 1);
     check(&region, 1, "after b was taken in");
+    let held = pager.server_pages();
+    assert!(held.iter().all(|&(_, n, alive)| alive && n > 0), "both lenders hold pages: {held:?}");
+    assert_eq!(pager.stats().fetch_failures, 0, "{}", pager.stats());
+}
+
+#[test]
+fn a_lender_whose_data_connections_are_refused_is_started_without_and_taken_in_later() {
+    coalesce::init_logging("warn");
+    let a = ServerProcess::start(&ARGS);
+    let b = ServerProcess::start(&ARGS);
+    // b grants the pager's session on the first connection; every later one (the data
+    // connections, the attempts to revive it) is closed unanswered until the test says so.
+    let proxy = RefusingProxy::start(b.addr);
+    let pager = Pager::new(PagerConfig::new(vec![a.addr, proxy.addr], 4 * MIB))
+        .expect("a lender whose data connection cannot be opened does not stop the pager");
+    let refused = proxy.refused.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(refused >= 1, "the data connection was tried");
+    assert!(pager.server_pages().contains(&(proxy.addr, 0, false)), "{:?}", pager.server_pages());
+    let mut region = pager.map(16 * MIB, RegionOptions::default()).unwrap();
+    fill(&mut region, 1);
+    check(&region, 1, "with a alone");
+
+    proxy.refusing.store(false, std::sync::atomic::Ordering::SeqCst);
+    wait_alive(&pager, proxy.addr);
+    fill(&mut region, 2);
+    check(&region, 2, "after b was taken in");
+    let mut more = pager.map(16 * MIB, RegionOptions::default()).unwrap();
+    fill(&mut more, 3);
+    check(&more, 3, "a second region after b was taken in");
     let held = pager.server_pages();
     assert!(held.iter().all(|&(_, n, alive)| alive && n > 0), "both lenders hold pages: {held:?}");
     assert_eq!(pager.stats().fetch_failures, 0, "{}", pager.stats());

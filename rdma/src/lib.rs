@@ -236,6 +236,21 @@ pub enum TransportError {
     },
 }
 
+impl TransportError {
+    /// True when the cause lies on this side (the provider cannot run here, or the request or its
+    /// arguments are wrong), so trying the same peer again cannot help; false when it lies with
+    /// the peer or the path to it (unreachable, refused, gone, or a system call on the connection).
+    pub fn is_local(&self) -> bool {
+        matches!(
+            self,
+            Self::ProviderUnavailable { .. }
+                | Self::InvalidArgument(_)
+                | Self::LocalBounds { .. }
+                | Self::QueueFull { .. }
+        )
+    }
+}
+
 /// One segment of a work request: a local slice and the remote place of the same length.
 #[derive(Debug, Clone)]
 pub struct Segment {

@@ -221,6 +221,40 @@ pub fn sort_pipeline_faults(out: &std::process::Output) -> u64 {
     sort.split(", ").find_map(|f| f.strip_suffix(" remote faults")?.parse().ok()).unwrap()
 }
 
+/// A TCP proxy in front of a real `memory-server` that passes its first connection (the pager's
+/// control session) and, while `refusing` is set, closes every later one as soon as it is
+/// accepted (the pager's data connections, and its attempts to revive the lender).
+pub struct RefusingProxy {
+    pub addr: SocketAddr,
+    pub refusing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Connections closed unanswered so far.
+    pub refused: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl RefusingProxy {
+    pub fn start(target: SocketAddr) -> Self {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (refusing, refused) = (Arc::new(AtomicBool::new(true)), Arc::new(AtomicUsize::new(0)));
+        let (flag, count) = (Arc::clone(&refusing), Arc::clone(&refused));
+        std::thread::spawn(move || {
+            for (n, client) in listener.incoming().enumerate() {
+                let Ok(client) = client else { return };
+                if n > 0 && flag.load(Ordering::SeqCst) {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    drop(client);
+                    continue;
+                }
+                let Ok(server) = std::net::TcpStream::connect(target) else { continue };
+                StallingProxy::pump_pair(client, server, false);
+            }
+        });
+        Self { addr, refusing, refused }
+    }
+}
+
 /// A TCP proxy on 127.0.0.1 in front of `target`, standing in for a lender that grants a session
 /// and then stalls: on the first `stalls` connections through it, the server's replies stop once
 /// the client has sent its second request (they are read and dropped); later connections pass

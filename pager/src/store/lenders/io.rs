@@ -65,25 +65,17 @@ pub(super) enum Direction {
 }
 
 impl LenderIo {
+    /// Opens a data connection to every live lender. A lender whose connection cannot be opened
+    /// is marked failed (and reconnected once it is revived), as it would be at run time; only a
+    /// cause on this side (e.g. the verbs provider cannot run here) is an error.
     pub(super) fn open(store: Arc<LenderStore>) -> Result<Self, PagerError> {
-        let endpoints = store
-            .lenders
-            .iter()
-            .map(|(_, s)| {
-                if !s.is_alive() {
-                    return Ok(None);
-                }
-                let mut c = super::lock(&s.control);
-                c.connect_endpoint(store.provider, &store.endpoint_options)
-                    .map(Some)
-                    .map_err(|source| PagerError::Transport { addr: s.addr, source })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let revivals_seen = (0..endpoints.len()).map(|i| store.revivals(i)).collect();
+        let lenders = store.lenders.len();
+        // Read before connecting: a lender revived meanwhile is reconnected at the next batch.
+        let revivals_seen = (0..lenders).map(|i| store.revivals(i)).collect();
         let batch = store.write_batches.register();
-        Ok(Self {
+        let mut io = Self {
             store,
-            endpoints,
+            endpoints: (0..lenders).map(|_| None).collect(),
             next_wr: 0,
             coded: CodedState::default(),
             bounce: None,
@@ -92,7 +84,21 @@ impl LenderIo {
             scratch: Vec::new(),
             revivals_seen,
             batch,
-        })
+        };
+        for i in 0..lenders {
+            if !io.store.is_alive(i) {
+                continue;
+            }
+            let store = Arc::clone(&io.store);
+            let s = &store.lenders[i];
+            let endpoint = super::lock(&s.control).connect_endpoint(store.provider, &store.endpoint_options);
+            match endpoint {
+                Ok(ep) => io.endpoints[i] = Some(ep),
+                Err(source) if source.is_local() => return Err(PagerError::Transport { addr: s.addr, source }),
+                Err(e) => io.fail_lender(i, &format!("opening a data connection: {e}")),
+            }
+        }
+        Ok(io)
     }
 
     pub(super) fn reachable(&self, lender: usize) -> bool {
