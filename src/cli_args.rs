@@ -53,7 +53,7 @@ pub(crate) enum Command {
     /// network (--discover), each with its class, control round trip (min, median), the
     /// placement weight a pager would give it, free capacity, memory lent and clients.
     Lenders(LendersArgs),
-    /// Measure one-sided READ and WRITE round trips (median, p99), blocking and busy-polling.
+    /// Measure one-sided READ and WRITE round trips (minimum, median, p99, p99.9), blocking and busy-polling.
     ///
     /// Without --server, --discover or --registry, starts a memory-server inside this process on
     /// 127.0.0.1. With --discover or --registry, measures every lender found (and --server).
