@@ -280,6 +280,10 @@ pub(crate) struct StressArgs {
     /// checks as the controller grows and shrinks it, and replicated reads are hedged sooner.
     #[arg(long)]
     pub(crate) slo: Option<coalesce_pager::Slo>,
+    /// An objective of the stressed region's own (e.g. p99=50us): while it is at risk the
+    /// evictor spares the region's pages and takes them only because nothing else can go.
+    #[arg(long)]
+    pub(crate) region_slo: Option<coalesce_pager::Slo>,
     #[command(flatten)]
     pub(crate) found: DiscoveryChoice,
     #[command(flatten)]

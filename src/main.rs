@@ -281,6 +281,7 @@ fn stress_command(args: StressArgs) -> ExitCode {
         prefetch_window,
         discards,
         slo,
+        region_slo,
         found,
         lenders: LenderChoices { trusted_lenders, key_file, redundancy, repair_rate, backup, backup_lag, no_hedge },
     } = args;
@@ -309,6 +310,7 @@ fn stress_command(args: StressArgs) -> ExitCode {
         servers,
         discover,
         slo,
+        region_slo,
         history,
         prefetch_window,
         discard_percent: discards,

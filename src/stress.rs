@@ -64,6 +64,9 @@ pub struct StressOptions {
     pub hedged_reads: bool,
     /// A service-level objective (the local share moves under the checks).
     pub slo: Option<coalesce_pager::Slo>,
+    /// The stressed region's own objective: while at risk its pages are spared by the evictor
+    /// and evicted only when nothing else can go.
+    pub region_slo: Option<coalesce_pager::Slo>,
     /// Page-table transitions kept in the history log.
     pub history: usize,
     /// Prefetch window in pages.
@@ -395,7 +398,7 @@ fn run_config(
         config.discovery_wait = *wait;
     }
     let pager = Pager::new(config)?;
-    let region = pager.map(opts.size, RegionOptions::default())?;
+    let region = pager.map(opts.size, RegionOptions { slo: opts.region_slo, ..RegionOptions::default() })?;
     let pages = region.len() / PAGE_SIZE;
     // SAFETY: the region is a live, page-aligned mapping of `len` bytes that outlives `words`
     // (dropped at the end of this function, after every thread has been joined); it is only

@@ -270,6 +270,9 @@ impl PagerConfig {
         if self.reply_spin > Duration::from_secs(1) {
             return Err(PagerError::Config(format!("reply spin {:?} is above the maximum of 1 s", self.reply_spin)));
         }
+        if let Some(slo) = &self.slo {
+            slo.validate().map_err(PagerError::Config)?;
+        }
         Ok(())
     }
 }

@@ -169,7 +169,8 @@ impl Evictor {
     }
 
     /// Picks up to `want` victims with CLOCK and locks them. Pages of regions over their latency
-    /// bound are spared, unless nothing else can go: the bound is best effort, the budget is not.
+    /// bound or with their objective at risk are spared, unless nothing else can go: the bound
+    /// and the objective are best effort, the budget is not.
     fn select(&self, want: usize) -> Vec<Victim> {
         let (victims, spared) = self.scan(want, true);
         // Another evictor's victims make room: only when none are held is it sure that nothing
@@ -184,14 +185,14 @@ impl Evictor {
         if !victims.is_empty() {
             tracing::debug!(
                 pages = victims.len(),
-                "evicting pages of regions over their latency bound: nothing else can go"
+                "evicting pages of regions over their latency bound or with their objective at risk: nothing else can go"
             );
         }
         victims
     }
 
-    /// One CLOCK pass; with `spare_bounded`, pages of regions over their latency bound stay (and
-    /// are counted in the second value).
+    /// One CLOCK pass; with `spare_bounded`, pages of regions that keep them local (over their
+    /// latency bound, or their objective at risk) stay (and are counted in the second value).
     fn scan(&self, want: usize, spare_bounded: bool) -> (Vec<Victim>, usize) {
         let shared = &self.shared;
         let mut ring = shared.queue.ring();

@@ -190,6 +190,8 @@ pub(crate) struct Shared {
     pub(crate) history: Option<Arc<history::History>>,
     /// The service-level objective's controller, when there is one.
     pub(crate) slo: Option<slo::Controller>,
+    /// The local share, steered for the pager's objective and its regions'.
+    pub(crate) steering: slo::Steering,
     /// Installs (`UFFDIO_COPY` into a region) hold it shared; reading userfaultfd messages and
     /// marking the pages of remove events holds it exclusive. See `fault::Handler::install_runs`.
     pub(crate) install_gate: RwLock<()>,
@@ -330,8 +332,9 @@ impl Shared {
         s.local_limit_pages = self.budget.limit() as u64;
         if let Some(c) = &self.slo {
             s.slo = Some(c.slo());
-            (s.slo_faults, s.slo_faults_met, s.slo_local_grown_pages) = c.figures();
+            (s.slo_faults, s.slo_faults_met) = c.figures();
         }
+        s.slo_local_grown_pages = self.steering.grown();
         s.remote_pages = self.store.remote_pages();
         s.rereplication_pending_pages = self.store.repair_pending();
         s.pages_migrated = self.store.migrated_pages();
@@ -475,6 +478,7 @@ impl Pager {
             inject_put_back_failure: AtomicBool::new(false),
             history: (config.history > 0).then(|| Arc::new(history::History::new(config.history))),
             slo: config.slo.map(slo::Controller::new),
+            steering: slo::Steering::default(),
             config,
         });
         let mut pager = Self { shared: Arc::clone(&shared), threads: Vec::new() };
@@ -658,9 +662,27 @@ fn heartbeat_loop(shared: &Shared) {
             shared.store.maintain();
             last = std::time::Instant::now();
         }
-        if let Some(c) = &shared.slo {
-            c.tick(&shared.budget);
-        }
+        steer_local_share(shared);
+    }
+}
+
+/// Once a period, judges the pager's objective and its regions' and grows or shrinks the local
+/// share for them (`slo.rs`).
+fn steer_local_share(shared: &Shared) {
+    let regions = shared.regions.with_objectives();
+    let objectives = shared
+        .slo
+        .iter()
+        .map(|c| (c, None))
+        .chain(regions.iter().filter_map(|r| r.objective.as_ref().map(|c| (c, Some(r.id)))));
+    let mut verdicts = Vec::new();
+    let mut any_at_risk = false;
+    for (c, region) in objectives {
+        verdicts.extend(c.judge().map(|v| (v, region)));
+        any_at_risk |= c.at_risk();
+    }
+    if !verdicts.is_empty() {
+        shared.steering.apply(&verdicts, any_at_risk, &shared.budget);
     }
 }
 

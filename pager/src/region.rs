@@ -41,6 +41,12 @@ pub struct RegionOptions {
     pub on_failure: Option<FailureHandler>,
     /// Overrides the pager's prefetch setting for this region.
     pub prefetch: Option<bool>,
+    /// A service-level objective on this region's remote-fault service time, e.g. `p99=300us`,
+    /// beside the pager's ([`crate::PagerConfig::slo`]): the region's faults are counted
+    /// against it ([`RegionStats::slo_faults_met`]), and from a second whose faults miss it
+    /// until one whose faults meet it, its pages stay local (evicted only when nothing else can
+    /// go, as under `latency_bound`) and the local share grows toward the local maximum.
+    pub slo: Option<crate::Slo>,
 }
 
 impl std::fmt::Debug for RegionOptions {
@@ -49,6 +55,7 @@ impl std::fmt::Debug for RegionOptions {
             .field("latency_bound", &self.latency_bound)
             .field("on_failure", &self.on_failure.as_ref().map(|_| "Fn(&FetchFailure)"))
             .field("prefetch", &self.prefetch)
+            .field("slo", &self.slo)
             .finish()
     }
 }
@@ -62,9 +69,15 @@ pub struct RegionStats {
     pub smoothed_fetch: Duration,
     /// Pages that could not be fetched.
     pub fetch_failures: u64,
-    /// Pages evicted while the region was over its latency bound, because nothing else could
-    /// make room within the local budget.
+    /// Pages evicted while the region was over its latency bound or its objective was at risk,
+    /// because nothing else could make room within the local budget.
     pub evicted_over_bound: u64,
+    /// Remote faults counted against the region's objective ([`RegionOptions::slo`]).
+    pub slo_faults: u64,
+    /// Of those, the faults served within its target.
+    pub slo_faults_met: u64,
+    /// The objective is at risk now: the last second judged missed it.
+    pub slo_at_risk: bool,
 }
 
 /// Pager-side state of a region.
@@ -82,6 +95,8 @@ pub(crate) struct RegionState {
     pub(crate) smoothed_fetch_ns: AtomicU64,
     pub(crate) failures: AtomicU64,
     pub(crate) evicted_over_bound: AtomicU64,
+    /// The region's own objective, judged by the heartbeat thread (`slo.rs`).
+    pub(crate) objective: Option<crate::slo::Controller>,
 }
 
 /// A region entered for an operation: it stays mapped until this is dropped.
@@ -141,13 +156,19 @@ impl RegionState {
         if self.options.latency_bound.is_some_and(|b| t > b) {
             self.violations.fetch_add(1, Ordering::Relaxed);
         }
+        if let Some(c) = &self.objective {
+            c.record(t);
+        }
     }
 
-    /// True while remote fetches of this region are slower than its bound: keep its pages local.
+    /// True while remote fetches of this region are slower than its bound, or its objective is
+    /// at risk: keep its pages local.
     pub(crate) fn keep_local(&self) -> bool {
-        self.options
-            .latency_bound
-            .is_some_and(|b| Duration::from_nanos(self.smoothed_fetch_ns.load(Ordering::Relaxed)) > b)
+        self.objective.as_ref().is_some_and(crate::slo::Controller::at_risk)
+            || self
+                .options
+                .latency_bound
+                .is_some_and(|b| Duration::from_nanos(self.smoothed_fetch_ns.load(Ordering::Relaxed)) > b)
     }
 }
 
@@ -170,6 +191,10 @@ impl<'p> Region<'p> {
                 "a region of {len} bytes is too large: at most 16 TiB (pages are numbered in 32 bits)"
             )));
         }
+        if let Some(slo) = &options.slo {
+            slo.validate().map_err(PagerError::Config)?;
+        }
+        let objective = options.slo.map(crate::slo::Controller::new);
         let len = len.div_ceil(PAGE_SIZE) * PAGE_SIZE;
         let map_err = |source| PagerError::Map { len, source };
         let map = MmapOptions::new().len(len).no_reserve_swap().map_anon().map_err(map_err)?;
@@ -197,6 +222,7 @@ impl<'p> Region<'p> {
             smoothed_fetch_ns: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             evicted_over_bound: AtomicU64::new(0),
+            objective,
         });
         shared.regions.insert(Arc::clone(&state));
         Ok(Self { pager, state, map })
@@ -316,11 +342,16 @@ impl<'p> Region<'p> {
 
     /// This region's statistics.
     pub fn stats(&self) -> RegionStats {
+        let (slo_faults, slo_faults_met) =
+            self.state.objective.as_ref().map_or((0, 0), crate::slo::Controller::figures);
         RegionStats {
             latency_bound_violations: self.state.violations.load(Ordering::Relaxed),
             smoothed_fetch: Duration::from_nanos(self.state.smoothed_fetch_ns.load(Ordering::Relaxed)),
             fetch_failures: self.state.failures.load(Ordering::Relaxed),
             evicted_over_bound: self.state.evicted_over_bound.load(Ordering::Relaxed),
+            slo_faults,
+            slo_faults_met,
+            slo_at_risk: self.state.objective.as_ref().is_some_and(crate::slo::Controller::at_risk),
         }
     }
 }

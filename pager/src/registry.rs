@@ -53,6 +53,12 @@ impl Registry {
         regions.get(usize::try_from(id).ok()?).and_then(Clone::clone)
     }
 
+    /// The live regions with an objective of their own (`RegionOptions::slo`).
+    pub(crate) fn with_objectives(&self) -> Vec<Arc<RegionState>> {
+        let regions = self.regions.read().unwrap_or_else(PoisonError::into_inner);
+        regions.iter().flatten().filter(|r| r.objective.is_some()).cloned().collect()
+    }
+
     /// Bytes of page tables of the live regions.
     pub(crate) fn table_bytes(&self) -> u64 {
         self.table_bytes.load(Ordering::Relaxed)

@@ -10,6 +10,13 @@
 //! - **comfortable** (below half the target for [`CALM_PERIODS`] periods in a row): the local
 //!   share shrinks back by the same step, never below the budget.
 //!
+//! A region may have an objective of its own ([`crate::RegionOptions::slo`]), judged the same
+//! way over its own faults: while it is at risk (from a period over its target until one within
+//! it) the region's pages stay local (evicted only when nothing else can go, as under a latency
+//! bound), and the local share grows as for the pager's objective. The share grows when any
+//! objective is at risk, and shrinks only when one has been comfortable long enough and none is
+//! at risk ([`Steering`]).
+//!
 //! The actions that need no objective run all the time beneath it: hot pages move to nearer
 //! lenders as they leave local memory, pages migrate toward nearer lenders, and reads of
 //! replicated pages are hedged (sooner when a hedge after the 95th percentile would answer past
@@ -19,7 +26,7 @@
 //!
 //! [`PagerConfig::slo`]: crate::PagerConfig::slo
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -80,6 +87,20 @@ impl std::str::FromStr for Slo {
     }
 }
 
+impl Slo {
+    /// Checks an objective built by hand (parsing checks the same): the quantile inside (0, 1),
+    /// the target between 1 us and 60 s.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.quantile > 0.0 && self.quantile < 1.0) {
+            return Err(format!("the objective's quantile {} is not inside (0, 1): p99 is 0.99", self.quantile));
+        }
+        if self.target < Duration::from_micros(1) || self.target > Duration::from_secs(60) {
+            return Err(format!("the objective's target {:?} is not between 1us and 60s", self.target));
+        }
+        Ok(())
+    }
+}
+
 impl std::fmt::Display for Slo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "p{}={}us", self.quantile * 100.0, self.target.as_micros())
@@ -113,15 +134,26 @@ pub(crate) fn decide(slo: &Slo, observed: Duration, faults: u64, calm: u32) -> (
     (Step::Hold, 0)
 }
 
-/// The controller's state, shared by the fault threads (which record) and the heartbeat thread
-/// (which decides once a period).
+/// One period's verdict on an objective.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Verdict {
+    slo: Slo,
+    step: Step,
+    /// The period's quantile.
+    observed: Duration,
+    faults: u64,
+}
+
+/// One objective's state, shared by the fault threads (which record) and the heartbeat thread
+/// (which judges once a period).
 #[derive(Debug)]
 pub(crate) struct Controller {
     slo: Slo,
+    /// The period's service times, when it began, and the comfortable periods in a row before it.
     window: Mutex<(Histogram<u64>, Instant, u32)>,
     met: AtomicU64,
     faults: AtomicU64,
-    grown: AtomicU64,
+    at_risk: AtomicBool,
 }
 
 impl Controller {
@@ -134,7 +166,7 @@ impl Controller {
             window: Mutex::new((hist, Instant::now(), 0)),
             met: AtomicU64::new(0),
             faults: AtomicU64::new(0),
-            grown: AtomicU64::new(0),
+            at_risk: AtomicBool::new(false),
         }
     }
 
@@ -153,62 +185,145 @@ impl Controller {
         crate::lock(&self.window).0.saturating_record(ns);
     }
 
-    /// At the end of each period: judges the window and grows or shrinks the local share.
-    pub(crate) fn tick(&self, budget: &Budget) {
-        let (observed, faults, calm) = {
-            let mut w = crate::lock(&self.window);
-            if w.1.elapsed() < PERIOD {
-                return;
-            }
-            let observed = Duration::from_nanos(w.0.value_at_quantile(self.slo.quantile));
-            let faults = w.0.len();
-            w.0.reset();
-            w.1 = Instant::now();
-            (observed, faults, w.2)
-        };
-        let (step, calm) = decide(&self.slo, observed, faults, calm);
-        crate::lock(&self.window).2 = calm;
+    /// Once a period has passed since the last verdict: judges the period's faults and starts a
+    /// new one. The objective is at risk from a period over its target until a period within it
+    /// (a period with too few faults to judge changes nothing).
+    pub(crate) fn judge(&self) -> Option<Verdict> {
+        let mut w = crate::lock(&self.window);
+        if w.1.elapsed() < PERIOD {
+            return None;
+        }
+        let observed = Duration::from_nanos(w.0.value_at_quantile(self.slo.quantile));
+        let faults = w.0.len();
+        w.0.reset();
+        w.1 = Instant::now();
+        let (step, calm) = decide(&self.slo, observed, faults, w.2);
+        w.2 = calm;
+        if faults >= MIN_FAULTS {
+            self.at_risk.store(observed > self.slo.target, Ordering::Relaxed);
+        }
+        Some(Verdict { slo: self.slo, step, observed, faults })
+    }
+
+    /// True from a period over the target until a period within it.
+    pub(crate) fn at_risk(&self) -> bool {
+        self.at_risk.load(Ordering::Relaxed)
+    }
+
+    /// Faults counted, and those within the target.
+    pub(crate) fn figures(&self) -> (u64, u64) {
+        (self.faults.load(Ordering::Relaxed), self.met.load(Ordering::Relaxed))
+    }
+}
+
+/// The local share, steered for every objective of a pager: its own and its regions'.
+#[derive(Debug, Default)]
+pub(crate) struct Steering {
+    grown: AtomicU64,
+}
+
+impl Steering {
+    /// Acts on one round of verdicts, each with the region it belongs to (`None`: the pager's
+    /// own objective): when any calls for it, the local share grows by an eighth of the budget,
+    /// up to the local maximum; otherwise, when one has been comfortable long enough and no
+    /// objective is at risk (`any_at_risk`, over every objective, judged this round or not), it
+    /// shrinks back by as much, never below the budget.
+    pub(crate) fn apply(&self, verdicts: &[(Verdict, Option<u32>)], any_at_risk: bool, budget: &Budget) {
         let step_pages = (budget.base() / 8).max(1);
         let before = budget.limit();
-        match step {
-            Step::Hold => {}
-            Step::Grow => {
-                let after = budget.set_limit(before.saturating_add(step_pages));
-                if after > before && before == budget.base() {
-                    self.grown.fetch_add((after - before) as u64, Ordering::Relaxed);
-                    tracing::warn!(
-                        objective = %self.slo,
-                        observed_us = observed.as_micros(),
-                        faults,
-                        local_pages = after,
-                        budget_pages = budget.base(),
-                        "service-level objective at risk: growing the local share past the budget"
-                    );
-                } else if after > before {
-                    self.grown.fetch_add((after - before) as u64, Ordering::Relaxed);
-                    tracing::info!(objective = %self.slo, observed_us = observed.as_micros(), faults, local_pages = after, "objective still at risk: growing the local share");
-                } else {
-                    tracing::debug!(objective = %self.slo, observed_us = observed.as_micros(), "objective at risk and the local share is at its maximum");
-                }
+        if let Some((v, region)) = verdicts.iter().find(|(v, _)| v.step == Step::Grow) {
+            let (objective, observed_us, faults) = (v.slo, v.observed.as_micros(), v.faults);
+            let after = budget.set_limit(before.saturating_add(step_pages));
+            if after > before {
+                self.grown.fetch_add((after - before) as u64, Ordering::Relaxed);
             }
-            Step::Shrink => {
-                let after = budget.set_limit(before.saturating_sub(step_pages));
-                if after < before {
-                    tracing::info!(objective = %self.slo, observed_us = observed.as_micros(), local_pages = after, "objective comfortably met: shrinking the local share");
-                }
+            if after > before && before == budget.base() {
+                tracing::warn!(
+                    %objective,
+                    ?region,
+                    observed_us,
+                    faults,
+                    local_pages = after,
+                    budget_pages = budget.base(),
+                    "service-level objective at risk: growing the local share past the budget"
+                );
+            } else if after > before {
+                tracing::info!(%objective, ?region, observed_us, faults, local_pages = after, "objective still at risk: growing the local share");
+            } else {
+                tracing::debug!(%objective, ?region, observed_us, "objective at risk and the local share is at its maximum");
             }
+            return;
+        }
+        let Some((v, region)) = verdicts.iter().find(|(v, _)| v.step == Step::Shrink) else { return };
+        if any_at_risk {
+            return;
+        }
+        let after = budget.set_limit(before.saturating_sub(step_pages));
+        if after < before {
+            tracing::info!(objective = %v.slo, ?region, observed_us = v.observed.as_micros(), local_pages = after, "objective comfortably met: shrinking the local share");
         }
     }
 
-    /// Faults counted, those within the target, and pages the local share grew by in all.
-    pub(crate) fn figures(&self) -> (u64, u64, u64) {
-        (self.faults.load(Ordering::Relaxed), self.met.load(Ordering::Relaxed), self.grown.load(Ordering::Relaxed))
+    /// Pages the local share grew by in all.
+    pub(crate) fn grown(&self) -> u64 {
+        self.grown.load(Ordering::Relaxed)
     }
 }
 
 #[cfg(all(test, not(coalesce_loom)))]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_second_objective_at_risk_keeps_the_share_from_shrinking() {
+        let budget = Budget::new(800, 25, 1000);
+        let (mine, region) = (
+            Controller::new("p99=1ms".parse().expect("an objective")),
+            Controller::new("p99=1ms".parse().expect("an objective")),
+        );
+        let steering = Steering::default();
+        let round = |mine_service: Duration, region_service: Option<Duration>| {
+            let mut verdicts = Vec::new();
+            for (c, service, id) in [(&mine, Some(mine_service), None), (&region, region_service, Some(1))] {
+                let Some(service) = service else { continue };
+                for _ in 0..50 {
+                    c.record(service);
+                }
+                crate::lock(&c.window).1 -= PERIOD;
+                verdicts.push((c.judge().expect("a period has passed"), id));
+            }
+            steering.apply(&verdicts, mine.at_risk() || region.at_risk(), &budget);
+        };
+        // The region's objective alone is missed: the share grows.
+        round(Duration::from_micros(50), Some(Duration::from_millis(5)));
+        assert_eq!(budget.limit(), 900);
+        assert!(region.at_risk() && !mine.at_risk());
+        // The region's faults stop (its pages stay local); the pager's objective is comfortable
+        // for long, but the region's is still at risk: no shrinking.
+        for _ in 0..3 * CALM_PERIODS {
+            round(Duration::from_micros(50), None);
+        }
+        assert_eq!(budget.limit(), 900);
+        // Once a period shows the region within its target, the share may shrink again.
+        round(Duration::from_micros(50), Some(Duration::from_micros(100)));
+        for _ in 0..CALM_PERIODS {
+            round(Duration::from_micros(50), None);
+        }
+        assert_eq!(budget.limit(), 800);
+    }
+
+    #[test]
+    fn hand_built_objectives_are_checked() {
+        assert!(Slo { quantile: 0.99, target: Duration::from_millis(1) }.validate().is_ok());
+        for bad in [
+            Slo { quantile: 1.5, target: Duration::from_millis(1) },
+            Slo { quantile: f64::NAN, target: Duration::from_millis(1) },
+            Slo { quantile: 0.99, target: Duration::ZERO },
+            Slo { quantile: 0.99, target: Duration::from_secs(3600) },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?} was accepted");
+        }
+    }
 
     #[test]
     fn objectives_parse_and_bad_ones_say_why() {
@@ -242,24 +357,25 @@ mod tests {
     #[test]
     fn the_controller_grows_the_limit_up_to_the_maximum_and_back_down_to_the_budget() {
         let budget = Budget::new(800, 25, 1000);
-        let c = Controller::new("p99=1ms".parse().expect("an objective"));
+        let (c, steering) = (Controller::new("p99=1ms".parse().expect("an objective")), Steering::default());
+        let period = |service: Duration| {
+            for _ in 0..50 {
+                c.record(service);
+            }
+            crate::lock(&c.window).1 -= PERIOD;
+            let verdict = c.judge().expect("a period has passed");
+            steering.apply(&[(verdict, None)], c.at_risk(), &budget);
+        };
         for _ in 0..5 {
-            for _ in 0..50 {
-                c.record(Duration::from_millis(3));
-            }
-            crate::lock(&c.window).1 -= PERIOD;
-            c.tick(&budget);
+            period(Duration::from_millis(3));
         }
+        assert!(c.at_risk());
         assert_eq!(budget.limit(), 1000, "grown by 100 pages a period, to the maximum");
-        let (faults, met, grown) = c.figures();
-        assert_eq!((faults, met, grown), (250, 0, 200));
+        assert_eq!((c.figures(), steering.grown()), ((250, 0), 200));
         for _ in 0..3 * CALM_PERIODS {
-            for _ in 0..50 {
-                c.record(Duration::from_micros(50));
-            }
-            crate::lock(&c.window).1 -= PERIOD;
-            c.tick(&budget);
+            period(Duration::from_micros(50));
         }
+        assert!(!c.at_risk());
         assert_eq!(budget.limit(), 800, "back to the budget, no lower");
     }
 }

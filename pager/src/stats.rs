@@ -237,7 +237,8 @@ pub struct PagerStats {
     /// Of those, the faults served within its target.
     #[serde(default)]
     pub slo_faults_met: u64,
-    /// Pages the local share grew by, in all, to keep the objective (it may have shrunk since).
+    /// Pages the local share grew by, in all, to keep the pager's objective or its regions' (it
+    /// may have shrunk since).
     #[serde(default)]
     pub slo_local_grown_pages: u64,
     /// Resident pages allowed now: the budget, or more while an objective needs it.
@@ -392,6 +393,12 @@ impl fmt::Display for PagerStats {
                 self.slo_local_grown_pages,
                 self.local_limit_pages,
                 self.budget_pages
+            )?;
+        } else if self.slo_local_grown_pages > 0 {
+            writeln!(
+                f,
+                "regions' objectives: local share grown by {} pages in all, {} of {} pages allowed now",
+                self.slo_local_grown_pages, self.local_limit_pages, self.budget_pages
             )?;
         }
         writeln!(
