@@ -231,8 +231,11 @@ impl Steering {
     pub(crate) fn apply(&self, verdicts: &[(Verdict, Option<u32>)], any_at_risk: bool, budget: &Budget) {
         let step_pages = (budget.base() / 8).max(1);
         let before = budget.limit();
+        // Whose objective: the pager's, or region N's.
+        let whose = |region: &Option<u32>| region.map_or_else(|| "pager".to_string(), |id| format!("region {id}"));
         if let Some((v, region)) = verdicts.iter().find(|(v, _)| v.step == Step::Grow) {
             let (objective, observed_us, faults) = (v.slo, v.observed.as_micros(), v.faults);
+            let of = whose(region);
             let after = budget.set_limit(before.saturating_add(step_pages));
             if after > before {
                 self.grown.fetch_add((after - before) as u64, Ordering::Relaxed);
@@ -240,7 +243,7 @@ impl Steering {
             if after > before && before == budget.base() {
                 tracing::warn!(
                     %objective,
-                    ?region,
+                    %of,
                     observed_us,
                     faults,
                     local_pages = after,
@@ -248,9 +251,9 @@ impl Steering {
                     "service-level objective at risk: growing the local share past the budget"
                 );
             } else if after > before {
-                tracing::info!(%objective, ?region, observed_us, faults, local_pages = after, "objective still at risk: growing the local share");
+                tracing::info!(%objective, %of, observed_us, faults, local_pages = after, "objective still at risk: growing the local share");
             } else {
-                tracing::debug!(%objective, ?region, observed_us, "objective at risk and the local share is at its maximum");
+                tracing::debug!(%objective, %of, observed_us, "objective at risk and the local share is at its maximum");
             }
             return;
         }
@@ -260,7 +263,7 @@ impl Steering {
         }
         let after = budget.set_limit(before.saturating_sub(step_pages));
         if after < before {
-            tracing::info!(objective = %v.slo, ?region, observed_us = v.observed.as_micros(), local_pages = after, "objective comfortably met: shrinking the local share");
+            tracing::info!(objective = %v.slo, of = %whose(region), observed_us = v.observed.as_micros(), local_pages = after, "objective comfortably met: shrinking the local share");
         }
     }
 
