@@ -25,7 +25,7 @@
 //! | `COALESCE_DEVICE` | first | RDMA device of the verbs provider, e.g. `rxe0` |
 //! | `COALESCE_FETCH_TIMEOUT` | `5s` | a page not fetched in this time raises SIGBUS in the access |
 //! | `COALESCE_REPLY_SPIN` | `200us` | how long a thread waiting for a lender's reply busy-polls before it sleeps (at most `1s`; `0us`: sleep at once, the least CPU; longer: fewer slow wake-ups on virtual machines) |
-//! | `COALESCE_PREFETCH` | on | `0` turns prefetch off |
+//! | `COALESCE_PREFETCH` | `1` | `0` turns prefetch off |
 //! | `COALESCE_PREFETCH_AHEAD` | `1` | `0`: a stream's faults fetch their window only, not also the next one ahead (on a thread of its own) |
 //! | `COALESCE_FAULT_THREADS` | 2 with 4 or more CPUs, else 1 | fault-handling threads (1 to 64); they also take the allocator's discards (remove events) |
 //! | `COALESCE_REDUNDANCY` | `replicate:2` with two or more servers, else `none` | copies of each page on distinct lenders: `none` or `replicate:N` (N from 2 to 4) |
@@ -78,6 +78,7 @@ mod exports;
 mod heap;
 mod mapping_calls;
 mod mappings;
+mod settings;
 pub mod setup;
 mod sys;
 

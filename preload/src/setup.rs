@@ -1,14 +1,14 @@
-//! Start-up and shut-down of a preloaded process: read the configuration from the environment,
-//! start the pager, hand its region to mimalloc as the application heap, print statistics on exit,
-//! and make `fork` safe.
+//! Start-up and shut-down of a preloaded process: start the pager with the configuration the
+//! environment gives (`settings.rs`), hand its region to mimalloc as the application heap, print
+//! statistics on exit, and make `fork` safe.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicPtr, Ordering};
 use std::time::Duration;
 
-use coalesce_pager::{ExitReport, Pager, PagerConfig, Region, RegionOptions};
+use coalesce_pager::{ExitReport, Pager, Region, RegionOptions};
 
 use crate::heap;
+use crate::settings::{memory_available, var, ForkMax, Settings};
 
 /// Exit status when the configuration is unusable: the program is not started.
 pub const EXIT_MISCONFIGURED: i32 = 125;
@@ -19,271 +19,8 @@ static REGION: AtomicPtr<Region<'static>> = AtomicPtr::new(std::ptr::null_mut())
 /// The process that set the pager up (a forked child does not report statistics).
 static OWNER_PID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
 
-#[derive(Debug)]
-struct Settings {
-    servers: Vec<SocketAddr>,
-    discovery: Option<coalesce_pager::discover::Method>,
-    discovery_wait: Duration,
-    local: usize,
-    local_max: coalesce_pager::LocalMax,
-    heap_size: usize,
-    provider: rdma::ProviderKind,
-    device: Option<String>,
-    fetch_timeout: Duration,
-    /// `None`: the pager's default.
-    reply_spin: Option<Duration>,
-    prefetch: bool,
-    prefetch_ahead: bool,
-    fault_threads: usize,
-    trusted_lenders: bool,
-    key: Option<rdma::secure::ClusterKey>,
-    redundancy: Option<coalesce_pager::store::Redundancy>,
-    repair_rate: usize,
-    backup: Option<std::net::SocketAddr>,
-    backup_lag: Duration,
-    hedged_reads: bool,
-    slo: Option<coalesce_pager::Slo>,
-    mmap_min: Option<usize>,
-    fork_max: ForkMax,
-    history: usize,
-    log: String,
-}
-
-fn var(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
-}
-
-fn size(name: &str, default: &str) -> Result<usize, String> {
-    let text = var(name).unwrap_or_else(|| default.into());
-    let bytes: bytesize::ByteSize =
-        text.trim().parse().map_err(|e| format!("{name}={text:?} is not a size like 256MiB: {e}"))?;
-    usize::try_from(bytes.as_u64()).map_err(|_| format!("{name}={text:?} does not fit this machine"))
-}
-
-/// `COALESCE_DISCOVER` (mDNS) or `COALESCE_REGISTRY` (etcd), if either is set.
-fn discovery() -> Result<Option<coalesce_pager::discover::Method>, String> {
-    use coalesce_pager::discover::Method;
-    let mdns = match var("COALESCE_DISCOVER").as_deref().map(str::trim) {
-        None | Some("0" | "off" | "false" | "no") => false,
-        Some("1" | "on" | "true" | "yes") => true,
-        Some(other) => return Err(format!("COALESCE_DISCOVER={other:?} is neither 1 nor 0")),
-    };
-    match var("COALESCE_REGISTRY") {
-        Some(_) if mdns => Err("COALESCE_DISCOVER and COALESCE_REGISTRY are both set: choose one".into()),
-        Some(r) => r.trim().parse().map(|r| Some(Method::Registry(r))).map_err(|e| format!("COALESCE_REGISTRY: {e}")),
-        None => Ok(mdns.then_some(Method::Mdns)),
-    }
-}
-
-/// How much of the heap a `fork` may bring back from the lenders (`COALESCE_FORK_MAX`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ForkMax {
-    /// The memory the kernel says is available at the time of the fork (the default): a fork
-    /// that would bring back more fails with `ENOMEM` instead of meeting the OOM killer.
-    Available,
-    /// At most this many bytes.
-    Bytes(u64),
-    /// No limit.
-    Unlimited,
-}
-
 static FORK_MAX: std::sync::OnceLock<ForkMax> = std::sync::OnceLock::new();
 static FORKS_REFUSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-fn fork_max() -> Result<ForkMax, String> {
-    Ok(match var("COALESCE_FORK_MAX").as_deref().map(str::trim) {
-        None | Some("available") => ForkMax::Available,
-        Some("unlimited") => ForkMax::Unlimited,
-        Some(_) => ForkMax::Bytes(size("COALESCE_FORK_MAX", "0")? as u64),
-    })
-}
-
-/// `MemAvailable` of /proc/meminfo in bytes.
-fn memory_available() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line["MemAvailable:".len()..].trim().trim_end_matches("kB").trim().parse().ok()?;
-    Some(kib * 1024)
-}
-
-/// `COALESCE_MMAP_MIN`: the smallest anonymous mapping served from the heap, or `off`.
-fn mmap_min() -> Result<Option<usize>, String> {
-    match var("COALESCE_MMAP_MIN").as_deref().map(str::trim) {
-        Some("off" | "0" | "none") => Ok(None),
-        Some(_) => {
-            let min = size("COALESCE_MMAP_MIN", "")?;
-            // Smaller than a page would serve the allocator's own metadata mappings.
-            if min < crate::mappings::PAGE {
-                return Err(format!("COALESCE_MMAP_MIN={min} is below a page (4096): give a size like 64KiB, or off"));
-            }
-            Ok(Some(min))
-        }
-        None => Ok(Some(crate::mapping_calls::DEFAULT_MIN_LEN)),
-    }
-}
-
-/// Fault-handling threads when `COALESCE_FAULT_THREADS` is not set: 2 with 4 or more CPUs (a
-/// second handler, for faults and the allocator's discards, then has a core to run on), else 1
-/// (on 2 cores a second handler measured no faster: BENCHMARKS, "Many threads").
-fn default_fault_threads() -> usize {
-    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-    if cpus >= 4 {
-        2
-    } else {
-        1
-    }
-}
-
-fn settings() -> Result<Option<Settings>, String> {
-    let discovery = discovery()?;
-    let list = var("COALESCE_SERVERS");
-    if list.is_none() && discovery.is_none() {
-        return Ok(None);
-    }
-    let servers = list
-        .iter()
-        .flat_map(|l| l.split(','))
-        .map(|s| {
-            s.trim().parse::<SocketAddr>().map_err(|e| format!("COALESCE_SERVERS entry {s:?} is not HOST:PORT: {e}"))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let discovery_wait = match var("COALESCE_DISCOVER_WAIT") {
-        Some(t) => parse_duration(&t)
-            .ok_or_else(|| format!("COALESCE_DISCOVER_WAIT={t:?} is not a duration like 2s or 500ms"))?,
-        None => Duration::from_secs(2),
-    };
-    let provider = match var("COALESCE_PROVIDER") {
-        Some(p) => p.parse().map_err(|e| format!("COALESCE_PROVIDER: {e}"))?,
-        None => rdma::ProviderKind::Shim,
-    };
-    let fetch_timeout = match var("COALESCE_FETCH_TIMEOUT") {
-        Some(t) => parse_duration(&t)
-            .ok_or_else(|| format!("COALESCE_FETCH_TIMEOUT={t:?} is not a duration like 5s or 500ms"))?,
-        None => Duration::from_secs(5),
-    };
-    let reply_spin = match var("COALESCE_REPLY_SPIN") {
-        Some(t) => Some(
-            parse_duration(&t)
-                .ok_or_else(|| format!("COALESCE_REPLY_SPIN={t:?} is not a duration like 200us or 0.1ms"))?,
-        ),
-        None => None,
-    };
-    let prefetch = !matches!(var("COALESCE_PREFETCH").as_deref(), Some("0" | "off" | "false"));
-    let prefetch_ahead = match var("COALESCE_PREFETCH_AHEAD").as_deref().map(str::trim) {
-        None | Some("1" | "on" | "true") => true,
-        Some("0" | "off" | "false") => false,
-        Some(other) => return Err(format!("COALESCE_PREFETCH_AHEAD={other:?} is neither 1 nor 0")),
-    };
-    let fault_threads = match var("COALESCE_FAULT_THREADS") {
-        Some(n) => n
-            .trim()
-            .parse::<usize>()
-            .ok()
-            .filter(|n| (1..=64).contains(n))
-            .ok_or_else(|| format!("COALESCE_FAULT_THREADS={n:?} is not a thread count from 1 to 64"))?,
-        None => default_fault_threads(),
-    };
-    let trusted_lenders = match var("COALESCE_TRUSTED_LENDERS").as_deref().map(str::trim) {
-        None | Some("" | "0" | "off" | "false" | "no") => false,
-        Some("1" | "on" | "true" | "yes") => true,
-        Some(other) => return Err(format!("COALESCE_TRUSTED_LENDERS={other:?} is neither 1 nor 0")),
-    };
-    let key = match var("COALESCE_KEY_FILE") {
-        Some(path) => Some(
-            rdma::secure::ClusterKey::from_file(std::path::Path::new(&path))
-                .map_err(|e| format!("COALESCE_KEY_FILE: {e}"))?,
-        ),
-        None => None,
-    };
-    let redundancy = match var("COALESCE_REDUNDANCY") {
-        Some(r) => {
-            Some(r.parse::<coalesce_pager::store::Redundancy>().map_err(|e| format!("COALESCE_REDUNDANCY={e}"))?)
-        }
-        None => None,
-    };
-    let backup = match var("COALESCE_BACKUP") {
-        Some(a) => Some(
-            a.trim()
-                .parse::<std::net::SocketAddr>()
-                .map_err(|e| format!("COALESCE_BACKUP={a:?} is not an address like 10.0.0.9:7470: {e}"))?,
-        ),
-        None => None,
-    };
-    let backup_lag = match var("COALESCE_BACKUP_LAG") {
-        Some(t) => {
-            parse_duration(&t).ok_or_else(|| format!("COALESCE_BACKUP_LAG={t:?} is not a duration like 1s or 200ms"))?
-        }
-        None => Duration::from_secs(1),
-    };
-    let hedged_reads = match var("COALESCE_HEDGE").as_deref().map(str::trim) {
-        None | Some("1" | "on" | "true" | "yes") => true,
-        Some("0" | "off" | "false" | "no") => false,
-        Some(other) => return Err(format!("COALESCE_HEDGE={other:?} is neither 1 nor 0")),
-    };
-    let slo = match var("COALESCE_SLO") {
-        Some(s) => Some(s.parse::<coalesce_pager::Slo>().map_err(|e| format!("COALESCE_SLO: {e}"))?),
-        None => None,
-    };
-    let history = match var("COALESCE_HISTORY") {
-        Some(n) => n
-            .trim()
-            .parse::<usize>()
-            .ok()
-            .filter(|n| *n <= 1 << 24)
-            .ok_or_else(|| format!("COALESCE_HISTORY={n:?} is not a record count from 0 to 16777216"))?,
-        None => 0,
-    };
-    Ok(Some(Settings {
-        servers,
-        discovery,
-        discovery_wait,
-        local: size("COALESCE_LOCAL", "256MiB")?,
-        local_max: match var("COALESCE_LOCAL_MAX") {
-            Some(m) => m.parse().map_err(|e| format!("COALESCE_LOCAL_MAX: {e}"))?,
-            None => coalesce_pager::LocalMax::Default,
-        },
-        heap_size: size("COALESCE_HEAP_SIZE", "16GiB")?,
-        provider,
-        device: var("COALESCE_DEVICE"),
-        fetch_timeout,
-        reply_spin,
-        prefetch,
-        prefetch_ahead,
-        fault_threads,
-        trusted_lenders,
-        redundancy,
-        repair_rate: match var("COALESCE_REPAIR_RATE") {
-            Some(_) => size("COALESCE_REPAIR_RATE", "0")?,
-            None => coalesce_pager::PagerConfig::new(Vec::new(), 0).repair_rate,
-        },
-        key,
-        backup,
-        backup_lag,
-        mmap_min: mmap_min()?,
-        fork_max: fork_max()?,
-        hedged_reads,
-        slo,
-        history,
-        log: var("COALESCE_LOG").unwrap_or_else(|| "warn".into()),
-    }))
-}
-
-fn parse_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    let (num, mult) = if let Some(n) = s.strip_suffix("us").or_else(|| s.strip_suffix("µs")) {
-        (n, 1e-6)
-    } else if let Some(n) = s.strip_suffix("ms") {
-        (n, 1e-3)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1.0)
-    } else {
-        (s, 1.0)
-    };
-    let v: f64 = num.trim().parse().ok()?;
-    // A value too large for a `Duration` is not a duration (no panic); `PagerConfig` refuses zero
-    // and bounds the rest.
-    (v.is_finite() && v >= 0.0).then(|| Duration::try_from_secs_f64(v * mult).ok()).flatten()
-}
 
 fn refuse(why: &str) -> ! {
     eprintln!("coalesce: {why}; the program was not started (exit status {EXIT_MISCONFIGURED})");
@@ -293,7 +30,7 @@ fn refuse(why: &str) -> ! {
 
 /// Runs from `.init_array`, before `main`.
 pub extern "C" fn init() {
-    let settings = match settings() {
+    let settings = match Settings::from_env() {
         Ok(Some(s)) => s,
         Ok(None) => return, // no servers: the program runs on plain local memory
         Err(e) => refuse(&e),
@@ -301,28 +38,7 @@ pub extern "C" fn init() {
     heap::mark_internal_thread();
     resolve_glibc_usable_size();
     init_logging(&settings.log);
-    let mut config = PagerConfig::new(settings.servers.clone(), settings.local);
-    config.local_max = settings.local_max;
-    config.provider = settings.provider;
-    config.device = settings.device.clone();
-    config.fetch_timeout = settings.fetch_timeout;
-    if let Some(spin) = settings.reply_spin {
-        config.reply_spin = spin;
-    }
-    config.prefetch = settings.prefetch;
-    config.prefetch_ahead = settings.prefetch_ahead;
-    config.fault_threads = settings.fault_threads;
-    config.history = settings.history;
-    config.trusted_lenders = settings.trusted_lenders;
-    config.key = settings.key.clone();
-    config.redundancy = settings.redundancy;
-    config.repair_rate = settings.repair_rate;
-    config.backup = settings.backup;
-    config.backup_max_lag = settings.backup_lag;
-    config.hedged_reads = settings.hedged_reads;
-    config.slo = settings.slo;
-    config.discovery = settings.discovery.clone();
-    config.discovery_wait = settings.discovery_wait;
+    let mut config = settings.pager_config();
     config.thread_start = Some(pager_thread_start);
     let pager: &'static Pager = match Pager::new(config) {
         Ok(p) => Box::leak(Box::new(p)),

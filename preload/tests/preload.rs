@@ -300,6 +300,16 @@ fn misconfiguration_prints_one_line_and_exits_125() {
         ("COALESCE_MMAP_MIN", "big", "COALESCE_MMAP_MIN"),
         ("COALESCE_MMAP_MIN", "100", "below a page"),
         ("COALESCE_FORK_MAX", "lots", "COALESCE_FORK_MAX"),
+        ("COALESCE_PREFETCH", "maybe", "COALESCE_PREFETCH=\"maybe\" is neither 1 nor 0"),
+        ("COALESCE_HEDGE", "2", "COALESCE_HEDGE"),
+        ("COALESCE_TRUSTED_LENDERS", "perhaps", "COALESCE_TRUSTED_LENDERS"),
+        ("COALESCE_FAULT_THREADS", "0", "from 1 to 64"),
+        ("COALESCE_HISTORY", "-1", "COALESCE_HISTORY"),
+        ("COALESCE_SLO", "p99", "COALESCE_SLO"),
+        ("COALESCE_REDUNDANCY", "triple", "COALESCE_REDUNDANCY"),
+        ("COALESCE_BACKUP", "nowhere", "10.0.0.9:7470"),
+        ("COALESCE_BACKUP_LAG", "later", "COALESCE_BACKUP_LAG"),
+        ("COALESCE_DISCOVER_WAIT", "a while", "COALESCE_DISCOVER_WAIT"),
     ] {
         let mut cmd = Command::new(probe());
         cmd.arg("hello").env("LD_PRELOAD", library()).env("COALESCE_SERVERS", "127.0.0.1:7").env(var, value);
