@@ -135,28 +135,8 @@ fn resident_pages(base: usize, len: usize, vec: &mut [u8]) -> usize {
     vec.iter().filter(|&&b| b & 1 != 0).count()
 }
 
-/// Runs the demo.
-pub fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
-    if opts.size < PAGE_SIZE * 16 || opts.local < PAGE_SIZE * 16 {
-        return Err(DemoError::Options("--size and --local must be at least 64 KiB".into()));
-    }
-    let servers = opts.servers.clone();
-    let embedded = if servers.is_empty() && opts.discover.is_none() {
-        let capacity = (opts.size as u64 * 2).max(256 << 20);
-        let config = lender::ServerConfig {
-            provider: opts.provider,
-            device: opts.device.clone(),
-            key: opts.key.clone(),
-            ..lender::ServerConfig::embedded(capacity)
-        };
-        Some(lender::start(config)?)
-    } else {
-        None
-    };
-    let servers = match &embedded {
-        Some(s) => vec![s.addr()],
-        None => servers,
-    };
+/// The pager's configuration for the demo's options, over `servers`.
+fn pager_config(opts: &DemoOptions, servers: Vec<std::net::SocketAddr>) -> PagerConfig {
     let mut config = PagerConfig::new(servers, opts.local);
     config.local_max = opts.local_max;
     config.provider = opts.provider;
@@ -179,30 +159,60 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
         config.discovery = Some(method.clone());
         config.discovery_wait = *wait;
     }
+    config
+}
+
+/// Samples the region's resident pages (`mincore`) until `stop`, keeping the largest count in
+/// `max_resident`, at a pace that keeps its own cost small; returns how many samples it took.
+fn start_sampler(
+    region: &coalesce_pager::Region<'_>,
+    stop: Arc<AtomicBool>,
+    max_resident: Arc<AtomicUsize>,
+) -> std::thread::JoinHandle<usize> {
+    let (base, len) = (region.as_ptr() as usize, region.len());
+    let pages = len / PAGE_SIZE;
+    std::thread::spawn(move || {
+        let mut vec = vec![0u8; pages];
+        let mut samples = 0usize;
+        while !stop.load(Ordering::Acquire) {
+            let started = Instant::now();
+            max_resident.fetch_max(resident_pages(base, len, &mut vec), Ordering::Relaxed);
+            samples += 1;
+            let pause = (started.elapsed() * SAMPLER_DUTY).clamp(Duration::from_millis(5), Duration::from_millis(100));
+            std::thread::sleep(pause);
+        }
+        samples
+    })
+}
+
+/// Runs the demo.
+pub fn run(opts: &DemoOptions) -> Result<DemoReport, DemoError> {
+    if opts.size < PAGE_SIZE * 16 || opts.local < PAGE_SIZE * 16 {
+        return Err(DemoError::Options("--size and --local must be at least 64 KiB".into()));
+    }
+    let servers = opts.servers.clone();
+    let embedded = if servers.is_empty() && opts.discover.is_none() {
+        let capacity = (opts.size as u64 * 2).max(256 << 20);
+        let config = lender::ServerConfig {
+            provider: opts.provider,
+            device: opts.device.clone(),
+            key: opts.key.clone(),
+            ..lender::ServerConfig::embedded(capacity)
+        };
+        Some(lender::start(config)?)
+    } else {
+        None
+    };
+    let servers = match &embedded {
+        Some(s) => vec![s.addr()],
+        None => servers,
+    };
+    let config = pager_config(opts, servers);
     let pager = Pager::new(config)?;
     let mut region = pager.map(opts.size, RegionOptions::default())?;
-    let pages = region.len() / PAGE_SIZE;
-
-    // Residency sampler.
     let stop = Arc::new(AtomicBool::new(false));
     let max_resident = Arc::new(AtomicUsize::new(0));
-    let sampler = {
-        let (stop, max_resident) = (Arc::clone(&stop), Arc::clone(&max_resident));
-        let (base, len) = (region.as_ptr() as usize, region.len());
-        std::thread::spawn(move || {
-            let mut vec = vec![0u8; pages];
-            let mut samples = 0usize;
-            while !stop.load(Ordering::Acquire) {
-                let started = Instant::now();
-                max_resident.fetch_max(resident_pages(base, len, &mut vec), Ordering::Relaxed);
-                samples += 1;
-                let pause =
-                    (started.elapsed() * SAMPLER_DUTY).clamp(Duration::from_millis(5), Duration::from_millis(100));
-                std::thread::sleep(pause);
-            }
-            samples
-        })
-    };
+    let sampler = start_sampler(&region, Arc::clone(&stop), Arc::clone(&max_resident));
 
     let words: &mut [u64] = bytemuck::cast_slice_mut(region.as_mut_slice());
     let workload = WorkloadOptions { passes: opts.passes, random_reads: opts.random_reads, progress: true };
