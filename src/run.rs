@@ -121,29 +121,16 @@ pub fn library_path() -> Result<PathBuf, RunError> {
     })
 }
 
-/// Runs the program and waits for it.
-pub fn run(opts: &RunOptions) -> Result<RunOutcome, RunError> {
-    let (program, args) = opts.command.split_first().ok_or(RunError::NoProgram)?;
-    let lib = library_path()?;
-    let embedded = if opts.embedded_server {
-        let capacity = opts.heap_size.max(1 << 30);
-        let key = opts.key_file.as_deref().map(rdma::secure::ClusterKey::from_file).transpose()?;
-        let config = lender::ServerConfig { key, ..lender::ServerConfig::embedded(capacity) };
-        Some(lender::start(config)?)
-    } else {
-        None
-    };
-    let mut servers = opts.servers.clone();
-    if let Some(s) = &embedded {
-        servers.push(s.addr());
-    }
-    // Every process under the preload writes its own report into this directory.
-    let stats_dir = std::env::temp_dir().join(format!("coalesce-run-stats-{}", std::process::id()));
-    if opts.stats {
-        std::fs::create_dir_all(&stats_dir).map_err(|e| RunError::Stats(stats_dir.clone(), e))?;
-    }
-    let mut cmd = Command::new(program);
-    cmd.args(args);
+/// Sets the program's environment: the preload library first in `LD_PRELOAD`, and every
+/// `COALESCE_*` variable `opts` decides, set or removed (an inherited one must not override the
+/// command line).
+fn set_environment(
+    cmd: &mut Command,
+    opts: &RunOptions,
+    lib: std::path::PathBuf,
+    servers: &[std::net::SocketAddr],
+    stats_dir: Option<&std::path::Path>,
+) {
     let mut preload = lib.into_os_string();
     if let Some(old) = std::env::var_os("LD_PRELOAD").filter(|v| !v.is_empty()) {
         preload.push(":");
@@ -159,19 +146,19 @@ pub fn run(opts: &RunOptions) -> Result<RunOutcome, RunError> {
     cmd.env_remove("COALESCE_DISCOVER").env_remove("COALESCE_REGISTRY");
     match &opts.discover {
         Some((coalesce_pager::discover::Method::Mdns, wait)) => {
-            cmd.env("COALESCE_DISCOVER", "1").env("COALESCE_DISCOVER_WAIT", format!("{}ms", wait.as_millis()))
+            cmd.env("COALESCE_DISCOVER", "1").env("COALESCE_DISCOVER_WAIT", format!("{}ms", wait.as_millis()));
         }
         Some((coalesce_pager::discover::Method::Registry(r), wait)) => {
-            cmd.env("COALESCE_REGISTRY", r.to_string()).env("COALESCE_DISCOVER_WAIT", format!("{}ms", wait.as_millis()))
+            cmd.env("COALESCE_REGISTRY", r.to_string())
+                .env("COALESCE_DISCOVER_WAIT", format!("{}ms", wait.as_millis()));
         }
         None if servers.is_empty() => {
             eprintln!(
                 "coalesce: no --servers, --embedded-server, --discover or --registry: the program runs on plain local memory"
             );
-            &mut cmd
         }
-        None => &mut cmd,
-    };
+        None => {}
+    }
     cmd.env("COALESCE_LOCAL", opts.local.to_string())
         .env("COALESCE_LOCAL_MAX", opts.local_max.to_string())
         .env("COALESCE_HEAP_SIZE", opts.heap_size.to_string())
@@ -199,9 +186,35 @@ pub fn run(opts: &RunOptions) -> Result<RunOutcome, RunError> {
         Some(path) => cmd.env("COALESCE_KEY_FILE", path),
         None => cmd.env_remove("COALESCE_KEY_FILE"),
     };
-    if opts.stats {
-        cmd.env("COALESCE_STATS", &stats_dir);
+    if let Some(dir) = stats_dir {
+        cmd.env("COALESCE_STATS", dir);
     }
+}
+
+/// Runs the program and waits for it.
+pub fn run(opts: &RunOptions) -> Result<RunOutcome, RunError> {
+    let (program, args) = opts.command.split_first().ok_or(RunError::NoProgram)?;
+    let lib = library_path()?;
+    let embedded = if opts.embedded_server {
+        let capacity = opts.heap_size.max(1 << 30);
+        let key = opts.key_file.as_deref().map(rdma::secure::ClusterKey::from_file).transpose()?;
+        let config = lender::ServerConfig { key, ..lender::ServerConfig::embedded(capacity) };
+        Some(lender::start(config)?)
+    } else {
+        None
+    };
+    let mut servers = opts.servers.clone();
+    if let Some(s) = &embedded {
+        servers.push(s.addr());
+    }
+    // Every process under the preload writes its own report into this directory.
+    let stats_dir = std::env::temp_dir().join(format!("coalesce-run-stats-{}", std::process::id()));
+    if opts.stats {
+        std::fs::create_dir_all(&stats_dir).map_err(|e| RunError::Stats(stats_dir.clone(), e))?;
+    }
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    set_environment(&mut cmd, opts, lib, &servers, opts.stats.then_some(stats_dir.as_path()));
     let start = Instant::now();
     let child =
         cmd.spawn().map_err(|source| RunError::Spawn { program: program.to_string_lossy().into_owned(), source })?;
