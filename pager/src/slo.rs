@@ -65,9 +65,6 @@ impl std::str::FromStr for Slo {
             .ok_or_else(|| bad("the quantile starts with p"))?
             .parse()
             .map_err(|_| bad("the quantile is not a number"))?;
-        if !(q > 0.0 && q < 100.0) {
-            return Err(bad("the quantile is between p0 and p100, both excluded"));
-        }
         let t = t.trim();
         let (num, unit) =
             t.split_at(t.find(|c: char| c.is_ascii_alphabetic()).ok_or_else(|| bad("the time has no unit"))?);
@@ -80,16 +77,15 @@ impl std::str::FromStr for Slo {
             _ => return Err(bad("the unit is ns, us, ms or s")),
         };
         let target = Duration::try_from_secs_f64(num * secs).map_err(|_| bad("the time is out of range"))?;
-        if target < Duration::from_micros(1) || target > Duration::from_secs(60) {
-            return Err(bad("the time is between 1us and 60s"));
-        }
-        Ok(Self { quantile: q / 100.0, target })
+        let slo = Self { quantile: q / 100.0, target };
+        slo.validate().map_err(|why| bad(&why))?;
+        Ok(slo)
     }
 }
 
 impl Slo {
-    /// Checks an objective built by hand (parsing checks the same): the quantile inside (0, 1),
-    /// the target between 1 us and 60 s.
+    /// Checks an objective (parsing calls it too): the quantile inside (0, 1), the target
+    /// between 1 us and 60 s.
     pub fn validate(&self) -> Result<(), String> {
         if !(self.quantile > 0.0 && self.quantile < 1.0) {
             return Err(format!("the objective's quantile {} is not inside (0, 1): p99 is 0.99", self.quantile));
