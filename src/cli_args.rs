@@ -209,6 +209,10 @@ pub(crate) struct DemoArgs {
     /// thread of its own) while the program reads it.
     #[arg(long)]
     pub(crate) no_prefetch_ahead: bool,
+    /// Let a stream's faults fetch their window even while other regions take demand faults
+    /// (which then wait behind it); by default the window goes to the prefetch-ahead thread then.
+    #[arg(long)]
+    pub(crate) no_demand_first: bool,
     /// Fault-handling threads.
     #[arg(long, default_value_t = 1)]
     pub(crate) fault_threads: usize,

@@ -37,6 +37,8 @@ pub struct DemoOptions {
     pub prefetch: bool,
     /// Fetch the next window of a stream ahead, meanwhile (`PagerConfig::prefetch_ahead`).
     pub prefetch_ahead: bool,
+    /// Demand faults first (`PagerConfig::demand_first`).
+    pub demand_first: bool,
     /// Fault-handling threads.
     pub fault_threads: usize,
     /// Prefetch window in pages.
@@ -144,6 +146,7 @@ fn pager_config(opts: &DemoOptions, servers: Vec<std::net::SocketAddr>) -> Pager
     config.link = opts.link.clone();
     config.prefetch = opts.prefetch;
     config.prefetch_ahead = opts.prefetch_ahead;
+    config.demand_first = opts.demand_first;
     config.fault_threads = opts.fault_threads;
     config.prefetch_window = opts.prefetch_window;
     config.history = opts.history;

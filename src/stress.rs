@@ -428,6 +428,16 @@ fn run_config(
                 }
             });
         }
+        // Streams' windows handed ahead (as beside demand faults) a quarter-second out of two.
+        let (pager, stop) = (&pager, &hogs_stop);
+        s.spawn(move || {
+            let mut ticks = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                pager.force_windows_ahead(ticks % 10 < 5);
+                ticks = ticks.wrapping_add(1);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
         let workers: Vec<_> = (0..opts.app_threads)
             .map(|t| {
                 let run = &run;
@@ -511,7 +521,7 @@ pub fn run(opts: &StressOptions) -> Result<Result<Vec<ConfigReport>, Box<Mismatc
         match run_config(opts, &servers, fraction, threads, per)? {
             Ok(r) => {
                 eprintln!(
-                    "  ok: {} page checks, {} page writes, {} pages discarded ({} installs skipped), {} remote faults ({} pages prefetched, {} of them a window ahead), {} dirty evictions, {} write faults, {} hot pages moved nearer, {} migrated, {} hedged reads ({} won), local share grown by {} pages",
+                    "  ok: {} page checks, {} page writes, {} pages discarded ({} installs skipped), {} remote faults ({} pages prefetched, {} of them a window ahead; {} windows handed ahead; {} faults set aside while their page was held), {} dirty evictions, {} write faults, {} hot pages moved nearer, {} migrated, {} hedged reads ({} won), local share grown by {} pages",
                     r.pages_checked,
                     r.pages_written,
                     r.pages_discarded,
@@ -519,6 +529,8 @@ pub fn run(opts: &StressOptions) -> Result<Result<Vec<ConfigReport>, Box<Mismatc
                     r.stats.remote_faults,
                     r.stats.prefetched_pages,
                     r.stats.prefetched_ahead,
+                    r.stats.windows_handed_ahead,
+                    r.stats.faults_postponed,
                     r.stats.evictions_dirty,
                     r.stats.write_faults,
                     r.stats.hot_pages_moved_nearer,

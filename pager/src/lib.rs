@@ -5,7 +5,9 @@
 //! fetching the page with a one-sided READ (plus a prefetch window along any detected trend, in the
 //! same request) and installing it atomically with `UFFDIO_COPY`. While a stream goes on, the
 //! window after that one is fetched ahead by a thread of its own as the program reads
-//! ([`PagerConfig::prefetch_ahead`]).
+//! ([`PagerConfig::prefetch_ahead`]); while other regions take demand faults, that thread
+//! fetches the stream's window too, and the handler only the faulting page, so that a demand
+//! fault never waits behind a stream's window on the handler.
 //!
 //! - **First touch** of a never-written page installs a zero page, no network.
 //! - **Dirty tracking**: pages are installed write-protected; the first write faults, marks the
@@ -590,6 +592,15 @@ impl Pager {
     #[doc(hidden)]
     pub fn inject_put_back_failure(&self, on: bool) {
         self.shared.inject_put_back_failure.store(on, Ordering::Release);
+    }
+
+    /// Test hook, not for production: while `true`, every stream's prefetch window is handed to
+    /// the prefetch-ahead thread as if demand faults were being served (the fault handler
+    /// fetches the faulting page alone), so that the stress harness runs that path under
+    /// contention whatever its access pattern.
+    #[doc(hidden)]
+    pub fn force_windows_ahead(&self, on: bool) {
+        self.shared.ahead.forced.store(on, Ordering::Release);
     }
 
     /// Adds a lender while the pager runs (for example one just discovered): new pages may go to

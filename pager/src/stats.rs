@@ -18,6 +18,8 @@ pub struct Counters {
     pub(crate) prefetch_hits: AtomicU64,
     pub(crate) prefetched_ahead: AtomicU64,
     pub(crate) prefetch_ahead_dropped: AtomicU64,
+    pub(crate) faults_postponed: AtomicU64,
+    pub(crate) windows_handed_ahead: AtomicU64,
     pub(crate) prefetch_wasted: AtomicU64,
     pub(crate) evictions_clean: AtomicU64,
     pub(crate) evictions_dirty: AtomicU64,
@@ -53,6 +55,8 @@ impl Default for Counters {
             prefetch_hits: AtomicU64::new(0),
             prefetched_ahead: AtomicU64::new(0),
             prefetch_ahead_dropped: AtomicU64::new(0),
+            faults_postponed: AtomicU64::new(0),
+            windows_handed_ahead: AtomicU64::new(0),
             prefetch_wasted: AtomicU64::new(0),
             evictions_clean: AtomicU64::new(0),
             evictions_dirty: AtomicU64::new(0),
@@ -99,6 +103,8 @@ impl Counters {
             prefetch_hits: r(&self.prefetch_hits),
             prefetched_ahead: r(&self.prefetched_ahead),
             prefetch_ahead_dropped: r(&self.prefetch_ahead_dropped),
+            faults_postponed: r(&self.faults_postponed),
+            windows_handed_ahead: r(&self.windows_handed_ahead),
             prefetch_wasted: r(&self.prefetch_wasted),
             evictions_clean: r(&self.evictions_clean),
             evictions_dirty: r(&self.evictions_dirty),
@@ -151,6 +157,15 @@ pub struct PagerStats {
     /// Windows ahead not fetched for want of room in the budget.
     #[serde(default)]
     pub prefetch_ahead_dropped: u64,
+    /// Faults on a page another thread held (a prefetch fetching it, the evictor writing it
+    /// out), set aside while the fault handler served others instead of waiting for it.
+    #[serde(default)]
+    pub faults_postponed: u64,
+    /// Stream faults whose window the fault handler handed to the prefetch-ahead thread,
+    /// fetching the faulting page alone, because demand faults (in another region, continuing
+    /// no stream) were being served: they do not wait behind the window.
+    #[serde(default)]
+    pub windows_handed_ahead: u64,
     /// Prefetched pages evicted or discarded unused.
     pub prefetch_wasted: u64,
     /// Evictions of clean pages (dropped, no network).
@@ -331,14 +346,15 @@ impl fmt::Display for PagerStats {
         };
         writeln!(
             f,
-            "faults: {} zero, {} remote, {} first-write",
-            self.zero_faults, self.remote_faults, self.write_faults
+            "faults: {} zero, {} remote, {} first-write; {} set aside while their page was held",
+            self.zero_faults, self.remote_faults, self.write_faults, self.faults_postponed
         )?;
         writeln!(
             f,
-            "prefetch: {} pages ({} one window ahead; {} windows ahead dropped for want of room), {} hits, {} wasted",
+            "prefetch: {} pages ({} one window ahead; {} windows handed ahead for demand faults; {} windows ahead dropped for want of room), {} hits, {} wasted",
             self.prefetched_pages,
             self.prefetched_ahead,
+            self.windows_handed_ahead,
             self.prefetch_ahead_dropped,
             self.prefetch_hits,
             self.prefetch_wasted

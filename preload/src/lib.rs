@@ -27,6 +27,7 @@
 //! | `COALESCE_REPLY_SPIN` | `200us` | how long a thread waiting for a lender's reply busy-polls before it sleeps (at most `1s`; `0us`: sleep at once, the least CPU; longer: fewer slow wake-ups on virtual machines) |
 //! | `COALESCE_PREFETCH` | `1` | `0` turns prefetch off |
 //! | `COALESCE_PREFETCH_AHEAD` | `1` | `0`: a stream's faults fetch their window only, not also the next one ahead (on a thread of its own) |
+//! | `COALESCE_DEMAND_FIRST` | `1` | `0`: a stream's faults fetch their window with the faulting page even while other regions take demand faults, which then wait behind it (`PagerConfig::demand_first`) |
 //! | `COALESCE_FAULT_THREADS` | 2 with 4 or more CPUs, else 1 | fault-handling threads (1 to 64); they also take the allocator's discards (remove events) |
 //! | `COALESCE_REDUNDANCY` | `replicate:2` with two or more servers, else `none` | copies of each page on distinct lenders: `none` or `replicate:N` (N from 2 to 4) |
 //! | `COALESCE_SLO` | unset | a service-level objective on remote-fault service time, e.g. `p99=500us`: when a second's faults miss it, the heap's local share grows (up to `COALESCE_LOCAL_MAX`), and shrinks back once comfortably met; replicated reads are hedged soon enough to meet it |

@@ -24,6 +24,7 @@ pub(crate) struct Settings {
     reply_spin: Option<Duration>,
     prefetch: bool,
     prefetch_ahead: bool,
+    demand_first: bool,
     fault_threads: usize,
     trusted_lenders: bool,
     key: Option<rdma::secure::ClusterKey>,
@@ -83,6 +84,7 @@ impl Settings {
             reply_spin: duration("COALESCE_REPLY_SPIN", "200us or 0.1ms")?,
             prefetch: switch("COALESCE_PREFETCH", true)?,
             prefetch_ahead: switch("COALESCE_PREFETCH_AHEAD", true)?,
+            demand_first: switch("COALESCE_DEMAND_FIRST", true)?,
             fault_threads: count("COALESCE_FAULT_THREADS", 1, 64, "a thread count")?
                 .unwrap_or_else(default_fault_threads),
             trusted_lenders: switch("COALESCE_TRUSTED_LENDERS", false)?,
@@ -121,6 +123,7 @@ impl Settings {
         }
         config.prefetch = self.prefetch;
         config.prefetch_ahead = self.prefetch_ahead;
+        config.demand_first = self.demand_first;
         config.fault_threads = self.fault_threads;
         config.history = self.history;
         config.trusted_lenders = self.trusted_lenders;

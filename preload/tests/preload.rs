@@ -302,6 +302,7 @@ fn misconfiguration_prints_one_line_and_exits_125() {
         ("COALESCE_FORK_MAX", "lots", "COALESCE_FORK_MAX"),
         ("COALESCE_PREFETCH", "maybe", "COALESCE_PREFETCH=\"maybe\" is neither 1 nor 0"),
         ("COALESCE_HEDGE", "2", "COALESCE_HEDGE"),
+        ("COALESCE_DEMAND_FIRST", "yes please", "COALESCE_DEMAND_FIRST"),
         ("COALESCE_TRUSTED_LENDERS", "perhaps", "COALESCE_TRUSTED_LENDERS"),
         ("COALESCE_FAULT_THREADS", "0", "from 1 to 64"),
         ("COALESCE_HISTORY", "-1", "COALESCE_HISTORY"),

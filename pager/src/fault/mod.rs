@@ -31,6 +31,11 @@ pub(crate) use ahead::{AheadJob, AheadQueue};
 pub(crate) use failure::{report_violation, POISONED_NOTE};
 use install::Install;
 
+/// How long an idle handler sleeps between checks for shutdown (a message wakes it at once).
+const IDLE_WAIT: Duration = Duration::from_millis(50);
+/// How long a handler with postponed faults sleeps before looking at their pages again.
+const POSTPONED_WAIT: Duration = Duration::from_micros(50);
+
 /// One fault-handling thread.
 #[derive(Debug)]
 pub(crate) struct Handler {
@@ -42,6 +47,9 @@ pub(crate) struct Handler {
     scratch: Scratch,
     zero: Vec<u8>,
     deferred: VecDeque<Event>,
+    /// Faults on pages another thread held when they came up (a prefetch fetching the page, the
+    /// evictor writing it out): served once the page is free, while this thread serves others.
+    postponed: VecDeque<Event>,
     outcomes: Vec<Result<(), TransferError>>,
     /// False on the prefetch-ahead thread, which leaves userfaultfd messages to the handlers.
     reads_events: bool,
@@ -85,6 +93,7 @@ impl Handler {
             scratch,
             zero,
             deferred: VecDeque::new(),
+            postponed: VecDeque::new(),
             outcomes: Vec::new(),
             reads_events: true,
         })
@@ -98,8 +107,10 @@ impl Handler {
                 self.handle(ev);
                 continue;
             }
+            // Before reading more: a stream of new faults must not starve the postponed ones.
+            let served = self.serve_postponed();
             match self.read_and_mark(&mut buf) {
-                Ok(0) => {}
+                Ok(0) if !served => {}
                 Ok(_) => {
                     idle_since = None;
                     continue;
@@ -116,7 +127,9 @@ impl Handler {
                 // machine) takes the CPU at once instead of waiting for this spin to end.
                 std::thread::yield_now();
             } else {
-                let _ = self.shared.uffd.wait_readable(Duration::from_millis(50));
+                // Postponed faults are looked at again soon; a new message wakes this at once.
+                let wait = if self.postponed.is_empty() { IDLE_WAIT } else { POSTPONED_WAIT };
+                let _ = self.shared.uffd.wait_readable(wait);
             }
         }
     }
@@ -130,6 +143,13 @@ impl Handler {
                     return;
                 };
                 let Some(region) = region.enter() else { return };
+                if self.reads_events && region.table.load(page).is_busy() {
+                    // Held by another thread: an install wakes the access, or the page is served
+                    // once free; this thread does not wait for it (a demand fault behind would).
+                    Counters::add(&self.shared.stats.faults_postponed, 1);
+                    self.postponed.push_back(ev);
+                    return;
+                }
                 if wp {
                     self.write_fault(&region, page);
                 } else {
@@ -139,6 +159,29 @@ impl Handler {
             Event::Remove { start, end } => self.remove(start, end),
             Event::Other(kind) => tracing::debug!(kind, "ignoring userfaultfd event"),
         }
+    }
+
+    /// Serves the postponed faults whose pages are free now (those still held stay postponed).
+    /// True if one was served.
+    fn serve_postponed(&mut self) -> bool {
+        let mut served = false;
+        for _ in 0..self.postponed.len() {
+            let Some(ev) = self.postponed.pop_front() else { break };
+            let held = match ev {
+                Event::Fault { addr, .. } => self
+                    .shared
+                    .lookup(addr)
+                    .is_some_and(|(region, page)| region.enter().is_some_and(|r| r.table.load(page).is_busy())),
+                _ => false,
+            };
+            if held {
+                self.postponed.push_back(ev);
+            } else {
+                self.handle(ev);
+                served = true;
+            }
+        }
+        served
     }
 
     /// Reserves room for `n` resident pages; while waiting for the evictor, keeps reading events so
@@ -401,23 +444,37 @@ impl Handler {
     fn prefetch_window(&mut self, region: &RegionState, page: usize) -> Vec<(usize, Entry)> {
         let stride = self.record_trend(region, page);
         let Some(stride) = stride.filter(|_| region.prefetch_enabled(self.shared.config.prefetch)) else {
+            self.shared.ahead.note_demand(region.id);
             return Vec::new();
         };
-        let window = {
+        let window_len = {
             let trend = region.trend.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             trend.window(self.shared.prefetch_window(), self.shared.prefetch_window_max())
         };
-        let out = self.lock_window(region, page, stride, window, is_fetchable);
-        if let (Some(&(first, _)), Some(&(last, _))) = (out.first(), out.last()) {
-            // The window after this one is fetched ahead, meanwhile, by the prefetch-ahead thread;
-            // the stream's next fault is then expected past both.
-            let ahead = if self.shared.prefetches_ahead() { window } else { 0 };
-            if ahead > 0 {
-                self.shared.ahead.post(AheadJob { region: region.id, after: last, stride, steps: ahead });
-            }
+        let out = self.lock_window(region, page, stride, window_len, is_fetchable);
+        let (Some(&(first, _)), Some(&(last, _))) = (out.first(), out.last()) else { return out };
+        let ahead = self.shared.prefetches_ahead();
+        {
+            // The stream's next fault is expected past the window (and the one after it, when
+            // that is fetched ahead).
             let mut trend = region.trend.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            trend.last_window = Some((first, stride, out.len() + ahead));
+            trend.last_window = Some((first, stride, out.len() + if ahead { window_len } else { 0 }));
         }
+        if !ahead {
+            return out;
+        }
+        // While demand faults are being served, the window (locked) goes to the prefetch-ahead
+        // thread with the one after it: this handler fetches the faulting page alone and is free
+        // for them sooner. Otherwise it fetches the window here, and only the next goes ahead.
+        let demand_first = self.shared.config.demand_first && self.shared.ahead.demand_is_recent(region.id);
+        let (window, out) = if demand_first {
+            Counters::add(&self.shared.stats.windows_handed_ahead, 1);
+            (out, Vec::new())
+        } else {
+            (Vec::new(), out)
+        };
+        let job = AheadJob { region: region.id, window, after: last, stride, steps: window_len };
+        self.shared.ahead.post(job, &self.shared);
         out
     }
 
