@@ -2,7 +2,8 @@
 //! lender that pauses now and then (SIGSTOP for 40 ms of every 120 ms, shorter than the failover
 //! time) is read around, not failed: the pages come from the other copy, the paused lender's
 //! answers that arrive later are dropped, and every word reads back right. Under an objective
-//! that a hedge after the 95th percentile would miss, reads are hedged sooner.
+//! (the pager's or the faulting region's) that a hedge after the 95th percentile would miss,
+//! reads are hedged sooner.
 
 #![allow(missing_docs, clippy::unwrap_used)]
 
@@ -108,13 +109,19 @@ fn an_objective_that_a_plain_hedge_would_miss_makes_reads_hedged_sooner() {
     // instead, which is nearly every read.
     let args: Vec<&str> = ARGS.iter().copied().chain(["--link", "delay=5ms"]).collect();
     let (a, b) = (ServerProcess::start(&args), ServerProcess::start(&args));
-    let run = |slo: Option<coalesce_pager::Slo>| {
+    // The objective is the pager's, or (`on_region`) the region's own.
+    let run = |slo: Option<coalesce_pager::Slo>, on_region: bool| {
         let mut config = PagerConfig::new(vec![a.addr, b.addr], MIB / 4);
         config.redundancy = Some(Redundancy::Replicate(2));
         config.prefetch = false;
-        config.slo = slo;
+        let options = if on_region {
+            RegionOptions { slo, ..RegionOptions::default() }
+        } else {
+            config.slo = slo;
+            RegionOptions::default()
+        };
         let pager = Pager::new(config).unwrap();
-        let mut region = pager.map(MIB, RegionOptions::default()).unwrap();
+        let mut region = pager.map(MIB, options).unwrap();
         fill(&mut region, 4);
         // Every page once, in a scattered order (37 is prime to the 256 pages).
         let words: &[u64] = bytemuck::cast_slice(region.as_slice());
@@ -127,11 +134,20 @@ fn an_objective_that_a_plain_hedge_would_miss_makes_reads_hedged_sooner() {
         drop(region);
         pager.stats()
     };
-    let plain = run(None);
-    let sooner = run(Some("p99=13ms".parse().unwrap()));
-    eprintln!("without an objective:\n{plain}\nwith p99=13ms:\n{sooner}");
+    let plain = run(None, false);
+    let sooner = run(Some("p99=13ms".parse().unwrap()), false);
+    let region_sooner = run(Some("p99=13ms".parse().unwrap()), true);
+    eprintln!(
+        "without an objective:\n{plain}\nwith p99=13ms:\n{sooner}\nwith p99=13ms on the region:\n{region_sooner}"
+    );
     assert!(plain.remote_faults > 150 && sooner.remote_faults > 150, "too few faults to tell");
     assert!(plain.hedged_reads * 4 < plain.remote_faults, "plain hedges are for the slowest reads only: {plain}");
     assert!(sooner.hedged_reads * 2 > sooner.remote_faults, "the objective did not make hedges sooner: {sooner}");
-    assert_eq!(plain.fetch_failures + sooner.fetch_failures, 0);
+    // A region's own objective does the same for its faults.
+    assert!(region_sooner.remote_faults > 150, "too few faults to tell: {region_sooner}");
+    assert!(
+        region_sooner.hedged_reads * 2 > region_sooner.remote_faults,
+        "the region's objective did not make hedges sooner: {region_sooner}"
+    );
+    assert_eq!(plain.fetch_failures + sooner.fetch_failures + region_sooner.fetch_failures, 0);
 }

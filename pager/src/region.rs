@@ -45,7 +45,9 @@ pub struct RegionOptions {
     /// beside the pager's ([`crate::PagerConfig::slo`]): the region's faults are counted
     /// against it ([`RegionStats::slo_faults_met`]), and from a second whose faults miss it
     /// until one whose faults meet it, its pages stay local (evicted only when nothing else can
-    /// go, as under `latency_bound`) and the local share grows toward the local maximum.
+    /// go, as under `latency_bound`) and the local share grows toward the local maximum. With
+    /// copies, the region's fault reads are hedged soon enough to meet it, as under the pager's
+    /// (the tighter of the two targets counts).
     pub slo: Option<crate::Slo>,
 }
 

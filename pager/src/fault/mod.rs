@@ -507,6 +507,9 @@ impl Handler {
     /// cannot be fetched and is installed for the access; the others are prefetched, and left
     /// remote if they cannot be. Returns how many pages were fetched.
     fn fetch_and_install(&mut self, region: &RegionState, fetches: &mut [Fetch], fault: Option<bool>) -> u64 {
+        // A fault's read is hedged by its region's objective too; a prefetch's by the store's alone.
+        let within = fault.and(region.options.slo.map(|slo| slo.target));
+        self.io.set_read_within(within);
         self.fetch(region, fetches);
         let rejected = fetches.iter().filter(|f| f.outcome == Err(TransferError::Corrupt)).count();
         Counters::add(&self.shared.stats.copies_rejected, rejected as u64);

@@ -607,6 +607,10 @@ impl PageIo for BackupIo {
         }
     }
 
+    fn set_read_within(&mut self, within: Option<std::time::Duration>) {
+        self.inner.set_read_within(within);
+    }
+
     fn readable(&self, slot: Slot) -> bool {
         self.inner.readable(slot)
     }

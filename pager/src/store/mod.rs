@@ -374,6 +374,12 @@ pub trait PageIo: Send + fmt::Debug {
     /// with any bytes.
     fn read_pages(&mut self, buf: &Arc<LocalRegion>, pages: &[PageTransfer], out: &mut Vec<Result<(), TransferError>>);
 
+    /// The service time the reads that follow should be served within (a region's objective),
+    /// besides the store's own ([`lenders::LenderStoreOptions::hedge_within`]): a store that
+    /// hedges reads hedges them sooner when the tighter of the two asks for it. `None`: the
+    /// store's own alone. Stores that do not hedge ignore it.
+    fn set_read_within(&mut self, _within: Option<Duration>) {}
+
     /// Writes every page from `buf` at its offset, as [`PageIo::read_pages`] reads. The bytes of
     /// `buf` must not change until this returns.
     fn write_pages(&mut self, buf: &Arc<LocalRegion>, pages: &[PageTransfer], out: &mut Vec<Result<(), TransferError>>);

@@ -388,6 +388,10 @@ impl PageIo for SealedIo {
         self.transfers = transfers;
     }
 
+    fn set_read_within(&mut self, within: Option<std::time::Duration>) {
+        self.inner.set_read_within(within);
+    }
+
     fn readable(&self, slot: Slot) -> bool {
         self.inner.readable(slot)
     }

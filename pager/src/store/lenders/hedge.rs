@@ -11,7 +11,8 @@
 //! reused only once it has landed or its connection was dropped. The winner's bytes are copied
 //! out (one copy of a page, about a microsecond, beside a fault of 100 us or more).
 //!
-//! With a service-level objective ([`crate::PagerConfig::slo`], target T) a hedge must also come
+//! With a service-level objective ([`crate::PagerConfig::slo`], or the faulting region's,
+//! [`crate::RegionOptions::slo`]: the tighter of the two; target T) a hedge must also come
 //! back in time: when the 95th percentile plus the other copies' median service time (this
 //! lender's own until they have been timed) would pass T, the read is hedged at T minus that
 //! median instead, so that a slow first copy costs at most
@@ -168,9 +169,14 @@ impl LenderIo {
             let times = super::lock(&self.store.lenders.get(lender)?.service);
             (times.p95()?, times.p50())
         };
+        // The tighter of the store's target and the one the reads were given (a region's).
+        let within = match (self.store.hedge_within, self.read_within) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         // The soonest answer a hedge could get: the smallest median of the other live lenders,
         // or, while none has been timed (reads go to the nearest copy), this lender's own.
-        let other_p50 = self.store.hedge_within.and_then(|_| {
+        let other_p50 = within.and_then(|_| {
             self.store
                 .lenders
                 .iter()
@@ -179,7 +185,7 @@ impl LenderIo {
                 .min()
                 .or(own_p50)
         });
-        Some(hedge_delay(p95, self.store.hedge_within, other_p50, self.store.failover))
+        Some(hedge_delay(p95, within, other_p50, self.store.failover))
     }
 
     /// Reads every page from its nearest copy, hedged (see the module comment).

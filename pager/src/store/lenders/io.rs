@@ -31,6 +31,9 @@ pub(super) struct LenderIo {
     completions: Vec<Completion>,
     /// The lender each slot of the last read batch was read from (for `distrust`).
     pub(super) read_from: Vec<(Slot, usize)>,
+    /// The target the next reads should be served within, besides the store's (a region's
+    /// objective, [`PageIo::set_read_within`]).
+    pub(super) read_within: Option<std::time::Duration>,
     /// Segments of one page, reused.
     scratch: Vec<Segment>,
     /// How many comebacks of each lender this thread has reconnected after.
@@ -81,6 +84,7 @@ impl LenderIo {
             bounce: None,
             completions: Vec::new(),
             read_from: Vec::new(),
+            read_within: None,
             scratch: Vec::new(),
             revivals_seen,
             batch,
@@ -473,6 +477,10 @@ impl LenderIo {
 }
 
 impl PageIo for LenderIo {
+    fn set_read_within(&mut self, within: Option<std::time::Duration>) {
+        self.read_within = within;
+    }
+
     fn read_pages(&mut self, buf: &Arc<LocalRegion>, pages: &[PageTransfer], out: &mut Vec<Result<(), TransferError>>) {
         if self.store.code.is_some() {
             return self.read_coded(buf, pages, out);
