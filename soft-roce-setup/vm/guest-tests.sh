@@ -17,10 +17,16 @@ echo "== verbs tests (transport and pager over rxe0)"
 perftest_lat() {
     ib_read_lat -d rxe0 -x 1 -s 4096 -n 5000 >/tmp/perftest-server.log 2>&1 &
     sleep 1
-    ib_read_lat -d rxe0 -x 1 -s 4096 -n 5000 10.0.0.1 >/tmp/perftest.log
+    ib_read_lat -d rxe0 -x 1 -s 4096 -n 5000 -U 10.0.0.1 >/tmp/perftest.log
     wait
     grep -E "^ 4096" /tmp/perftest.log >>/tmp/perftest-rounds
     if [ "$1" = 1 ]; then grep -E "#bytes|^ 4096" /tmp/perftest.log; else grep -E "^ 4096" /tmp/perftest.log; fi
+    # perftest's requests fall in two clusters (a post that catches Soft-RoCE's kernel worker
+    # still busy with the previous READ, and one that must wake it; BENCHMARKS.md, "The time
+    # between READs"): its median is whichever holds more.
+    awk -F', ' '/^[0-9]+, / { n++; v[n] = $2; if (n == 1 || $2 < min) min = $2 }
+        END { for (i = 1; i <= n; i++) if (v[i] < 1.3 * min) fast++;
+              printf "perftest: %d of %d requests within 1.3x of its minimum (its fast cluster)\n", fast, n }' /tmp/perftest.log
 }
 for round in 1 2 3; do
     echo "== 4 KiB RDMA READ latency, round $round: perftest ib_read_lat"
