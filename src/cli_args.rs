@@ -328,7 +328,7 @@ pub(crate) struct LatencyArgs {
     pub(crate) server: Option<SocketAddr>,
     #[command(flatten)]
     pub(crate) found: DiscoveryChoice,
-    /// Round trips per measurement.
+    /// Round trips per measurement (at most 10,000,000).
     #[arg(long, default_value_t = 20_000)]
     pub(crate) ops: usize,
     /// Bytes per request.

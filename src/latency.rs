@@ -11,12 +11,16 @@ use rdma::{
     CompletionStatus, EndpointOptions, LinkProfile, LocalRegion, LocalSlice, Opcode, PollMode, Segment, WorkRequest,
 };
 
+/// Most round trips per measurement (their timings are kept until the measurement ends, 16 bytes
+/// each, so that nothing but the next request runs between a completion and the next post).
+pub const MAX_OPS: usize = 10_000_000;
+
 /// What to measure.
 #[derive(Debug, Clone)]
 pub struct LatencyOptions {
     /// Server to use; `None` starts one in this process on 127.0.0.1.
     pub server: Option<SocketAddr>,
-    /// Round trips per measurement.
+    /// Round trips per measurement, 1 to [`MAX_OPS`].
     pub ops: usize,
     /// Bytes per request.
     pub size: usize,
@@ -106,6 +110,9 @@ pub enum LatencyError {
     /// A request did not complete successfully.
     #[error("a work request completed with {0:?}")]
     Failed(CompletionStatus),
+    /// More round trips were asked for than a measurement keeps.
+    #[error("{0} round trips per measurement: at most {MAX_OPS} (use fewer --ops)")]
+    TooManyOps(usize),
     /// A request did not complete in time.
     #[error("a work request did not complete within 10 s")]
     Timeout,
@@ -114,6 +121,9 @@ pub enum LatencyError {
 /// Runs READ and WRITE round trips in blocking and spinning modes; returns one report per
 /// combination.
 pub fn run(opts: &LatencyOptions) -> Result<Vec<LatencyReport>, LatencyError> {
+    if opts.ops > MAX_OPS {
+        return Err(LatencyError::TooManyOps(opts.ops));
+    }
     let embedded = match opts.server {
         Some(_) => None,
         None => Some(lender::start(lender::ServerConfig {

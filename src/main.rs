@@ -409,6 +409,10 @@ fn latency_command(args: LatencyArgs) -> ExitCode {
         eprintln!("coalesce: --size must be between 1 byte and 16 MiB");
         return ExitCode::FAILURE;
     }
+    if ops > latency::MAX_OPS {
+        eprintln!("coalesce: --ops {ops}: at most {} round trips per measurement", latency::MAX_OPS);
+        return ExitCode::FAILURE;
+    }
     let targets = match found.choice().and_then(|d| latency::targets(server, d.as_ref())) {
         Ok(t) => t,
         Err(e) => {

@@ -241,4 +241,12 @@ fn latency_reports_minimum_and_median_and_says_when_it_reads_one_page() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&random.stdout);
     assert!(random.status.success() && !stdout.contains("same page") && stdout.contains("READ busy-poll "), "{stdout}");
+    // Every round trip's timing is kept until the measurement ends: an absurd count is refused,
+    // not allocated.
+    let absurd = Command::new(env!("CARGO_BIN_EXE_coalesce"))
+        .args(["latency", "--server", &server.addr.to_string(), "--ops", "100000000000"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&absurd.stderr);
+    assert!(!absurd.status.success() && stderr.contains("--ops 100000000000: at most 10000000"), "{stderr}");
 }
