@@ -111,7 +111,7 @@ pub enum LatencyError {
     #[error("a work request completed with {0:?}")]
     Failed(CompletionStatus),
     /// More round trips were asked for than a measurement keeps.
-    #[error("{0} round trips per measurement: at most {MAX_OPS} (use fewer --ops)")]
+    #[error("--ops {0}: at most {MAX_OPS} round trips per measurement")]
     TooManyOps(usize),
     /// A request did not complete in time.
     #[error("a work request did not complete within 10 s")]

@@ -410,7 +410,7 @@ fn latency_command(args: LatencyArgs) -> ExitCode {
         return ExitCode::FAILURE;
     }
     if ops > latency::MAX_OPS {
-        eprintln!("coalesce: --ops {ops}: at most {} round trips per measurement", latency::MAX_OPS);
+        eprintln!("coalesce: {}", latency::LatencyError::TooManyOps(ops));
         return ExitCode::FAILURE;
     }
     let targets = match found.choice().and_then(|d| latency::targets(server, d.as_ref())) {
